@@ -1,0 +1,26 @@
+//! kaproxy: a TLS-terminating HTTP reverse proxy and load balancer that never hands a request
+//! to a keep-alive connection the other side is about to close.
+//!
+//! # Layout
+//!
+//! Data flows one way: listener → proxy → balancer → pool → backend.
+//!
+//! - [`config`]: TOML → validated, typed [`config::Config`]; the keep-alive timeline of `check`.
+//! - [`server`]: the running proxy: binds listeners, spawns the accept loops, shuts down.
+//! - [`listener`]: sockets, accept loop, TLS handshake, downstream connection timers. No routing.
+//! - [`proxy`]: the per-request phases: route, forwarding headers, pick, send, retry, error→status.
+//!   The only module that sees both downstream and upstream.
+//! - [`balancer`]: [`balancer::Backend`], smooth weighted round-robin, consistent ip-hash. No I/O.
+//! - [`pool`]: the keep-alive-aware upstream connection pool. Deadlines, lifetime, max requests,
+//!   learned `Keep-Alive`, EOF watch.
+//! - [`health`]: passive health of a backend (consecutive failures, cool-down).
+//! - [`metrics`]: the Prometheus registry; receives, never calls out.
+//! - [`tls`]: rustls server configuration and the development certificate.
+//! - [`demo`]: built-in Apache-like backends for `kaproxy demo`, tests and the bench.
+//! - [`error`]: typed errors, each knowing its side and whether it may be retried.
+#![forbid(unsafe_code)]
+
+pub mod balancer;
+pub mod config;
+pub mod demo;
+pub mod health;
