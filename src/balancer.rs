@@ -1,1 +1,572 @@
-//! (being written)
+//! Owns backend selection for one upstream group: smooth weighted round-robin and consistent
+//! ip-hash over its [`Backend`]s, skipping down ones; pure selection, no I/O.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+
+use tokio::time::Instant;
+
+use crate::config::{BalanceKind, UpstreamConfig};
+use crate::health::{BackendHealth, DEFAULT_PASSIVE_COOLDOWN, DEFAULT_PASSIVE_FALL};
+
+/// One upstream server and its health, shared by the balancer, the pool and the health checks.
+#[derive(Debug)]
+pub struct Backend {
+    pub addr: SocketAddr,
+    /// At least 1.
+    pub weight: u32,
+    pub health: BackendHealth,
+}
+
+/// Chooses a backend of one upstream group for each attempt of a request.
+#[derive(Debug)]
+pub struct Balancer {
+    kind: BalanceKind,
+    backends: Vec<Arc<Backend>>,
+    /// nginx's `current_weight` per backend, for [`BalanceKind::RoundRobin`]. A per-upstream
+    /// lock held for a few additions; never held across anything else.
+    current_weights: Mutex<Vec<i64>>,
+    /// [`server_hash`] of each backend, for [`BalanceKind::IpHash`].
+    server_hashes: Vec<u64>,
+    ip_hash_prefix_v4: u8,
+    ip_hash_prefix_v6: u8,
+}
+
+impl Balancer {
+    pub fn new(cfg: &UpstreamConfig) -> Balancer {
+        let fall = cfg.health.as_ref().map_or(DEFAULT_PASSIVE_FALL, |h| h.fall);
+        let backends: Vec<Arc<Backend>> = cfg
+            .servers
+            .iter()
+            .map(|server| {
+                Arc::new(Backend {
+                    addr: server.addr,
+                    weight: server.weight.max(1),
+                    health: BackendHealth::new(fall, DEFAULT_PASSIVE_COOLDOWN),
+                })
+            })
+            .collect();
+        Balancer {
+            kind: cfg.balance,
+            current_weights: Mutex::new(vec![0; backends.len()]),
+            server_hashes: backends.iter().map(|b| server_hash(b.addr)).collect(),
+            backends,
+            ip_hash_prefix_v4: cfg.ip_hash_prefix_v4,
+            ip_hash_prefix_v6: cfg.ip_hash_prefix_v6,
+        }
+    }
+
+    pub fn kind(&self) -> BalanceKind {
+        self.kind
+    }
+
+    pub fn backends(&self) -> &[Arc<Backend>] {
+        &self.backends
+    }
+
+    /// Picks a backend for this downstream client, skipping backends in `tried` (indices into
+    /// [`Self::backends`], already attempted for this request) and down ones. If every untried
+    /// backend is down, picks among the untried ones anyway (fail open): a server that may have
+    /// recovered beats a certain 502. None only when all were tried.
+    pub fn pick(&self, client_ip: IpAddr, tried: &[usize], now: Instant) -> Option<usize> {
+        let untried = |i: usize| !tried.contains(&i);
+        let healthy = |i: usize| untried(i) && self.backends[i].health.is_up(now);
+        match self.kind {
+            BalanceKind::RoundRobin => self
+                .round_robin(healthy)
+                .or_else(|| self.round_robin(untried)),
+            BalanceKind::IpHash => {
+                let key = self.client_key(client_ip);
+                self.ip_hash(key, healthy)
+                    .or_else(|| self.ip_hash(key, untried))
+            }
+        }
+    }
+
+    /// nginx's smooth weighted round-robin (`ngx_http_upstream_get_peer`): every eligible
+    /// backend gains its weight, the one with the most wins (the first on ties) and pays back
+    /// the total. Weights 5:1:1 give a,a,b,a,c,a,a rather than a burst of five a's. Ineligible
+    /// backends keep their `current_weight` untouched, as in nginx.
+    fn round_robin(&self, eligible: impl Fn(usize) -> bool) -> Option<usize> {
+        // The state is plain numbers: a panic elsewhere can't leave it inconsistent.
+        let mut current = self
+            .current_weights
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut total: i64 = 0;
+        let mut best: Option<usize> = None;
+        for (i, backend) in self.backends.iter().enumerate() {
+            if !eligible(i) {
+                continue;
+            }
+            let weight = i64::from(backend.weight);
+            current[i] += weight;
+            total += weight;
+            if best.is_none_or(|b| current[i] > current[b]) {
+                best = Some(i);
+            }
+        }
+        let best = best?;
+        current[best] -= total;
+        Some(best)
+    }
+
+    /// Weighted rendezvous hashing (highest random weight): each backend scores
+    /// `weight / -ln(u)`, with `u` in (0, 1) drawn from a fixed hash of (client key, backend
+    /// address), and the highest eligible score wins. Why HRW rather than a ring or a Maglev
+    /// table:
+    /// - no table to build or rebuild on reload, and nothing to size: a pick scores every
+    ///   backend, which for an upstream group of a handful of servers is a few dozen
+    ///   nanoseconds;
+    /// - minimal remapping: removing a server (or marking it down, or having tried it) moves
+    ///   only its own clients, each to its next-highest score; the others keep theirs;
+    /// - weights are exact in expectation (the scores are exponential races, so a backend wins
+    ///   with probability `weight / Σ weights`);
+    /// - deterministic: the hash is our own (FNV-1a + splitmix64, see [`fnv1a`]), not std's
+    ///   `DefaultHasher`, so every instance with the same config maps a client the same way,
+    ///   across restarts and builds. (`ln` comes from the platform's libm; instances on
+    ///   different platforms could disagree only when two scores are within an ulp.)
+    fn ip_hash(&self, key: u64, eligible: impl Fn(usize) -> bool) -> Option<usize> {
+        let mut best: Option<(usize, f64)> = None;
+        for (i, backend) in self.backends.iter().enumerate() {
+            if !eligible(i) {
+                continue;
+            }
+            let score = hrw_score(key, self.server_hashes[i], backend.weight);
+            if best.is_none_or(|(_, best_score)| score > best_score) {
+                best = Some((i, score));
+            }
+        }
+        best.map(|(i, _)| i)
+    }
+
+    /// Hash of the client address masked to the configured prefix (24 for IPv4 = nginx's
+    /// ip_hash, which hashes only the first three octets). An IPv4-mapped IPv6 address (a
+    /// dual-stack listener) counts as the IPv4 address it carries.
+    fn client_key(&self, client_ip: IpAddr) -> u64 {
+        match client_ip.to_canonical() {
+            IpAddr::V4(v4) => {
+                let masked = u32::from(v4) & prefix_mask_v4(self.ip_hash_prefix_v4);
+                let mut bytes = [0u8; 5];
+                bytes[0] = 4;
+                bytes[1..].copy_from_slice(&masked.to_be_bytes());
+                splitmix64(fnv1a(&bytes))
+            }
+            IpAddr::V6(v6) => {
+                let masked = u128::from(v6) & prefix_mask_v6(self.ip_hash_prefix_v6);
+                let mut bytes = [0u8; 17];
+                bytes[0] = 6;
+                bytes[1..].copy_from_slice(&masked.to_be_bytes());
+                splitmix64(fnv1a(&bytes))
+            }
+        }
+    }
+}
+
+fn prefix_mask_v4(prefix: u8) -> u32 {
+    match u32::from(prefix.min(32)) {
+        0 => 0,
+        p => u32::MAX << (32 - p),
+    }
+}
+
+fn prefix_mask_v6(prefix: u8) -> u128 {
+    match u32::from(prefix.min(128)) {
+        0 => 0,
+        p => u128::MAX << (128 - p),
+    }
+}
+
+/// Hash of a backend's address: a family tag, the IP octets and the port (big-endian). Raw
+/// bytes rather than the `Display` string, whose IPv6 formatting std does not promise to keep.
+fn server_hash(addr: SocketAddr) -> u64 {
+    let mut bytes = Vec::with_capacity(19);
+    match addr.ip() {
+        IpAddr::V4(v4) => {
+            bytes.push(4);
+            bytes.extend_from_slice(&v4.octets());
+        }
+        IpAddr::V6(v6) => {
+            bytes.push(6);
+            bytes.extend_from_slice(&v6.octets());
+        }
+    }
+    bytes.extend_from_slice(&addr.port().to_be_bytes());
+    splitmix64(fnv1a(&bytes))
+}
+
+/// `weight / -ln(u)` with `u` in (0, 1) from `splitmix64(client_key ^ server_hash)`: the top
+/// 53 bits, offset by half a step so that neither 0 nor 1 can occur.
+fn hrw_score(client_key: u64, server_hash: u64, weight: u32) -> f64 {
+    let h = splitmix64(client_key ^ server_hash);
+    let u = ((h >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+    f64::from(weight) / -u.ln()
+}
+
+/// 64-bit FNV-1a (offset basis 0xcbf29ce484222325, prime 0x100000001b3). Fixed forever: changing
+/// it remaps every ip_hash client.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// splitmix64's finalizer (Steele, Lea, Flood 2014): FNV-1a alone mixes its last bytes poorly
+/// into the high bits, which `hrw_score` reads.
+fn splitmix64(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{HealthConfig, PoolConfig, RetryConfig, ServerConfig};
+    use std::collections::HashMap;
+    use std::net::Ipv4Addr;
+    use std::time::Duration;
+
+    fn upstream(balance: BalanceKind, servers: &[(&str, u32)]) -> UpstreamConfig {
+        UpstreamConfig {
+            name: "web".to_string(),
+            balance,
+            servers: servers
+                .iter()
+                .map(|&(addr, weight)| ServerConfig {
+                    addr: addr.parse().unwrap(),
+                    weight,
+                })
+                .collect(),
+            pool: PoolConfig {
+                keepalive_timeout: Duration::from_secs(5),
+                idle_timeout: Duration::from_secs(4),
+                safety_margin: Duration::from_millis(500),
+                max_lifetime: Duration::from_secs(60),
+                max_requests_per_connection: 100,
+                max_idle_per_server: 32,
+                max_connections_per_server: 1024,
+                acquire_timeout: Duration::from_secs(5),
+                connect_timeout: Duration::from_secs(2),
+                response_timeout: Duration::from_secs(60),
+                tcp_keepalive: None,
+                learn_keep_alive: true,
+            },
+            retry: RetryConfig {
+                retry_idempotent: true,
+                max_retries: 2,
+                retry_backoff: Duration::from_millis(100),
+            },
+            ip_hash_prefix_v4: 32,
+            ip_hash_prefix_v6: 64,
+            health: None,
+        }
+    }
+
+    const A: &str = "127.0.0.1:8081";
+    const B: &str = "127.0.0.1:8082";
+    const C: &str = "127.0.0.1:8083";
+    const D: &str = "127.0.0.1:8084";
+    const ANY_IP: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+
+    fn mark_down(balancer: &Balancer, i: usize, now: Instant) {
+        while !balancer.backends()[i].health.record_failure(now) {}
+        assert!(!balancer.backends()[i].health.is_up(now));
+    }
+
+    fn picks(balancer: &Balancer, n: usize, tried: &[usize], now: Instant) -> Vec<usize> {
+        (0..n)
+            .map(|_| balancer.pick(ANY_IP, tried, now).unwrap())
+            .collect()
+    }
+
+    fn client(i: u32) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i))
+    }
+
+    #[test]
+    fn round_robin_is_nginx_smooth_order() {
+        // current_weight (a, b, c) after adding weights → pick → after subtracting total 6:
+        // (1, 2, 3) → c → (1, 2,-3);  (2, 4, 0) → b → (2,-2, 0);  (3, 0, 3) → a (first of
+        // the tie) → (-3, 0, 3);  (-2, 2, 6) → c → (-2, 2, 0);  (-1, 4, 3) → b → (-1,-2, 3);
+        // (0, 0, 6) → c → (0, 0, 0), back where it started.
+        let balancer = Balancer::new(&upstream(
+            BalanceKind::RoundRobin,
+            &[(A, 1), (B, 2), (C, 3)],
+        ));
+        let now = Instant::now();
+        assert_eq!(picks(&balancer, 6, &[], now), [2, 1, 0, 2, 1, 2]);
+        assert_eq!(picks(&balancer, 6, &[], now), [2, 1, 0, 2, 1, 2]);
+    }
+
+    #[test]
+    fn round_robin_holds_weights_over_many_picks() {
+        let balancer = Balancer::new(&upstream(
+            BalanceKind::RoundRobin,
+            &[(A, 1), (B, 2), (C, 3), (D, 5)],
+        ));
+        let mut counts = [0; 4];
+        for i in picks(&balancer, 11 * 1000, &[], Instant::now()) {
+            counts[i] += 1;
+        }
+        assert_eq!(counts, [1000, 2000, 3000, 5000]);
+    }
+
+    #[test]
+    fn round_robin_equal_weights_alternate() {
+        let balancer = Balancer::new(&upstream(BalanceKind::RoundRobin, &[(A, 1), (B, 1)]));
+        assert_eq!(picks(&balancer, 4, &[], Instant::now()), [0, 1, 0, 1]);
+    }
+
+    #[test]
+    fn round_robin_skips_down_backends() {
+        let balancer = Balancer::new(&upstream(
+            BalanceKind::RoundRobin,
+            &[(A, 1), (B, 2), (C, 3)],
+        ));
+        let now = Instant::now();
+        mark_down(&balancer, 1, now);
+        let mut counts = [0; 3];
+        for i in picks(&balancer, 400, &[], now) {
+            counts[i] += 1;
+        }
+        assert_eq!(counts, [100, 0, 300]);
+
+        // After the cool-down it is tried again and takes its share.
+        let later = now + DEFAULT_PASSIVE_COOLDOWN;
+        let mut counts = [0; 3];
+        for i in picks(&balancer, 600, &[], later) {
+            counts[i] += 1;
+        }
+        assert_eq!(counts, [100, 200, 300]);
+    }
+
+    #[test]
+    fn round_robin_skips_tried_and_returns_none_when_all_tried() {
+        let balancer = Balancer::new(&upstream(
+            BalanceKind::RoundRobin,
+            &[(A, 1), (B, 2), (C, 3)],
+        ));
+        let now = Instant::now();
+        assert!(picks(&balancer, 50, &[2], now).iter().all(|&i| i != 2));
+        assert_eq!(picks(&balancer, 3, &[0, 2], now), [1, 1, 1]);
+        assert_eq!(balancer.pick(ANY_IP, &[0, 1, 2], now), None);
+    }
+
+    #[test]
+    fn round_robin_fails_open_among_untried() {
+        let balancer = Balancer::new(&upstream(
+            BalanceKind::RoundRobin,
+            &[(A, 1), (B, 1), (C, 1)],
+        ));
+        let now = Instant::now();
+        for i in 0..3 {
+            mark_down(&balancer, i, now);
+        }
+        let mut seen = picks(&balancer, 3, &[], now);
+        seen.sort();
+        assert_eq!(seen, [0, 1, 2], "all down: still spread over every server");
+
+        // B up, A and C down, B already tried: the down ones rather than nothing.
+        balancer.backends()[1].health.record_success();
+        let retry = balancer.pick(ANY_IP, &[1], now).unwrap();
+        assert!(retry == 0 || retry == 2);
+    }
+
+    #[test]
+    fn empty_upstream_picks_nothing() {
+        for kind in [BalanceKind::RoundRobin, BalanceKind::IpHash] {
+            let balancer = Balancer::new(&upstream(kind, &[]));
+            assert_eq!(balancer.pick(ANY_IP, &[], Instant::now()), None);
+        }
+    }
+
+    #[test]
+    fn fall_comes_from_health_config() {
+        let mut cfg = upstream(BalanceKind::RoundRobin, &[(A, 1)]);
+        cfg.health = Some(HealthConfig {
+            path: "/".to_string(),
+            interval: Duration::from_secs(5),
+            timeout: Duration::from_secs(1),
+            rise: 2,
+            fall: 1,
+        });
+        let balancer = Balancer::new(&cfg);
+        assert!(balancer.backends()[0].health.record_failure(Instant::now()));
+
+        let balancer = Balancer::new(&upstream(BalanceKind::RoundRobin, &[(A, 1)]));
+        let health = &balancer.backends()[0].health;
+        let now = Instant::now();
+        let marked = (1..=DEFAULT_PASSIVE_FALL).find(|_| health.record_failure(now));
+        assert_eq!(marked, Some(DEFAULT_PASSIVE_FALL));
+    }
+
+    #[test]
+    fn ip_hash_is_the_same_across_balancers() {
+        let cfg = upstream(BalanceKind::IpHash, &[(A, 1), (B, 1), (C, 1), (D, 1)]);
+        let first = Balancer::new(&cfg);
+        let second = Balancer::new(&cfg);
+        let now = Instant::now();
+        for i in 0..1000 {
+            let ip = client(i * 7919);
+            assert_eq!(first.pick(ip, &[], now), second.pick(ip, &[], now));
+            assert_eq!(first.pick(ip, &[], now), first.pick(ip, &[], now));
+        }
+    }
+
+    #[test]
+    fn ip_hash_is_pinned() {
+        // Guards the hash itself: these must not change between releases, or every instance
+        // of a mixed-version fleet sends clients to different backends.
+        assert_eq!(fnv1a(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(splitmix64(0), 0xe220_a839_7b1d_cdaf);
+        let balancer = Balancer::new(&upstream(
+            BalanceKind::IpHash,
+            &[(A, 1), (B, 1), (C, 1), (D, 1)],
+        ));
+        let now = Instant::now();
+        let mapped: Vec<usize> = (0..16)
+            .map(|i| balancer.pick(client(i), &[], now).unwrap())
+            .collect();
+        assert_eq!(mapped, PINNED_MAPPING);
+    }
+
+    /// 10.0.0.0..=10.0.0.15 over A, B, C, D (weights 1), prefix 32. Cross-checked against an
+    /// independent Python implementation of the same hash.
+    const PINNED_MAPPING: [usize; 16] = [1, 1, 2, 3, 2, 2, 1, 1, 2, 1, 1, 3, 3, 2, 3, 3];
+
+    #[test]
+    fn ip_hash_prefix_groups_clients() {
+        let mut cfg = upstream(BalanceKind::IpHash, &[(A, 1), (B, 1), (C, 1), (D, 1)]);
+        cfg.ip_hash_prefix_v4 = 24;
+        cfg.ip_hash_prefix_v6 = 48;
+        let balancer = Balancer::new(&cfg);
+        let now = Instant::now();
+        let pick = |ip: &str| balancer.pick(ip.parse().unwrap(), &[], now);
+        assert_eq!(pick("10.0.0.1"), pick("10.0.0.200"));
+        assert_eq!(pick("10.0.0.1"), pick("::ffff:10.0.0.77"));
+        assert_eq!(pick("2001:db8:1::1"), pick("2001:db8:1:ffff::2"));
+        // Different /24s do not all collapse onto one server.
+        let servers: std::collections::HashSet<_> =
+            (0..64).map(|i| pick(&format!("10.0.{i}.1"))).collect();
+        assert_eq!(servers.len(), 4);
+    }
+
+    #[test]
+    fn ip_hash_whole_address_by_default() {
+        let balancer = Balancer::new(&upstream(
+            BalanceKind::IpHash,
+            &[(A, 1), (B, 1), (C, 1), (D, 1)],
+        ));
+        let now = Instant::now();
+        let servers: std::collections::HashSet<_> = (0..64)
+            .map(|i| balancer.pick(client(i), &[], now))
+            .collect();
+        assert_eq!(servers.len(), 4, "prefix 32: neighbours spread");
+    }
+
+    #[test]
+    fn ip_hash_removing_a_server_remaps_only_its_clients() {
+        let four = Balancer::new(&upstream(
+            BalanceKind::IpHash,
+            &[(A, 1), (B, 1), (C, 1), (D, 1)],
+        ));
+        let three = Balancer::new(&upstream(BalanceKind::IpHash, &[(A, 1), (B, 1), (D, 1)]));
+        let now = Instant::now();
+        let addr = |balancer: &Balancer, ip| {
+            let i = balancer.pick(ip, &[], now).unwrap();
+            balancer.backends()[i].addr
+        };
+        let removed: SocketAddr = C.parse().unwrap();
+        let mut moved = 0;
+        for i in 0..10_000 {
+            let ip = client(i);
+            let before = addr(&four, ip);
+            let after = addr(&three, ip);
+            if before == removed {
+                moved += 1;
+            } else {
+                assert_eq!(before, after, "{ip} moved from {before} to {after}");
+            }
+        }
+        assert!((2000..3000).contains(&moved), "{moved} clients were on C");
+    }
+
+    #[test]
+    fn ip_hash_distribution_follows_weights() {
+        let weights = [1, 1, 2, 4];
+        let balancer = Balancer::new(&upstream(
+            BalanceKind::IpHash,
+            &[
+                (A, weights[0]),
+                (B, weights[1]),
+                (C, weights[2]),
+                (D, weights[3]),
+            ],
+        ));
+        let now = Instant::now();
+        let mut counts: HashMap<usize, u32> = HashMap::new();
+        let n = 10_000;
+        for i in 0..n {
+            *counts
+                .entry(balancer.pick(client(i), &[], now).unwrap())
+                .or_default() += 1;
+        }
+        for (i, weight) in weights.iter().enumerate() {
+            let expected = f64::from(n * weight) / 8.0;
+            let got = f64::from(counts.get(&i).copied().unwrap_or(0));
+            assert!(
+                (got - expected).abs() < expected * 0.15,
+                "server {i}: {got} clients, expected about {expected}"
+            );
+        }
+    }
+
+    #[test]
+    fn ip_hash_down_or_tried_server_moves_its_clients_and_they_come_back() {
+        let balancer = Balancer::new(&upstream(
+            BalanceKind::IpHash,
+            &[(A, 1), (B, 1), (C, 1), (D, 1)],
+        ));
+        let now = Instant::now();
+        let before: Vec<usize> = (0..2000)
+            .map(|i| balancer.pick(client(i), &[], now).unwrap())
+            .collect();
+
+        // A tried server moves each of its clients to the same place a down one does.
+        let tried: Vec<usize> = (0..2000)
+            .map(|i| balancer.pick(client(i), &[2], now).unwrap())
+            .collect();
+
+        mark_down(&balancer, 2, now);
+        for (i, &was) in before.iter().enumerate() {
+            let now_on = balancer.pick(client(i as u32), &[], now).unwrap();
+            if was == 2 {
+                assert_ne!(now_on, 2);
+            } else {
+                assert_eq!(now_on, was, "only the down server's clients move");
+            }
+            assert_eq!(now_on, tried[i]);
+        }
+
+        // Fail open: with C the only untried server, its clients still reach it.
+        let c_client = client(before.iter().position(|&s| s == 2).unwrap() as u32);
+        assert_eq!(balancer.pick(c_client, &[0, 1, 3], now), Some(2));
+
+        balancer.backends()[2].health.record_success();
+        let after: Vec<usize> = (0..2000)
+            .map(|i| balancer.pick(client(i), &[], now).unwrap())
+            .collect();
+        assert_eq!(before, after);
+
+        // Also back after the cool-down alone (half-open).
+        mark_down(&balancer, 2, now);
+        let later = now + DEFAULT_PASSIVE_COOLDOWN;
+        let after: Vec<usize> = (0..2000)
+            .map(|i| balancer.pick(client(i), &[], later).unwrap())
+            .collect();
+        assert_eq!(before, after);
+    }
+}
