@@ -1,0 +1,4 @@
+//! kaproxy's integration tests, in one binary with shared helpers under `support/`.
+
+mod harness;
+mod support;

@@ -1,0 +1,329 @@
+//! A real Apache httpd 2.4 instance on loopback, owned by one test: config, start, stop, hard restart.
+
+use std::fmt::Write as _;
+use std::net::{SocketAddr, TcpListener};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// Debian's Apache binary.
+pub const APACHE_BIN: &str = "/usr/sbin/apache2";
+/// Debian's Apache module directory.
+pub const APACHE_MODULES: &str = "/usr/lib/apache2/modules";
+/// How long Apache may take to accept connections after it is started.
+const START_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long a graceful stop may take before the process group is killed.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// The env var that turns a missing Apache from a skip into a failure (CI sets it).
+pub const REQUIRE_APACHE_ENV: &str = "KAPROXY_REQUIRE_APACHE";
+
+/// True when Apache is installed; when it is not, panics if `KAPROXY_REQUIRE_APACHE=1`,
+/// else prints a loud skip notice and returns false.
+pub fn require_apache() -> bool {
+    if Path::new(APACHE_BIN).is_file() && Path::new(APACHE_MODULES).is_dir() {
+        return true;
+    }
+    if std::env::var(REQUIRE_APACHE_ENV).as_deref() == Ok("1") {
+        panic!(
+            "{REQUIRE_APACHE_ENV}=1 but Apache is not installed ({APACHE_BIN} / {APACHE_MODULES} \
+             missing): install it with `apt-get install -y apache2`"
+        );
+    }
+    eprintln!(
+        "SKIPPED: apache2 not installed (set {REQUIRE_APACHE_ENV}=1 to fail instead); \
+         expected {APACHE_BIN}"
+    );
+    false
+}
+
+/// What one Apache instance looks like.
+#[derive(Debug, Clone)]
+pub struct ApacheOptions {
+    /// Sent back in every response as `X-Backend`.
+    pub name: String,
+    /// Apache's `KeepAliveTimeout`; whole seconds are written as such, anything else in ms.
+    pub keep_alive_timeout: Duration,
+    /// Apache's `MaxKeepAliveRequests`.
+    pub max_keep_alive_requests: u32,
+}
+
+impl ApacheOptions {
+    pub fn new(name: &str) -> Self {
+        ApacheOptions {
+            name: name.to_string(),
+            keep_alive_timeout: Duration::from_secs(1),
+            max_keep_alive_requests: 100,
+        }
+    }
+
+    pub fn keep_alive_timeout(mut self, t: Duration) -> Self {
+        self.keep_alive_timeout = t;
+        self
+    }
+
+    pub fn max_keep_alive_requests(mut self, n: u32) -> Self {
+        self.max_keep_alive_requests = n;
+        self
+    }
+}
+
+/// A running Apache: its own ServerRoot in a temp dir, its own process group, killed on drop.
+///
+/// Serves `GET /` (index.html), `POST /echo` (mod_reflector echoes the body) and answers every
+/// response with `X-Backend`, `X-Seen-Forwarded-For`, `X-Seen-X-Foo`, `X-Seen-Proxy-Connection`,
+/// `X-Seen-Connection` (what it received, via mod_headers).
+pub struct Apache {
+    opts: ApacheOptions,
+    dir: tempfile::TempDir,
+    addr: SocketAddr,
+    child: Option<Child>,
+}
+
+impl Apache {
+    /// Starts an instance on a free 127.0.0.1 port and waits until it accepts.
+    pub async fn start(opts: ApacheOptions) -> std::io::Result<Apache> {
+        let mut last_err = None;
+        // The free port is picked and released before Apache binds it; another process may
+        // take it in between, so a failed start is retried on a new port (bounded).
+        for _ in 0..3 {
+            let addr = free_port()?;
+            let mut apache = Apache {
+                opts: opts.clone(),
+                dir: tempfile::Builder::new()
+                    .prefix("kaproxy-apache-")
+                    .tempdir()?,
+                addr,
+                child: None,
+            };
+            match apache.spawn_and_wait().await {
+                Ok(()) => return Ok(apache),
+                Err(e) => last_err = Some(e),
+            }
+        }
+        Err(last_err.unwrap_or_else(|| std::io::Error::other("apache did not start")))
+    }
+
+    /// The address it listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Its `X-Backend` name.
+    pub fn name(&self) -> &str {
+        &self.opts.name
+    }
+
+    /// The content of its error log (for failure messages).
+    pub fn error_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("error.log")).unwrap_or_default()
+    }
+
+    /// Graceful stop (SIGTERM to the parent, which closes every connection), then waits until
+    /// the port refuses connections; kills the process group if that takes too long.
+    pub async fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        signal_group(child.id(), "TERM");
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        signal_group(child.id(), "KILL");
+        let _ = child.wait();
+        self.wait_port_closed().await;
+    }
+
+    /// Kills the whole process tree at once with SIGKILL (every pooled connection dies with
+    /// it, as in a crash or a container restart) and starts Apache again on the same port.
+    pub async fn hard_restart(&mut self) -> std::io::Result<()> {
+        if let Some(mut child) = self.child.take() {
+            signal_group(child.id(), "KILL");
+            let _ = child.wait();
+        }
+        self.wait_port_closed().await;
+        self.spawn_and_wait().await
+    }
+
+    /// Writes the config, spawns `apache2 -DFOREGROUND` in its own process group and waits
+    /// until the port accepts.
+    async fn spawn_and_wait(&mut self) -> std::io::Result<()> {
+        let conf = self.write_config()?;
+        let child = Command::new(APACHE_BIN)
+            .arg("-DFOREGROUND")
+            .arg("-f")
+            .arg(&conf)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()?;
+        self.child = Some(child);
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    self.child = None;
+                    return Err(std::io::Error::other(format!(
+                        "apache {} exited with {status} on start; error log:\n{}",
+                        self.opts.name,
+                        self.error_log()
+                    )));
+                }
+            }
+            if tokio::net::TcpStream::connect(self.addr).await.is_ok() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                self.kill();
+                return Err(std::io::Error::other(format!(
+                    "apache {} did not accept on {} within {START_TIMEOUT:?}; error log:\n{}",
+                    self.opts.name,
+                    self.addr,
+                    self.error_log()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Waits (bounded) until nothing accepts on the port any more.
+    async fn wait_port_closed(&self) {
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        while Instant::now() < deadline {
+            if tokio::net::TcpStream::connect(self.addr).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        eprintln!(
+            "apache {}: port {} still accepts after {STOP_TIMEOUT:?}",
+            self.opts.name, self.addr
+        );
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            signal_group(child.id(), "KILL");
+            let _ = child.wait();
+        }
+    }
+
+    fn write_config(&self) -> std::io::Result<PathBuf> {
+        let root = self.dir.path();
+        let htdocs = root.join("htdocs");
+        let run = root.join("run");
+        std::fs::create_dir_all(&htdocs)?;
+        std::fs::create_dir_all(&run)?;
+        std::fs::write(
+            htdocs.join("index.html"),
+            format!("<html><body>hello from {}</body></html>\n", self.opts.name),
+        )?;
+        // Apache's children run as www-data and must read the document root.
+        for (path, mode) in [
+            (root.to_path_buf(), 0o755),
+            (htdocs.clone(), 0o755),
+            (run.clone(), 0o755),
+            (htdocs.join("index.html"), 0o644),
+        ] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))?;
+        }
+        let ka = &self.opts.keep_alive_timeout;
+        let keep_alive_timeout = if ka.subsec_millis() == 0 {
+            format!("{}", ka.as_secs())
+        } else {
+            format!("{}ms", ka.as_millis())
+        };
+        let is_root = Command::new("id")
+            .arg("-u")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+            .unwrap_or(false);
+        let mut conf = String::new();
+        let r = root.display();
+        let m = APACHE_MODULES;
+        writeln!(conf, "ServerRoot \"{r}\"").unwrap();
+        writeln!(conf, "ServerName localhost").unwrap();
+        writeln!(conf, "Listen {}", self.addr).unwrap();
+        writeln!(conf, "PidFile \"{r}/run/httpd.pid\"").unwrap();
+        writeln!(conf, "DefaultRuntimeDir \"{r}/run\"").unwrap();
+        writeln!(conf, "ErrorLog \"{r}/error.log\"").unwrap();
+        writeln!(conf, "LogLevel warn").unwrap();
+        for module in [
+            "mpm_event",
+            "authz_core",
+            "headers",
+            "mime",
+            "dir",
+            "reflector",
+        ] {
+            writeln!(conf, "LoadModule {module}_module {m}/mod_{module}.so").unwrap();
+        }
+        if is_root {
+            writeln!(conf, "User www-data\nGroup www-data").unwrap();
+        }
+        conf.push_str(&format!(
+            r#"StartServers 1
+ServerLimit 2
+ThreadsPerChild 64
+MaxRequestWorkers 128
+MinSpareThreads 16
+MaxSpareThreads 128
+Timeout 30
+KeepAlive On
+KeepAliveTimeout {keep_alive_timeout}
+MaxKeepAliveRequests {max}
+DocumentRoot "{r}/htdocs"
+<Directory "{r}/htdocs">
+    Require all granted
+</Directory>
+DirectoryIndex index.html
+TypesConfig /etc/mime.types
+Header always set X-Backend "{name}"
+Header always set X-Seen-Forwarded-For "expr=%{{req:X-Forwarded-For}}"
+Header always set X-Seen-X-Foo "expr=%{{req:X-Foo}}"
+Header always set X-Seen-Proxy-Connection "expr=%{{req:Proxy-Connection}}"
+Header always set X-Seen-Connection "expr=%{{req:Connection}}"
+<Location "/echo">
+    SetHandler reflector
+</Location>
+"#,
+            max = self.opts.max_keep_alive_requests,
+            name = self.opts.name,
+        ));
+        let path = root.join("httpd.conf");
+        std::fs::write(&path, conf)?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644))?;
+        Ok(path)
+    }
+}
+
+impl Drop for Apache {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Sends a signal to the process group led by `pgid` (a group this harness created).
+fn signal_group(pgid: u32, signal: &str) {
+    let _ = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg("--")
+        .arg(format!("-{pgid}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// A loopback port that was free a moment ago.
+fn free_port() -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    listener.local_addr()
+}
