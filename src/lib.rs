@@ -7,7 +7,8 @@
 //!
 //! - [`config`]: TOML → validated, typed [`config::Config`]; the keep-alive timeline of `check`.
 //! - [`server`]: the running proxy: binds listeners, spawns the accept loops, shuts down.
-//! - [`listener`]: sockets, accept loop, TLS handshake, downstream connection timers. No routing.
+//! - [`listener`]: sockets, accept loop, TLS handshake. No HTTP.
+//! - [`downstream`]: one client connection: HTTP/1.1 or HTTP/2, idle/head timers, graceful close.
 //! - [`proxy`]: the per-request phases: route, forwarding headers, pick, send, retry, error→status.
 //!   The only module that sees both downstream and upstream.
 //! - [`balancer`]: [`balancer::Backend`], smooth weighted round-robin, consistent ip-hash. No I/O.
@@ -15,12 +16,24 @@
 //!   learned `Keep-Alive`, EOF watch.
 //! - [`health`]: passive health of a backend (consecutive failures, cool-down).
 //! - [`metrics`]: the Prometheus registry; receives, never calls out.
+//! - [`admin`]: the admin listener: `/metrics`, `/healthz`, `/status`.
 //! - [`tls`]: rustls server configuration and the development certificate.
 //! - [`demo`]: built-in Apache-like backends for `kaproxy demo`, tests and the bench.
 //! - [`error`]: typed errors, each knowing its side and whether it may be retried.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod balancer;
 pub mod config;
 pub mod demo;
+pub mod downstream;
+pub mod error;
 pub mod health;
+pub mod listener;
+pub mod metrics;
+pub mod pool;
+pub mod proxy;
+pub mod server;
+pub mod tls;
+
+pub use server::Server;

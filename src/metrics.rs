@@ -1,0 +1,273 @@
+//! Owns the Prometheus registry and the handles the hot path updates; receives, never calls out.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::pool::CloseReason;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    upstream: String,
+    server: String,
+    status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServerLabels {
+    server: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServerUpLabels {
+    upstream: String,
+    server: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    server: String,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CauseLabels {
+    server: String,
+    cause: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    server: String,
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ListenerLabels {
+    listener: &'static str,
+}
+
+/// Every metric kaproxy exports (names fixed by SPEC.md).
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    duration: Histogram,
+    opened: Family<ServerLabels, Counter>,
+    reused: Family<ServerLabels, Counter>,
+    closed: Family<ReasonLabels, Counter>,
+    retries: Family<CauseLabels, Counter>,
+    errors: Family<KindLabels, Counter>,
+    pool_idle: Family<ServerLabels, Gauge>,
+    downstream: Family<ListenerLabels, Gauge>,
+    server_up: Family<ServerUpLabels, Gauge>,
+}
+
+pub const UPSTREAM_ERROR_KINDS: [&str; 4] = ["connect", "reset", "closed_before_response", "timeout"];
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("kaproxy");
+        let requests = Family::<RequestLabels, Counter>::default();
+        // 0.25 ms .. ~8 s: loopback hops to slow backends.
+        let duration = Histogram::new(exponential_buckets(0.00025, 2.0, 16));
+        let opened = Family::<ServerLabels, Counter>::default();
+        let reused = Family::<ServerLabels, Counter>::default();
+        let closed = Family::<ReasonLabels, Counter>::default();
+        let retries = Family::<CauseLabels, Counter>::default();
+        let errors = Family::<KindLabels, Counter>::default();
+        let pool_idle = Family::<ServerLabels, Gauge>::default();
+        let downstream = Family::<ListenerLabels, Gauge>::default();
+        let server_up = Family::<ServerUpLabels, Gauge>::default();
+        registry.register(
+            "requests",
+            "Requests answered, by upstream, server and status",
+            requests.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Time from request head to response head",
+            duration.clone(),
+        );
+        registry.register(
+            "upstream_connections_opened",
+            "Upstream connections opened",
+            opened.clone(),
+        );
+        registry.register(
+            "upstream_connections_reused",
+            "Requests sent on a pooled (reused) upstream connection",
+            reused.clone(),
+        );
+        registry.register(
+            "upstream_connections_closed",
+            "Upstream connections closed, by reason (idle, learned_timeout, lifetime: kaproxy closed first; server_close: the backend did)",
+            closed.clone(),
+        );
+        registry.register(
+            "upstream_retries",
+            "Upstream request retries, by cause",
+            retries.clone(),
+        );
+        registry.register(
+            "upstream_errors",
+            "Upstream failures, by kind",
+            errors.clone(),
+        );
+        registry.register(
+            "pool_idle_connections",
+            "Idle upstream connections in the pool",
+            pool_idle.clone(),
+        );
+        registry.register(
+            "downstream_connections",
+            "Open downstream (client) connections",
+            downstream.clone(),
+        );
+        registry.register(
+            "server_up",
+            "1 when a backend is considered healthy",
+            server_up.clone(),
+        );
+        Metrics {
+            registry,
+            requests,
+            duration,
+            opened,
+            reused,
+            closed,
+            retries,
+            errors,
+            pool_idle,
+            downstream,
+            server_up,
+        }
+    }
+
+    /// Pre-resolved handles for one backend, so the hot path never builds label strings.
+    pub fn server(&self, upstream: &str, addr: SocketAddr) -> Arc<ServerMetrics> {
+        let server = addr.to_string();
+        let s = ServerLabels {
+            server: server.clone(),
+        };
+        let closed = CloseReason::ALL.map(|reason| {
+            self.closed
+                .get_or_create(&ReasonLabels {
+                    server: server.clone(),
+                    reason: reason.as_str(),
+                })
+                .clone()
+        });
+        let errors = UPSTREAM_ERROR_KINDS.map(|kind| {
+            self.errors
+                .get_or_create(&KindLabels {
+                    server: server.clone(),
+                    kind,
+                })
+                .clone()
+        });
+        Arc::new(ServerMetrics {
+            upstream: upstream.to_string(),
+            server: server.clone(),
+            opened: self.opened.get_or_create(&s).clone(),
+            reused: self.reused.get_or_create(&s).clone(),
+            idle: self.pool_idle.get_or_create(&s).clone(),
+            up: self
+                .server_up
+                .get_or_create(&ServerUpLabels {
+                    upstream: upstream.to_string(),
+                    server: server.clone(),
+                })
+                .clone(),
+            closed,
+            errors,
+            retries: self.retries.clone(),
+            requests: self.requests.clone(),
+            statuses: (0..STATUS_SLOTS).map(|_| OnceLock::new()).collect(),
+        })
+    }
+
+    pub fn observe_duration(&self, seconds: f64) {
+        self.duration.observe(seconds);
+    }
+
+    /// The gauge of open downstream connections on one listener ("https" or "http").
+    pub fn downstream_connections(&self, listener: &'static str) -> Gauge {
+        self.downstream
+            .get_or_create(&ListenerLabels { listener })
+            .clone()
+    }
+
+    /// Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
+
+const STATUS_SLOTS: usize = 600;
+
+/// Metric handles of one backend.
+pub struct ServerMetrics {
+    pub upstream: String,
+    pub server: String,
+    pub opened: Counter,
+    pub reused: Counter,
+    pub idle: Gauge,
+    pub up: Gauge,
+    closed: [Counter; CloseReason::ALL.len()],
+    errors: [Counter; UPSTREAM_ERROR_KINDS.len()],
+    retries: Family<CauseLabels, Counter>,
+    requests: Family<RequestLabels, Counter>,
+    statuses: Box<[OnceLock<Counter>]>,
+}
+
+impl ServerMetrics {
+    pub fn closed(&self, reason: CloseReason) {
+        self.closed[reason as usize].inc();
+    }
+
+    pub fn error(&self, kind: &'static str) {
+        if let Some(i) = UPSTREAM_ERROR_KINDS.iter().position(|k| *k == kind) {
+            self.errors[i].inc();
+        }
+    }
+
+    pub fn retry(&self, cause: &'static str) {
+        self.retries
+            .get_or_create(&CauseLabels {
+                server: self.server.clone(),
+                cause,
+            })
+            .inc();
+    }
+
+    /// Counts one answered request; lock-free once a status has been seen on this server.
+    pub fn request(&self, status: u16) {
+        let slot = (status as usize).min(STATUS_SLOTS - 1);
+        self.statuses[slot]
+            .get_or_init(|| {
+                self.requests
+                    .get_or_create(&RequestLabels {
+                        upstream: self.upstream.clone(),
+                        server: self.server.clone(),
+                        status,
+                    })
+                    .clone()
+            })
+            .inc();
+    }
+}

@@ -1,0 +1,780 @@
+//! Owns the keep-alive-aware upstream connection pool: one [`ServerPool`] per backend, whose
+//! idle connections always expire on kaproxy's side before the backend's keep-alive timer fires.
+//!
+//! The rule (SPEC.md): a pooled connection's idle deadline is the earliest of
+//! `last_used + idle_timeout`, `last_used + (keep-alive timeout − safety_margin)` where the
+//! keep-alive timeout is the one the backend last advertised in `Keep-Alive: timeout=N` (else
+//! the configured `keepalive_timeout`), and `born + max_lifetime`. A connection past its
+//! deadline, or whose peer already closed it (EOF seen by its connection task), is never handed
+//! out; a sweep task closes expired idle connections so that kaproxy, not the backend, closes.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{HeaderName, CONNECTION};
+use http::{HeaderMap, HeaderValue, Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::task::AbortHandle;
+use tokio::time::Instant;
+use tracing::{debug, warn};
+
+use crate::config::PoolConfig;
+use crate::error::UpstreamError;
+use crate::metrics::ServerMetrics;
+
+/// `Keep-Alive` (not among the `http` crate's constants).
+pub const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+
+/// The body kaproxy sends upstream: the downstream request body, or nothing (a request
+/// without a body can be rebuilt and retried).
+pub type UpstreamBody = http_body_util::Either<Incoming, http_body_util::Empty<Bytes>>;
+
+/// Why kaproxy let go of an upstream connection (the `reason` label of
+/// `kaproxy_upstream_connections_closed_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// Idle past `idle_timeout`, or surplus beyond `max_idle_per_server`.
+    Idle = 0,
+    /// Idle past the backend's keep-alive timeout minus `safety_margin`.
+    LearnedTimeout = 1,
+    /// Older than `max_lifetime`.
+    Lifetime = 2,
+    /// Served `max_requests_per_connection` or the backend's advertised `max=`.
+    MaxRequests = 3,
+    /// The backend closed it (`Connection: close`, or EOF while idle).
+    ServerClose = 4,
+    /// A transport or protocol error, or a response body abandoned half way.
+    Error = 5,
+}
+
+impl CloseReason {
+    pub const ALL: [CloseReason; 6] = [
+        CloseReason::Idle,
+        CloseReason::LearnedTimeout,
+        CloseReason::Lifetime,
+        CloseReason::MaxRequests,
+        CloseReason::ServerClose,
+        CloseReason::Error,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseReason::Idle => "idle",
+            CloseReason::LearnedTimeout => "learned_timeout",
+            CloseReason::Lifetime => "lifetime",
+            CloseReason::MaxRequests => "max_requests",
+            CloseReason::ServerClose => "server_close",
+            CloseReason::Error => "error",
+        }
+    }
+}
+
+/// What a backend said in `Keep-Alive: timeout=N, max=M`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KeepAliveHint {
+    pub timeout: Option<Duration>,
+    pub max: Option<u32>,
+}
+
+impl KeepAliveHint {
+    /// Parses a `Keep-Alive` header value leniently: parameters in any order and case, with
+    /// odd spacing; unknown parameters and malformed values are ignored.
+    pub fn parse(value: &[u8]) -> KeepAliveHint {
+        let mut hint = KeepAliveHint::default();
+        let Ok(text) = std::str::from_utf8(value) else {
+            return hint;
+        };
+        for param in text.split(',') {
+            let Some((name, val)) = param.split_once('=') else {
+                continue;
+            };
+            let val = val.trim().trim_matches('"');
+            match name.trim().to_ascii_lowercase().as_str() {
+                "timeout" => {
+                    if let Ok(secs) = val.parse::<u64>() {
+                        hint.timeout = Some(Duration::from_secs(secs));
+                    }
+                }
+                "max" => {
+                    if let Ok(max) = val.parse::<u32>() {
+                        hint.max = Some(max);
+                    }
+                }
+                _ => {}
+            }
+        }
+        hint
+    }
+}
+
+/// True when a `Connection` header names `close`.
+fn has_connection_close(headers: &HeaderMap) -> bool {
+    headers.get_all(CONNECTION).iter().any(|v| {
+        v.to_str()
+            .map(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("close")))
+            .unwrap_or(false)
+    })
+}
+
+/// One live HTTP/1.1 connection to a backend and what kaproxy knows of it.
+struct Conn {
+    id: u64,
+    sender: SendRequest<UpstreamBody>,
+    born: Instant,
+    last_used: Instant,
+    requests: u32,
+    /// Requests the backend still accepts on it (`Keep-Alive: max=` of the last response).
+    remaining: Option<u32>,
+    /// Set by the connection task when hyper's connection ends (peer EOF, error, or our close).
+    ended: Arc<AtomicBool>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Conn {
+    fn is_closed(&self) -> bool {
+        self.ended.load(Ordering::Acquire) || self.sender.is_closed()
+    }
+}
+
+/// The pool of connections to one backend address.
+pub struct ServerPool {
+    addr: SocketAddr,
+    cfg: PoolConfig,
+    idle: Mutex<Vec<Conn>>,
+    permits: Arc<Semaphore>,
+    /// The backend's advertised keep-alive timeout in ms (0: none learned yet).
+    learned_timeout_ms: AtomicU64,
+    next_id: AtomicU64,
+    sweep: Notify,
+    sweeper: Mutex<Option<AbortHandle>>,
+    metrics: Arc<ServerMetrics>,
+}
+
+impl ServerPool {
+    pub fn new(addr: SocketAddr, cfg: PoolConfig, metrics: Arc<ServerMetrics>) -> Arc<Self> {
+        let pool = Arc::new(ServerPool {
+            addr,
+            permits: Arc::new(Semaphore::new(cfg.max_connections_per_server)),
+            cfg,
+            idle: Mutex::new(Vec::new()),
+            learned_timeout_ms: AtomicU64::new(0),
+            next_id: AtomicU64::new(1),
+            sweep: Notify::new(),
+            sweeper: Mutex::new(None),
+            metrics,
+        });
+        let task = tokio::spawn(sweep_loop(Arc::downgrade(&pool)));
+        *pool.sweeper.lock().unwrap() = Some(task.abort_handle());
+        pool
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn metrics(&self) -> &Arc<ServerMetrics> {
+        &self.metrics
+    }
+
+    /// Number of idle pooled connections.
+    pub fn idle_count(&self) -> usize {
+        self.idle.lock().unwrap().len()
+    }
+
+    /// The keep-alive timeout the backend advertised last, if any.
+    pub fn learned_timeout(&self) -> Option<Duration> {
+        match self.learned_timeout_ms.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(Duration::from_millis(ms)),
+        }
+    }
+
+    /// The backend's keep-alive timeout as kaproxy believes it now.
+    pub fn effective_keepalive(&self) -> Duration {
+        match self.learned_timeout() {
+            Some(t) if self.cfg.learn_keep_alive => t,
+            _ => self.cfg.keepalive_timeout,
+        }
+    }
+
+    /// When an idle connection last used at `last_used` and born at `born` must be gone, and
+    /// which limit decides it.
+    fn deadline(&self, born: Instant, last_used: Instant) -> (Instant, CloseReason) {
+        let by_idle = last_used + self.cfg.idle_timeout;
+        let by_keepalive =
+            last_used + self.effective_keepalive().saturating_sub(self.cfg.safety_margin);
+        let by_lifetime = born + self.cfg.max_lifetime;
+        let mut best = (by_idle, CloseReason::Idle);
+        if by_keepalive < best.0 {
+            best = (by_keepalive, CloseReason::LearnedTimeout);
+        }
+        if by_lifetime < best.0 {
+            best = (by_lifetime, CloseReason::Lifetime);
+        }
+        best
+    }
+
+    /// A reusable idle connection if there is one, else a new connection.
+    pub async fn acquire(self: &Arc<Self>) -> Result<PooledConn, UpstreamError> {
+        if let Some(conn) = self.take_idle(Instant::now()) {
+            self.metrics.reused.inc();
+            debug!(server = %self.addr, conn = conn.id, age_ms = conn.born.elapsed().as_millis() as u64,
+                idle_ms = conn.last_used.elapsed().as_millis() as u64, requests = conn.requests,
+                "pool: reusing idle connection");
+            return Ok(PooledConn::new(conn, self.clone(), true));
+        }
+        self.connect().await
+    }
+
+    /// Always a new connection (the retry after a reused connection failed).
+    pub async fn acquire_fresh(self: &Arc<Self>) -> Result<PooledConn, UpstreamError> {
+        self.connect().await
+    }
+
+    /// Pops the most recently used idle connection that is still safe to reuse, closing the
+    /// ones found dead or expired on the way.
+    fn take_idle(&self, now: Instant) -> Option<Conn> {
+        loop {
+            let conn = {
+                let mut idle = self.idle.lock().unwrap();
+                let conn = idle.pop();
+                self.metrics.idle.set(idle.len() as i64);
+                conn?
+            };
+            if conn.is_closed() {
+                self.close(conn, CloseReason::ServerClose);
+                continue;
+            }
+            let (deadline, reason) = self.deadline(conn.born, conn.last_used);
+            if now >= deadline {
+                self.close(conn, reason);
+                continue;
+            }
+            return Some(conn);
+        }
+    }
+
+    async fn connect(self: &Arc<Self>) -> Result<PooledConn, UpstreamError> {
+        let addr = self.addr;
+        let permit = tokio::time::timeout(
+            self.cfg.acquire_timeout,
+            self.permits.clone().acquire_owned(),
+        )
+        .await
+        .map_err(|_| UpstreamError::AcquireTimeout {
+            addr,
+            timeout: self.cfg.acquire_timeout,
+        })?
+        .expect("pool semaphore is never closed");
+        let stream = self.dial().await?;
+        let (sender, connection) = hyper::client::conn::http1::Builder::new()
+            .handshake::<_, UpstreamBody>(TokioIo::new(stream))
+            .await
+            .map_err(|source| UpstreamError::Handshake { addr, source })?;
+        let ended = Arc::new(AtomicBool::new(false));
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let watch = ended.clone();
+        let pool = Arc::downgrade(self);
+        // The connection task reads while the connection is idle, so a backend's FIN ends it
+        // at once; the sweep then drops the dead connection before anyone can take it.
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                debug!(server = %addr, conn = id, error = %e, "pool: upstream connection ended with error");
+            }
+            watch.store(true, Ordering::Release);
+            if let Some(pool) = pool.upgrade() {
+                pool.sweep.notify_one();
+            }
+        });
+        self.metrics.opened.inc();
+        let now = Instant::now();
+        debug!(server = %addr, conn = id, "pool: opened new connection");
+        let conn = Conn {
+            id,
+            sender,
+            born: now,
+            last_used: now,
+            requests: 0,
+            remaining: None,
+            ended,
+            _permit: permit,
+        };
+        Ok(PooledConn::new(conn, self.clone(), false))
+    }
+
+    /// A new TCP connection to the backend, bounded by `connect_timeout`, with TCP_NODELAY
+    /// and the configured TCP keepalive.
+    pub(crate) async fn dial(&self) -> Result<TcpStream, UpstreamError> {
+        let addr = self.addr;
+        let stream = tokio::time::timeout(self.cfg.connect_timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| UpstreamError::ConnectTimeout {
+                addr,
+                timeout: self.cfg.connect_timeout,
+            })?
+            .map_err(|source| UpstreamError::Connect { addr, source })?;
+        set_socket_options(&stream, self.cfg.tcp_keepalive);
+        Ok(stream)
+    }
+
+    /// Takes back a connection whose response finished cleanly.
+    fn release(&self, mut conn: Conn, retire: Option<CloseReason>) {
+        let now = Instant::now();
+        conn.last_used = now;
+        let reason = retire.or_else(|| {
+            if conn.is_closed() {
+                Some(CloseReason::ServerClose)
+            } else if conn.requests >= self.cfg.max_requests_per_connection
+                || conn.remaining == Some(0)
+            {
+                Some(CloseReason::MaxRequests)
+            } else if now >= conn.born + self.cfg.max_lifetime {
+                Some(CloseReason::Lifetime)
+            } else {
+                None
+            }
+        });
+        if let Some(reason) = reason {
+            self.close(conn, reason);
+            return;
+        }
+        let mut idle = self.idle.lock().unwrap();
+        if idle.len() >= self.cfg.max_idle_per_server {
+            drop(idle);
+            self.close(conn, CloseReason::Idle);
+            return;
+        }
+        let was_empty = idle.is_empty();
+        debug!(server = %self.addr, conn = conn.id, requests = conn.requests, "pool: connection back to idle");
+        idle.push(conn);
+        self.metrics.idle.set(idle.len() as i64);
+        drop(idle);
+        // Deadlines grow with last use, so the sweeper's next wake-up only moves earlier when
+        // the pool was empty.
+        if was_empty {
+            self.sweep.notify_one();
+        }
+    }
+
+    fn close(&self, conn: Conn, reason: CloseReason) {
+        self.metrics.closed(reason);
+        debug!(server = %self.addr, conn = conn.id, reason = reason.as_str(),
+            age_ms = conn.born.elapsed().as_millis() as u64, requests = conn.requests,
+            "pool: closing upstream connection");
+        // Dropping the sender lets hyper's connection task shut the socket down (FIN).
+        drop(conn);
+    }
+
+    /// Learns the backend's keep-alive settings from a response.
+    fn learn(&self, hint: &KeepAliveHint) {
+        if !self.cfg.learn_keep_alive {
+            return;
+        }
+        if let Some(timeout) = hint.timeout {
+            let ms = timeout.as_millis().max(1) as u64;
+            let old = self.learned_timeout_ms.swap(ms, Ordering::Relaxed);
+            if old != ms {
+                if timeout < self.cfg.keepalive_timeout {
+                    warn!(server = %self.addr, learned = ?timeout, configured = ?self.cfg.keepalive_timeout,
+                        "backend advertises a shorter keep-alive timeout than configured; using it");
+                } else {
+                    debug!(server = %self.addr, learned = ?timeout, "pool: learned keep-alive timeout");
+                }
+                self.sweep.notify_one();
+            }
+        }
+    }
+
+    /// Closes dead and expired idle connections; returns the next deadline to wake at.
+    fn sweep_idle(&self, now: Instant) -> Option<Instant> {
+        let all = std::mem::take(&mut *self.idle.lock().unwrap());
+        let mut keep = Vec::with_capacity(all.len());
+        let mut doomed = Vec::new();
+        let mut next: Option<Instant> = None;
+        for conn in all {
+            if conn.is_closed() {
+                doomed.push((conn, CloseReason::ServerClose));
+                continue;
+            }
+            let (deadline, reason) = self.deadline(conn.born, conn.last_used);
+            if now >= deadline {
+                doomed.push((conn, reason));
+            } else {
+                next = Some(next.map_or(deadline, |n| n.min(deadline)));
+                keep.push(conn);
+            }
+        }
+        {
+            let mut idle = self.idle.lock().unwrap();
+            // Connections released while we swept were pushed meanwhile; keep LIFO order
+            // (older first).
+            keep.append(&mut idle);
+            *idle = keep;
+            self.metrics.idle.set(idle.len() as i64);
+            for conn in idle.iter() {
+                let (deadline, _) = self.deadline(conn.born, conn.last_used);
+                next = Some(next.map_or(deadline, |n| n.min(deadline)));
+            }
+        }
+        for (conn, reason) in doomed {
+            self.close(conn, reason);
+        }
+        next
+    }
+
+    /// Closes every idle connection (shutdown).
+    pub fn close_idle(&self) {
+        let all = std::mem::take(&mut *self.idle.lock().unwrap());
+        self.metrics.idle.set(0);
+        for conn in all {
+            self.close(conn, CloseReason::Idle);
+        }
+    }
+}
+
+impl Drop for ServerPool {
+    fn drop(&mut self) {
+        if let Some(task) = self.sweeper.lock().unwrap().take() {
+            task.abort();
+        }
+    }
+}
+
+async fn sweep_loop(pool: Weak<ServerPool>) {
+    loop {
+        let Some(strong) = pool.upgrade() else {
+            return;
+        };
+        let next = strong.sweep_idle(Instant::now());
+        // Hold only the Notify while waiting, so a dropped pool ends this task.
+        let wait = async {
+            match next {
+                Some(at) => {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(at) => {}
+                        _ = strong.sweep.notified() => {}
+                    }
+                }
+                None => strong.sweep.notified().await,
+            }
+        };
+        wait.await;
+    }
+}
+
+fn set_socket_options(stream: &TcpStream, keepalive: Option<Duration>) {
+    let _ = stream.set_nodelay(true);
+    if let Some(idle) = keepalive {
+        let sock = socket2::SockRef::from(stream);
+        let _ = sock.set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(idle));
+    }
+}
+
+/// A connection checked out of a [`ServerPool`]. Dropped without being released, it is closed
+/// with reason `error`.
+pub struct PooledConn {
+    conn: Option<Conn>,
+    pool: Arc<ServerPool>,
+    reused: bool,
+    retire: Option<CloseReason>,
+}
+
+/// A send that failed before any response arrived.
+pub struct SendFailure {
+    pub error: UpstreamError,
+    /// The request, when hyper gave it back unsent: safe to send again whatever the method.
+    pub unsent: Option<Request<UpstreamBody>>,
+}
+
+impl PooledConn {
+    fn new(conn: Conn, pool: Arc<ServerPool>, reused: bool) -> Self {
+        PooledConn {
+            conn: Some(conn),
+            pool,
+            reused,
+            retire: None,
+        }
+    }
+
+    /// Whether this connection had served a request before this one.
+    pub fn is_reused(&self) -> bool {
+        self.reused
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.pool.addr
+    }
+
+    fn conn(&self) -> &Conn {
+        self.conn.as_ref().expect("conn present until release")
+    }
+
+    /// Age of the connection and the number of requests it carried (this one included).
+    pub fn age_and_requests(&self) -> (Duration, u32) {
+        let c = self.conn();
+        (c.born.elapsed(), c.requests)
+    }
+
+    /// Sends one request and waits for the response head, learning the backend's keep-alive
+    /// settings from it. The caller bounds the wait with `response_timeout`.
+    pub async fn send(
+        &mut self,
+        req: Request<UpstreamBody>,
+    ) -> Result<Response<Incoming>, SendFailure> {
+        let addr = self.pool.addr;
+        let conn = self.conn.as_mut().expect("conn present until release");
+        if let Err(e) = conn.sender.ready().await {
+            self.retire = Some(CloseReason::ServerClose);
+            return Err(SendFailure {
+                error: UpstreamError::from_send(addr, e),
+                unsent: Some(req),
+            });
+        }
+        conn.requests += 1;
+        match conn.sender.try_send_request(req).await {
+            Ok(resp) => {
+                self.observe(resp.headers());
+                Ok(resp)
+            }
+            Err(mut e) => {
+                let unsent = e.take_message();
+                Err(SendFailure {
+                    error: UpstreamError::from_send(addr, e.into_error()),
+                    unsent,
+                })
+            }
+        }
+    }
+
+    fn observe(&mut self, headers: &HeaderMap) {
+        let hint = headers
+            .get(KEEP_ALIVE)
+            .map(|v| KeepAliveHint::parse(v.as_bytes()))
+            .unwrap_or_default();
+        self.pool.learn(&hint);
+        let conn = self.conn.as_mut().expect("conn present until release");
+        let was_last = conn.remaining == Some(1);
+        if hint.max.is_some() && self.pool.cfg.learn_keep_alive {
+            conn.remaining = hint.max;
+        }
+        if has_connection_close(headers) {
+            self.retire = Some(if was_last {
+                CloseReason::MaxRequests
+            } else {
+                CloseReason::ServerClose
+            });
+        }
+    }
+
+    /// Gives the connection back after its response body ended cleanly.
+    pub fn release(mut self) {
+        if let Some(conn) = self.conn.take() {
+            self.pool.release(conn, self.retire);
+        }
+    }
+
+    /// Wraps a response body so that the connection returns to the pool when the body ends.
+    pub fn attach(self, body: Incoming) -> PooledBody {
+        PooledBody {
+            inner: body,
+            conn: Some(self),
+        }
+    }
+}
+
+impl Drop for PooledConn {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            self.pool.close(conn, self.retire.unwrap_or(CloseReason::Error));
+        }
+    }
+}
+
+/// A response body streaming from a pooled connection; the connection goes back to the pool
+/// at end of stream (kaproxy's idle clock starts only when the whole response has arrived,
+/// which is never before the backend's own clock starts).
+pub struct PooledBody {
+    inner: Incoming,
+    conn: Option<PooledConn>,
+}
+
+impl Body for PooledBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let res = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        match &res {
+            Poll::Ready(None) => {
+                if let Some(conn) = self.conn.take() {
+                    conn.release();
+                }
+            }
+            Poll::Ready(Some(Err(_))) => {
+                self.conn.take();
+            }
+            Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => {
+                if let Some(conn) = self.conn.take() {
+                    conn.release();
+                }
+            }
+            _ => {}
+        }
+        res
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for PooledBody {
+    fn drop(&mut self) {
+        // An empty body (HEAD, 204, Content-Length: 0) may never be polled.
+        if let Some(conn) = self.conn.take() {
+            if self.inner.is_end_stream() {
+                conn.release();
+            }
+        }
+    }
+}
+
+/// Marks a request as asking for keep-alive: Apache only advertises `Keep-Alive:
+/// timeout=N, max=M` to requests that ask, and without it there is nothing to learn.
+pub fn ask_keep_alive(headers: &mut HeaderMap) {
+    headers.insert(CONNECTION, HeaderValue::from_static("keep-alive"));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keep_alive_header_parsing() {
+        let p = |s: &str| KeepAliveHint::parse(s.as_bytes());
+        assert_eq!(
+            p("timeout=5, max=100"),
+            KeepAliveHint {
+                timeout: Some(Duration::from_secs(5)),
+                max: Some(100)
+            }
+        );
+        assert_eq!(
+            p("  MAX = 7 ,TIMEOUT=1"),
+            KeepAliveHint {
+                timeout: Some(Duration::from_secs(1)),
+                max: Some(7)
+            }
+        );
+        assert_eq!(p("timeout=15").max, None);
+        assert_eq!(p("timeout=15").timeout, Some(Duration::from_secs(15)));
+        assert_eq!(p("max=3").timeout, None);
+        assert_eq!(p("timeout=\"2\"").timeout, Some(Duration::from_secs(2)));
+        assert_eq!(p(""), KeepAliveHint::default());
+        assert_eq!(p("garbage"), KeepAliveHint::default());
+        assert_eq!(p("timeout=abc, max=-1"), KeepAliveHint::default());
+        assert_eq!(p("timeout=, max"), KeepAliveHint::default());
+        assert_eq!(KeepAliveHint::parse(&[0xff, 0xfe]), KeepAliveHint::default());
+    }
+
+    #[test]
+    fn connection_close_token() {
+        let mut h = HeaderMap::new();
+        h.insert(CONNECTION, HeaderValue::from_static("Keep-Alive"));
+        assert!(!has_connection_close(&h));
+        h.insert(CONNECTION, HeaderValue::from_static("x-foo, Close"));
+        assert!(has_connection_close(&h));
+    }
+
+    fn cfg() -> PoolConfig {
+        PoolConfig {
+            keepalive_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(4),
+            safety_margin: Duration::from_millis(500),
+            max_lifetime: Duration::from_secs(60),
+            max_requests_per_connection: 100,
+            max_idle_per_server: 32,
+            max_connections_per_server: 1024,
+            acquire_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(2),
+            response_timeout: Duration::from_secs(60),
+            tcp_keepalive: None,
+            learn_keep_alive: true,
+        }
+    }
+
+    fn pool(cfg: PoolConfig) -> Arc<ServerPool> {
+        let metrics = crate::metrics::Metrics::new();
+        let addr: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        ServerPool::new(addr, cfg, metrics.server("web", addr))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn deadline_is_the_earliest_limit() {
+        let p = pool(cfg());
+        let t0 = Instant::now();
+        // idle_timeout 4s < 5s - 500ms.
+        assert_eq!(p.deadline(t0, t0), (t0 + Duration::from_secs(4), CloseReason::Idle));
+        // A learned 1s keep-alive: 1s - 500ms wins.
+        p.learn(&KeepAliveHint {
+            timeout: Some(Duration::from_secs(1)),
+            max: None,
+        });
+        assert_eq!(
+            p.deadline(t0, t0),
+            (t0 + Duration::from_millis(500), CloseReason::LearnedTimeout)
+        );
+        // Lifetime wins for an old connection.
+        tokio::time::advance(Duration::from_secs(100)).await;
+        let now = Instant::now();
+        assert_eq!(
+            p.deadline(t0, now),
+            (t0 + Duration::from_secs(60), CloseReason::Lifetime)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn learned_timeout_shorter_than_margin_means_never_reuse() {
+        let p = pool(cfg());
+        p.learn(&KeepAliveHint {
+            timeout: Some(Duration::from_millis(0)),
+            max: None,
+        });
+        let t0 = Instant::now();
+        let (deadline, reason) = p.deadline(t0, t0);
+        assert!(deadline <= t0);
+        assert_eq!(reason, CloseReason::LearnedTimeout);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn learning_off_ignores_the_header() {
+        let mut c = cfg();
+        c.learn_keep_alive = false;
+        c.keepalive_timeout = Duration::from_secs(10);
+        c.idle_timeout = Duration::from_secs(9);
+        c.safety_margin = Duration::ZERO;
+        let p = pool(c);
+        p.learn(&KeepAliveHint {
+            timeout: Some(Duration::from_secs(1)),
+            max: None,
+        });
+        let t0 = Instant::now();
+        assert_eq!(p.deadline(t0, t0), (t0 + Duration::from_secs(9), CloseReason::Idle));
+    }
+}

@@ -1,0 +1,804 @@
+//! Owns the per-request phases: route → forwarding headers → pick a backend → send through the
+//! pool → retry → response filter → access log. The only module that sees both downstream and
+//! upstream.
+
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderName, HeaderValue};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::{Either, Empty, Full};
+use hyper::body::Incoming;
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+use crate::balancer::{Backend, Balancer};
+use crate::config::{Config, ForwardedConfig, HostMatch, RetryConfig};
+use crate::error::UpstreamError;
+use crate::metrics::Metrics;
+use crate::pool::{self, PooledBody, PooledConn, SendFailure, ServerPool, UpstreamBody};
+
+/// The retry back-off doubles up to this (SPEC.md: "doubling, capped at 1 s").
+const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(1);
+
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+
+/// What kaproxy knows about the downstream connection a request arrived on.
+#[derive(Debug, Clone)]
+pub struct DownstreamInfo {
+    /// The client address: the socket peer, or the PROXY header's source.
+    pub peer: SocketAddr,
+    /// The listener's local address (for X-Forwarded-Port).
+    pub local: SocketAddr,
+    pub tls: bool,
+}
+
+/// One named upstream group: its balancer and one pool per backend (same index).
+pub struct Upstream {
+    pub name: String,
+    pub balancer: Balancer,
+    pub pools: Vec<Arc<ServerPool>>,
+    retry: RetryConfig,
+    response_timeout: Duration,
+}
+
+struct Route {
+    host: Option<HostMatch>,
+    path_prefix: Option<String>,
+    upstream: usize,
+}
+
+/// The request-handling half of a loaded configuration. Swapped whole on reload.
+pub struct Proxy {
+    upstreams: Vec<Upstream>,
+    routes: Vec<Route>,
+    forwarded: ForwardedConfig,
+    access_log: bool,
+    metrics: Arc<Metrics>,
+}
+
+impl Proxy {
+    /// Builds balancers and pools from a validated config. Must run inside a tokio runtime
+    /// (each pool starts its sweep task).
+    pub fn new(cfg: &Config, metrics: Arc<Metrics>) -> Proxy {
+        let upstreams: Vec<Upstream> = cfg
+            .upstreams
+            .iter()
+            .map(|u| {
+                let balancer = Balancer::new(u);
+                let pools = balancer
+                    .backends()
+                    .iter()
+                    .map(|b| {
+                        let m = metrics.server(&u.name, b.addr);
+                        m.up.set(1);
+                        ServerPool::new(b.addr, u.pool.clone(), m)
+                    })
+                    .collect();
+                Upstream {
+                    name: u.name.clone(),
+                    balancer,
+                    pools,
+                    retry: u.retry.clone(),
+                    response_timeout: u.pool.response_timeout,
+                }
+            })
+            .collect();
+        let routes = cfg
+            .routes
+            .iter()
+            .filter_map(|r| {
+                let upstream = upstreams.iter().position(|u| u.name == r.upstream)?;
+                Some(Route {
+                    host: r.host.clone(),
+                    path_prefix: r.path_prefix.clone(),
+                    upstream,
+                })
+            })
+            .collect();
+        Proxy {
+            upstreams,
+            routes,
+            forwarded: cfg.forwarded.clone(),
+            access_log: cfg.log.access_log,
+            metrics,
+        }
+    }
+
+    pub fn upstreams(&self) -> &[Upstream] {
+        &self.upstreams
+    }
+
+    /// Closes every idle upstream connection (shutdown).
+    pub fn close_idle(&self) {
+        for u in &self.upstreams {
+            for p in &u.pools {
+                p.close_idle();
+            }
+        }
+    }
+
+    /// Phase 1: which upstream group serves this request.
+    fn route(&self, host: Option<&str>, path: &str) -> Option<&Upstream> {
+        if self.routes.is_empty() {
+            return self.upstreams.first();
+        }
+        let host = host.map(strip_port).map(str::to_ascii_lowercase);
+        self.routes
+            .iter()
+            .find(|r| {
+                let host_ok = match (&r.host, &host) {
+                    (None, _) => true,
+                    (Some(HostMatch::Exact(h)), Some(req)) => h == req,
+                    (Some(HostMatch::Suffix(s)), Some(req)) => req.ends_with(s.as_str()),
+                    (Some(_), None) => false,
+                };
+                host_ok && r.path_prefix.as_deref().is_none_or(|p| path.starts_with(p))
+            })
+            .map(|r| &self.upstreams[r.upstream])
+    }
+
+    /// Handles one downstream request end to end. Never fails: errors become 4xx/5xx answers.
+    pub async fn handle(&self, req: Request<Incoming>, ds: &DownstreamInfo) -> Response<ProxyBody> {
+        let start = Instant::now();
+        let host = request_host(&req);
+        let Some(upstream) = self.route(host.as_deref(), req.uri().path()) else {
+            warn!(client = %ds.peer.ip(), host = ?host, path = %req.uri().path(), "no route matches; 404");
+            return local_response(StatusCode::NOT_FOUND, "no route for this host and path\n");
+        };
+        let client_ip = client_ip(ds.peer.ip(), req.headers(), &self.forwarded);
+        let mut log = self.access_log.then(|| {
+            Box::new(AccessRecord {
+                client: client_ip,
+                method: req.method().clone(),
+                path: req.uri().path().to_string(),
+                upstream: upstream.name.clone(),
+                start,
+                ..AccessRecord::default()
+            })
+        });
+        if is_upgrade(&req) {
+            return self.tunnel(req, ds, upstream, client_ip, host, log).await;
+        }
+
+        let (parts, body) = req.into_parts();
+        let mut headers = parts.headers;
+        upstream_request_headers(&mut headers, ds, &self.forwarded, host.as_deref());
+        let method = parts.method;
+        let uri = origin_form(&parts.uri);
+        let replayable = body.is_end_stream();
+        let idempotent = is_idempotent(&method);
+        // Kept only when a retry after a sent request could happen at all.
+        let template = (replayable && idempotent && upstream.retry.retry_idempotent)
+            .then(|| (method.clone(), uri.clone(), headers.clone()));
+        let body: UpstreamBody = if replayable {
+            Either::Right(Empty::new())
+        } else {
+            Either::Left(body)
+        };
+        let mut request = Some(build_request(method, uri, headers, body));
+
+        let mut tried: Vec<usize> = Vec::new();
+        let mut connect_retries = 0;
+        let mut backoff = upstream.retry.retry_backoff;
+        let mut fresh_on: Option<usize> = None;
+        loop {
+            let picked = match fresh_on {
+                Some(idx) => Some(idx),
+                None => upstream.balancer.pick(client_ip, &tried, Instant::now()),
+            };
+            let Some(idx) = picked else {
+                warn!(upstream = %upstream.name, tried = tried.len(), "every server of the upstream failed; 502");
+                return local_response(StatusCode::BAD_GATEWAY, "no upstream server could be reached\n");
+            };
+            let pool = &upstream.pools[idx];
+            let backend = &upstream.balancer.backends()[idx];
+            let acquired = if fresh_on.take().is_some() {
+                pool.acquire_fresh().await
+            } else {
+                pool.acquire().await
+            };
+            let mut conn = match acquired {
+                Ok(conn) => conn,
+                Err(err) => {
+                    pool.metrics().error(err.kind());
+                    if err.is_connect() {
+                        record_failure(backend, pool);
+                        tried.push(idx);
+                        if connect_retries < upstream.retry.max_retries {
+                            connect_retries += 1;
+                            pool.metrics().retry("connect");
+                            warn!(upstream = %upstream.name, server = %pool.addr(), error = %err, backoff = ?backoff,
+                                "connect failed; trying the next server");
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(MAX_RETRY_BACKOFF);
+                            continue;
+                        }
+                    }
+                    warn!(upstream = %upstream.name, server = %pool.addr(), error = %err, status = err.status().as_u16(), "upstream failed");
+                    return local_response(err.status(), "upstream unavailable\n");
+                }
+            };
+            let req = request.take().expect("a request is ready for every attempt");
+            let sent = tokio::time::timeout(upstream.response_timeout, conn.send(req)).await;
+            match sent {
+                Ok(Ok(resp)) => {
+                    record_success(backend, pool);
+                    return self.respond(resp, conn, pool, log.take(), start);
+                }
+                Err(_elapsed) => {
+                    let err = UpstreamError::ResponseTimeout {
+                        addr: pool.addr(),
+                        timeout: upstream.response_timeout,
+                    };
+                    pool.metrics().error(err.kind());
+                    record_failure(backend, pool);
+                    warn!(upstream = %upstream.name, server = %pool.addr(), error = %err, "504");
+                    return local_response(err.status(), "upstream timed out\n");
+                }
+                Ok(Err(SendFailure { error, unsent })) => {
+                    pool.metrics().error(error.kind());
+                    let reused = conn.is_reused();
+                    drop(conn);
+                    // The keep-alive race: a pooled connection the backend closed just as we
+                    // reused it fails before any response byte. A request hyper never wrote
+                    // goes again whatever its method; a written one only when idempotent and
+                    // bodiless (`template`). Once, on a fresh connection to the same server.
+                    if reused {
+                        request = unsent.or_else(|| {
+                            template
+                                .as_ref()
+                                .map(|(m, u, h)| build_request(m.clone(), u.clone(), h.clone(), Either::Right(Empty::new())))
+                        });
+                        if request.is_some() {
+                            pool.metrics().retry(error.kind());
+                            warn!(upstream = %upstream.name, server = %pool.addr(), cause = error.kind(), error = %error,
+                                "reused upstream connection failed before responding; retrying on a fresh connection");
+                            fresh_on = Some(idx);
+                            continue;
+                        }
+                    }
+                    if !reused {
+                        record_failure(backend, pool);
+                    }
+                    warn!(upstream = %upstream.name, server = %pool.addr(), reused, error = %error, "upstream failed; 502");
+                    return local_response(error.status(), "upstream failed\n");
+                }
+            }
+        }
+    }
+
+    /// Response filter: hop-by-hop headers out, metrics, the body tied to its pooled connection.
+    fn respond(
+        &self,
+        resp: Response<Incoming>,
+        conn: PooledConn,
+        pool: &ServerPool,
+        mut log: Option<Box<AccessRecord>>,
+        start: Instant,
+    ) -> Response<ProxyBody> {
+        let (mut parts, body) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        pool.metrics().request(parts.status.as_u16());
+        self.metrics.observe_duration(start.elapsed().as_secs_f64());
+        if let Some(log) = log.as_mut() {
+            let (age, requests) = conn.age_and_requests();
+            log.status = parts.status.as_u16();
+            log.server = Some(pool.addr());
+            log.reused = conn.is_reused();
+            log.conn_age = age;
+            log.conn_requests = requests;
+        }
+        parts.version = Version::HTTP_11;
+        Response::from_parts(
+            parts,
+            ProxyBody {
+                inner: Inner::Upstream(conn.attach(body)),
+                bytes: 0,
+                log,
+            },
+        )
+    }
+
+    /// WebSocket / `Upgrade`: a dedicated upstream connection, then bytes both ways.
+    async fn tunnel(
+        &self,
+        mut req: Request<Incoming>,
+        ds: &DownstreamInfo,
+        upstream: &Upstream,
+        client_ip: IpAddr,
+        host: Option<String>,
+        mut log: Option<Box<AccessRecord>>,
+    ) -> Response<ProxyBody> {
+        let Some(idx) = upstream.balancer.pick(client_ip, &[], Instant::now()) else {
+            return local_response(StatusCode::BAD_GATEWAY, "no upstream server\n");
+        };
+        let pool = &upstream.pools[idx];
+        let downstream_upgrade = hyper::upgrade::on(&mut req);
+        let (parts, body) = req.into_parts();
+        let upgrade = parts.headers.get(header::UPGRADE).cloned();
+        let mut headers = parts.headers;
+        upstream_request_headers(&mut headers, ds, &self.forwarded, host.as_deref());
+        if let Some(u) = upgrade {
+            headers.insert(header::UPGRADE, u);
+        }
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        let body: UpstreamBody = if body.is_end_stream() {
+            Either::Right(Empty::new())
+        } else {
+            Either::Left(body)
+        };
+        let req = build_request(parts.method, origin_form(&parts.uri), headers, body);
+        let mut resp = match pool.tunnel(req, upstream.response_timeout).await {
+            Ok(resp) => resp,
+            Err(err) => {
+                pool.metrics().error(err.kind());
+                warn!(upstream = %upstream.name, server = %pool.addr(), error = %err, "upgrade request failed");
+                return local_response(err.status(), "upstream failed\n");
+            }
+        };
+        pool.metrics().request(resp.status().as_u16());
+        if let Some(log) = log.as_mut() {
+            log.status = resp.status().as_u16();
+            log.server = Some(pool.addr());
+        }
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            let upstream_upgrade = hyper::upgrade::on(&mut resp);
+            tokio::spawn(async move {
+                let (Ok(down), Ok(up)) = tokio::join!(downstream_upgrade, upstream_upgrade) else {
+                    return;
+                };
+                let mut down = hyper_util::rt::TokioIo::new(down);
+                let mut up = hyper_util::rt::TokioIo::new(up);
+                let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+            });
+            let (parts, _) = resp.into_parts();
+            return Response::from_parts(parts, ProxyBody::empty(log));
+        }
+        let (mut parts, body) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        Response::from_parts(
+            parts,
+            ProxyBody {
+                inner: Inner::Tunnel(body),
+                bytes: 0,
+                log,
+            },
+        )
+    }
+}
+
+impl ServerPool {
+    /// Sends an upgrade request on a dedicated, never pooled, connection.
+    async fn tunnel(
+        &self,
+        req: Request<UpstreamBody>,
+        response_timeout: Duration,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let addr = self.addr();
+        let stream = self.dial().await?;
+        let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
+            .handshake::<_, UpstreamBody>(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|source| UpstreamError::Handshake { addr, source })?;
+        tokio::spawn(conn.with_upgrades());
+        match tokio::time::timeout(response_timeout, sender.send_request(req)).await {
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(e)) => Err(UpstreamError::from_send(addr, e)),
+            Err(_) => Err(UpstreamError::ResponseTimeout {
+                addr,
+                timeout: response_timeout,
+            }),
+        }
+    }
+}
+
+fn record_failure(backend: &Backend, pool: &ServerPool) {
+    if backend.health.record_failure(Instant::now()) {
+        warn!(server = %backend.addr, "passive health: server marked down after consecutive failures");
+    }
+    pool.metrics().up.set(backend.health.is_up(Instant::now()) as i64);
+}
+
+fn record_success(backend: &Backend, pool: &ServerPool) {
+    backend.health.record_success();
+    pool.metrics().up.set(1);
+}
+
+fn build_request(method: Method, uri: Uri, headers: HeaderMap, body: UpstreamBody) -> Request<UpstreamBody> {
+    let mut req = Request::new(body);
+    *req.method_mut() = method;
+    *req.uri_mut() = uri;
+    *req.version_mut() = Version::HTTP_11;
+    *req.headers_mut() = headers;
+    req
+}
+
+/// The upstream request target: path and query only.
+fn origin_form(uri: &Uri) -> Uri {
+    match uri.path_and_query() {
+        Some(_) if uri.scheme().is_none() && uri.authority().is_none() => uri.clone(),
+        Some(pq) => Uri::from(pq.clone()),
+        None => Uri::from_static("/"),
+    }
+}
+
+/// The request's host: `Host` (HTTP/1.1) or the URI authority (HTTP/2).
+fn request_host<B>(req: &Request<B>) -> Option<String> {
+    req.headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| req.uri().authority().map(|a| a.as_str().to_string()))
+}
+
+fn strip_port(host: &str) -> &str {
+    if host.starts_with('[') {
+        return host.split(']').next().map_or(host, |h| &host[..h.len() + 1]);
+    }
+    host.rsplit_once(':').map_or(host, |(h, _)| h)
+}
+
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
+}
+
+fn connection_has(headers: &HeaderMap, token: &str) -> bool {
+    headers.get_all(header::CONNECTION).iter().any(|v| {
+        v.to_str()
+            .map(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+            .unwrap_or(false)
+    })
+}
+
+fn is_upgrade<B>(req: &Request<B>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && connection_has(req.headers(), "upgrade")
+}
+
+/// Removes hop-by-hop headers (RFC 9110 §7.6.1): those named in `Connection` and the
+/// standard ones.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|s| s.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in [
+        header::CONNECTION,
+        pool::KEEP_ALIVE,
+        PROXY_CONNECTION,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+    ] {
+        headers.remove(name);
+    }
+}
+
+/// The client's address: the peer, or — when the peer is a trusted proxy — the right-most
+/// untrusted address of its X-Forwarded-For chain.
+fn client_ip(peer: IpAddr, headers: &HeaderMap, cfg: &ForwardedConfig) -> IpAddr {
+    let trusted = |ip: &IpAddr| cfg.trusted_proxies.iter().any(|n| n.contains(ip));
+    if !trusted(&peer) {
+        return peer;
+    }
+    let mut chain: Vec<IpAddr> = headers
+        .get_all(&X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|s| s.split(','))
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    while let Some(ip) = chain.pop() {
+        if !trusted(&ip) {
+            return ip;
+        }
+    }
+    peer
+}
+
+/// Request filter: hop-by-hop out, forwarding headers in, `Host` kept, keep-alive asked for.
+fn upstream_request_headers(
+    headers: &mut HeaderMap,
+    ds: &DownstreamInfo,
+    cfg: &ForwardedConfig,
+    host: Option<&str>,
+) {
+    strip_hop_by_hop(headers);
+    let peer = ds.peer.ip();
+    let trusted = cfg.trusted_proxies.iter().any(|n| n.contains(&peer));
+    let proto = if ds.tls { "https" } else { "http" };
+
+    let prior: Option<String> = if trusted {
+        let parts: Vec<&str> = headers
+            .get_all(&X_FORWARDED_FOR)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        (!parts.is_empty()).then(|| parts.join(", "))
+    } else {
+        None
+    };
+    let xff = match prior {
+        Some(p) => format!("{p}, {peer}"),
+        None => peer.to_string(),
+    };
+    headers.insert(X_FORWARDED_FOR, header_value(&xff));
+    if cfg.x_forwarded_proto {
+        // From a trusted proxy (e.g. a TLS-terminating LB in front) its view wins.
+        let keep = |headers: &HeaderMap, h: &HeaderName| trusted && headers.contains_key(h);
+        if !keep(headers, &X_FORWARDED_PROTO) {
+            headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+        }
+        if !keep(headers, &X_FORWARDED_PORT) {
+            headers.insert(X_FORWARDED_PORT, HeaderValue::from(ds.local.port()));
+        }
+        if !keep(headers, &X_FORWARDED_HOST) {
+            match host {
+                Some(h) => headers.insert(X_FORWARDED_HOST, header_value(h)),
+                None => headers.remove(X_FORWARDED_HOST),
+            };
+        }
+    }
+    if cfg.forwarded {
+        let node = match peer {
+            IpAddr::V4(v4) => v4.to_string(),
+            IpAddr::V6(v6) => format!("\"[{v6}]\""),
+        };
+        let mut element = format!("for={node};proto={proto}");
+        if let Some(h) = host {
+            element.push_str(&format!(";host=\"{h}\""));
+        }
+        let value = match headers.get(&FORWARDED).and_then(|v| v.to_str().ok()) {
+            Some(prev) if trusted => format!("{prev}, {element}"),
+            _ => element,
+        };
+        headers.insert(FORWARDED, header_value(&value));
+    }
+    if cfg.x_real_ip {
+        let ip = client_ip(peer, headers, cfg);
+        headers.insert(X_REAL_IP, header_value(&ip.to_string()));
+    }
+    if !headers.contains_key(header::HOST) {
+        if let Some(h) = host {
+            headers.insert(header::HOST, header_value(h));
+        }
+    }
+    pool::ask_keep_alive(headers);
+}
+
+fn header_value(s: &str) -> HeaderValue {
+    HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+}
+
+/// A response kaproxy makes itself (errors).
+pub fn local_response(status: StatusCode, text: &'static str) -> Response<ProxyBody> {
+    let mut resp = Response::new(ProxyBody {
+        inner: Inner::Local(Full::new(Bytes::from_static(text.as_bytes()))),
+        bytes: 0,
+        log: None,
+    });
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+/// One access log line, written when the response body is finished (or abandoned).
+#[derive(Debug)]
+struct AccessRecord {
+    client: IpAddr,
+    method: Method,
+    path: String,
+    status: u16,
+    upstream: String,
+    server: Option<SocketAddr>,
+    reused: bool,
+    conn_age: Duration,
+    conn_requests: u32,
+    start: Instant,
+}
+
+impl Default for AccessRecord {
+    fn default() -> Self {
+        AccessRecord {
+            client: IpAddr::from([0, 0, 0, 0]),
+            method: Method::GET,
+            path: String::new(),
+            status: 0,
+            upstream: String::new(),
+            server: None,
+            reused: false,
+            conn_age: Duration::ZERO,
+            conn_requests: 0,
+            start: Instant::now(),
+        }
+    }
+}
+
+enum Inner {
+    Upstream(PooledBody),
+    Tunnel(Incoming),
+    Local(Full<Bytes>),
+    Empty,
+}
+
+/// The body of every response kaproxy sends downstream.
+pub struct ProxyBody {
+    inner: Inner,
+    bytes: u64,
+    log: Option<Box<AccessRecord>>,
+}
+
+impl ProxyBody {
+    fn empty(log: Option<Box<AccessRecord>>) -> Self {
+        ProxyBody {
+            inner: Inner::Empty,
+            bytes: 0,
+            log,
+        }
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        let res = match &mut this.inner {
+            Inner::Upstream(b) => Pin::new(b).poll_frame(cx),
+            Inner::Tunnel(b) => Pin::new(b).poll_frame(cx),
+            Inner::Local(b) => Pin::new(b).poll_frame(cx).map_err(|never| match never {}),
+            Inner::Empty => Poll::Ready(None),
+        };
+        if let Poll::Ready(Some(Ok(frame))) = &res {
+            if let Some(data) = frame.data_ref() {
+                this.bytes += data.len() as u64;
+            }
+        }
+        res
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.inner {
+            Inner::Upstream(b) => b.is_end_stream(),
+            Inner::Tunnel(b) => b.is_end_stream(),
+            Inner::Local(b) => b.is_end_stream(),
+            Inner::Empty => true,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.inner {
+            Inner::Upstream(b) => b.size_hint(),
+            Inner::Tunnel(b) => b.size_hint(),
+            Inner::Local(b) => b.size_hint(),
+            Inner::Empty => SizeHint::with_exact(0),
+        }
+    }
+}
+
+impl Drop for ProxyBody {
+    fn drop(&mut self) {
+        if let Some(r) = self.log.take() {
+            info!(target: "kaproxy::access",
+                client = %r.client,
+                method = %r.method,
+                path = %r.path,
+                status = r.status,
+                upstream = %r.upstream,
+                server = %r.server.map(|s| s.to_string()).unwrap_or_else(|| "-".into()),
+                bytes = self.bytes,
+                duration_ms = r.start.elapsed().as_secs_f64() * 1000.0,
+                reused = r.reused,
+                conn_age_ms = r.conn_age.as_millis() as u64,
+                conn_requests = r.conn_requests,
+                "access");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fwd(trusted: &[&str]) -> ForwardedConfig {
+        ForwardedConfig {
+            trusted_proxies: trusted.iter().map(|s| s.parse().unwrap()).collect(),
+            x_forwarded_proto: true,
+            forwarded: true,
+            x_real_ip: true,
+        }
+    }
+
+    fn ds(peer: &str) -> DownstreamInfo {
+        DownstreamInfo {
+            peer: peer.parse().unwrap(),
+            local: "127.0.0.1:8443".parse().unwrap(),
+            tls: true,
+        }
+    }
+
+    #[test]
+    fn untrusted_peer_replaces_x_forwarded_for() {
+        let mut h = HeaderMap::new();
+        h.insert(X_FORWARDED_FOR, HeaderValue::from_static("6.6.6.6"));
+        upstream_request_headers(&mut h, &ds("10.1.2.3:5555"), &fwd(&[]), Some("example.com"));
+        assert_eq!(h[&X_FORWARDED_FOR], "10.1.2.3");
+        assert_eq!(h[&X_REAL_IP], "10.1.2.3");
+        assert_eq!(h[&X_FORWARDED_PROTO], "https");
+        assert_eq!(h[&X_FORWARDED_PORT], "8443");
+        assert_eq!(h[&X_FORWARDED_HOST], "example.com");
+        assert_eq!(h[&FORWARDED], "for=10.1.2.3;proto=https;host=\"example.com\"");
+        assert_eq!(h[header::HOST], "example.com");
+        assert_eq!(h[header::CONNECTION], "keep-alive");
+    }
+
+    #[test]
+    fn trusted_peer_appends_to_x_forwarded_for() {
+        let mut h = HeaderMap::new();
+        h.append(X_FORWARDED_FOR, HeaderValue::from_static("1.2.3.4, 10.0.0.9"));
+        upstream_request_headers(&mut h, &ds("10.0.0.1:5555"), &fwd(&["10.0.0.0/8"]), None);
+        assert_eq!(h[&X_FORWARDED_FOR], "1.2.3.4, 10.0.0.9, 10.0.0.1");
+        // The right-most untrusted address is the client.
+        assert_eq!(h[&X_REAL_IP], "1.2.3.4");
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("X-Foo, close"));
+        h.insert("x-foo", HeaderValue::from_static("1"));
+        h.insert("x-bar", HeaderValue::from_static("2"));
+        h.insert(PROXY_CONNECTION, HeaderValue::from_static("keep-alive"));
+        h.insert(pool::KEEP_ALIVE, HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        strip_hop_by_hop(&mut h);
+        assert!(!h.contains_key("x-foo"));
+        assert!(h.contains_key("x-bar"));
+        assert_eq!(h.len(), 1);
+    }
+
+    #[test]
+    fn origin_form_drops_scheme_and_authority() {
+        let u: Uri = "https://example.com:8443/a/b?c=d".parse().unwrap();
+        assert_eq!(origin_form(&u), "/a/b?c=d");
+        let u: Uri = "/x".parse().unwrap();
+        assert_eq!(origin_form(&u), "/x");
+    }
+
+    #[test]
+    fn host_port_is_stripped_for_routing() {
+        assert_eq!(strip_port("api.example.com:8443"), "api.example.com");
+        assert_eq!(strip_port("api.example.com"), "api.example.com");
+        assert_eq!(strip_port("[::1]:8443"), "[::1]");
+    }
+}

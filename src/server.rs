@@ -1,0 +1,176 @@
+//! Owns the running proxy: builds a [`Generation`] from the config, binds the listeners,
+//! spawns the accept loops and the admin listener, and drains on shutdown.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+use crate::config::{Config, DownstreamConfig};
+use crate::demo::{DemoBackend, DemoBackendConfig};
+use crate::error::StartError;
+use crate::listener::{self, Kind};
+use crate::metrics::Metrics;
+use crate::proxy::Proxy;
+
+/// Everything a downstream connection needs from one loaded configuration. A connection keeps
+/// the generation it was accepted under; a reload swaps in a new one for new connections.
+pub struct Generation {
+    pub proxy: Arc<Proxy>,
+    pub downstream: Arc<DownstreamConfig>,
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+}
+
+/// A running kaproxy.
+pub struct Server {
+    https: Option<SocketAddr>,
+    http: Option<SocketAddr>,
+    admin: Option<SocketAddr>,
+    metrics: Arc<Metrics>,
+    current: Arc<ArcSwap<Generation>>,
+    shutdown: watch::Sender<bool>,
+    connections: mpsc::Receiver<()>,
+    tasks: Vec<JoinHandle<()>>,
+    shutdown_timeout: Duration,
+    demo: Vec<DemoBackend>,
+}
+
+impl Server {
+    /// Starts serving `config` (already validated): demo backends if configured, listeners,
+    /// admin endpoint.
+    pub async fn start(config: Config) -> Result<Server, StartError> {
+        let metrics = Arc::new(Metrics::new());
+        let mut demo = Vec::new();
+        if let Some(d) = &config.demo {
+            for (i, addr) in d.backends.iter().enumerate() {
+                let cfg = DemoBackendConfig {
+                    name: format!("demo-{}", i + 1),
+                    ..DemoBackendConfig::default()
+                };
+                let backend = DemoBackend::start(*addr, cfg)
+                    .await
+                    .map_err(|source| StartError::Demo { addr: *addr, source })?;
+                info!(addr = %backend.addr(), "demo backend started (Apache-like, KeepAliveTimeout 5s, development only)");
+                demo.push(backend);
+            }
+        }
+        let tls = match config.listen.https {
+            Some(_) => Some(crate::tls::server_config(&config.tls)?),
+            None => None,
+        };
+        let generation = Generation {
+            proxy: Arc::new(Proxy::new(&config, metrics.clone())),
+            downstream: Arc::new(config.downstream.clone()),
+            tls,
+        };
+        let current = Arc::new(ArcSwap::from_pointee(generation));
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let (done_tx, connections) = mpsc::channel::<()>(1);
+        let mut tasks = Vec::new();
+        let bound = |what: &'static str, addr: SocketAddr| {
+            listener::bind(addr).map_err(|source| StartError::Bind { what, addr, source })
+        };
+        let mut addrs = [None, None];
+        for (slot, kind, addr) in [
+            (0, Kind::Https, config.listen.https),
+            (1, Kind::Http, config.listen.http),
+        ] {
+            let Some(addr) = addr else { continue };
+            let l = bound(kind.label(), addr)?;
+            let local = l.local_addr().map_err(|source| StartError::Bind {
+                what: kind.label(),
+                addr,
+                source,
+            })?;
+            info!(listener = kind.label(), addr = %local, "listening");
+            addrs[slot] = Some(local);
+            tasks.push(tokio::spawn(listener::accept_loop(
+                l,
+                kind,
+                current.clone(),
+                shutdown_rx.clone(),
+                done_tx.clone(),
+                metrics.downstream_connections(kind.label()),
+            )));
+        }
+        let admin = match config.admin.listen {
+            Some(addr) => {
+                let l = bound("admin", addr)?;
+                let local = l.local_addr().map_err(|source| StartError::Bind {
+                    what: "admin",
+                    addr,
+                    source,
+                })?;
+                info!(addr = %local, "admin listening (/metrics, /healthz, /status)");
+                tasks.push(tokio::spawn(crate::admin::serve(
+                    l,
+                    metrics.clone(),
+                    current.clone(),
+                    shutdown_rx.clone(),
+                )));
+                Some(local)
+            }
+            None => None,
+        };
+        Ok(Server {
+            https: addrs[0],
+            http: addrs[1],
+            admin,
+            metrics,
+            current,
+            shutdown,
+            connections,
+            tasks,
+            shutdown_timeout: config.admin.shutdown_timeout,
+            demo,
+        })
+    }
+
+    pub fn https_addr(&self) -> Option<SocketAddr> {
+        self.https
+    }
+
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http
+    }
+
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin
+    }
+
+    /// The Prometheus text exposition, as `/metrics` serves it.
+    pub fn metrics(&self) -> String {
+        self.metrics.encode()
+    }
+
+    /// The configuration generation new connections are served with.
+    pub fn generation(&self) -> Arc<Generation> {
+        self.current.load_full()
+    }
+
+    /// Stops accepting, lets in-flight requests finish (idle connections are closed, busy
+    /// ones get `Connection: close` / GOAWAY) for up to `shutdown_timeout`, then closes the
+    /// upstream pools.
+    pub async fn shutdown(mut self) {
+        let _ = self.shutdown.send(true);
+        for t in self.tasks.drain(..) {
+            let _ = t.await;
+        }
+        // Every connection task holds a sender; recv() yields None when all are gone.
+        if tokio::time::timeout(self.shutdown_timeout, self.connections.recv())
+            .await
+            .is_err()
+        {
+            warn!(timeout = ?self.shutdown_timeout, "shutdown_timeout passed with requests still in flight");
+        }
+        self.current.load().proxy.close_idle();
+        for d in self.demo.drain(..) {
+            d.stop().await;
+        }
+        info!("stopped");
+    }
+}
