@@ -48,7 +48,11 @@ pub async fn serve(
     }
 }
 
-fn answer(req: &Request<Incoming>, metrics: &Metrics, generation: &Generation) -> Response<Full<Bytes>> {
+fn answer(
+    req: &Request<Incoming>,
+    metrics: &Metrics,
+    generation: &Generation,
+) -> Response<Full<Bytes>> {
     match req.uri().path() {
         "/metrics" => text(
             StatusCode::OK,

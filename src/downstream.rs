@@ -123,7 +123,10 @@ impl ConnState {
         }
         let since = self.at(self.waiting_since.load(Ordering::Acquire));
         if http1 && self.served.load(Ordering::Acquire) == 0 {
-            return Some((since + cfg.header_timeout.min(cfg.idle_timeout), Timer::FirstRequest));
+            return Some((
+                since + cfg.header_timeout.min(cfg.idle_timeout),
+                Timer::FirstRequest,
+            ));
         }
         Some((since + cfg.idle_timeout, Timer::Idle))
     }
@@ -191,7 +194,11 @@ impl<T: AsyncRead + AsyncWrite> AsyncRead for HeadWatch<T> {
             ACTION_NONE => {}
             ACTION_408 => {
                 while *this.written < RESPONSE_408.len() {
-                    match this.inner.as_mut().poll_write(cx, &RESPONSE_408[*this.written..]) {
+                    match this
+                        .inner
+                        .as_mut()
+                        .poll_write(cx, &RESPONSE_408[*this.written..])
+                    {
                         Poll::Ready(Ok(n)) if n > 0 => *this.written += n,
                         Poll::Ready(_) => return Poll::Ready(Ok(())),
                         Poll::Pending => return Poll::Pending,
@@ -214,7 +221,11 @@ impl<T: AsyncRead + AsyncWrite> AsyncRead for HeadWatch<T> {
 }
 
 impl<T: AsyncWrite> AsyncWrite for HeadWatch<T> {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         self.project().inner.poll_write(cx, buf)
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -250,18 +261,31 @@ impl LingeringTcp {
     }
 
     fn stream(self: Pin<&mut Self>) -> Pin<&mut TcpStream> {
-        Pin::new(self.get_mut().inner.as_mut().expect("stream present until drop"))
+        Pin::new(
+            self.get_mut()
+                .inner
+                .as_mut()
+                .expect("stream present until drop"),
+        )
     }
 }
 
 impl AsyncRead for LingeringTcp {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         self.stream().poll_read(cx, buf)
     }
 }
 
 impl AsyncWrite for LingeringTcp {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         self.stream().poll_write(cx, buf)
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -326,8 +350,9 @@ pub async fn serve<I>(
     let state = ConnState::new();
     let svc_state = state.clone();
     let svc_cfg = cfg.clone();
-    let keep_alive_value = HeaderValue::from_str(&format!("timeout={}", cfg.idle_timeout.as_secs()))
-        .expect("digits are a valid header value");
+    let keep_alive_value =
+        HeaderValue::from_str(&format!("timeout={}", cfg.idle_timeout.as_secs()))
+            .expect("digits are a valid header value");
     let service = service_fn(move |req: Request<Incoming>| {
         let proxy = proxy.clone();
         let state = svc_state.clone();
@@ -358,7 +383,10 @@ pub async fn serve<I>(
             .timer(TokioTimer::new())
             .max_header_list_size(cfg.max_header_bytes as u32)
             .serve_connection(TokioIo::new(io), service);
-        drive(conn, &state, &cfg, false, &mut shutdown, |c| c.graceful_shutdown()).await;
+        drive(conn, &state, &cfg, false, &mut shutdown, |c| {
+            c.graceful_shutdown()
+        })
+        .await;
     } else {
         let io = HeadWatch {
             inner: io,
@@ -371,7 +399,10 @@ pub async fn serve<I>(
             .max_buf_size(cfg.max_header_bytes)
             .serve_connection(TokioIo::new(io), service)
             .with_upgrades();
-        drive(conn, &state, &cfg, true, &mut shutdown, |c| c.graceful_shutdown()).await;
+        drive(conn, &state, &cfg, true, &mut shutdown, |c| {
+            c.graceful_shutdown()
+        })
+        .await;
     }
 }
 
@@ -391,7 +422,11 @@ async fn drive<C, E>(
     tokio::pin!(conn);
     let mut closing = false;
     loop {
-        let timer = if closing { None } else { state.next_timer(cfg, http1) };
+        let timer = if closing {
+            None
+        } else {
+            state.next_timer(cfg, http1)
+        };
         let changed = state.changed.notified();
         let sleep = async {
             match &timer {

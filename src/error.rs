@@ -27,7 +27,9 @@ pub enum UpstreamError {
         addr: SocketAddr,
         source: hyper::Error,
     },
-    #[error("no connection slot to {addr} within {timeout:?} (max_connections_per_server reached)")]
+    #[error(
+        "no connection slot to {addr} within {timeout:?} (max_connections_per_server reached)"
+    )]
     AcquireTimeout { addr: SocketAddr, timeout: Duration },
     #[error("{addr} sent no response within {timeout:?}")]
     ResponseTimeout { addr: SocketAddr, timeout: Duration },

@@ -129,17 +129,18 @@ async fn handle(
                 return;
             };
             let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-            let tls_stream = match tokio::time::timeout(cfg.header_timeout, acceptor.accept(io)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    debug!(client = %peer, error = %e, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    debug!(client = %peer, "TLS handshake timed out");
-                    return;
-                }
-            };
+            let tls_stream =
+                match tokio::time::timeout(cfg.header_timeout, acceptor.accept(io)).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        debug!(client = %peer, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        debug!(client = %peer, "TLS handshake timed out");
+                        return;
+                    }
+                };
             let http2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
             downstream::serve(tls_stream, http2, info, proxy, cfg, shutdown).await;
         }

@@ -68,7 +68,8 @@ pub struct Metrics {
     server_up: Family<ServerUpLabels, Gauge>,
 }
 
-pub const UPSTREAM_ERROR_KINDS: [&str; 4] = ["connect", "reset", "closed_before_response", "timeout"];
+pub const UPSTREAM_ERROR_KINDS: [&str; 4] =
+    ["connect", "reset", "closed_before_response", "timeout"];
 
 impl Default for Metrics {
     fn default() -> Self {

@@ -210,8 +210,10 @@ impl ServerPool {
     /// which limit decides it.
     fn deadline(&self, born: Instant, last_used: Instant) -> (Instant, CloseReason) {
         let by_idle = last_used + self.cfg.idle_timeout;
-        let by_keepalive =
-            last_used + self.effective_keepalive().saturating_sub(self.cfg.safety_margin);
+        let by_keepalive = last_used
+            + self
+                .effective_keepalive()
+                .saturating_sub(self.cfg.safety_margin);
         let by_lifetime = born + self.cfg.max_lifetime;
         let mut best = (by_idle, CloseReason::Idle);
         if by_keepalive < best.0 {
@@ -594,7 +596,8 @@ impl PooledConn {
 impl Drop for PooledConn {
     fn drop(&mut self) {
         if let Some(conn) = self.conn.take() {
-            self.pool.close(conn, self.retire.unwrap_or(CloseReason::Error));
+            self.pool
+                .close(conn, self.retire.unwrap_or(CloseReason::Error));
         }
     }
 }
@@ -690,7 +693,10 @@ mod tests {
         assert_eq!(p("garbage"), KeepAliveHint::default());
         assert_eq!(p("timeout=abc, max=-1"), KeepAliveHint::default());
         assert_eq!(p("timeout=, max"), KeepAliveHint::default());
-        assert_eq!(KeepAliveHint::parse(&[0xff, 0xfe]), KeepAliveHint::default());
+        assert_eq!(
+            KeepAliveHint::parse(&[0xff, 0xfe]),
+            KeepAliveHint::default()
+        );
     }
 
     #[test]
@@ -730,7 +736,10 @@ mod tests {
         let p = pool(cfg());
         let t0 = Instant::now();
         // idle_timeout 4s < 5s - 500ms.
-        assert_eq!(p.deadline(t0, t0), (t0 + Duration::from_secs(4), CloseReason::Idle));
+        assert_eq!(
+            p.deadline(t0, t0),
+            (t0 + Duration::from_secs(4), CloseReason::Idle)
+        );
         // A learned 1s keep-alive: 1s - 500ms wins.
         p.learn(&KeepAliveHint {
             timeout: Some(Duration::from_secs(1)),
@@ -775,6 +784,179 @@ mod tests {
             max: None,
         });
         let t0 = Instant::now();
-        assert_eq!(p.deadline(t0, t0), (t0 + Duration::from_secs(9), CloseReason::Idle));
+        assert_eq!(
+            p.deadline(t0, t0),
+            (t0 + Duration::from_secs(9), CloseReason::Idle)
+        );
+    }
+
+    use crate::demo::{DemoBackend, DemoBackendConfig, StaleReuse};
+    use http_body_util::BodyExt;
+
+    fn demo(keepalive_ms: u64, stale_reuse: StaleReuse) -> DemoBackendConfig {
+        DemoBackendConfig {
+            name: "b".into(),
+            keepalive_timeout: Duration::from_millis(keepalive_ms),
+            stale_reuse,
+            ..DemoBackendConfig::default()
+        }
+    }
+
+    fn real_pool(addr: SocketAddr, cfg: PoolConfig) -> (Arc<ServerPool>, crate::metrics::Metrics) {
+        let metrics = crate::metrics::Metrics::new();
+        let pool = ServerPool::new(addr, cfg, metrics.server("web", addr));
+        (pool, metrics)
+    }
+
+    /// One GET through the pool; the body is read to the end so the connection is released.
+    async fn get(pool: &Arc<ServerPool>) -> Result<bool, UpstreamError> {
+        let mut conn = pool.acquire().await?;
+        let reused = conn.is_reused();
+        let mut req = Request::new(http_body_util::Either::Right(http_body_util::Empty::new()));
+        *req.uri_mut() = "/".parse().unwrap();
+        ask_keep_alive(req.headers_mut());
+        req.headers_mut()
+            .insert(http::header::HOST, HeaderValue::from_static("b"));
+        let resp = conn.send(req).await.map_err(|f| f.error)?;
+        assert_eq!(resp.status(), 200);
+        let body = conn.attach(resp.into_body());
+        body.collect().await.expect("body");
+        Ok(reused)
+    }
+
+    async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !cond() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out waiting for {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    fn closed(metrics: &crate::metrics::Metrics, reason: &str) -> u64 {
+        let needle = format!("reason=\"{reason}\"");
+        metrics
+            .encode()
+            .lines()
+            .find(|l| {
+                l.starts_with("kaproxy_upstream_connections_closed_total") && l.contains(&needle)
+            })
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0)
+    }
+
+    #[tokio::test]
+    async fn reuses_a_connection_within_its_deadline() {
+        let backend = DemoBackend::start(
+            "127.0.0.1:0".parse().unwrap(),
+            demo(5000, StaleReuse::CloseIdle),
+        )
+        .await
+        .unwrap();
+        let (pool, _m) = real_pool(backend.addr(), cfg());
+        assert!(!get(&pool).await.unwrap());
+        assert!(
+            get(&pool).await.unwrap(),
+            "second request reuses the pooled connection"
+        );
+        assert_eq!(backend.stats().connections_accepted, 1);
+        assert_eq!(pool.learned_timeout(), Some(Duration::from_secs(5)));
+    }
+
+    #[tokio::test]
+    async fn sweep_closes_idle_connections_before_the_backend_does() {
+        // Backend keep-alive 2 s (advertised as timeout=2); kaproxy's deadline is 2 s - 1.5 s.
+        let backend = DemoBackend::start(
+            "127.0.0.1:0".parse().unwrap(),
+            demo(2000, StaleReuse::CloseIdle),
+        )
+        .await
+        .unwrap();
+        let mut c = cfg();
+        c.safety_margin = Duration::from_millis(1500);
+        let (pool, metrics) = real_pool(backend.addr(), c);
+        get(&pool).await.unwrap();
+        assert_eq!(pool.idle_count(), 1);
+        wait_until("the sweep to close the idle connection", || {
+            pool.idle_count() == 0
+        })
+        .await;
+        assert_eq!(closed(&metrics, "learned_timeout"), 1);
+        assert_eq!(closed(&metrics, "server_close"), 0);
+        // The backend saw kaproxy's FIN, not its own timer.
+        wait_until("the backend to see the close", || {
+            backend.stats().connections_open == 0
+        })
+        .await;
+        assert_eq!(backend.stats().idle_closes, 0);
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_backend_closed_is_never_handed_out() {
+        // A naive pool (deadline 9 s) in front of a backend that closes after 300 ms: the EOF
+        // watch must still keep the dead connection out of use.
+        let backend = DemoBackend::start(
+            "127.0.0.1:0".parse().unwrap(),
+            demo(300, StaleReuse::CloseIdle),
+        )
+        .await
+        .unwrap();
+        let mut c = cfg();
+        c.learn_keep_alive = false;
+        c.keepalive_timeout = Duration::from_secs(10);
+        c.idle_timeout = Duration::from_secs(9);
+        c.safety_margin = Duration::ZERO;
+        let (pool, metrics) = real_pool(backend.addr(), c);
+        get(&pool).await.unwrap();
+        wait_until("the backend's idle close", || {
+            backend.stats().idle_closes == 1
+        })
+        .await;
+        wait_until("the pool to drop the dead connection", || {
+            pool.idle_count() == 0
+        })
+        .await;
+        assert!(
+            !get(&pool).await.unwrap(),
+            "a fresh connection, not the dead one"
+        );
+        assert_eq!(closed(&metrics, "server_close"), 1);
+    }
+
+    #[tokio::test]
+    async fn max_requests_retires_the_connection() {
+        let backend = DemoBackend::start(
+            "127.0.0.1:0".parse().unwrap(),
+            demo(5000, StaleReuse::CloseIdle),
+        )
+        .await
+        .unwrap();
+        let mut c = cfg();
+        c.max_requests_per_connection = 2;
+        let (pool, metrics) = real_pool(backend.addr(), c);
+        for _ in 0..4 {
+            get(&pool).await.unwrap();
+        }
+        assert_eq!(backend.stats().connections_accepted, 2);
+        assert_eq!(closed(&metrics, "max_requests"), 2);
+    }
+
+    #[tokio::test]
+    async fn backend_max_from_keep_alive_header_is_honoured() {
+        // Apache MaxKeepAliveRequests 2: max=2 then max=1, then the third gets Connection: close.
+        let mut d = demo(5000, StaleReuse::CloseIdle);
+        d.max_keepalive_requests = 2;
+        let backend = DemoBackend::start("127.0.0.1:0".parse().unwrap(), d)
+            .await
+            .unwrap();
+        let (pool, metrics) = real_pool(backend.addr(), cfg());
+        for _ in 0..6 {
+            get(&pool).await.unwrap();
+        }
+        assert_eq!(backend.stats().connections_accepted, 2);
+        assert_eq!(closed(&metrics, "max_requests"), 2);
+        assert_eq!(closed(&metrics, "error"), 0);
     }
 }

@@ -200,7 +200,10 @@ impl Proxy {
             };
             let Some(idx) = picked else {
                 warn!(upstream = %upstream.name, tried = tried.len(), "every server of the upstream failed; 502");
-                return local_response(StatusCode::BAD_GATEWAY, "no upstream server could be reached\n");
+                return local_response(
+                    StatusCode::BAD_GATEWAY,
+                    "no upstream server could be reached\n",
+                );
             };
             let pool = &upstream.pools[idx];
             let backend = &upstream.balancer.backends()[idx];
@@ -230,7 +233,9 @@ impl Proxy {
                     return local_response(err.status(), "upstream unavailable\n");
                 }
             };
-            let req = request.take().expect("a request is ready for every attempt");
+            let req = request
+                .take()
+                .expect("a request is ready for every attempt");
             let sent = tokio::time::timeout(upstream.response_timeout, conn.send(req)).await;
             match sent {
                 Ok(Ok(resp)) => {
@@ -257,9 +262,14 @@ impl Proxy {
                     // bodiless (`template`). Once, on a fresh connection to the same server.
                     if reused {
                         request = unsent.or_else(|| {
-                            template
-                                .as_ref()
-                                .map(|(m, u, h)| build_request(m.clone(), u.clone(), h.clone(), Either::Right(Empty::new())))
+                            template.as_ref().map(|(m, u, h)| {
+                                build_request(
+                                    m.clone(),
+                                    u.clone(),
+                                    h.clone(),
+                                    Either::Right(Empty::new()),
+                                )
+                            })
                         });
                         if request.is_some() {
                             pool.metrics().retry(error.kind());
@@ -408,7 +418,9 @@ fn record_failure(backend: &Backend, pool: &ServerPool) {
     if backend.health.record_failure(Instant::now()) {
         warn!(server = %backend.addr, "passive health: server marked down after consecutive failures");
     }
-    pool.metrics().up.set(backend.health.is_up(Instant::now()) as i64);
+    pool.metrics()
+        .up
+        .set(backend.health.is_up(Instant::now()) as i64);
 }
 
 fn record_success(backend: &Backend, pool: &ServerPool) {
@@ -416,7 +428,12 @@ fn record_success(backend: &Backend, pool: &ServerPool) {
     pool.metrics().up.set(1);
 }
 
-fn build_request(method: Method, uri: Uri, headers: HeaderMap, body: UpstreamBody) -> Request<UpstreamBody> {
+fn build_request(
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: UpstreamBody,
+) -> Request<UpstreamBody> {
     let mut req = Request::new(body);
     *req.method_mut() = method;
     *req.uri_mut() = uri;
@@ -445,7 +462,10 @@ fn request_host<B>(req: &Request<B>) -> Option<String> {
 
 fn strip_port(host: &str) -> &str {
     if host.starts_with('[') {
-        return host.split(']').next().map_or(host, |h| &host[..h.len() + 1]);
+        return host
+            .split(']')
+            .next()
+            .map_or(host, |h| &host[..h.len() + 1]);
     }
     host.rsplit_once(':').map_or(host, |(h, _)| h)
 }
@@ -757,7 +777,10 @@ mod tests {
         assert_eq!(h[&X_FORWARDED_PROTO], "https");
         assert_eq!(h[&X_FORWARDED_PORT], "8443");
         assert_eq!(h[&X_FORWARDED_HOST], "example.com");
-        assert_eq!(h[&FORWARDED], "for=10.1.2.3;proto=https;host=\"example.com\"");
+        assert_eq!(
+            h[&FORWARDED],
+            "for=10.1.2.3;proto=https;host=\"example.com\""
+        );
         assert_eq!(h[header::HOST], "example.com");
         assert_eq!(h[header::CONNECTION], "keep-alive");
     }
@@ -765,7 +788,10 @@ mod tests {
     #[test]
     fn trusted_peer_appends_to_x_forwarded_for() {
         let mut h = HeaderMap::new();
-        h.append(X_FORWARDED_FOR, HeaderValue::from_static("1.2.3.4, 10.0.0.9"));
+        h.append(
+            X_FORWARDED_FOR,
+            HeaderValue::from_static("1.2.3.4, 10.0.0.9"),
+        );
         upstream_request_headers(&mut h, &ds("10.0.0.1:5555"), &fwd(&["10.0.0.0/8"]), None);
         assert_eq!(h[&X_FORWARDED_FOR], "1.2.3.4, 10.0.0.9, 10.0.0.1");
         // The right-most untrusted address is the client.

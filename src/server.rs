@@ -51,9 +51,13 @@ impl Server {
                     name: format!("demo-{}", i + 1),
                     ..DemoBackendConfig::default()
                 };
-                let backend = DemoBackend::start(*addr, cfg)
-                    .await
-                    .map_err(|source| StartError::Demo { addr: *addr, source })?;
+                let backend =
+                    DemoBackend::start(*addr, cfg)
+                        .await
+                        .map_err(|source| StartError::Demo {
+                            addr: *addr,
+                            source,
+                        })?;
                 info!(addr = %backend.addr(), "demo backend started (Apache-like, KeepAliveTimeout 5s, development only)");
                 demo.push(backend);
             }

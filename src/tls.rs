@@ -6,7 +6,9 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use rustls::server::{ClientHello, NoServerSessionStorage, ResolvesServerCert, ServerSessionMemoryCache};
+use rustls::server::{
+    ClientHello, NoServerSessionStorage, ResolvesServerCert, ServerSessionMemoryCache,
+};
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -93,12 +95,11 @@ fn load_certified_key(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, TlsE
         reason: e.to_string(),
     })?;
     let provider = rustls::crypto::ring::default_provider();
-    let certified = CertifiedKey::from_der(chain, key_der, &provider).map_err(|e| {
-        TlsError::Mismatch {
+    let certified =
+        CertifiedKey::from_der(chain, key_der, &provider).map_err(|e| TlsError::Mismatch {
             cert: cert.to_path_buf(),
             reason: e.to_string(),
-        }
-    })?;
+        })?;
     Ok(Arc::new(certified))
 }
 
