@@ -1,17 +1,105 @@
 //! Owns the configuration: TOML → validated, typed [`Config`], and the keep-alive timeline
 //! that `kaproxy check` prints. No sockets, no tasks.
+//!
+//! Two steps, as ripgrep parses its arguments: serde reads the file (resolving addresses and
+//! rejecting unknown keys, with the line), then [`check_str`] validates the typed [`Config`]
+//! and collects every [`Problem`] with its file, line, dotted key and fix.
+//! [`Config::load`] is what start and reload call; [`check`] is what `kaproxy check` prints.
+//!
+//! Typed structs that the TOML maps onto as is derive `Deserialize` themselves; private
+//! `Raw*` structs exist only where the TOML has another shape (the `[upstreams.NAME]` map,
+//! its flat keys, a server written as a string or a table).
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ipnet::IpNet;
+use serde::de::{self, Deserializer, MapAccess, Visitor};
+use serde::Deserialize;
+use toml_edit::{ImDocument, Item};
+
+// Defaults, one per key of SPEC.md's "Configuration (TOML)", each with where it comes from.
+
+/// The development certificate, generated on first start if absent.
+const DEFAULT_TLS_CERT: &str = "certs/dev-cert.pem";
+/// The key of the development certificate.
+const DEFAULT_TLS_KEY: &str = "certs/dev-key.pem";
+/// nginx's keepalive_timeout 75 s: longer than the idle timeout of common client pools.
+const DEFAULT_DOWNSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(75);
+/// HAProxy's recommended `timeout http-request 10s` against slowloris.
+const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// 10 × nginx's keepalive_requests 1000: bounds a connection without costing handshakes.
+const DEFAULT_DOWNSTREAM_MAX_REQUESTS: u64 = 10_000;
+/// Notices dead clients in a minute, not Linux's 2 h; below AWS NLB's 350 s idle timeout.
+const DEFAULT_DOWNSTREAM_TCP_KEEPALIVE: Duration = Duration::from_secs(60);
+/// No load balancer in front unless the operator says so.
+const DEFAULT_FRONT_IDLE_TIMEOUT: Duration = Duration::ZERO;
+/// 64 KiB: above nginx's 4 × 8 KiB large_client_header_buffers, below hyper's ~400 KiB.
+const DEFAULT_MAX_HEADER_BYTES: usize = 65_536;
+/// hyper's MINIMUM_MAX_BUFFER_SIZE: it refuses a smaller read buffer.
+const MIN_MAX_HEADER_BYTES: usize = 8192;
+/// Apache httpd's default KeepAliveTimeout 5 s.
+const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Apache's 5 s minus the 500 ms safety margin, rounded down to whole seconds.
+const DEFAULT_UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
+/// A LAN round trip plus timer slack on a busy host, with room to spare.
+const DEFAULT_SAFETY_MARGIN: Duration = Duration::from_millis(500);
+/// A minute amortises the handshake, yet traffic rebalances soon after a backend joins.
+const DEFAULT_MAX_LIFETIME: Duration = Duration::from_secs(60);
+/// Apache httpd's default MaxKeepAliveRequests 100.
+const APACHE_MAX_KEEPALIVE_REQUESTS: u32 = 100;
+/// Apache's MaxKeepAliveRequests, so kaproxy retires a connection when Apache would.
+const DEFAULT_UPSTREAM_MAX_REQUESTS: u32 = APACHE_MAX_KEEPALIVE_REQUESTS;
+/// nginx's documented `keepalive 32` for an upstream block.
+const DEFAULT_MAX_IDLE_PER_SERVER: usize = 32;
+/// nginx's default worker_connections 1024.
+const DEFAULT_MAX_CONNECTIONS_PER_SERVER: usize = 1024;
+/// Fail fast with 503 when saturated (Reactor Netty's pendingAcquireTimeout, 45 s there).
+const DEFAULT_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+/// A LAN connect takes milliseconds; nginx's 60 s proxy_connect_timeout fails over too late.
+const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// nginx's default proxy_read_timeout 60 s.
+const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Below the idle limits of common firewalls and conntrack tables on the way to backends.
+const DEFAULT_UPSTREAM_TCP_KEEPALIVE: Duration = Duration::from_secs(30);
+/// Two more servers after a connect failure, as nginx's proxy_next_upstream moves on.
+const DEFAULT_MAX_RETRIES: u32 = 2;
+/// First back-off between attempts; the proxy doubles it up to 1 s.
+const DEFAULT_RETRY_BACKOFF: Duration = Duration::from_millis(100);
+/// The whole IPv4 address (24 gives nginx ip_hash's /24 behaviour).
+const DEFAULT_IP_HASH_PREFIX_V4: u8 = 32;
+/// One IPv6 subnet, which is usually one client.
+const DEFAULT_IP_HASH_PREFIX_V6: u8 = 64;
+/// nginx's server weight=1 for a server written as a bare "host:port".
+const DEFAULT_WEIGHT: u32 = 1;
+/// The document root answers on any Apache.
+const DEFAULT_HEALTH_PATH: &str = "/";
+/// nginx Plus's health_check interval=5.
+const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(5);
+/// A healthy LAN backend answers a probe well within a second.
+const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
+/// HAProxy's default `rise 2`.
+const DEFAULT_HEALTH_RISE: u32 = 2;
+/// HAProxy's default `fall 3`.
+const DEFAULT_HEALTH_FALL: u32 = 3;
+/// Envoy's conventional admin port, on loopback only.
+const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9901";
+/// Kubernetes' default terminationGracePeriodSeconds 30.
+const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+/// 0 = one worker per core available to the process, tokio's own default.
+const DEFAULT_WORKER_THREADS: usize = 0;
+/// The usual production log level.
+const DEFAULT_LOG_LEVEL: &str = "info";
 
 /// The whole validated configuration. Built once at the edge (start, reload); nothing
 /// downstream re-parses strings.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// The file this came from, for messages (None when built from a string in tests).
+    /// The file this came from, for messages.
     pub source: Option<PathBuf>,
     pub listen: ListenConfig,
     pub tls: TlsConfig,
@@ -27,14 +115,20 @@ pub struct Config {
     pub demo: Option<DemoConfig>,
 }
 
-#[derive(Debug, Clone)]
+/// `[listen]`. An address written as "" or left out disables that listener.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct ListenConfig {
+    #[serde(deserialize_with = "optional_addr")]
     pub https: Option<SocketAddr>,
+    #[serde(deserialize_with = "optional_addr")]
     pub http: Option<SocketAddr>,
     pub proxy_protocol: bool,
 }
 
-#[derive(Debug, Clone)]
+/// `[tls]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct TlsConfig {
     pub cert: PathBuf,
     pub key: PathBuf,
@@ -42,45 +136,61 @@ pub struct TlsConfig {
     pub sni: Vec<SniCert>,
 }
 
-#[derive(Debug, Clone)]
+/// `[[tls.sni]]`: a further certificate, chosen by SNI.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SniCert {
     pub server_name: String,
     pub cert: PathBuf,
     pub key: PathBuf,
 }
 
-#[derive(Debug, Clone)]
+/// `[downstream]`: client-facing connections.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct DownstreamConfig {
+    #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
+    #[serde(with = "humantime_serde")]
     pub header_timeout: Duration,
     pub max_requests_per_connection: u64,
     /// None when configured as "0s".
+    #[serde(deserialize_with = "zero_is_none")]
     pub tcp_keepalive: Option<Duration>,
     pub advertise_keep_alive: bool,
+    #[serde(with = "humantime_serde")]
     pub front_idle_timeout: Duration,
     pub max_header_bytes: usize,
 }
 
-#[derive(Debug, Clone)]
+/// `[forwarded]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct ForwardedConfig {
+    /// A bare IP in the file becomes a /32 or /128.
+    #[serde(deserialize_with = "ip_nets")]
     pub trusted_proxies: Vec<IpNet>,
     pub x_forwarded_proto: bool,
     pub forwarded: bool,
     pub x_real_ip: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum BalanceKind {
     RoundRobin,
     IpHash,
 }
 
+/// One backend of an upstream group: `"host:port"` or `{ addr = "host:port", weight = N }`
+/// in the file; the host name is resolved at load time (first address).
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     pub addr: SocketAddr,
     pub weight: u32,
 }
 
+/// `[upstreams.NAME]`: one named group of backends and how kaproxy pools connections to them.
 #[derive(Debug, Clone)]
 pub struct UpstreamConfig {
     pub name: String,
@@ -93,6 +203,7 @@ pub struct UpstreamConfig {
     pub health: Option<HealthConfig>,
 }
 
+/// The pool keys of `[upstreams.NAME]`. `Default` gives the SPEC's values.
 #[derive(Debug, Clone)]
 pub struct PoolConfig {
     pub keepalive_timeout: Duration,
@@ -112,6 +223,7 @@ pub struct PoolConfig {
     pub learn_keep_alive: bool,
 }
 
+/// The retry keys of `[upstreams.NAME]`. `Default` gives the SPEC's values.
 #[derive(Debug, Clone)]
 pub struct RetryConfig {
     pub retry_idempotent: bool,
@@ -119,15 +231,20 @@ pub struct RetryConfig {
     pub retry_backoff: Duration,
 }
 
-#[derive(Debug, Clone)]
+/// `[upstreams.NAME.health]`: optional active checks.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct HealthConfig {
     pub path: String,
+    #[serde(with = "humantime_serde")]
     pub interval: Duration,
+    #[serde(with = "humantime_serde")]
     pub timeout: Duration,
     pub rise: u32,
     pub fall: u32,
 }
 
+/// A route's `host`, lowercased.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HostMatch {
     Exact(String),
@@ -135,38 +252,1583 @@ pub enum HostMatch {
     Suffix(String),
 }
 
-#[derive(Debug, Clone)]
+/// `[[routes]]`: the first route whose host and path prefix match picks the upstream.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RouteConfig {
+    #[serde(default, deserialize_with = "host_match")]
     pub host: Option<HostMatch>,
     pub path_prefix: Option<String>,
     pub upstream: String,
 }
 
-#[derive(Debug, Clone)]
+/// `[admin]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct AdminConfig {
+    /// None when configured as "" (no admin listener).
+    #[serde(deserialize_with = "optional_addr")]
     pub listen: Option<SocketAddr>,
+    #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
 }
 
-#[derive(Debug, Clone)]
+/// `[runtime]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct RuntimeConfig {
+    /// 0 = one per core available to the process.
     pub worker_threads: usize,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     Text,
     Json,
 }
 
-#[derive(Debug, Clone)]
+/// `[log]`. `level` is passed to tracing's `EnvFilter` as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct LogConfig {
     pub level: String,
     pub format: LogFormat,
     pub access_log: bool,
 }
 
-#[derive(Debug, Clone)]
+/// `[demo]`: built-in demo backends, for development only.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct DemoConfig {
+    #[serde(deserialize_with = "addrs")]
     pub backends: Vec<SocketAddr>,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig {
+            cert: DEFAULT_TLS_CERT.into(),
+            key: DEFAULT_TLS_KEY.into(),
+            session_resumption: true,
+            sni: Vec::new(),
+        }
+    }
+}
+
+impl Default for DownstreamConfig {
+    fn default() -> Self {
+        DownstreamConfig {
+            idle_timeout: DEFAULT_DOWNSTREAM_IDLE_TIMEOUT,
+            header_timeout: DEFAULT_HEADER_TIMEOUT,
+            max_requests_per_connection: DEFAULT_DOWNSTREAM_MAX_REQUESTS,
+            tcp_keepalive: Some(DEFAULT_DOWNSTREAM_TCP_KEEPALIVE),
+            advertise_keep_alive: true,
+            front_idle_timeout: DEFAULT_FRONT_IDLE_TIMEOUT,
+            max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
+        }
+    }
+}
+
+impl Default for ForwardedConfig {
+    fn default() -> Self {
+        ForwardedConfig {
+            trusted_proxies: Vec::new(),
+            x_forwarded_proto: true,
+            forwarded: false,
+            x_real_ip: false,
+        }
+    }
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        RawUpstream::default().into_upstream(String::new()).pool
+    }
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RawUpstream::default().into_upstream(String::new()).retry
+    }
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            path: DEFAULT_HEALTH_PATH.into(),
+            interval: DEFAULT_HEALTH_INTERVAL,
+            timeout: DEFAULT_HEALTH_TIMEOUT,
+            rise: DEFAULT_HEALTH_RISE,
+            fall: DEFAULT_HEALTH_FALL,
+        }
+    }
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: DEFAULT_ADMIN_LISTEN.parse().ok(),
+            shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
+        }
+    }
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig {
+            worker_threads: DEFAULT_WORKER_THREADS,
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: DEFAULT_LOG_LEVEL.into(),
+            format: LogFormat::Text,
+            access_log: true,
+        }
+    }
+}
+
+// ---- The file as written ----
+
+/// The whole file; differs from [`Config`] only in `upstreams` being a map by name.
+#[derive(Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct RawConfig {
+    listen: ListenConfig,
+    tls: TlsConfig,
+    downstream: DownstreamConfig,
+    forwarded: ForwardedConfig,
+    upstreams: BTreeMap<String, RawUpstream>,
+    routes: Vec<RouteConfig>,
+    admin: AdminConfig,
+    runtime: RuntimeConfig,
+    log: LogConfig,
+    demo: Option<DemoConfig>,
+}
+
+/// `[upstreams.NAME]` as written: pool and retry keys sit flat in the table. `servers` has no
+/// default; an empty list is reported by validation, with the table's line.
+#[derive(Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct RawUpstream {
+    balance: BalanceKind,
+    servers: Vec<ServerConfig>,
+    #[serde(with = "humantime_serde")]
+    keepalive_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    idle_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    safety_margin: Duration,
+    #[serde(with = "humantime_serde")]
+    max_lifetime: Duration,
+    max_requests_per_connection: u32,
+    max_idle_per_server: usize,
+    max_connections_per_server: usize,
+    #[serde(with = "humantime_serde")]
+    acquire_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    connect_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    response_timeout: Duration,
+    #[serde(deserialize_with = "zero_is_none")]
+    tcp_keepalive: Option<Duration>,
+    retry_idempotent: bool,
+    max_retries: u32,
+    #[serde(with = "humantime_serde")]
+    retry_backoff: Duration,
+    ip_hash_prefix_v4: u8,
+    ip_hash_prefix_v6: u8,
+    health: Option<HealthConfig>,
+}
+
+impl Default for RawUpstream {
+    fn default() -> Self {
+        RawUpstream {
+            balance: BalanceKind::RoundRobin,
+            servers: Vec::new(),
+            keepalive_timeout: DEFAULT_KEEPALIVE_TIMEOUT,
+            idle_timeout: DEFAULT_UPSTREAM_IDLE_TIMEOUT,
+            safety_margin: DEFAULT_SAFETY_MARGIN,
+            max_lifetime: DEFAULT_MAX_LIFETIME,
+            max_requests_per_connection: DEFAULT_UPSTREAM_MAX_REQUESTS,
+            max_idle_per_server: DEFAULT_MAX_IDLE_PER_SERVER,
+            max_connections_per_server: DEFAULT_MAX_CONNECTIONS_PER_SERVER,
+            acquire_timeout: DEFAULT_ACQUIRE_TIMEOUT,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            response_timeout: DEFAULT_RESPONSE_TIMEOUT,
+            tcp_keepalive: Some(DEFAULT_UPSTREAM_TCP_KEEPALIVE),
+            retry_idempotent: true,
+            max_retries: DEFAULT_MAX_RETRIES,
+            retry_backoff: DEFAULT_RETRY_BACKOFF,
+            ip_hash_prefix_v4: DEFAULT_IP_HASH_PREFIX_V4,
+            ip_hash_prefix_v6: DEFAULT_IP_HASH_PREFIX_V6,
+            health: None,
+        }
+    }
+}
+
+impl RawUpstream {
+    fn into_upstream(self, name: String) -> UpstreamConfig {
+        UpstreamConfig {
+            name,
+            balance: self.balance,
+            servers: self.servers,
+            pool: PoolConfig {
+                keepalive_timeout: self.keepalive_timeout,
+                idle_timeout: self.idle_timeout,
+                safety_margin: self.safety_margin,
+                max_lifetime: self.max_lifetime,
+                max_requests_per_connection: self.max_requests_per_connection,
+                max_idle_per_server: self.max_idle_per_server,
+                max_connections_per_server: self.max_connections_per_server,
+                acquire_timeout: self.acquire_timeout,
+                connect_timeout: self.connect_timeout,
+                response_timeout: self.response_timeout,
+                tcp_keepalive: self.tcp_keepalive,
+                learn_keep_alive: true,
+            },
+            retry: RetryConfig {
+                retry_idempotent: self.retry_idempotent,
+                max_retries: self.max_retries,
+                retry_backoff: self.retry_backoff,
+            },
+            ip_hash_prefix_v4: self.ip_hash_prefix_v4,
+            ip_hash_prefix_v6: self.ip_hash_prefix_v6,
+            health: self.health,
+        }
+    }
+}
+
+impl RawConfig {
+    fn into_config(self, path: &Path) -> Config {
+        Config {
+            source: Some(path.to_path_buf()),
+            listen: self.listen,
+            tls: self.tls,
+            downstream: self.downstream,
+            forwarded: self.forwarded,
+            upstreams: self
+                .upstreams
+                .into_iter()
+                .map(|(name, raw)| raw.into_upstream(name))
+                .collect(),
+            routes: self.routes,
+            admin: self.admin,
+            runtime: self.runtime,
+            log: self.log,
+            demo: self.demo,
+        }
+    }
+}
+
+/// The table form of a server, `{ addr = "host:port", weight = N }`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServerTable {
+    #[serde(deserialize_with = "addr")]
+    addr: SocketAddr,
+    #[serde(default = "default_weight")]
+    weight: u32,
+}
+
+fn default_weight() -> u32 {
+    DEFAULT_WEIGHT
+}
+
+/// A string or a table; written by hand rather than `#[serde(untagged)]` so that a bad entry
+/// gets the real reason (unknown key, unresolvable host) instead of "did not match any variant".
+impl<'de> Deserialize<'de> for ServerConfig {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ServerVisitor;
+        impl<'de> Visitor<'de> for ServerVisitor {
+            type Value = ServerConfig;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str(r#""host:port" or { addr = "host:port", weight = N }"#)
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<ServerConfig, E> {
+                let addr = resolve(s).map_err(E::custom)?;
+                Ok(ServerConfig {
+                    addr,
+                    weight: DEFAULT_WEIGHT,
+                })
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<ServerConfig, A::Error> {
+                let t = RawServerTable::deserialize(de::value::MapAccessDeserializer::new(map))?;
+                Ok(ServerConfig {
+                    addr: t.addr,
+                    weight: t.weight,
+                })
+            }
+        }
+        deserializer.deserialize_any(ServerVisitor)
+    }
+}
+
+// ---- Field deserializers: each error message becomes a Problem with the value's line ----
+
+/// Deserializes a string through `parse`. Failing inside the visitor, not after it, is what
+/// gives the error the span of the value (an array element, not the whole array).
+fn parse_str<'de, D, T>(d: D, parse: fn(&str) -> Result<T, String>) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+{
+    struct ParseVisitor<T>(fn(&str) -> Result<T, String>);
+    impl<T> Visitor<'_> for ParseVisitor<T> {
+        type Value = T;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a string")
+        }
+        fn visit_str<E: de::Error>(self, s: &str) -> Result<T, E> {
+            (self.0)(s).map_err(E::custom)
+        }
+    }
+    d.deserialize_str(ParseVisitor(parse))
+}
+
+/// "host:port" → the first address it resolves to.
+fn resolve(s: &str) -> Result<SocketAddr, String> {
+    let has_port = s
+        .rsplit_once(':')
+        .is_some_and(|(_, port)| port.parse::<u16>().is_ok());
+    if !has_port {
+        return Err(format!(r#"expected "host:port", got {s:?}"#));
+    }
+    let mut addrs = s
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve {s:?}: {e}"))?;
+    addrs
+        .next()
+        .ok_or_else(|| format!("{s:?} resolves to no address"))
+}
+
+fn addr<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    parse_str(d, resolve)
+}
+
+/// "" disables (a listener, the admin endpoint).
+fn optional_addr<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+    parse_str(d, |s| match s {
+        "" => Ok(None),
+        s => resolve(s).map(Some),
+    })
+}
+
+/// One address per element, so that an error points at the bad element.
+#[derive(Deserialize)]
+#[serde(transparent)]
+struct Addr(#[serde(deserialize_with = "addr")] SocketAddr);
+
+fn addrs<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<SocketAddr>, D::Error> {
+    Ok(Vec::<Addr>::deserialize(d)?
+        .into_iter()
+        .map(|a| a.0)
+        .collect())
+}
+
+/// A CIDR, or a bare IP as a /32 or /128.
+#[derive(Deserialize)]
+#[serde(transparent)]
+struct Net(#[serde(deserialize_with = "ip_net")] IpNet);
+
+fn ip_net<'de, D: Deserializer<'de>>(d: D) -> Result<IpNet, D::Error> {
+    parse_str(d, |s| {
+        s.parse::<IpNet>()
+            .ok()
+            .or_else(|| s.parse::<IpAddr>().ok().map(IpNet::from))
+            .ok_or_else(|| format!("expected an IP or a CIDR, got {s:?}"))
+    })
+}
+
+fn ip_nets<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<IpNet>, D::Error> {
+    Ok(Vec::<Net>::deserialize(d)?
+        .into_iter()
+        .map(|n| n.0)
+        .collect())
+}
+
+/// A duration where "0s" means off.
+fn zero_is_none<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    let duration: Duration = humantime_serde::deserialize(d)?;
+    Ok(Some(duration).filter(|d| !d.is_zero()))
+}
+
+/// "api.example.com" → Exact, "*.example.com" → Suffix(".example.com"), both lowercased.
+fn host_match<'de, D: Deserializer<'de>>(d: D) -> Result<Option<HostMatch>, D::Error> {
+    parse_str(d, |host| {
+        let host = host.to_ascii_lowercase();
+        let (name, pattern) = match host.strip_prefix("*.") {
+            Some(name) => (name, HostMatch::Suffix(format!(".{name}"))),
+            None => (host.as_str(), HostMatch::Exact(host.clone())),
+        };
+        if name.is_empty() || name.contains(['*', '/', ':', ' ']) {
+            return Err(format!(
+                r#"expected "api.example.com" or "*.example.com", got {host:?}"#
+            ));
+        }
+        Ok(Some(pattern))
+    })
+}
+
+// ---- Loading ----
+
+impl Config {
+    /// Reads, parses and validates `path`. Start and reload call this; on error nothing is
+    /// half-applied and the error lists every problem with its line.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        check(path).result
+    }
+
+    /// Parses and validates `src`; `path` is only used to name the file in messages.
+    pub fn from_toml_str(src: &str, path: &Path) -> Result<Config, ConfigError> {
+        check_str(src, path).result
+    }
+}
+
+/// Reads `path` and checks it: what `kaproxy check` prints and what [`Config::load`] returns.
+pub fn check(path: &Path) -> CheckReport {
+    match std::fs::read_to_string(path) {
+        Ok(src) => check_str(&src, path),
+        Err(source) => CheckReport {
+            file: path.to_path_buf(),
+            timeline: None,
+            result: Err(ConfigError::Read {
+                path: path.to_path_buf(),
+                source,
+            }),
+        },
+    }
+}
+
+/// Parses and validates `src` (named `path` in messages) and builds its keep-alive timeline.
+pub fn check_str(src: &str, path: &Path) -> CheckReport {
+    let file = path.to_path_buf();
+    let raw: RawConfig = match toml::from_str(src) {
+        Ok(raw) => raw,
+        Err(err) => {
+            let problems = vec![toml_problem(&err, src, path)];
+            let result = Err(ConfigError::Invalid(problems));
+            return CheckReport {
+                file,
+                timeline: None,
+                result,
+            };
+        }
+    };
+    let config = raw.into_config(path);
+    let timeline = Some(config.timeline());
+    let mut problems = validate(&config);
+    if problems.is_empty() {
+        return CheckReport {
+            file,
+            timeline,
+            result: Ok(config),
+        };
+    }
+    // toml accepted the source, so toml_edit parses it too.
+    let doc = ImDocument::parse(src).ok();
+    for problem in &mut problems {
+        problem.file = file.clone();
+        let at = doc.as_ref().and_then(|doc| locate(doc, &problem.key));
+        problem.line = at.map(|at| line_at(src, at));
+    }
+    problems.sort_by_key(|p| p.line.unwrap_or(usize::MAX));
+    let result = Err(ConfigError::Invalid(problems));
+    CheckReport {
+        file,
+        timeline,
+        result,
+    }
+}
+
+/// The outcome of checking a config file, ready to print: `kaproxy check` does
+/// `print!("{report}")` and exits with 1 unless [`CheckReport::is_ok`].
+#[derive(Debug)]
+pub struct CheckReport {
+    file: PathBuf,
+    /// The keep-alive timeline; None when the file could not be read or parsed.
+    pub timeline: Option<Timeline>,
+    /// The validated configuration, or every problem found.
+    pub result: Result<Config, ConfigError>,
+}
+
+impl CheckReport {
+    pub fn is_ok(&self) -> bool {
+        self.result.is_ok()
+    }
+
+    /// The configuration with its timeline, or the error.
+    pub fn into_result(self) -> Result<(Config, Timeline), ConfigError> {
+        let config = self.result?;
+        let timeline = self.timeline.unwrap_or_else(|| config.timeline());
+        Ok((config, timeline))
+    }
+}
+
+impl fmt::Display for CheckReport {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        if let Some(timeline) = &self.timeline {
+            writeln!(f, "{timeline}")?;
+        }
+        match &self.result {
+            Ok(_) => writeln!(f, "{}: OK", self.file.display()),
+            Err(ConfigError::Invalid(problems)) => {
+                let n = problems.len();
+                let s = if n == 1 { "" } else { "s" };
+                writeln!(f, "{}: {n} problem{s}", self.file.display())?;
+                problems.iter().try_for_each(|p| writeln!(f, "  {p}"))
+            }
+            Err(err) => writeln!(f, "{err}"),
+        }
+    }
+}
+
+// ---- Errors ----
+
+/// Why a config was refused. Its `Display` names the file, and for each problem the line,
+/// the dotted key, the reason and a fix, one problem per line:
+///
+/// `config.toml:12: upstreams.web.idle_timeout: must be less than keepalive_timeout -
+/// safety_margin (5s - 500ms = 4.5s), got 6s; set idle_timeout = "4s"`
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{}: cannot read config file: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// TOML syntax, an unknown key, a wrong type (one problem: parsing stops there), or every
+    /// validation problem at once.
+    #[error("{}", lines(.0))]
+    Invalid(Vec<Problem>),
+}
+
+impl ConfigError {
+    /// The problems found; empty when the file could not be read.
+    pub fn problems(&self) -> &[Problem] {
+        match self {
+            ConfigError::Invalid(problems) => problems,
+            ConfigError::Read { .. } => &[],
+        }
+    }
+}
+
+fn lines(problems: &[Problem]) -> String {
+    let lines: Vec<String> = problems.iter().map(Problem::to_string).collect();
+    lines.join("\n")
+}
+
+/// One thing wrong with a config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub file: PathBuf,
+    /// 1-based; None when the key is not in the file (a missing table).
+    pub line: Option<usize>,
+    /// Dotted path such as `upstreams.web.servers[1].weight`; empty for a syntax error.
+    pub key: String,
+    pub message: String,
+    /// What to write instead, when there is one clear answer.
+    pub fix: Option<String>,
+}
+
+impl Problem {
+    fn new(key: impl Into<String>, message: impl Into<String>) -> Problem {
+        Problem {
+            file: PathBuf::new(),
+            line: None,
+            key: key.into(),
+            message: message.into(),
+            fix: None,
+        }
+    }
+
+    fn fix(mut self, fix: impl Into<String>) -> Problem {
+        self.fix = Some(fix.into());
+        self
+    }
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+        }
+        if !self.key.is_empty() {
+            write!(f, ": {}", self.key)?;
+        }
+        write!(f, ": {}", self.message)?;
+        match &self.fix {
+            Some(fix) => write!(f, "; {fix}"),
+            None => Ok(()),
+        }
+    }
+}
+
+/// A syntax or serde error, with its line and, from the span, the key it is about.
+fn toml_problem(err: &toml::de::Error, src: &str, path: &Path) -> Problem {
+    let at = err.span().map(|span| span.start);
+    let doc = ImDocument::parse(src).ok();
+    let key = at
+        .zip(doc.as_ref())
+        .and_then(|(at, doc)| key_at(doc.as_item(), at, ""));
+    let mut message = err
+        .message()
+        .trim()
+        .lines()
+        .collect::<Vec<_>>()
+        .join("; ")
+        .replacen("unknown field", "unknown key", 1);
+    if message.ends_with("expected a duration") {
+        message.push_str(r#" such as "250ms", "4s" or "1m""#);
+    }
+    Problem {
+        file: path.to_path_buf(),
+        line: at.map(|at| line_at(src, at)),
+        key: key.unwrap_or_default(),
+        message,
+        fix: None,
+    }
+}
+
+/// The dotted path of the deepest key or value whose span holds byte `at`.
+fn key_at(item: &Item, at: usize, path: &str) -> Option<String> {
+    let holds = |span: Option<Range<usize>>| span.is_some_and(|s| s.contains(&at) || s.start == at);
+    if let Some(table) = item.as_table_like() {
+        for (name, child) in table.iter() {
+            let child_path = match path {
+                "" => name.to_owned(),
+                _ => format!("{path}.{name}"),
+            };
+            if holds(table.get_key_value(name).and_then(|(key, _)| key.span())) {
+                return Some(child_path);
+            }
+            if let Some(found) = key_at(child, at, &child_path) {
+                return Some(found);
+            }
+        }
+    } else if item.is_array() || item.is_array_of_tables() {
+        let mut elements = (0..).map_while(|i| item.get(i)).enumerate();
+        let found = elements.find_map(|(i, el)| key_at(el, at, &format!("{path}[{i}]")));
+        if found.is_some() {
+            return found;
+        }
+    }
+    holds(item.span()).then(|| path.to_owned())
+}
+
+/// Byte offset of a dotted key (`routes[1].upstream`) in the document; when the key is not
+/// written (a default), of the nearest table on its way.
+fn locate(doc: &ImDocument<&str>, key: &str) -> Option<usize> {
+    let mut item = doc.as_item();
+    let mut found = None;
+    for segment in key.split('.') {
+        let (name, index) = match segment.split_once('[') {
+            Some((name, index)) => (name, index.trim_end_matches(']').parse::<usize>().ok()),
+            None => (segment, None),
+        };
+        let Some((k, child)) = item.as_table_like().and_then(|t| t.get_key_value(name)) else {
+            break;
+        };
+        found = k.span().or_else(|| child.span()).or(found);
+        item = child;
+        if let Some(index) = index {
+            let Some(element) = item.get(index) else {
+                break;
+            };
+            found = element.span().or(found);
+            item = element;
+        }
+    }
+    found.map(|span| span.start)
+}
+
+fn line_at(src: &str, at: usize) -> usize {
+    let before = &src.as_bytes()[..at.min(src.len())];
+    before.iter().filter(|&&b| b == b'\n').count() + 1
+}
+
+// ---- Validation ----
+
+/// Every problem of a parsed config, keys set, lines not yet.
+fn validate(c: &Config) -> Vec<Problem> {
+    let mut out = Vec::new();
+    if c.listen.https.is_none() && c.listen.http.is_none() {
+        out.push(
+            Problem::new("listen", "no listener is configured")
+                .fix(r#"set https or http (or both), e.g. http = "127.0.0.1:8080""#),
+        );
+    }
+    validate_downstream(&c.downstream, &mut out);
+    if c.upstreams.is_empty() {
+        out.push(
+            Problem::new("upstreams", "no upstream group")
+                .fix(r#"add [upstreams.web] with servers = ["127.0.0.1:8081"]"#),
+        );
+    }
+    for upstream in &c.upstreams {
+        validate_upstream(upstream, &mut out);
+    }
+    validate_routes(c, &mut out);
+    out
+}
+
+fn validate_downstream(d: &DownstreamConfig, out: &mut Vec<Problem>) {
+    out.extend(downstream_order(d));
+    positive(out, "downstream.idle_timeout", d.idle_timeout);
+    positive(out, "downstream.header_timeout", d.header_timeout);
+    at_least_one(
+        out,
+        "downstream.max_requests_per_connection",
+        d.max_requests_per_connection,
+    );
+    if d.max_header_bytes < MIN_MAX_HEADER_BYTES {
+        out.push(
+            Problem::new(
+                "downstream.max_header_bytes",
+                format!(
+                    "must be at least {MIN_MAX_HEADER_BYTES} (hyper's smallest buffer), got {}",
+                    d.max_header_bytes
+                ),
+            )
+            .fix(format!("set max_header_bytes = {DEFAULT_MAX_HEADER_BYTES}")),
+        );
+    }
+}
+
+fn validate_upstream(u: &UpstreamConfig, out: &mut Vec<Problem>) {
+    let key = |k: &str| format!("upstreams.{}.{k}", u.name);
+    if u.servers.is_empty() {
+        out.push(
+            Problem::new(key("servers"), "needs at least one server")
+                .fix(r#"set servers = ["127.0.0.1:8081"]"#),
+        );
+    }
+    for (i, server) in u.servers.iter().enumerate() {
+        if server.weight == 0 {
+            out.push(
+                Problem::new(
+                    key(&format!("servers[{i}].weight")),
+                    "must be at least 1, got 0",
+                )
+                .fix("remove the server to take it out of rotation"),
+            );
+        }
+    }
+    out.extend(upstream_order(u));
+    let pool = &u.pool;
+    at_least_one(
+        out,
+        &key("max_connections_per_server"),
+        pool.max_connections_per_server as u64,
+    );
+    if pool.max_idle_per_server > pool.max_connections_per_server {
+        let max = pool.max_connections_per_server;
+        out.push(
+            Problem::new(
+                key("max_idle_per_server"),
+                format!(
+                    "must be at most max_connections_per_server ({max}), got {}",
+                    pool.max_idle_per_server
+                ),
+            )
+            .fix(format!("set max_idle_per_server = {max}")),
+        );
+    }
+    at_least_one(
+        out,
+        &key("max_requests_per_connection"),
+        pool.max_requests_per_connection.into(),
+    );
+    positive(out, &key("connect_timeout"), pool.connect_timeout);
+    positive(out, &key("response_timeout"), pool.response_timeout);
+    for (name, prefix, bits) in [
+        ("v4", u.ip_hash_prefix_v4, 32),
+        ("v6", u.ip_hash_prefix_v6, 128),
+    ] {
+        if prefix > bits {
+            out.push(
+                Problem::new(
+                    key(&format!("ip_hash_prefix_{name}")),
+                    format!("must be at most {bits}, got {prefix}"),
+                )
+                .fix(format!(
+                    "set ip_hash_prefix_{name} = {bits} to hash the whole address"
+                )),
+            );
+        }
+    }
+    if let Some(health) = &u.health {
+        let key = |k: &str| format!("upstreams.{}.health.{k}", u.name);
+        if !health.path.starts_with('/') {
+            let message = format!(r#"must start with "/", got {:?}"#, health.path);
+            out.push(Problem::new(key("path"), message).fix(r#"set path = "/""#));
+        }
+        positive(out, &key("interval"), health.interval);
+        positive(out, &key("timeout"), health.timeout);
+        at_least_one(out, &key("rise"), health.rise.into());
+        at_least_one(out, &key("fall"), health.fall.into());
+    }
+}
+
+fn validate_routes(c: &Config, out: &mut Vec<Problem>) {
+    let names: Vec<&str> = c.upstreams.iter().map(|u| u.name.as_str()).collect();
+    for (i, route) in c.routes.iter().enumerate() {
+        if !names.contains(&route.upstream.as_str()) {
+            let message = format!("no upstream named {:?}", route.upstream);
+            let problem = Problem::new(format!("routes[{i}].upstream"), message);
+            out.push(if names.is_empty() {
+                problem // the missing [upstreams] is reported on its own
+            } else {
+                problem.fix(format!("use one of: {}", names.join(", ")))
+            });
+        }
+        if let Some(prefix) = route.path_prefix.as_ref().filter(|p| !p.starts_with('/')) {
+            let message = format!(r#"must start with "/", got {prefix:?}"#);
+            out.push(Problem::new(format!("routes[{i}].path_prefix"), message));
+        }
+    }
+    if names.len() > 1 && c.routes.is_empty() {
+        let message = format!(
+            "{} upstream groups but no [[routes]] to choose one",
+            names.len()
+        );
+        let fix = format!(
+            r#"add [[routes]] with upstream = "{}" and a host or path_prefix; a route with neither matches everything"#,
+            names[0]
+        );
+        out.push(Problem::new("routes", message).fix(fix));
+    }
+}
+
+fn positive(out: &mut Vec<Problem>, key: &str, value: Duration) {
+    if value.is_zero() {
+        out.push(Problem::new(key, "must be greater than 0s"));
+    }
+}
+
+fn at_least_one(out: &mut Vec<Problem>, key: &str, value: u64) {
+    if value == 0 {
+        out.push(Problem::new(key, "must be at least 1, got 0"));
+    }
+}
+
+/// Upstream half of the rule: kaproxy gives up on a pooled connection before the backend
+/// does, with `safety_margin` to spare: `idle_timeout + safety_margin < keepalive_timeout`.
+fn upstream_order(u: &UpstreamConfig) -> Option<Problem> {
+    let pool = &u.pool;
+    let key = |k: &str| format!("upstreams.{}.{k}", u.name);
+    let (keepalive, margin) = (pool.keepalive_timeout, pool.safety_margin);
+    let limit = keepalive.saturating_sub(margin);
+    if limit.is_zero() {
+        let message = format!(
+            "must be greater than safety_margin ({}), got {}",
+            human(margin),
+            human(keepalive)
+        );
+        let fix = "set it to the backends' KeepAliveTimeout (Apache's default is 5s) or lower safety_margin";
+        return Some(Problem::new(key("keepalive_timeout"), message).fix(fix));
+    }
+    (pool.idle_timeout >= limit).then(|| {
+        let message = format!(
+            "must be less than keepalive_timeout - safety_margin ({} - {} = {}), got {}",
+            human(keepalive),
+            human(margin),
+            human(limit),
+            human(pool.idle_timeout)
+        );
+        let fix = format!(r#"set idle_timeout = "{}""#, human(round_below(limit)));
+        Problem::new(key("idle_timeout"), message).fix(fix)
+    })
+}
+
+/// Downstream half of the rule: a load balancer in front (which pools connections to
+/// kaproxy) gives up before kaproxy does: `front_idle_timeout < idle_timeout`.
+fn downstream_order(d: &DownstreamConfig) -> Option<Problem> {
+    let front = d.front_idle_timeout;
+    (!front.is_zero() && d.idle_timeout <= front).then(|| {
+        let message = format!(
+            "must be greater than front_idle_timeout ({}), got {}",
+            human(front),
+            human(d.idle_timeout)
+        );
+        let fix = format!(r#"set idle_timeout = "{}s""#, front.as_secs() + 5);
+        Problem::new("downstream.idle_timeout", message).fix(fix)
+    })
+}
+
+/// The roundest duration strictly below `limit`, for a fix: 4.5s → 4s, 5s → 4s, 800ms → 700ms.
+fn round_below(limit: Duration) -> Duration {
+    let units = [1_000_000_000, 100_000_000, 10_000_000, 1_000_000]; // 1s, 100ms, 10ms, 1ms
+    let below = |unit: u128| (limit.as_nanos().saturating_sub(1) / unit) * unit;
+    let nanos = units.into_iter().map(below).find(|&n| n > 0);
+    nanos.map_or(limit / 2, |n| Duration::from_nanos(n as u64))
+}
+
+/// Short, humantime-style: "75s", "500ms", "4.5s" (the last only in explanations).
+fn human(d: Duration) -> String {
+    let (secs, nanos) = (d.as_secs(), d.subsec_nanos());
+    if nanos == 0 {
+        format!("{secs}s")
+    } else if nanos % 1_000_000 != 0 {
+        humantime::format_duration(d).to_string()
+    } else if secs == 0 {
+        format!("{}ms", nanos / 1_000_000)
+    } else {
+        format!("{}s", d.as_millis() as f64 / 1000.0)
+    }
+}
+
+// ---- The keep-alive timeline ----
+
+const RULE: &str =
+    "rule: the side that reuses a connection must give up on it before the side that accepts it does";
+
+/// What `kaproxy check` explains: every hop in order, from the side that reuses a connection
+/// to the side that accepts it, each ordering marked OK, WARN or ERROR with its fix.
+#[derive(Debug, Clone)]
+pub struct Timeline {
+    source: Option<PathBuf>,
+    sections: Vec<Section>,
+}
+
+/// How one ordering holds up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    Ok,
+    Warn,
+    Error,
+}
+
+#[derive(Debug, Clone)]
+struct Section {
+    title: String,
+    rows: Vec<Row>,
+}
+
+/// `label  value  VERDICT  note`, then `fix: ...` on its own line.
+#[derive(Debug, Clone)]
+struct Row {
+    label: String,
+    value: String,
+    verdict: Option<Verdict>,
+    note: String,
+    fix: Option<String>,
+}
+
+impl Row {
+    fn info(label: impl Into<String>, value: impl Into<String>, note: impl Into<String>) -> Row {
+        Row {
+            label: label.into(),
+            value: value.into(),
+            verdict: None,
+            note: note.into(),
+            fix: None,
+        }
+    }
+
+    /// OK with `ok_note`, or ERROR with the problem's message and fix.
+    fn judged(self, problem: Option<Problem>, ok_note: String) -> Row {
+        match problem {
+            None => self.verdict(Verdict::Ok, ok_note, None),
+            Some(p) => {
+                let leaf = p.key.rsplit('.').next().unwrap_or_default();
+                self.verdict(Verdict::Error, format!("{leaf} {}", p.message), p.fix)
+            }
+        }
+    }
+
+    fn verdict(mut self, verdict: Verdict, note: String, fix: Option<String>) -> Row {
+        (self.verdict, self.note, self.fix) = (Some(verdict), note, fix);
+        self
+    }
+}
+
+impl Config {
+    /// The keep-alive timeline of this config, downstream first, then each upstream.
+    pub fn timeline(&self) -> Timeline {
+        let mut sections = vec![downstream_section(&self.downstream)];
+        sections.extend(self.upstreams.iter().map(upstream_section));
+        if let Some(demo) = &self.demo {
+            let backends: Vec<String> = demo.backends.iter().map(|a| a.to_string()).collect();
+            let row = Row::info("[demo] backends", backends.len().to_string(), "").verdict(
+                Verdict::Warn,
+                format!(
+                    "{}: built-in demo backends are for development",
+                    backends.join(", ")
+                ),
+                Some("delete the [demo] table in production".into()),
+            );
+            let title = "development".into();
+            sections.push(Section {
+                title,
+                rows: vec![row],
+            });
+        }
+        Timeline {
+            source: self.source.clone(),
+            sections,
+        }
+    }
+}
+
+fn downstream_section(d: &DownstreamConfig) -> Section {
+    let (idle, front) = (d.idle_timeout, d.front_idle_timeout);
+    let (front_note, ok_note) = if front.is_zero() {
+        (
+            "none configured",
+            "no front load balancer to outlast".to_string(),
+        )
+    } else {
+        (
+            "it pools connections to kaproxy",
+            format!("> front {}", human(front)),
+        )
+    };
+    // Behind a load balancer, clients reuse connections to it, not to kaproxy.
+    let client_limit = if front.is_zero() { idle } else { front };
+    let secs = idle.as_secs();
+    let advertised = if d.advertise_keep_alive {
+        let note = format!("Keep-Alive: timeout={secs} on HTTP/1.1 responses");
+        Row::info("advertised to clients", format!("{secs}s"), note)
+    } else {
+        Row::info(
+            "advertised to clients",
+            "-",
+            "nothing (advertise_keep_alive = false)",
+        )
+    };
+    let rows = vec![
+        Row::info(
+            "client pools' idle timeout",
+            format!("< {}", human(client_limit)),
+            "set in each client (Reactor Netty maxIdleTime, Go IdleConnTimeout, ...)",
+        ),
+        Row::info("front load balancer idle timeout", human(front), front_note),
+        Row::info("kaproxy downstream idle_timeout", human(idle), "")
+            .judged(downstream_order(d), ok_note),
+        advertised,
+        Row::info(
+            "max_requests_per_connection",
+            d.max_requests_per_connection.to_string(),
+            "then Connection: close",
+        ),
+    ];
+    let title = "downstream: clients (and any front load balancer) reuse, kaproxy accepts".into();
+    Section { title, rows }
+}
+
+fn upstream_section(u: &UpstreamConfig) -> Section {
+    let pool = &u.pool;
+    let balance = match u.balance {
+        BalanceKind::RoundRobin => "round_robin",
+        BalanceKind::IpHash => "ip_hash",
+    };
+    let n = u.servers.len();
+    let title = format!(
+        "upstream {}  ({balance}, {n} server{}): kaproxy reuses, the backends accept",
+        u.name,
+        if n == 1 { "" } else { "s" }
+    );
+    let (idle, margin, keepalive) = (
+        pool.idle_timeout,
+        pool.safety_margin,
+        pool.keepalive_timeout,
+    );
+    let order = format!("{} + {} < {}", human(idle), human(margin), human(keepalive));
+    let max = pool.max_requests_per_connection;
+    let max_row = Row::info("max_requests_per_connection", max.to_string(), "");
+    let max_row = if max <= APACHE_MAX_KEEPALIVE_REQUESTS {
+        let note =
+            format!("<= Apache's default MaxKeepAliveRequests {APACHE_MAX_KEEPALIVE_REQUESTS}");
+        max_row.verdict(Verdict::Ok, note, None)
+    } else {
+        let note = format!(
+            "> Apache's default MaxKeepAliveRequests {APACHE_MAX_KEEPALIVE_REQUESTS} (a `Keep-Alive: max=` header overrides it at run time)"
+        );
+        let fix = format!(
+            "set max_requests_per_connection = {APACHE_MAX_KEEPALIVE_REQUESTS} unless the backends raised MaxKeepAliveRequests"
+        );
+        max_row.verdict(Verdict::Warn, note, Some(fix))
+    };
+    let rows = vec![
+        Row::info("kaproxy idle_timeout", human(idle), ""),
+        Row::info(
+            "+ safety_margin",
+            human(margin),
+            format!("= {}", human(idle + margin)),
+        ),
+        Row::info("backend keepalive_timeout", human(keepalive), "")
+            .judged(upstream_order(u), order),
+        max_row,
+        Row::info(
+            "max_lifetime",
+            human(pool.max_lifetime),
+            "retired after its current request",
+        ),
+        Row::info(
+            "at run time a server's `Keep-Alive: timeout=N, max=M` header lowers these per server",
+            "",
+            "",
+        ),
+    ];
+    Section { title, rows }
+}
+
+impl Timeline {
+    /// Some ordering is broken; the config is refused.
+    pub fn has_errors(&self) -> bool {
+        self.count(Verdict::Error) > 0
+    }
+
+    pub fn has_warnings(&self) -> bool {
+        self.count(Verdict::Warn) > 0
+    }
+
+    fn count(&self, verdict: Verdict) -> usize {
+        let rows = self.sections.iter().flat_map(|s| &s.rows);
+        rows.filter(|r| r.verdict == Some(verdict)).count()
+    }
+}
+
+impl fmt::Display for Verdict {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.pad(match self {
+            Verdict::Ok => "OK",
+            Verdict::Warn => "WARN",
+            Verdict::Error => "ERROR",
+        })
+    }
+}
+
+impl fmt::Display for Timeline {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "keep-alive timeline")?;
+        if let Some(source) = &self.source {
+            write!(f, " of {}", source.display())?;
+        }
+        writeln!(f)?;
+        writeln!(f, "{RULE}")?;
+        for section in &self.sections {
+            writeln!(f, "\n{}", section.title)?;
+            for row in &section.rows {
+                let verdict = row.verdict.map(|v| v.to_string()).unwrap_or_default();
+                let line = format!(
+                    "  {:<34} {:<8} {verdict:<5}  {}",
+                    row.label, row.value, row.note
+                );
+                writeln!(f, "{}", line.trim_end())?;
+                if let Some(fix) = &row.fix {
+                    writeln!(f, "  {:<34} {:<8} {:<5}  fix: {fix}", "", "", "")?;
+                }
+            }
+        }
+        let [ok, warn, error] = [Verdict::Ok, Verdict::Warn, Verdict::Error].map(|v| self.count(v));
+        write!(f, "\n{ok} OK, {warn} WARN, {error} ERROR")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[listen]
+http = "127.0.0.1:8080"
+
+[upstreams.web]
+servers = ["127.0.0.1:8081"]
+"#;
+
+    /// SPEC.md's "Configuration (TOML)" block, verbatim.
+    const SPEC_EXAMPLE: &str = r##"[listen]
+https = "0.0.0.0:8443"        # TLS listener, ALPN h2 + http/1.1; omit to disable
+http  = "0.0.0.0:8080"        # plain HTTP listener; omit to disable (at least one listener)
+proxy_protocol = false        # expect a PROXY v1/v2 header first (when behind a TCP load balancer)
+
+[tls]
+cert = "certs/dev-cert.pem"   # PEM chain
+key  = "certs/dev-key.pem"    # PEM key (PKCS#8, RSA or EC)
+session_resumption = true     # TLS 1.3 tickets / 1.2 session cache; false forces full handshakes
+# [[tls.sni]]                 # more certificates chosen by SNI
+# server_name = "api.example.com"
+# cert = "..."
+# key = "..."
+
+[downstream]                  # client-facing connections
+idle_timeout = "75s"          # close a keep-alive client connection idle this long
+header_timeout = "10s"        # time allowed to receive a full request head (slowloris)
+max_requests_per_connection = 10000
+tcp_keepalive = "60s"         # SO_KEEPALIVE idle time on accepted sockets; "0s" disables
+advertise_keep_alive = true   # send `Keep-Alive: timeout=<idle_timeout>` on HTTP/1.1 responses
+front_idle_timeout = "0s"     # idle timeout of a load balancer in front of kaproxy, if any:
+                              # `check` errors unless idle_timeout > front_idle_timeout
+max_header_bytes = 65536
+
+[forwarded]
+trusted_proxies = []          # CIDRs whose X-Forwarded-For is kept and appended to;
+                              # from any other peer an incoming X-Forwarded-For is replaced
+x_forwarded_proto = true      # also set X-Forwarded-Proto / X-Forwarded-Port / X-Forwarded-Host
+forwarded = false             # also set RFC 7239 Forwarded
+x_real_ip = false
+
+[upstreams.web]               # one or more named upstream groups
+balance = "round_robin"       # "round_robin" (smooth weighted) or "ip_hash" (consistent)
+servers = ["127.0.0.1:8081", { addr = "127.0.0.1:8082", weight = 2 }]
+keepalive_timeout = "5s"      # the backend's own keep-alive timeout (Apache KeepAliveTimeout);
+                              # a `Keep-Alive: timeout=N` response header overrides it per server
+idle_timeout = "4s"           # evict pooled connections idle this long; must be
+                              # < keepalive_timeout - safety_margin, else the config is rejected
+safety_margin = "500ms"       # the least gap kept between kaproxy's deadline and the backend's
+max_lifetime = "60s"          # retire a connection this old after its current request
+max_requests_per_connection = 100   # Apache MaxKeepAliveRequests; `Keep-Alive: max=M` overrides
+max_idle_per_server = 32
+max_connections_per_server = 1024
+acquire_timeout = "5s"        # wait for a free slot at max_connections_per_server, then 503
+                              # (Reactor Netty's pendingAcquireTimeout)
+connect_timeout = "2s"
+response_timeout = "60s"      # time to first response byte
+tcp_keepalive = "30s"
+retry_idempotent = true       # retry GET/HEAD/OPTIONS/PUT/DELETE/TRACE once, on a fresh
+                              # connection, when a reused one fails before any response byte
+max_retries = 2               # further attempts on other servers after connect failures
+retry_backoff = "100ms"       # first back-off between attempts, doubling, capped at 1 s
+ip_hash_prefix_v4 = 32        # hash the whole address (24 = nginx ip_hash's /24 behaviour)
+ip_hash_prefix_v6 = 64
+
+[upstreams.web.health]        # optional active checks; passive checks are always on
+path = "/"
+interval = "5s"
+timeout = "1s"
+rise = 2                      # consecutive successes to mark a server up
+fall = 3                      # consecutive failures to mark it down
+
+# [[routes]]                  # optional; with one upstream and no routes, all traffic goes to it
+# host = "api.example.com"    # exact host or "*.example.com"; omit for any
+# path_prefix = "/api"
+# upstream = "web"
+
+[admin]
+listen = "127.0.0.1:9901"     # /metrics (Prometheus text), /healthz, /status (JSON), / (status page)
+shutdown_timeout = "30s"      # on SIGTERM/SIGINT, how long in-flight requests may finish
+
+[runtime]
+worker_threads = 0            # tokio worker threads; 0 = one per core available to the process
+
+[log]
+level = "info"                # or RUST_LOG
+format = "text"               # or "json"
+access_log = true
+"##;
+
+    fn parse(src: &str) -> Result<Config, ConfigError> {
+        Config::from_toml_str(src, Path::new("config.toml"))
+    }
+
+    fn problems(src: &str) -> Vec<Problem> {
+        match parse(src) {
+            Err(ConfigError::Invalid(problems)) => problems,
+            other => panic!("expected problems, got {other:?}"),
+        }
+    }
+
+    /// The timeline line that starts with `label`.
+    fn row<'a>(text: &'a str, label: &str) -> &'a str {
+        let found = text.lines().find(|l| l.trim_start().starts_with(label));
+        found.unwrap_or_else(|| panic!("no {label:?} in {text}"))
+    }
+
+    /// MINIMAL with `extra` appended to `[upstreams.web]` (line 7 on).
+    fn with_upstream(extra: &str) -> String {
+        format!("{MINIMAL}{extra}")
+    }
+
+    #[test]
+    fn defaults() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.listen.http, Some("127.0.0.1:8080".parse().unwrap()));
+        assert_eq!(c.listen.https, None);
+        assert_eq!(c.tls.cert, PathBuf::from(DEFAULT_TLS_CERT));
+        assert!(c.tls.session_resumption);
+        assert_eq!(c.downstream.idle_timeout, Duration::from_secs(75));
+        assert_eq!(c.downstream.tcp_keepalive, Some(Duration::from_secs(60)));
+        assert_eq!(c.downstream.max_header_bytes, 65_536);
+        assert!(c.forwarded.x_forwarded_proto && !c.forwarded.forwarded);
+        let web = &c.upstreams[0];
+        assert_eq!(
+            (web.name.as_str(), web.balance),
+            ("web", BalanceKind::RoundRobin)
+        );
+        assert_eq!(web.servers[0].weight, 1);
+        assert_eq!(web.pool.keepalive_timeout, Duration::from_secs(5));
+        assert_eq!(web.pool.idle_timeout, Duration::from_secs(4));
+        assert_eq!(web.pool.safety_margin, Duration::from_millis(500));
+        assert_eq!(web.pool.max_requests_per_connection, 100);
+        assert_eq!(web.pool.tcp_keepalive, Some(Duration::from_secs(30)));
+        assert!(web.pool.learn_keep_alive);
+        assert_eq!(web.retry.retry_backoff, Duration::from_millis(100));
+        assert_eq!((web.ip_hash_prefix_v4, web.ip_hash_prefix_v6), (32, 64));
+        assert!(web.health.is_none());
+        assert_eq!(c.admin.listen, Some("127.0.0.1:9901".parse().unwrap()));
+        assert_eq!(c.admin.shutdown_timeout, Duration::from_secs(30));
+        assert_eq!(
+            (c.log.level.as_str(), c.log.format),
+            ("info", LogFormat::Text)
+        );
+        assert!(c.demo.is_none());
+        assert_eq!(PoolConfig::default().idle_timeout, web.pool.idle_timeout);
+    }
+
+    #[test]
+    fn spec_example_parses() {
+        let c = parse(SPEC_EXAMPLE).unwrap();
+        assert_eq!(c.listen.https, Some("0.0.0.0:8443".parse().unwrap()));
+        let web = &c.upstreams[0];
+        assert_eq!(web.servers.len(), 2);
+        assert_eq!(web.servers[1].weight, 2);
+        let health = web.health.as_ref().unwrap();
+        assert_eq!(
+            (health.path.as_str(), health.rise, health.fall),
+            ("/", 2, 3)
+        );
+        assert_eq!(health.interval, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn repo_config_parses_and_its_timeline_is_ok() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.toml");
+        let c = Config::load(&path).unwrap();
+        assert_eq!(c.listen.https, Some("127.0.0.1:8443".parse().unwrap()));
+        assert_eq!(c.demo.unwrap().backends.len(), 2);
+        let report = check(&path);
+        let text = report.to_string();
+        assert!(report.is_ok(), "{text}");
+        assert!(
+            row(&text, "backend keepalive_timeout").contains("OK     4s + 500ms < 5s"),
+            "{text}"
+        );
+        assert!(text.contains("WARN") && !text.contains("ERROR  "), "{text}");
+    }
+
+    #[test]
+    fn servers_addresses_and_hosts() {
+        let src = r#"
+[listen]
+https = "localhost:8443"
+[forwarded]
+trusted_proxies = ["10.0.0.0/8", "192.168.1.7", "::1"]
+[downstream]
+tcp_keepalive = "0s"
+[upstreams.b]
+balance = "ip_hash"
+servers = [{ addr = "127.0.0.1:9002", weight = 3 }]
+[upstreams.a]
+servers = ["127.0.0.1:9001"]
+[[routes]]
+host = "API.Example.com"
+upstream = "a"
+[[routes]]
+host = "*.example.com"
+path_prefix = "/b"
+upstream = "b"
+"#;
+        let c = parse(src).unwrap();
+        assert!(c.listen.https.unwrap().ip().is_loopback());
+        assert_eq!(
+            c.forwarded.trusted_proxies[1],
+            "192.168.1.7/32".parse::<IpNet>().unwrap()
+        );
+        assert_eq!(
+            c.forwarded.trusted_proxies[2],
+            "::1/128".parse::<IpNet>().unwrap()
+        );
+        assert_eq!(c.downstream.tcp_keepalive, None);
+        let names: Vec<&str> = c.upstreams.iter().map(|u| u.name.as_str()).collect();
+        assert_eq!(names, ["a", "b"]);
+        assert_eq!(c.upstreams[1].balance, BalanceKind::IpHash);
+        assert_eq!(c.upstreams[1].servers[0].weight, 3);
+        assert_eq!(
+            c.routes[0].host,
+            Some(HostMatch::Exact("api.example.com".into()))
+        );
+        assert_eq!(
+            c.routes[1].host,
+            Some(HostMatch::Suffix(".example.com".into()))
+        );
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        let p = problems(&with_upstream("idle_timout = \"4s\"\n"));
+        assert_eq!(
+            (p[0].line, p[0].key.as_str()),
+            (Some(7), "upstreams.web.idle_timout")
+        );
+        let text = p[0].to_string();
+        assert!(
+            text.starts_with("config.toml:7: upstreams.web.idle_timout: unknown key `idle_timout`"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn bad_values_name_key_and_line() {
+        let p = problems(&with_upstream("keepalive_timeout = \"5 sekunden\"\n"));
+        assert_eq!(
+            (p[0].line, p[0].key.as_str()),
+            (Some(7), "upstreams.web.keepalive_timeout")
+        );
+        assert!(p[0].message.contains("expected a duration"), "{}", p[0]);
+
+        let src = "[upstreams.web]\nservers = [\"127.0.0.1:8081\",\n  { addr = \"127.0.0.1\" }]\n";
+        let p = problems(src);
+        let key = "upstreams.web.servers[1].addr";
+        assert_eq!((p[0].line, p[0].key.as_str()), (Some(3), key));
+        assert!(p[0].message.contains(r#"expected "host:port""#), "{}", p[0]);
+
+        let p = problems("[forwarded]\ntrusted_proxies = [\n  \"10.0.0.0/8\",\n  \"bogus\",\n]\n");
+        assert_eq!(
+            (p[0].line, p[0].key.as_str()),
+            (Some(4), "forwarded.trusted_proxies[1]")
+        );
+
+        let p = problems("[log]\nformat = \"xml\"\n");
+        assert_eq!((p[0].line, p[0].key.as_str()), (Some(2), "log.format"));
+    }
+
+    #[test]
+    fn syntax_error_and_missing_file() {
+        let p = problems("[listen\nhttp = 1\n");
+        assert_eq!(p[0].line, Some(1));
+        let err = Config::load(Path::new("/nonexistent/kaproxy.toml")).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("/nonexistent/kaproxy.toml: cannot read"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn upstream_idle_timeout_must_leave_the_safety_margin() {
+        let src = with_upstream("keepalive_timeout = \"5s\"\nidle_timeout = \"6s\"\n");
+        let p = problems(&src);
+        assert_eq!(p.len(), 1);
+        assert_eq!(
+            p[0].to_string(),
+            r#"config.toml:8: upstreams.web.idle_timeout: must be less than keepalive_timeout - safety_margin (5s - 500ms = 4.5s), got 6s; set idle_timeout = "4s""#
+        );
+        // Equal to the limit is still a race: the ordering is strict.
+        assert_eq!(
+            problems(&with_upstream("idle_timeout = \"4500ms\"\n")).len(),
+            1
+        );
+        let p = problems(&with_upstream("safety_margin = \"5s\"\n"));
+        assert_eq!(p[0].key, "upstreams.web.keepalive_timeout");
+    }
+
+    #[test]
+    fn front_idle_timeout_must_be_below_downstream_idle_timeout() {
+        let src = format!(
+            "{MINIMAL}[downstream]\nfront_idle_timeout = \"60s\"\nidle_timeout = \"60s\"\n"
+        );
+        let p = problems(&src);
+        assert_eq!(
+            (p[0].line, p[0].key.as_str()),
+            (Some(9), "downstream.idle_timeout")
+        );
+        assert_eq!(p[0].fix.as_deref(), Some(r#"set idle_timeout = "65s""#));
+    }
+
+    #[test]
+    fn routes_must_name_an_upstream() {
+        let p = problems(&format!(
+            "{MINIMAL}[[routes]]\npath_prefix = \"/api\"\nupstream = \"api\"\n"
+        ));
+        assert_eq!(
+            (p[0].line, p[0].key.as_str()),
+            (Some(9), "routes[0].upstream")
+        );
+        assert_eq!(p[0].fix.as_deref(), Some("use one of: web"));
+    }
+
+    #[test]
+    fn several_upstreams_need_routes() {
+        let p = problems(&format!(
+            "{MINIMAL}[upstreams.api]\nservers = [\"127.0.0.1:9000\"]\n"
+        ));
+        assert_eq!(p[0].key, "routes");
+        assert!(p[0].message.contains("2 upstream groups"), "{}", p[0]);
+    }
+
+    #[test]
+    fn all_problems_are_reported_together() {
+        let src = r#"
+[downstream]
+max_header_bytes = 1024
+
+[upstreams.web]
+servers = [{ addr = "127.0.0.1:8081", weight = 0 }]
+idle_timeout = "5s"
+max_idle_per_server = 10
+max_connections_per_server = 5
+ip_hash_prefix_v4 = 33
+
+[upstreams.web.health]
+rise = 0
+"#;
+        let p = problems(src);
+        let got: Vec<(Option<usize>, &str)> = p.iter().map(|p| (p.line, p.key.as_str())).collect();
+        assert_eq!(
+            got,
+            [
+                (Some(3), "downstream.max_header_bytes"),
+                (Some(6), "upstreams.web.servers[0].weight"),
+                (Some(7), "upstreams.web.idle_timeout"),
+                (Some(8), "upstreams.web.max_idle_per_server"),
+                (Some(10), "upstreams.web.ip_hash_prefix_v4"),
+                (Some(13), "upstreams.web.health.rise"),
+                (None, "listen"),
+            ]
+        );
+        let err = parse(src).unwrap_err().to_string();
+        assert_eq!(err.lines().count(), 7, "{err}");
+    }
+
+    #[test]
+    fn timeline_marks_broken_orderings() {
+        let c = parse(MINIMAL).unwrap();
+        assert!(!c.timeline().has_errors());
+        let text = c.timeline().to_string();
+        assert!(row(&text, "backend keepalive_timeout").contains("OK     4s + 500ms < 5s"));
+
+        let src = with_upstream("idle_timeout = \"6s\"\nmax_requests_per_connection = 1000\n");
+        let src = format!("{src}[downstream]\nfront_idle_timeout = \"90s\"\n[demo]\nbackends = [\"127.0.0.1:8081\"]\n");
+        let report = check_str(&src, Path::new("config.toml"));
+        assert!(!report.is_ok());
+        let timeline = report.timeline.as_ref().unwrap();
+        assert!(timeline.has_errors() && timeline.has_warnings());
+        let text = report.to_string();
+        let errors = text.lines().filter(|l| l.contains("ERROR  ")).count();
+        assert_eq!(errors, 2, "{text}");
+        assert!(text.contains(r#"fix: set idle_timeout = "4s""#), "{text}");
+        assert!(text.contains(r#"fix: set idle_timeout = "95s""#), "{text}");
+        assert!(text.contains("delete the [demo] table"), "{text}");
+        assert!(text.contains("config.toml: 2 problems"), "{text}");
+    }
+
+    #[test]
+    fn fixes_suggest_round_values() {
+        let ms = Duration::from_millis;
+        assert_eq!(round_below(ms(4500)), ms(4000));
+        assert_eq!(round_below(ms(5000)), ms(4000));
+        assert_eq!(round_below(ms(800)), ms(700));
+        assert_eq!(round_below(ms(1000)), ms(900));
+        assert_eq!(
+            [human(ms(4500)), human(ms(500)), human(ms(75_000))],
+            ["4.5s", "500ms", "75s"]
+        );
+    }
 }
