@@ -397,6 +397,7 @@ pub async fn serve<I>(
             .timer(TokioTimer::new())
             .header_read_timeout(None)
             .max_buf_size(cfg.max_header_bytes)
+            .max_header_size(cfg.max_header_bytes)
             .serve_connection(TokioIo::new(io), service)
             .with_upgrades();
         drive(conn, &state, &cfg, true, &mut shutdown, |c| {

@@ -1,1 +1,137 @@
-fn main() {}
+//! The `kaproxy` binary: parses the command line, sets up tracing and the runtime, loads the
+//! config, and runs a command. Nothing else.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use kaproxy::config::{Config, LogConfig, LogFormat};
+
+/// The configuration `kaproxy demo` serves: the repository's default config, built in.
+const DEMO_CONFIG: &str = include_str!("../config.toml");
+
+#[derive(Parser)]
+#[command(name = "kaproxy", version, about = "TLS-terminating reverse proxy that never reuses a keep-alive connection its peer is about to close")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// Configuration file.
+    #[arg(long, short, global = true, default_value = "config.toml")]
+    config: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve (the default command).
+    Run,
+    /// Validate the config and print the keep-alive timeline; exit 1 on errors.
+    Check,
+    /// Measure a backend's real keep-alive behaviour and recommend settings.
+    Probe {
+        /// The backend, HOST:PORT.
+        target: String,
+        /// Speak TLS to the backend.
+        #[arg(long)]
+        tls: bool,
+    },
+    /// Start two built-in Apache-like demo backends and the proxy in front of them.
+    Demo,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command.unwrap_or(Command::Run) {
+        Command::Run => load(&cli.config).and_then(|c| serve(c, false)),
+        Command::Check => return check(&cli.config),
+        Command::Demo => Config::from_toml_str(DEMO_CONFIG, Path::new("config.toml (built in)"))
+            .map_err(anyhow::Error::from)
+            .and_then(|c| serve(c, true)),
+        Command::Probe { target, tls } => Err(anyhow::anyhow!(
+            "probe {target}{}: not implemented yet",
+            if tls { " --tls" } else { "" }
+        )),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kaproxy: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load(path: &Path) -> anyhow::Result<Config> {
+    Ok(Config::load(path)?)
+}
+
+fn check(path: &Path) -> ExitCode {
+    let report = kaproxy::config::check(path);
+    print!("{report}");
+    if report.is_ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn init_tracing(log: &LogConfig) {
+    use tracing_subscriber::EnvFilter;
+    let mut filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&log.level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    if !log.access_log {
+        filter = filter.add_directive("kaproxy::access=off".parse().expect("valid directive"));
+    }
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn serve(config: Config, demo: bool) -> anyhow::Result<()> {
+    init_tracing(&config.log);
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if config.runtime.worker_threads > 0 {
+        runtime.worker_threads(config.runtime.worker_threads);
+    }
+    let runtime = runtime.enable_all().build().context("cannot start the tokio runtime")?;
+    let result = runtime.block_on(async move {
+        let server = kaproxy::Server::start(config).await?;
+        if demo {
+            print_demo_help(&server);
+        }
+        wait_for_signal().await;
+        tracing::info!("shutting down: draining in-flight requests");
+        server.shutdown().await;
+        Ok(())
+    });
+    // Lingering closes and demo tasks must not hold the exit.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    result
+}
+
+fn print_demo_help(server: &kaproxy::Server) {
+    println!("kaproxy demo: two Apache-like backends (KeepAliveTimeout 5s) behind kaproxy. Try:");
+    if let Some(a) = server.https_addr() {
+        println!("  curl -k https://{a}/");
+        println!("  curl -k --http2 https://{a}/ -d 'hello'");
+    }
+    if let Some(a) = server.http_addr() {
+        println!("  curl -v http://{a}/");
+    }
+    if let Some(a) = server.admin_addr() {
+        println!("  curl http://{a}/metrics");
+        println!("  curl http://{a}/status");
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
