@@ -1,0 +1,445 @@
+//! Owns the client side of one load-generator connection: the target URL, TCP connect from a
+//! chosen loopback source address, TLS (rustls, ring), the HTTP/1.1 or HTTP/2 handshake, and one
+//! request/response exchange with the body read to its end.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use bytes::Bytes;
+use http::header::{HeaderMap, HeaderName, HeaderValue, HOST};
+use http::{Method, Request, Uri};
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::Resumption;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use rustls_pki_types::pem::PemObject;
+use tokio::net::TcpSocket;
+
+use crate::args::SourceIps;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The CA bundle used for `https://` targets when neither `--cacert` nor `--insecure` is given.
+const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HttpVersion {
+    Http1,
+    Http2,
+}
+
+impl HttpVersion {
+    pub fn label(self) -> &'static str {
+        match self {
+            HttpVersion::Http1 => "HTTP/1.1",
+            HttpVersion::Http2 => "HTTP/2",
+        }
+    }
+}
+
+/// A parsed `http://` or `https://` URL.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+    /// `host[:port]` as written, for `Host` / `:authority`.
+    pub authority: String,
+    pub path_and_query: String,
+}
+
+impl Target {
+    pub fn parse(url: &str) -> anyhow::Result<Target> {
+        let uri: Uri = url.parse().with_context(|| format!("bad URL {url:?}"))?;
+        let tls = match uri.scheme_str() {
+            Some("http") => false,
+            Some("https") => true,
+            _ => bail!("URL {url:?} must start with http:// or https://"),
+        };
+        let authority = uri
+            .authority()
+            .ok_or_else(|| anyhow!("URL {url:?} has no host"))?;
+        let host = authority.host().trim_matches(|c| c == '[' || c == ']');
+        Ok(Target {
+            tls,
+            host: host.to_string(),
+            port: authority.port_u16().unwrap_or(if tls { 443 } else { 80 }),
+            authority: authority.as_str().to_string(),
+            path_and_query: uri
+                .path_and_query()
+                .map(|p| p.as_str().to_string())
+                .unwrap_or_else(|| "/".to_string()),
+        })
+    }
+
+    pub fn url(&self) -> String {
+        format!(
+            "{}://{}{}",
+            if self.tls { "https" } else { "http" },
+            self.authority,
+            self.path_and_query
+        )
+    }
+}
+
+/// How TLS targets are verified and whether sessions are resumed.
+#[derive(Debug, Clone, Default)]
+pub struct TlsOptions {
+    /// Accept any certificate (the development certificate, self-signed test certificates).
+    pub insecure: bool,
+    /// Trust these PEM certificates instead of the system bundle.
+    pub cacert: Option<PathBuf>,
+    /// Turn off TLS session resumption, so every new connection is a full handshake.
+    pub no_resume: bool,
+}
+
+/// Opens connections to one target; shared by every worker of a run.
+pub struct Connector {
+    addr: SocketAddr,
+    tls: Option<(tokio_rustls::TlsConnector, ServerName<'static>)>,
+    version: HttpVersion,
+    source_ips: Option<SourceIps>,
+    next_source: AtomicU64,
+}
+
+impl Connector {
+    pub async fn new(
+        target: &Target,
+        version: HttpVersion,
+        tls: &TlsOptions,
+        source_ips: Option<SourceIps>,
+    ) -> anyhow::Result<Connector> {
+        let addr = tokio::net::lookup_host((target.host.as_str(), target.port))
+            .await
+            .with_context(|| format!("resolving {}", target.host))?
+            .find(|a| source_ips.is_none() || a.is_ipv4())
+            .ok_or_else(|| anyhow!("{} resolves to no usable address", target.host))?;
+        let tls = match target.tls {
+            false => None,
+            true => {
+                let config = client_tls_config(version, tls)?;
+                let name = ServerName::try_from(target.host.clone())
+                    .with_context(|| format!("bad TLS server name {:?}", target.host))?;
+                Some((tokio_rustls::TlsConnector::from(Arc::new(config)), name))
+            }
+        };
+        Ok(Connector {
+            addr,
+            tls,
+            version,
+            source_ips,
+            next_source: AtomicU64::new(0),
+        })
+    }
+
+    pub fn version(&self) -> HttpVersion {
+        self.version
+    }
+
+    /// TCP connect (from the next source address, if any), TLS, then the HTTP handshake.
+    pub async fn connect(&self) -> Result<Sender, BoxError> {
+        let socket = match self.addr {
+            SocketAddr::V4(_) => TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => TcpSocket::new_v6()?,
+        };
+        if let Some(ips) = &self.source_ips {
+            let i = self.next_source.fetch_add(1, Ordering::Relaxed);
+            socket.bind(SocketAddr::new(IpAddr::V4(ips.nth(i)), 0))?;
+        }
+        let stream = socket.connect(self.addr).await?;
+        stream.set_nodelay(true)?;
+        match &self.tls {
+            None => handshake(TokioIo::new(stream), self.version).await,
+            Some((connector, name)) => {
+                let tls = connector.connect(name.clone(), stream).await?;
+                if self.version == HttpVersion::Http2
+                    && tls.get_ref().1.alpn_protocol() != Some(b"h2")
+                {
+                    return Err("server did not negotiate h2 over ALPN".into());
+                }
+                handshake(TokioIo::new(tls), self.version).await
+            }
+        }
+    }
+}
+
+fn client_tls_config(
+    version: HttpVersion,
+    opts: &TlsOptions,
+) -> anyhow::Result<rustls::ClientConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?;
+    let mut config = if opts.insecure {
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AcceptAnyCert(provider)))
+            .with_no_client_auth()
+    } else {
+        let path = opts
+            .cacert
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(SYSTEM_CA_BUNDLE));
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_file_iter(&path)
+            .with_context(|| format!("reading CA certificates from {}", path.display()))?
+        {
+            let cert = cert.with_context(|| format!("parsing {}", path.display()))?;
+            roots
+                .add(cert)
+                .with_context(|| format!("adding a CA certificate from {}", path.display()))?;
+        }
+        builder.with_root_certificates(roots).with_no_client_auth()
+    };
+    config.alpn_protocols = match version {
+        HttpVersion::Http1 => vec![b"http/1.1".to_vec()],
+        HttpVersion::Http2 => vec![b"h2".to_vec()],
+    };
+    if opts.no_resume {
+        config.resumption = Resumption::disabled();
+    }
+    Ok(config)
+}
+
+/// `--insecure`: accepts any certificate, but still checks that the handshake was signed
+/// with the key the certificate carries.
+#[derive(Debug)]
+struct AcceptAnyCert(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for AcceptAnyCert {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+async fn handshake<I>(io: I, version: HttpVersion) -> Result<Sender, BoxError>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    match version {
+        HttpVersion::Http1 => {
+            let (sender, conn) = http1::handshake(io).await?;
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            Ok(Sender::H1(sender))
+        }
+        HttpVersion::Http2 => {
+            let (sender, conn) = http2::handshake(TokioExecutor::new(), io).await?;
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            Ok(Sender::H2(sender))
+        }
+    }
+}
+
+/// The sending half of one open connection. Dropping it (and every clone, for HTTP/2) closes
+/// the connection.
+pub enum Sender {
+    H1(http1::SendRequest<Full<Bytes>>),
+    H2(http2::SendRequest<Full<Bytes>>),
+}
+
+impl Sender {
+    /// Waits until the connection can take a request; false once it is closed (the peer
+    /// closed an idle connection, or sent `Connection: close`): the caller reconnects.
+    pub async fn ready(&mut self) -> bool {
+        match self {
+            Sender::H1(s) => s.ready().await.is_ok(),
+            Sender::H2(s) => s.ready().await.is_ok(),
+        }
+    }
+
+    pub fn is_closed(&self) -> bool {
+        match self {
+            Sender::H1(s) => s.is_closed(),
+            Sender::H2(s) => s.is_closed(),
+        }
+    }
+
+    /// Another handle on the same HTTP/2 connection; None for HTTP/1.1.
+    pub fn clone_h2(&self) -> Option<Sender> {
+        match self {
+            Sender::H1(_) => None,
+            Sender::H2(s) => Some(Sender::H2(s.clone())),
+        }
+    }
+
+    /// Sends one request and reads the response body to its end.
+    pub async fn exchange(&mut self, template: &RequestTemplate) -> Result<Outcome, BoxError> {
+        let request = template.build();
+        let response = match self {
+            Sender::H1(s) => s.send_request(request).await?,
+            Sender::H2(s) => s.send_request(request).await?,
+        };
+        let status = response.status().as_u16();
+        let mut body = response.into_body();
+        let mut body_bytes = 0u64;
+        while let Some(frame) = body.frame().await {
+            if let Ok(data) = frame?.into_data() {
+                body_bytes += data.len() as u64;
+            }
+        }
+        Ok(Outcome { status, body_bytes })
+    }
+}
+
+/// A complete response.
+#[derive(Debug, Clone, Copy)]
+pub struct Outcome {
+    pub status: u16,
+    pub body_bytes: u64,
+}
+
+/// The request every worker sends, built once.
+#[derive(Debug, Clone)]
+pub struct RequestTemplate {
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+impl RequestTemplate {
+    pub fn new(
+        target: &Target,
+        version: HttpVersion,
+        method: Method,
+        extra_headers: &[(HeaderName, HeaderValue)],
+        body: Bytes,
+    ) -> anyhow::Result<RequestTemplate> {
+        let mut headers = HeaderMap::new();
+        // HTTP/1.1 needs Host; HTTP/2 takes the authority from the absolute URI.
+        let uri: Uri = match version {
+            HttpVersion::Http1 => {
+                headers.insert(HOST, HeaderValue::from_str(&target.authority)?);
+                target.path_and_query.parse()?
+            }
+            HttpVersion::Http2 => target.url().parse()?,
+        };
+        for (name, value) in extra_headers {
+            if version == HttpVersion::Http2 && name == HOST {
+                continue;
+            }
+            headers.insert(name.clone(), value.clone());
+        }
+        Ok(RequestTemplate {
+            method,
+            uri,
+            headers,
+            body,
+        })
+    }
+
+    pub fn get(target: &Target, version: HttpVersion) -> RequestTemplate {
+        RequestTemplate::new(target, version, Method::GET, &[], Bytes::new())
+            .expect("a parsed target builds a request")
+    }
+
+    pub fn build(&self) -> Request<Full<Bytes>> {
+        let mut request = Request::new(Full::new(self.body.clone()));
+        *request.method_mut() = self.method.clone();
+        *request.uri_mut() = self.uri.clone();
+        *request.headers_mut() = self.headers.clone();
+        request
+    }
+}
+
+/// Turns our own deadline into the I/O error the classifier calls a timeout.
+pub fn timed_out(after: Duration) -> BoxError {
+    Box::new(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!("no complete response within {after:?}"),
+    ))
+}
+
+/// Opens a connection, sends one request and reads the response, all within `timeout`.
+#[cfg(test)]
+pub async fn request_once(
+    connector: &Connector,
+    template: &RequestTemplate,
+    timeout: Duration,
+) -> Result<Outcome, BoxError> {
+    let exchange = async {
+        let mut sender = connector.connect().await?;
+        sender.exchange(template).await
+    };
+    match tokio::time::timeout(timeout, exchange).await {
+        Ok(result) => result,
+        Err(_) => Err(timed_out(timeout)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets() {
+        let t = Target::parse("https://localhost:8443/a?b=1").unwrap();
+        assert!(t.tls);
+        assert_eq!((t.host.as_str(), t.port), ("localhost", 8443));
+        assert_eq!(t.path_and_query, "/a?b=1");
+        let t = Target::parse("http://127.0.0.1").unwrap();
+        assert_eq!((t.port, t.path_and_query.as_str()), (80, "/"));
+        assert!(Target::parse("ftp://x/").is_err());
+    }
+
+    #[test]
+    fn http1_requests_carry_host_and_http2_an_absolute_uri() {
+        let t = Target::parse("http://127.0.0.1:8080/x").unwrap();
+        let r = RequestTemplate::get(&t, HttpVersion::Http1).build();
+        assert_eq!(r.uri(), "/x");
+        assert_eq!(r.headers()[HOST], "127.0.0.1:8080");
+        let r = RequestTemplate::get(&t, HttpVersion::Http2).build();
+        assert_eq!(r.uri(), "http://127.0.0.1:8080/x");
+        assert!(r.headers().get(HOST).is_none());
+    }
+}
