@@ -43,6 +43,9 @@ impl Server {
     /// Starts serving `config` (already validated): demo backends if configured, listeners,
     /// admin endpoint.
     pub async fn start(config: Config) -> Result<Server, StartError> {
+        if config.listen.proxy_protocol {
+            return Err(StartError::Unsupported("listen.proxy_protocol = true"));
+        }
         let metrics = Arc::new(Metrics::new());
         let mut demo = Vec::new();
         if let Some(d) = &config.demo {
