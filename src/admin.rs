@@ -1,12 +1,12 @@
-//! Owns the admin listener: `/metrics` (Prometheus text), `/healthz`, and `/status` (JSON).
+//! Owns the admin listener: `/metrics` (Prometheus text), `/healthz`, `/status` (JSON) and
+//! `POST /reload`.
 
 use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::{header, HeaderValue, Request, Response, StatusCode};
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -16,13 +16,13 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::metrics::Metrics;
-use crate::server::Generation;
+use crate::server::{Control, Generation};
 
 /// Serves admin requests until shutdown.
 pub async fn serve(
     listener: TcpListener,
     metrics: Arc<Metrics>,
-    current: Arc<ArcSwap<Generation>>,
+    control: Arc<Control>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
@@ -34,11 +34,12 @@ pub async fn serve(
             _ = shutdown.changed() => return,
         };
         let metrics = metrics.clone();
-        let current = current.clone();
+        let control = control.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req: Request<Incoming>| {
-                let resp = answer(&req, &metrics, &current.load());
-                async move { Ok::<_, Infallible>(resp) }
+                let metrics = metrics.clone();
+                let control = control.clone();
+                async move { Ok::<_, Infallible>(answer(req, &metrics, &control).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -48,19 +49,34 @@ pub async fn serve(
     }
 }
 
-fn answer(
-    req: &Request<Incoming>,
+async fn answer(
+    req: Request<Incoming>,
     metrics: &Metrics,
-    generation: &Generation,
+    control: &Control,
 ) -> Response<Full<Bytes>> {
-    match req.uri().path() {
-        "/metrics" => text(
+    match (req.method(), req.uri().path()) {
+        (&Method::POST, "/reload") => match control.reload().await {
+            Ok(()) => text(StatusCode::OK, "text/plain", "reloaded\n".into()),
+            Err(e) => {
+                tracing::error!(error = %e, "reload rejected; the old configuration keeps serving");
+                text(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "text/plain",
+                    format!("reload rejected; the old configuration keeps serving:\n{e}\n"),
+                )
+            }
+        },
+        (_, "/metrics") => text(
             StatusCode::OK,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
             metrics.encode(),
         ),
-        "/healthz" => text(StatusCode::OK, "text/plain", "ok\n".into()),
-        "/status" => text(StatusCode::OK, "application/json", status_json(generation)),
+        (_, "/healthz") => text(StatusCode::OK, "text/plain", "ok\n".into()),
+        (_, "/status") => text(
+            StatusCode::OK,
+            "application/json",
+            status_json(&control.generation()),
+        ),
         _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
     }
 }

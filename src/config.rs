@@ -204,7 +204,7 @@ pub struct UpstreamConfig {
 }
 
 /// The pool keys of `[upstreams.NAME]`. `Default` gives the SPEC's values.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PoolConfig {
     pub keepalive_timeout: Duration,
     pub idle_timeout: Duration,

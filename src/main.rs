@@ -12,7 +12,11 @@ use kaproxy::config::{Config, LogConfig, LogFormat};
 const DEMO_CONFIG: &str = include_str!("../config.toml");
 
 #[derive(Parser)]
-#[command(name = "kaproxy", version, about = "TLS-terminating reverse proxy that never reuses a keep-alive connection its peer is about to close")]
+#[command(
+    name = "kaproxy",
+    version,
+    about = "TLS-terminating reverse proxy that never reuses a keep-alive connection its peer is about to close"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -96,13 +100,16 @@ fn serve(config: Config, demo: bool) -> anyhow::Result<()> {
     if config.runtime.worker_threads > 0 {
         runtime.worker_threads(config.runtime.worker_threads);
     }
-    let runtime = runtime.enable_all().build().context("cannot start the tokio runtime")?;
+    let runtime = runtime
+        .enable_all()
+        .build()
+        .context("cannot start the tokio runtime")?;
     let result = runtime.block_on(async move {
         let server = kaproxy::Server::start(config).await?;
         if demo {
             print_demo_help(&server);
         }
-        wait_for_signal().await;
+        wait_for_signal(&server).await;
         tracing::info!("shutting down: draining in-flight requests");
         server.shutdown().await;
         Ok(())
@@ -127,11 +134,21 @@ fn print_demo_help(server: &kaproxy::Server) {
     }
 }
 
-async fn wait_for_signal() {
+/// Waits for SIGTERM/SIGINT; SIGHUP reloads the configuration meanwhile.
+async fn wait_for_signal(server: &kaproxy::Server) {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+    let mut hangup = signal(SignalKind::hangup()).expect("SIGHUP handler");
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => return,
+            _ = term.recv() => return,
+            _ = hangup.recv() => {
+                tracing::info!("SIGHUP: reloading configuration");
+                if let Err(e) = server.reload().await {
+                    tracing::error!(error = %e, "reload rejected; the old configuration keeps serving");
+                }
+            }
+        }
     }
 }

@@ -154,7 +154,7 @@ pub struct ServerPool {
     /// The backend's advertised keep-alive timeout in ms (0: none learned yet).
     learned_timeout_ms: AtomicU64,
     next_id: AtomicU64,
-    sweep: Notify,
+    sweep: Arc<Notify>,
     sweeper: Mutex<Option<AbortHandle>>,
     metrics: Arc<ServerMetrics>,
 }
@@ -168,17 +168,21 @@ impl ServerPool {
             idle: Mutex::new(Vec::new()),
             learned_timeout_ms: AtomicU64::new(0),
             next_id: AtomicU64::new(1),
-            sweep: Notify::new(),
+            sweep: Arc::new(Notify::new()),
             sweeper: Mutex::new(None),
             metrics,
         });
-        let task = tokio::spawn(sweep_loop(Arc::downgrade(&pool)));
+        let task = tokio::spawn(sweep_loop(Arc::downgrade(&pool), pool.sweep.clone()));
         *pool.sweeper.lock().unwrap() = Some(task.abort_handle());
         pool
     }
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    pub fn config(&self) -> &PoolConfig {
+        &self.cfg
     }
 
     pub fn metrics(&self) -> &Arc<ServerMetrics> {
@@ -451,25 +455,23 @@ impl Drop for ServerPool {
     }
 }
 
-async fn sweep_loop(pool: Weak<ServerPool>) {
+/// Wakes at the earliest idle deadline (or when told the pool changed) and sweeps. Holds the
+/// pool only while sweeping, so dropping the pool ends the task.
+async fn sweep_loop(pool: Weak<ServerPool>, notify: Arc<Notify>) {
     loop {
-        let Some(strong) = pool.upgrade() else {
-            return;
+        let next = match pool.upgrade() {
+            Some(strong) => strong.sweep_idle(Instant::now()),
+            None => return,
         };
-        let next = strong.sweep_idle(Instant::now());
-        // Hold only the Notify while waiting, so a dropped pool ends this task.
-        let wait = async {
-            match next {
-                Some(at) => {
-                    tokio::select! {
-                        _ = tokio::time::sleep_until(at) => {}
-                        _ = strong.sweep.notified() => {}
-                    }
+        match next {
+            Some(at) => {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(at) => {}
+                    _ = notify.notified() => {}
                 }
-                None => strong.sweep.notified().await,
             }
-        };
-        wait.await;
+            None => notify.notified().await,
+        }
     }
 }
 

@@ -72,6 +72,19 @@ impl Proxy {
     /// Builds balancers and pools from a validated config. Must run inside a tokio runtime
     /// (each pool starts its sweep task).
     pub fn new(cfg: &Config, metrics: Arc<Metrics>) -> Proxy {
+        Self::reusing(cfg, metrics, None)
+    }
+
+    /// Like [`Proxy::new`], keeping the pools (and their warm connections) of `previous` for
+    /// servers that stay in the same upstream with the same pool settings (reload).
+    pub fn reusing(cfg: &Config, metrics: Arc<Metrics>, previous: Option<&Proxy>) -> Proxy {
+        let kept = |upstream: &str, addr: SocketAddr, pool_cfg: &crate::config::PoolConfig| {
+            let old = previous?.upstreams.iter().find(|u| u.name == upstream)?;
+            old.pools
+                .iter()
+                .find(|p| p.addr() == addr && p.config() == pool_cfg)
+                .cloned()
+        };
         let upstreams: Vec<Upstream> = cfg
             .upstreams
             .iter()
@@ -81,9 +94,11 @@ impl Proxy {
                     .backends()
                     .iter()
                     .map(|b| {
-                        let m = metrics.server(&u.name, b.addr);
-                        m.up.set(1);
-                        ServerPool::new(b.addr, u.pool.clone(), m)
+                        kept(&u.name, b.addr, &u.pool).unwrap_or_else(|| {
+                            let m = metrics.server(&u.name, b.addr);
+                            m.up.set(1);
+                            ServerPool::new(b.addr, u.pool.clone(), m)
+                        })
                     })
                     .collect();
                 Upstream {

@@ -2,6 +2,7 @@
 //! spawns the accept loops and the admin listener, and drains on shutdown.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,12 +11,13 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use crate::config::{Config, DownstreamConfig};
+use crate::config::{Config, ConfigError, DownstreamConfig};
 use crate::demo::{DemoBackend, DemoBackendConfig};
 use crate::error::StartError;
 use crate::listener::{self, Kind};
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
+use crate::tls::TlsError;
 
 /// Everything a downstream connection needs from one loaded configuration. A connection keeps
 /// the generation it was accepted under; a reload swaps in a new one for new connections.
@@ -25,13 +27,91 @@ pub struct Generation {
     pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
+impl Generation {
+    /// Builds everything a configuration needs at run time, keeping the pools of `previous`
+    /// that still fit (see [`Proxy::reusing`]).
+    fn build(
+        config: &Config,
+        metrics: &Arc<Metrics>,
+        previous: Option<&Proxy>,
+    ) -> Result<Generation, TlsError> {
+        let tls = match config.listen.https {
+            Some(_) => Some(crate::tls::server_config(&config.tls)?),
+            None => None,
+        };
+        Ok(Generation {
+            proxy: Arc::new(Proxy::reusing(config, metrics.clone(), previous)),
+            downstream: Arc::new(config.downstream.clone()),
+            tls,
+        })
+    }
+}
+
+/// Why a reload was refused (the old configuration keeps serving).
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("kaproxy was not started from a configuration file; nothing to reload")]
+    NoSource,
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("configuration loader failed: {0}")]
+    Loader(String),
+}
+
+/// Swaps configuration generations at run time (SIGHUP, `POST /reload`).
+pub struct Control {
+    current: Arc<ArcSwap<Generation>>,
+    metrics: Arc<Metrics>,
+    source: Option<PathBuf>,
+    started: Config,
+}
+
+impl Control {
+    /// The generation new connections are served with.
+    pub fn generation(&self) -> Arc<Generation> {
+        self.current.load_full()
+    }
+
+    /// Re-reads the configuration file and certificates and swaps them in atomically:
+    /// connections accepted from now on use the new generation, requests in flight finish on
+    /// the old one. An invalid file or certificate changes nothing.
+    pub async fn reload(&self) -> Result<(), ReloadError> {
+        let path = self.source.clone().ok_or(ReloadError::NoSource)?;
+        let config = tokio::task::spawn_blocking(move || Config::load(&path))
+            .await
+            .map_err(|e| ReloadError::Loader(e.to_string()))??;
+        self.apply(config)
+    }
+
+    /// Swaps in an already validated configuration.
+    pub fn apply(&self, config: Config) -> Result<(), ReloadError> {
+        let old = self.current.load_full();
+        let generation = Generation::build(&config, &self.metrics, Some(&old.proxy))?;
+        let s = &self.started;
+        if config.listen.https != s.listen.https
+            || config.listen.http != s.listen.http
+            || config.admin.listen != s.admin.listen
+        {
+            warn!("listener addresses changed; they take effect on restart only");
+        }
+        if config.listen.https.is_some() && s.listen.https.is_none() {
+            warn!("an https listener was added; it takes effect on restart only");
+        }
+        self.current.store(Arc::new(generation));
+        info!(upstreams = config.upstreams.len(), "configuration reloaded");
+        Ok(())
+    }
+}
+
 /// A running kaproxy.
 pub struct Server {
     https: Option<SocketAddr>,
     http: Option<SocketAddr>,
     admin: Option<SocketAddr>,
     metrics: Arc<Metrics>,
-    current: Arc<ArcSwap<Generation>>,
+    control: Arc<Control>,
     shutdown: watch::Sender<bool>,
     connections: mpsc::Receiver<()>,
     tasks: Vec<JoinHandle<()>>,
@@ -65,19 +145,17 @@ impl Server {
                 demo.push(backend);
             }
         }
-        let tls = match config.listen.https {
-            Some(_) => Some(crate::tls::server_config(&config.tls)?),
-            None => None,
-        };
-        let generation = Generation {
-            proxy: Arc::new(Proxy::new(&config, metrics.clone())),
-            downstream: Arc::new(config.downstream.clone()),
-            tls,
-        };
+        let generation = Generation::build(&config, &metrics, None)?;
         let current = Arc::new(ArcSwap::from_pointee(generation));
         let (shutdown, shutdown_rx) = watch::channel(false);
         let (done_tx, connections) = mpsc::channel::<()>(1);
         let mut tasks = Vec::new();
+        let control = Arc::new(Control {
+            current: current.clone(),
+            metrics: metrics.clone(),
+            source: config.source.clone(),
+            started: config.clone(),
+        });
         let bound = |what: &'static str, addr: SocketAddr| {
             listener::bind(addr).map_err(|source| StartError::Bind { what, addr, source })
         };
@@ -116,7 +194,7 @@ impl Server {
                 tasks.push(tokio::spawn(crate::admin::serve(
                     l,
                     metrics.clone(),
-                    current.clone(),
+                    control.clone(),
                     shutdown_rx.clone(),
                 )));
                 Some(local)
@@ -128,7 +206,7 @@ impl Server {
             http: addrs[1],
             admin,
             metrics,
-            current,
+            control,
             shutdown,
             connections,
             tasks,
@@ -156,7 +234,17 @@ impl Server {
 
     /// The configuration generation new connections are served with.
     pub fn generation(&self) -> Arc<Generation> {
-        self.current.load_full()
+        self.control.current.load_full()
+    }
+
+    /// Reloads the configuration file (see [`Control::reload`]).
+    pub async fn reload(&self) -> Result<(), ReloadError> {
+        self.control.reload().await
+    }
+
+    /// Handle for reloading from elsewhere (signal handlers, admin).
+    pub fn control(&self) -> Arc<Control> {
+        self.control.clone()
     }
 
     /// Stops accepting, lets in-flight requests finish (idle connections are closed, busy
@@ -174,7 +262,7 @@ impl Server {
         {
             warn!(timeout = ?self.shutdown_timeout, "shutdown_timeout passed with requests still in flight");
         }
-        self.current.load().proxy.close_idle();
+        self.control.current.load().proxy.close_idle();
         for d in self.demo.drain(..) {
             d.stop().await;
         }
