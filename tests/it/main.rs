@@ -1,4 +1,8 @@
 //! kaproxy's integration tests, in one binary with shared helpers under `support/`.
 
+mod apache;
+mod downstream;
 mod harness;
+mod race;
 mod support;
+mod tls;

@@ -18,6 +18,8 @@ pub const APACHE_MODULES: &str = "/usr/lib/apache2/modules";
 const START_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long a graceful stop may take before the process group is killed.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Size of `/slow.txt`: two mod_ratelimit chunks at 1 KiB/s, so about 200 ms per response.
+pub const SLOW_BODY_LEN: usize = 300;
 /// The env var that turns a missing Apache from a skip into a failure (CI sets it).
 pub const REQUIRE_APACHE_ENV: &str = "KAPROXY_REQUIRE_APACHE";
 
@@ -73,9 +75,13 @@ impl ApacheOptions {
 
 /// A running Apache: its own ServerRoot in a temp dir, its own process group, killed on drop.
 ///
-/// Serves `GET /` (index.html), `POST /echo` (mod_reflector echoes the body) and answers every
-/// response with `X-Backend`, `X-Seen-Forwarded-For`, `X-Seen-X-Foo`, `X-Seen-Proxy-Connection`,
+/// Serves `GET /` (index.html), `POST /echo` (mod_reflector echoes the body), and slow variants
+/// for overlapping requests: `GET /slow.txt` (300 bytes trickled by mod_ratelimit at 1 KiB/s,
+/// about 200 ms) and `POST /echo-slow` (the echo, trickled the same way). Every response carries `X-Backend`, `X-Seen-Forwarded-For`, `X-Seen-X-Foo`, `X-Seen-Proxy-Connection`,
 /// `X-Seen-Connection` (what it received, via mod_headers).
+///
+/// Only loopback, only this harness's processes: the instance runs in its own process group,
+/// which is what `stop`, `hard_restart` and drop signal.
 pub struct Apache {
     opts: ApacheOptions,
     dir: tempfile::TempDir,
@@ -226,12 +232,14 @@ impl Apache {
             htdocs.join("index.html"),
             format!("<html><body>hello from {}</body></html>\n", self.opts.name),
         )?;
+        std::fs::write(htdocs.join("slow.txt"), [b's'; SLOW_BODY_LEN])?;
         // Apache's children run as www-data and must read the document root.
         for (path, mode) in [
             (root.to_path_buf(), 0o755),
             (htdocs.clone(), 0o755),
             (run.clone(), 0o755),
             (htdocs.join("index.html"), 0o644),
+            (htdocs.join("slow.txt"), 0o644),
         ] {
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))?;
         }
@@ -263,6 +271,8 @@ impl Apache {
             "mime",
             "dir",
             "reflector",
+            "ratelimit",
+            "env",
         ] {
             writeln!(conf, "LoadModule {module}_module {m}/mod_{module}.so").unwrap();
         }
@@ -293,6 +303,15 @@ Header always set X-Seen-Proxy-Connection "expr=%{{req:Proxy-Connection}}"
 Header always set X-Seen-Connection "expr=%{{req:Connection}}"
 <Location "/echo">
     SetHandler reflector
+</Location>
+<Location "/echo-slow">
+    SetHandler reflector
+    SetOutputFilter RATE_LIMIT
+    SetEnv rate-limit 1
+</Location>
+<Location "/slow.txt">
+    SetOutputFilter RATE_LIMIT
+    SetEnv rate-limit 1
 </Location>
 "#,
             max = self.opts.max_keep_alive_requests,

@@ -591,6 +591,22 @@ impl Tally {
     }
 }
 
+/// How the slots of a load are spread in time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pacing {
+    /// Every slot runs on its own clock: a random start, then a random pause after each
+    /// response (a steady service with many independent callers).
+    Independent,
+    /// All slots fire together in rounds (within a few ms of each other): when every slot has
+    /// its response, all pause the same random time and fire again — a periodic batch job.
+    /// With requests that overlap (e.g. `/slow`), every upstream connection then sits idle for
+    /// about the pause, whatever order the pool hands connections out in.
+    Rounds,
+}
+
+/// Spread of slot start times within one round of [`Pacing::Rounds`].
+const ROUND_JITTER: Duration = Duration::from_millis(20);
+
 /// A load: `connections` client slots, each sending `requests_per_connection` copies of
 /// `request` on its keep-alive connection with a random pause in `pause` between them.
 #[derive(Clone)]
@@ -601,6 +617,7 @@ pub struct Load {
     pub request: Request,
     /// Inclusive range of the pause between two requests of one slot.
     pub pause: (Duration, Duration),
+    pub pacing: Pacing,
     /// Slot i binds `source_ips[i % len]`; empty: the default source.
     pub source_ips: Vec<IpAddr>,
     pub timeout: Duration,
@@ -614,6 +631,7 @@ impl Load {
             requests_per_connection: 1,
             request,
             pause: (Duration::ZERO, Duration::ZERO),
+            pacing: Pacing::Independent,
             source_ips: Vec::new(),
             timeout: DEFAULT_REQUEST_TIMEOUT,
         }
@@ -634,28 +652,46 @@ impl Load {
         self
     }
 
+    pub fn pacing(mut self, pacing: Pacing) -> Self {
+        self.pacing = pacing;
+        self
+    }
+
     pub fn source_ips(mut self, ips: Vec<IpAddr>) -> Self {
         self.source_ips = ips;
         self
     }
 
-    /// Runs every slot concurrently; each slot starts after a random offset within the pause
-    /// range so requests spread over time as in a real service.
+    /// Runs every slot concurrently and merges their tallies.
     pub async fn run(&self) -> Tally {
         let started = Instant::now();
+        // One pause per round, shared by all slots of a `Rounds` load.
+        let mut rng = Rng::new(u64::MAX);
+        let pauses: Arc<Vec<Duration>> = Arc::new(
+            (0..self.requests_per_connection)
+                .map(|_| rng.duration(self.pause.0, self.pause.1))
+                .collect(),
+        );
+        let barrier = Arc::new(tokio::sync::Barrier::new(self.connections));
         let mut tasks = Vec::with_capacity(self.connections);
         for slot in 0..self.connections {
             let load = self.clone();
-            tasks.push(tokio::spawn(async move { load.run_slot(slot).await }));
+            let pauses = pauses.clone();
+            let barrier = barrier.clone();
+            tasks.push(tokio::spawn(async move {
+                load.run_slot(slot, &pauses, &barrier).await
+            }));
         }
         let mut tally = Tally::default();
         for task in tasks {
             tally.merge(task.await.expect("load slot panicked"));
         }
         eprintln!(
-            "load {} {}: {} requests in {:.1?}: {}",
+            "load {} {} x{} ({:?}): {} requests in {:.1?}: {}",
             self.request.method,
             self.request.path,
+            self.connections,
+            self.pacing,
             tally.total(),
             started.elapsed(),
             if tally.error_count() == 0 {
@@ -667,7 +703,12 @@ impl Load {
         tally
     }
 
-    async fn run_slot(&self, slot: usize) -> Tally {
+    async fn run_slot(
+        &self,
+        slot: usize,
+        pauses: &[Duration],
+        barrier: &tokio::sync::Barrier,
+    ) -> Tally {
         let source = if self.source_ips.is_empty() {
             None
         } else {
@@ -677,12 +718,26 @@ impl Load {
         let mut client =
             KeepAliveClient::new(self.endpoint.clone(), source).with_timeout(self.timeout);
         let mut tally = Tally::default();
-        if self.pause.1 > Duration::ZERO {
+        let jitter = rng.duration(Duration::ZERO, ROUND_JITTER);
+        if self.pacing == Pacing::Independent && self.pause.1 > Duration::ZERO {
             tokio::time::sleep(rng.duration(Duration::ZERO, self.pause.1)).await;
         }
         for i in 0..self.requests_per_connection {
-            if i > 0 && self.pause.1 > Duration::ZERO {
-                tokio::time::sleep(rng.duration(self.pause.0, self.pause.1)).await;
+            match self.pacing {
+                Pacing::Rounds => {
+                    if i > 0 {
+                        // Every slot reaches the barrier: each request is bounded by its timeout.
+                        barrier.wait().await;
+                        tokio::time::sleep(pauses[i] + jitter).await;
+                    } else {
+                        tokio::time::sleep(jitter).await;
+                    }
+                }
+                Pacing::Independent => {
+                    if i > 0 && self.pause.1 > Duration::ZERO {
+                        tokio::time::sleep(rng.duration(self.pause.0, self.pause.1)).await;
+                    }
+                }
             }
             let result = client.send(&self.request).await;
             tally.add(Record {

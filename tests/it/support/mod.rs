@@ -1,7 +1,9 @@
-//! Shared helpers for kaproxy's integration tests: Apache, a recording upstream, a downstream client.
+//! Shared helpers for kaproxy's integration tests: Apache, a recording upstream, a downstream
+//! client and an in-process kaproxy.
 
 #![allow(dead_code)]
 
 pub mod apache;
 pub mod backend;
 pub mod client;
+pub mod proxy;
