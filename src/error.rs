@@ -117,8 +117,6 @@ pub enum StartError {
     },
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
-    #[error("{0} is not supported yet")]
-    Unsupported(&'static str),
     #[error("cannot start demo backend on {addr}: {source}")]
     Demo { addr: SocketAddr, source: io::Error },
 }

@@ -123,9 +123,6 @@ impl Server {
     /// Starts serving `config` (already validated): demo backends if configured, listeners,
     /// admin endpoint.
     pub async fn start(config: Config) -> Result<Server, StartError> {
-        if config.listen.proxy_protocol {
-            return Err(StartError::Unsupported("listen.proxy_protocol = true"));
-        }
         let metrics = Arc::new(Metrics::new());
         let mut demo = Vec::new();
         if let Some(d) = &config.demo {
@@ -180,6 +177,7 @@ impl Server {
                 shutdown_rx.clone(),
                 done_tx.clone(),
                 metrics.downstream_connections(kind.label()),
+                config.listen.proxy_protocol,
             )));
         }
         let admin = match config.admin.listen {
