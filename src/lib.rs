@@ -17,6 +17,7 @@
 //! - [`health`]: passive health of a backend (consecutive failures, cool-down).
 //! - [`metrics`]: the Prometheus registry; receives, never calls out.
 //! - [`admin`]: the admin listener: `/metrics`, `/healthz`, `/status`.
+//! - [`probe`]: `kaproxy probe`: measure a backend's keep-alive behaviour, recommend settings.
 //! - [`tls`]: rustls server configuration and the development certificate.
 //! - [`demo`]: built-in Apache-like backends for `kaproxy demo`, tests and the bench.
 //! - [`error`]: typed errors, each knowing its side and whether it may be retried.
@@ -32,6 +33,7 @@ pub mod health;
 pub mod listener;
 pub mod metrics;
 pub mod pool;
+pub mod probe;
 pub mod proxy;
 pub mod server;
 pub mod tls;

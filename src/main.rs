@@ -51,10 +51,7 @@ fn main() -> ExitCode {
         Command::Demo => Config::from_toml_str(DEMO_CONFIG, Path::new("config.toml (built in)"))
             .map_err(anyhow::Error::from)
             .and_then(|c| serve(c, true)),
-        Command::Probe { target, tls } => Err(anyhow::anyhow!(
-            "probe {target}{}: not implemented yet",
-            if tls { " --tls" } else { "" }
-        )),
+        Command::Probe { target, tls } => probe(&target, tls),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -77,6 +74,24 @@ fn check(path: &Path) -> ExitCode {
     } else {
         ExitCode::FAILURE
     }
+}
+
+fn probe(target: &str, tls: bool) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the tokio runtime")?;
+    println!(
+        "probing {target}: one keep-alive request, then waiting up to {}s for the backend to close it",
+        kaproxy::probe::DEFAULT_MAX_WAIT.as_secs()
+    );
+    let report = runtime.block_on(kaproxy::probe::probe(
+        target,
+        tls,
+        kaproxy::probe::DEFAULT_MAX_WAIT,
+    ))?;
+    print!("{report}");
+    Ok(())
 }
 
 fn init_tracing(log: &LogConfig) {
