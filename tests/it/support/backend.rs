@@ -63,6 +63,8 @@ impl RecordingBackend {
             // Bounded by the test: the task is aborted when the backend is dropped.
             loop {
                 let Ok((stream, peer)) = listener.accept().await else {
+                    // E.g. EMFILE: back off instead of spinning.
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
                     continue;
                 };
                 let log = log.clone();
