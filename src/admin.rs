@@ -1,8 +1,7 @@
-//! Owns the admin listener: `/metrics` (Prometheus text), `/healthz`, `/status` (JSON) and
-//! `POST /reload`.
+//! Owns the admin listener: `/` (status page), `/metrics` (Prometheus text), `/healthz`,
+//! `/status` (JSON) and `POST /reload`.
 
 use std::convert::Infallible;
-use std::fmt::Write as _;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -11,12 +10,17 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::metrics::Metrics;
 use crate::server::{Control, Generation};
+
+/// The status page: self-contained (no external assets); it fetches `/status` and draws each
+/// hop's keep-alive timeline.
+const STATUS_PAGE: &str = include_str!("status_page.html");
 
 /// Serves admin requests until shutdown.
 pub async fn serve(
@@ -71,6 +75,11 @@ async fn answer(
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
             metrics.encode(),
         ),
+        (_, "/") => text(
+            StatusCode::OK,
+            "text/html; charset=utf-8",
+            STATUS_PAGE.to_string(),
+        ),
         (_, "/healthz") => text(StatusCode::OK, "text/plain", "ok\n".into()),
         (_, "/status") => text(
             StatusCode::OK,
@@ -89,35 +98,65 @@ fn text(status: StatusCode, content_type: &'static str, body: String) -> Respons
     resp
 }
 
-/// Upstreams, servers, health, pool sizes and learned keep-alive timeouts as JSON.
+/// Upstreams, servers, health, pool sizes, learned keep-alive timeouts, closes by reason and
+/// the timeouts of every hop, as JSON (also what the status page draws).
 fn status_json(generation: &Generation) -> String {
     let now = Instant::now();
-    let mut out = String::from("{\"upstreams\":[");
-    for (i, u) in generation.proxy.upstreams().iter().enumerate() {
-        if i > 0 {
-            out.push(',');
-        }
-        let _ = write!(out, "{{\"name\":{:?},\"servers\":[", u.name);
-        for (j, (b, p)) in u.balancer.backends().iter().zip(&u.pools).enumerate() {
-            if j > 0 {
-                out.push(',');
-            }
-            let learned = p
-                .learned_timeout()
-                .map_or("null".to_string(), |t| format!("{}", t.as_secs_f64()));
-            let _ = write!(
-                out,
-                "{{\"addr\":\"{}\",\"weight\":{},\"up\":{},\"idle_connections\":{},\"learned_keepalive_timeout_s\":{},\"effective_keepalive_timeout_s\":{}}}",
-                b.addr,
-                b.weight,
-                b.health.is_up(now),
-                p.idle_count(),
-                learned,
-                p.effective_keepalive().as_secs_f64()
-            );
-        }
-        out.push_str("]}");
-    }
-    out.push_str("]}\n");
-    out
+    let secs = |d: std::time::Duration| d.as_secs_f64();
+    let config = &generation.config;
+    let ds = &config.downstream;
+    let upstreams: Vec<_> = generation
+        .proxy
+        .upstreams()
+        .iter()
+        .map(|u| {
+            let cfg = config.upstreams.iter().find(|c| c.name == u.name);
+            let servers: Vec<_> = u
+                .balancer
+                .backends()
+                .iter()
+                .zip(&u.pools)
+                .map(|(b, p)| {
+                    let closed: serde_json::Map<String, serde_json::Value> = p
+                        .metrics()
+                        .closed_counts()
+                        .map(|(reason, n)| (reason.to_string(), n.into()))
+                        .collect();
+                    let idle = p.idle_count();
+                    json!({
+                        "addr": b.addr.to_string(),
+                        "weight": b.weight,
+                        "up": b.health.is_up(now),
+                        "idle_connections": idle,
+                        "busy_connections": p.open_count().saturating_sub(idle),
+                        "learned_keepalive_timeout_s": p.learned_timeout().map(secs),
+                        "effective_keepalive_timeout_s": secs(p.effective_keepalive()),
+                        "closed": closed,
+                    })
+                })
+                .collect();
+            json!({
+                "name": u.name,
+                "balance": match u.balancer.kind() {
+                    crate::config::BalanceKind::RoundRobin => "round_robin",
+                    crate::config::BalanceKind::IpHash => "ip_hash",
+                },
+                "idle_timeout_s": cfg.map(|c| secs(c.pool.idle_timeout)),
+                "safety_margin_s": cfg.map(|c| secs(c.pool.safety_margin)),
+                "keepalive_timeout_s": cfg.map(|c| secs(c.pool.keepalive_timeout)),
+                "servers": servers,
+            })
+        })
+        .collect();
+    let status = json!({
+        "downstream": {
+            "idle_timeout_s": secs(ds.idle_timeout),
+            "front_idle_timeout_s": secs(ds.front_idle_timeout),
+            "header_timeout_s": secs(ds.header_timeout),
+        },
+        "upstreams": upstreams,
+    });
+    let mut text = serde_json::to_string_pretty(&status).expect("JSON values always serialize");
+    text.push('\n');
+    text
 }

@@ -241,6 +241,13 @@ impl ServerMetrics {
         self.closed[reason as usize].inc();
     }
 
+    /// Closes so far, by reason.
+    pub fn closed_counts(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        CloseReason::ALL
+            .iter()
+            .map(|r| (r.as_str(), self.closed[*r as usize].get()))
+    }
+
     pub fn error(&self, kind: &'static str) {
         if let Some(i) = UPSTREAM_ERROR_KINDS.iter().position(|k| *k == kind) {
             self.errors[i].inc();

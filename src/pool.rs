@@ -189,6 +189,11 @@ impl ServerPool {
         &self.metrics
     }
 
+    /// Number of open connections (idle and busy).
+    pub fn open_count(&self) -> usize {
+        self.cfg.max_connections_per_server - self.permits.available_permits()
+    }
+
     /// Number of idle pooled connections.
     pub fn idle_count(&self) -> usize {
         self.idle.lock().unwrap().len()

@@ -22,6 +22,7 @@ use crate::tls::TlsError;
 /// Everything a downstream connection needs from one loaded configuration. A connection keeps
 /// the generation it was accepted under; a reload swaps in a new one for new connections.
 pub struct Generation {
+    pub config: Arc<Config>,
     pub proxy: Arc<Proxy>,
     pub downstream: Arc<DownstreamConfig>,
     pub tls: Option<Arc<rustls::ServerConfig>>,
@@ -40,6 +41,7 @@ impl Generation {
             None => None,
         };
         Ok(Generation {
+            config: Arc::new(config.clone()),
             proxy: Arc::new(Proxy::reusing(config, metrics.clone(), previous)),
             downstream: Arc::new(config.downstream.clone()),
             tls,
