@@ -14,7 +14,8 @@
 //! - [`balancer`]: [`balancer::Backend`], smooth weighted round-robin, consistent ip-hash. No I/O.
 //! - [`pool`]: the keep-alive-aware upstream connection pool. Deadlines, lifetime, max requests,
 //!   learned `Keep-Alive`, EOF watch.
-//! - [`health`]: passive health of a backend (consecutive failures, cool-down).
+//! - [`health`]: active and passive health of a backend (probes with rise/fall; consecutive
+//!   failures, cool-down).
 //! - [`metrics`]: the Prometheus registry; receives, never calls out.
 //! - [`admin`]: the admin listener: `/metrics`, `/healthz`, `/status`.
 //! - [`probe`]: `kaproxy probe`: measure a backend's keep-alive behaviour, recommend settings.

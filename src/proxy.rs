@@ -90,6 +90,20 @@ impl Proxy {
             .iter()
             .map(|u| {
                 let balancer = Balancer::new(u);
+                // Keep the probes' verdict across a reload (only while probes run to clear it).
+                if u.health.is_some() {
+                    if let Some(old) =
+                        previous.and_then(|p| p.upstreams.iter().find(|o| o.name == u.name))
+                    {
+                        for b in balancer.backends() {
+                            if let Some(ob) =
+                                old.balancer.backends().iter().find(|ob| ob.addr == b.addr)
+                            {
+                                b.health.inherit_active(&ob.health);
+                            }
+                        }
+                    }
+                }
                 let pools = balancer
                     .backends()
                     .iter()
@@ -440,7 +454,9 @@ fn record_failure(backend: &Backend, pool: &ServerPool) {
 
 fn record_success(backend: &Backend, pool: &ServerPool) {
     backend.health.record_success();
-    pool.metrics().up.set(1);
+    pool.metrics()
+        .up
+        .set(i64::from(backend.health.is_up(Instant::now())));
 }
 
 fn build_request(

@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -14,6 +14,7 @@ use tracing::{info, warn};
 use crate::config::{Config, ConfigError, DownstreamConfig};
 use crate::demo::{DemoBackend, DemoBackendConfig};
 use crate::error::StartError;
+use crate::health::{spawn_active_checks, ActiveChecks};
 use crate::listener::{self, Kind};
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
@@ -49,6 +50,28 @@ impl Generation {
     }
 }
 
+/// Starts the active checks of every upstream with `[health]`, on the backends of `proxy`.
+/// They live on [`Control`], not in the generation: an old generation lives as long as any
+/// connection accepted under it, and its probes must stop at reload.
+fn start_health_checks(config: &Config, proxy: &Proxy) -> Vec<ActiveChecks> {
+    config
+        .upstreams
+        .iter()
+        .filter_map(|u| {
+            let health = u.health.as_ref()?;
+            let upstream = proxy.upstreams().iter().find(|p| p.name == u.name)?;
+            let targets = upstream
+                .balancer
+                .backends()
+                .iter()
+                .cloned()
+                .zip(upstream.pools.iter().map(|p| p.metrics().up.clone()))
+                .collect();
+            Some(spawn_active_checks(&u.name, targets, health))
+        })
+        .collect()
+}
+
 /// Why a reload was refused (the old configuration keeps serving).
 #[derive(Debug, thiserror::Error)]
 pub enum ReloadError {
@@ -68,6 +91,7 @@ pub struct Control {
     metrics: Arc<Metrics>,
     source: Option<PathBuf>,
     started: Config,
+    health_checks: Mutex<Vec<ActiveChecks>>,
 }
 
 impl Control {
@@ -91,6 +115,7 @@ impl Control {
     pub fn apply(&self, config: Config) -> Result<(), ReloadError> {
         let old = self.current.load_full();
         let generation = Generation::build(&config, &self.metrics, Some(&old.proxy))?;
+        let checks = start_health_checks(&config, &generation.proxy);
         let s = &self.started;
         if config.listen.https != s.listen.https
             || config.listen.http != s.listen.http
@@ -102,6 +127,8 @@ impl Control {
             warn!("an https listener was added; it takes effect on restart only");
         }
         self.current.store(Arc::new(generation));
+        // Dropping the old checks aborts their probes.
+        *self.health_checks.lock().unwrap_or_else(|e| e.into_inner()) = checks;
         info!(upstreams = config.upstreams.len(), "configuration reloaded");
         Ok(())
     }
@@ -145,6 +172,7 @@ impl Server {
             }
         }
         let generation = Generation::build(&config, &metrics, None)?;
+        let health_checks = start_health_checks(&config, &generation.proxy);
         let current = Arc::new(ArcSwap::from_pointee(generation));
         let (shutdown, shutdown_rx) = watch::channel(false);
         let (done_tx, connections) = mpsc::channel::<()>(1);
@@ -154,6 +182,7 @@ impl Server {
             metrics: metrics.clone(),
             source: config.source.clone(),
             started: config.clone(),
+            health_checks: Mutex::new(health_checks),
         });
         let bound = |what: &'static str, addr: SocketAddr| {
             listener::bind(addr).map_err(|source| StartError::Bind { what, addr, source })
@@ -262,6 +291,11 @@ impl Server {
         {
             warn!(timeout = ?self.shutdown_timeout, "shutdown_timeout passed with requests still in flight");
         }
+        self.control
+            .health_checks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
         self.control.current.load().proxy.close_idle();
         for d in self.demo.drain(..) {
             d.stop().await;
