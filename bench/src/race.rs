@@ -425,13 +425,13 @@ fn side_by_side(naive: &ModeRun, default: &ModeRun) -> String {
     let row = |out: &mut String, label: &str, cells: [String; 4]| {
         let _ = writeln!(
             out,
-            "{label:<34}{:>10}{:>10}   {:>10}{:>10}",
+            "{label:<44}{:>10}{:>10}   {:>10}{:>10}",
             cells[0], cells[1], cells[2], cells[3]
         );
     };
     let _ = writeln!(
         out,
-        "\n{:<34}{:>20}   {:>20}",
+        "\n{:<44}{:>20}   {:>20}",
         "client-visible",
         Mode::Naive.label(),
         Mode::Default.label()
@@ -442,7 +442,7 @@ fn side_by_side(naive: &ModeRun, default: &ModeRun) -> String {
         ["GET".into(), "POST".into(), "GET".into(), "POST".into()],
     );
     let reports = [&naive.get, &naive.post, &default.get, &default.post];
-    let cells = |f: &dyn Fn(&Report) -> String| reports.map(|r| f(r));
+    let cells = |f: &dyn Fn(&Report) -> String| reports.map(f);
     row(&mut out, "requests", cells(&|r| r.requests.to_string()));
     row(&mut out, "2xx", cells(&|r| r.status.s2xx.to_string()));
     row(
@@ -487,11 +487,11 @@ fn side_by_side(naive: &ModeRun, default: &ModeRun) -> String {
     );
 
     let pair = |out: &mut String, label: &str, a: f64, b: f64| {
-        let _ = writeln!(out, "{label:<34}{a:>20}   {b:>20}");
+        let _ = writeln!(out, "{label:<44}{a:>20}   {b:>20}");
     };
     let _ = writeln!(
         out,
-        "\n{:<34}{:>20}   {:>20}",
+        "\n{:<44}{:>20}   {:>20}",
         "kaproxy upstream pool",
         Mode::Naive.label(),
         Mode::Default.label()

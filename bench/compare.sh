@@ -1,0 +1,637 @@
+#!/usr/bin/env bash
+# Runs the same load against the backend directly, kaproxy, nginx and HAProxy in one run,
+# interleaved round by round, and writes the medians and ratios to bench/RESULTS.md.
+#
+#   bench/compare.sh [--rounds N] [--duration SECONDS] [--out FILE] [--no-install]
+#
+# Layout on the 2-core machine: every proxy is pinned to CPU 0 with one worker (kaproxy
+# `[runtime] worker_threads = 1`, nginx `worker_processes 1`, HAProxy `nbthread 1`); the
+# backend (nginx serving static files) and the load generators are pinned to CPU 1.
+# Load generators: wrk for HTTP/1.1 keep-alive (plain, TLS, 1 MiB), h2load for HTTP/2,
+# kaproxy-bench for TLS with a new connection per request and for the 10 000 idle connections.
+# Every process the script starts is killed by PID when it exits.
+set -euo pipefail
+
+ROUNDS=3
+DURATION=10
+INSTALL=1
+HERE="$(cd "$(dirname "$0")" && pwd)"
+ROOT="$(cd "$HERE/.." && pwd)"
+OUT="$HERE/RESULTS.md"
+
+usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; }
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --rounds) ROUNDS="$2"; shift 2 ;;
+        --duration) DURATION="$2"; shift 2 ;;
+        --out) OUT="$2"; shift 2 ;;
+        --no-install) INSTALL=0; shift ;;
+        -h|--help) usage; exit 0 ;;
+        *) echo "unknown argument: $1" >&2; usage >&2; exit 2 ;;
+    esac
+done
+[ "$ROUNDS" -ge 1 ] 2>/dev/null || { echo "--rounds must be a positive integer" >&2; exit 2; }
+[ "$DURATION" -ge 1 ] 2>/dev/null || { echo "--duration must be whole seconds >= 1" >&2; exit 2; }
+
+# ---- ports (loopback only) ----
+BACKEND_HTTP=18180; BACKEND_TLS=18543
+KAPROXY_HTTP=18181; KAPROXY_TLS=18544
+NGINX_HTTP=18182;   NGINX_TLS=18545
+HAPROXY_HTTP=18183; HAPROXY_TLS=18546
+TARGETS=(direct kaproxy nginx haproxy)
+PROXIES=(kaproxy nginx haproxy)
+IDLE_CONNS=10000
+IDLE_HOLD=10      # seconds each idle connection is held open
+IDLE_SAMPLE=7     # seconds after the load starts when RSS is sampled
+
+log() { printf '==> %s\n' "$*" >&2; }
+
+# ---- tools ----
+need_pkgs=()
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need_pkgs+=(nginx)
+command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || need_pkgs+=(haproxy)
+command -v wrk >/dev/null || need_pkgs+=(wrk)
+command -v h2load >/dev/null || need_pkgs+=(nghttp2-client)
+command -v openssl >/dev/null || need_pkgs+=(openssl)
+command -v taskset >/dev/null || need_pkgs+=(util-linux)
+if [ ${#need_pkgs[@]} -gt 0 ]; then
+    [ "$INSTALL" = 1 ] || { echo "missing: ${need_pkgs[*]} (run without --no-install)" >&2; exit 1; }
+    log "installing ${need_pkgs[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q
+    apt-get install -y -q --no-install-recommends "${need_pkgs[@]}"
+fi
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+HAPROXY=$(command -v haproxy || echo /usr/sbin/haproxy)
+[ "$(nproc)" -ge 2 ] || { echo "needs at least 2 CPUs (proxy on CPU 0, load on CPU 1)" >&2; exit 1; }
+
+# 10 000 idle client connections need the file descriptors on both ends.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+if [ "$(ulimit -n)" != unlimited ] && [ "$(ulimit -n)" -lt $((IDLE_CONNS + 2000)) ]; then
+    echo "ulimit -n is $(ulimit -n); the idle-connection scenario needs $((IDLE_CONNS + 2000))" >&2
+    exit 1
+fi
+
+log "building kaproxy and kaproxy-bench (release)"
+(cd "$ROOT" && cargo build --release -q -p kaproxy -p kaproxy-bench)
+KAPROXY="$ROOT/target/release/kaproxy"
+BENCH="$ROOT/target/release/kaproxy-bench"
+
+WORK=$(mktemp -d /tmp/kaproxy-compare.XXXXXX)
+chmod 755 "$WORK"
+PIDS=()
+declare -A PID_OF=()
+
+stop_pid() {
+    local pid=$1
+    kill -TERM "$pid" 2>/dev/null || return 0
+    for _ in $(seq 1 50); do
+        kill -0 "$pid" 2>/dev/null || { wait "$pid" 2>/dev/null || true; return 0; }
+        sleep 0.1
+    done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+}
+cleanup() {
+    local pid
+    for pid in "${PIDS[@]}"; do stop_pid "$pid"; done
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+for port in $BACKEND_HTTP $BACKEND_TLS $KAPROXY_HTTP $KAPROXY_TLS $NGINX_HTTP $NGINX_TLS $HAPROXY_HTTP $HAPROXY_TLS; do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+        echo "port 127.0.0.1:$port is already in use" >&2; exit 1
+    fi
+done
+
+wait_port() {
+    local port=$1
+    for _ in $(seq 1 100); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && return 0
+        sleep 0.1
+    done
+    echo "nothing listens on 127.0.0.1:$port" >&2
+    return 1
+}
+
+# ---- certificate (ECDSA P-256, shared by every TLS listener) ----
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 7 \
+    -subj "/CN=localhost" -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" \
+    -keyout "$WORK/key.pem" -out "$WORK/cert.pem" 2>/dev/null
+cat "$WORK/cert.pem" "$WORK/key.pem" > "$WORK/combined.pem"
+
+# ---- backend: nginx serving static files on CPU 1 ----
+mkdir -p "$WORK/www" "$WORK/backend" "$WORK/nginx"
+printf 'hello from the static backend, a small response for the keep-alive benchmark\n' > "$WORK/www/small"
+head -c 1048576 /dev/zero | tr '\0' 'x' > "$WORK/www/1m"
+chmod -R a+rX "$WORK"
+
+cat > "$WORK/backend/nginx.conf" <<EOF
+user root;
+worker_processes 1;
+worker_rlimit_nofile 20000;
+error_log $WORK/backend/error.log warn;
+pid $WORK/backend/nginx.pid;
+events { worker_connections 19000; }
+http {
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    open_file_cache max=64;
+    keepalive_timeout 75s;
+    keepalive_requests 1000000;
+    client_body_temp_path $WORK/backend/body;
+    proxy_temp_path $WORK/backend/proxy;
+    fastcgi_temp_path $WORK/backend/fastcgi;
+    uwsgi_temp_path $WORK/backend/uwsgi;
+    scgi_temp_path $WORK/backend/scgi;
+    default_type application/octet-stream;
+    server {
+        listen 127.0.0.1:$BACKEND_HTTP backlog=4096;
+        listen 127.0.0.1:$BACKEND_TLS ssl http2 backlog=4096;
+        ssl_certificate $WORK/cert.pem;
+        ssl_certificate_key $WORK/key.pem;
+        ssl_protocols TLSv1.2 TLSv1.3;
+        ssl_session_cache shared:SSL:10m;
+        root $WORK/www;
+    }
+}
+EOF
+
+# ---- kaproxy ----
+cat > "$WORK/kaproxy.toml" <<EOF
+[listen]
+http = "127.0.0.1:$KAPROXY_HTTP"
+https = "127.0.0.1:$KAPROXY_TLS"
+
+[tls]
+cert = "$WORK/cert.pem"
+key = "$WORK/key.pem"
+session_resumption = true
+
+[downstream]
+idle_timeout = "75s"
+max_requests_per_connection = 1000000
+
+[upstreams.web]
+servers = ["127.0.0.1:$BACKEND_HTTP"]
+keepalive_timeout = "75s"       # the backend nginx's keepalive_timeout
+idle_timeout = "60s"
+max_requests_per_connection = 1000000
+max_idle_per_server = 256
+
+[admin]
+listen = ""
+
+[runtime]
+worker_threads = 1
+
+[log]
+level = "warn"
+access_log = false
+EOF
+
+# ---- nginx as the proxy ----
+cat > "$WORK/nginx/nginx.conf" <<EOF
+user root;
+worker_processes 1;
+worker_rlimit_nofile 20000;
+error_log $WORK/nginx/error.log warn;
+pid $WORK/nginx/nginx.pid;
+events { worker_connections 19000; }
+http {
+    access_log off;
+    keepalive_timeout 75s;
+    keepalive_requests 1000000;
+    client_body_temp_path $WORK/nginx/body;
+    proxy_temp_path $WORK/nginx/proxy;
+    fastcgi_temp_path $WORK/nginx/fastcgi;
+    uwsgi_temp_path $WORK/nginx/uwsgi;
+    scgi_temp_path $WORK/nginx/scgi;
+    upstream backend {
+        server 127.0.0.1:$BACKEND_HTTP;
+        keepalive 256;
+        keepalive_requests 1000000;
+        keepalive_timeout 60s;
+    }
+    server {
+        listen 127.0.0.1:$NGINX_HTTP backlog=4096;
+        listen 127.0.0.1:$NGINX_TLS ssl http2 backlog=4096;
+        ssl_certificate $WORK/cert.pem;
+        ssl_certificate_key $WORK/key.pem;
+        ssl_protocols TLSv1.2 TLSv1.3;
+        ssl_session_cache shared:SSL:10m;
+        location / {
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }
+    }
+}
+EOF
+
+# ---- HAProxy ----
+cat > "$WORK/haproxy.cfg" <<EOF
+global
+    nbthread 1
+    maxconn 10100
+    # HAProxy reserves two descriptors per connection; ulimit -n is capped at 20000 here,
+    # and idle client connections need one each.
+    no strict-limits
+    ssl-default-bind-options ssl-min-ver TLSv1.2
+defaults
+    mode http
+    maxconn 10100
+    timeout connect 5s
+    timeout client 75s
+    timeout server 60s
+    timeout http-keep-alive 75s
+    option http-keep-alive
+    http-reuse always
+frontend fe
+    bind 127.0.0.1:$HAPROXY_HTTP
+    bind 127.0.0.1:$HAPROXY_TLS ssl crt $WORK/combined.pem alpn h2,http/1.1
+    default_backend be
+backend be
+    server b1 127.0.0.1:$BACKEND_HTTP
+EOF
+
+start_backend() {
+    taskset -c 1 "$NGINX" -p "$WORK/backend" -c "$WORK/backend/nginx.conf" -g 'daemon off;' \
+        >"$WORK/backend/stdout.log" 2>&1 &
+    PIDS+=($!); PID_OF[backend]=$!
+    wait_port $BACKEND_HTTP
+}
+start_proxy() {
+    local name=$1
+    case $name in
+        kaproxy)
+            taskset -c 0 "$KAPROXY" run --config "$WORK/kaproxy.toml" >"$WORK/kaproxy.log" 2>&1 &
+            ;;
+        nginx)
+            taskset -c 0 "$NGINX" -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" -g 'daemon off;' \
+                >"$WORK/nginx/stdout.log" 2>&1 &
+            ;;
+        haproxy)
+            taskset -c 0 "$HAPROXY" -db -f "$WORK/haproxy.cfg" >"$WORK/haproxy.log" 2>&1 &
+            ;;
+    esac
+    PIDS+=($!); PID_OF[$name]=$!
+    if ! wait_port "$(http_port "$name")"; then
+        echo "--- $name did not start; its log:" >&2
+        cat "$WORK/$name.log" "$WORK/$name"/*.log 2>/dev/null | tail -n 20 >&2 || true
+        exit 1
+    fi
+    wait_port "$(tls_port "$name")"
+}
+forget_pid() {
+    local kept=() p
+    for p in "${PIDS[@]}"; do [ "$p" = "$1" ] || kept+=("$p"); done
+    PIDS=("${kept[@]}")
+}
+stop_proxy() {
+    local pid=${PID_OF[$1]}
+    stop_pid "$pid"
+    forget_pid "$pid"
+}
+http_port() { case $1 in direct) echo $BACKEND_HTTP ;; kaproxy) echo $KAPROXY_HTTP ;; nginx) echo $NGINX_HTTP ;; haproxy) echo $HAPROXY_HTTP ;; esac; }
+tls_port() { case $1 in direct) echo $BACKEND_TLS ;; kaproxy) echo $KAPROXY_TLS ;; nginx) echo $NGINX_TLS ;; haproxy) echo $HAPROXY_TLS ;; esac; }
+
+# The processes whose CPU and memory count for a target: the proxy and its children (nginx's
+# worker); for "direct", nothing (the backend is not a proxy).
+proc_tree() {
+    local target=$1
+    [ "$target" = direct ] && return 0
+    local root=${PID_OF[$target]}
+    echo "$root"
+    local child
+    for child in $(ps -o pid= --ppid "$root" 2>/dev/null); do echo "$child"; done
+}
+# utime + stime in clock ticks, summed over the target's processes.
+cpu_ticks() {
+    local total=0 pid
+    for pid in $(proc_tree "$1"); do
+        [ -r "/proc/$pid/stat" ] || continue
+        total=$((total + $(awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$pid/stat")))
+    done
+    echo $total
+}
+rss_kib() {
+    local total=0 pid
+    for pid in $(proc_tree "$1"); do
+        [ -r "/proc/$pid/status" ] || continue
+        total=$((total + $(awk '/^VmRSS:/ { print $2 }' "/proc/$pid/status")))
+    done
+    echo $total
+}
+TICKS=$(getconf CLK_TCK)
+
+RES="$WORK/results"
+mkdir -p "$RES" "$WORK/runs"
+# record METRIC TARGET VALUE: keeps numeric values only (a failed run leaves a gap, not a zero).
+record() {
+    if [[ "$3" =~ ^[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]+)?$ ]]; then echo "$3" >> "$RES/$1.$2"; fi
+}
+is_num() { [[ "$1" =~ ^[0-9]+(\.[0-9]+)?$ ]]; }
+
+# ---- output parsers ----
+wrk_field() { # file field: rps | p99_ms | requests | mib_s | errors
+    local f=$1
+    case $2 in
+        rps) awk '/^Requests\/sec:/ { print $2 }' "$f" ;;
+        requests) awk '/requests in/ { print $1 }' "$f" ;;
+        p99_ms) awk '$1 == "99%" { v = $2; u = v; sub(/[0-9.]+/, "", u); sub(/[a-z]+$/, "", v);
+                     m = (u == "us") ? v / 1000 : (u == "ms") ? v : (u == "s") ? v * 1000 : (u == "m") ? v * 60000 : v;
+                     printf "%.3f\n", m }' "$f" ;;
+        mib_s) awk '/^Transfer\/sec:/ { v = $2; u = v; sub(/[0-9.]+/, "", u); sub(/[A-Za-z]+$/, "", v);
+                     m = (u == "B") ? v / 1048576 : (u == "KB") ? v / 1024 : (u == "MB") ? v : (u == "GB") ? v * 1024 : v;
+                     printf "%.1f\n", m }' "$f" ;;
+        errors) awk '/Non-2xx or 3xx responses:/ { e += $NF }
+                     /Socket errors:/ { gsub(/,/, ""); e += $4 + $6 + $8 + $10 }
+                     END { print e + 0 }' "$f" ;;
+    esac
+}
+h2load_field() { # file field: rps | requests | errors
+    local f=$1
+    case $2 in
+        rps) awk '/^finished in/ { print $4 }' "$f" ;;
+        requests) awk '/^requests:/ { print $8 }' "$f" ;;
+        # "failed" includes non-2xx/3xx statuses and transport errors.
+        errors) awk '/^requests:/ { e = $10 } END { print e + 0 }' "$f" ;;
+    esac
+}
+json_field() { # file jq-like path (dotted)
+    python3 -c 'import json,sys
+d = json.load(open(sys.argv[1]))
+for k in sys.argv[2].split("."): d = d[k]
+print(d)' "$1" "$2" 2>/dev/null || echo -
+}
+
+# ---- one measurement ----
+WRK_CMD="taskset -c 1 wrk -t1 -c64 -d${DURATION}s --latency URL/small"
+WRK_1M_CMD="taskset -c 1 wrk -t1 -c16 -d${DURATION}s --latency URL/1m"
+NEWCONN_CMD="taskset -c 1 kaproxy-bench -c16 -d${DURATION}s --new-conn --no-resume --insecure --json https://127.0.0.1:PORT/small"
+H2_CMD="taskset -c 1 h2load -t1 -c16 -m4 -D ${DURATION} https://127.0.0.1:PORT/small"
+IDLE_CMD="taskset -c 1 kaproxy-bench -c$IDLE_CONNS -n$IDLE_CONNS --idle-gap ${IDLE_HOLD}s --timeout 30s --json http://127.0.0.1:PORT/small"
+
+run_scenario() {
+    local scenario=$1 target=$2 round=$3
+    local out="$WORK/runs/$scenario.$target.$round"
+    local before after requests errors headline
+    before=$(cpu_ticks "$target")
+    case $scenario in
+        h1)
+            taskset -c 1 wrk -t1 -c64 -d"${DURATION}s" --latency "http://127.0.0.1:$(http_port "$target")/small" > "$out" 2>&1 || true
+            record h1.rps "$target" "$(wrk_field "$out" rps)"
+            record h1.p99 "$target" "$(wrk_field "$out" p99_ms)"
+            headline="$(wrk_field "$out" rps) req/s"
+            requests=$(wrk_field "$out" requests); errors=$(wrk_field "$out" errors) ;;
+        h1tls)
+            taskset -c 1 wrk -t1 -c64 -d"${DURATION}s" --latency "https://127.0.0.1:$(tls_port "$target")/small" > "$out" 2>&1 || true
+            record h1tls.rps "$target" "$(wrk_field "$out" rps)"
+            record h1tls.p99 "$target" "$(wrk_field "$out" p99_ms)"
+            headline="$(wrk_field "$out" rps) req/s"
+            requests=$(wrk_field "$out" requests); errors=$(wrk_field "$out" errors) ;;
+        newconn)
+            taskset -c 1 "$BENCH" -c16 -d"${DURATION}s" --new-conn --no-resume --insecure --json \
+                "https://127.0.0.1:$(tls_port "$target")/small" > "$out" 2>"$out.err" || true
+            record newconn.rps "$target" "$(json_field "$out" req_per_s)"
+            record newconn.p99 "$target" "$(json_field "$out" latency_ms.p99)"
+            headline="$(json_field "$out" req_per_s) handshakes/s"
+            requests=$(json_field "$out" requests); errors=$(json_field "$out" client_visible_errors) ;;
+        h2)
+            taskset -c 1 h2load -t1 -c16 -m4 -D "$DURATION" "https://127.0.0.1:$(tls_port "$target")/small" > "$out" 2>&1 || true
+            record h2.rps "$target" "$(h2load_field "$out" rps)"
+            headline="$(h2load_field "$out" rps) req/s"
+            requests=$(h2load_field "$out" requests); errors=$(h2load_field "$out" errors) ;;
+        big)
+            taskset -c 1 wrk -t1 -c16 -d"${DURATION}s" --latency "http://127.0.0.1:$(http_port "$target")/1m" > "$out" 2>&1 || true
+            record big.mibs "$target" "$(wrk_field "$out" mib_s)"
+            headline="$(wrk_field "$out" mib_s) MiB/s"
+            requests=$(wrk_field "$out" requests); errors=$(wrk_field "$out" errors) ;;
+    esac
+    after=$(cpu_ticks "$target")
+    is_num "$requests" || requests=0
+    is_num "$errors" || errors=0
+    if [ "$target" != direct ] && [ "${requests%.*}" -gt 0 ]; then
+        # proxy CPU-seconds per 100 000 requests
+        record "$scenario.cpu" "$target" "$(awk -v t=$((after - before)) -v hz="$TICKS" -v n="$requests" 'BEGIN { printf "%.3f\n", t / hz / n * 100000 }')"
+    fi
+    record "$scenario.errors" "$target" "$errors"
+    log "round $round  $scenario  $target: ${headline:-no result}, errors $errors (output: $out)"
+}
+
+run_idle() {
+    local target=$1 round=$2
+    local out="$WORK/runs/idle.$target.$round"
+    stop_proxy "$target"
+    start_proxy "$target"
+    sleep 0.5
+    local base
+    base=$(rss_kib "$target")
+    taskset -c 1 "$BENCH" -c"$IDLE_CONNS" -n"$IDLE_CONNS" --idle-gap "${IDLE_HOLD}s" --timeout 30s --json \
+        "http://127.0.0.1:$(http_port "$target")/small" > "$out" 2>"$out.err" &
+    local bench_pid=$!
+    PIDS+=("$bench_pid")
+    sleep "$IDLE_SAMPLE"
+    local held
+    held=$(rss_kib "$target")
+    wait "$bench_pid" || true
+    forget_pid "$bench_pid"
+    local ok
+    ok=$(json_field "$out" status.2xx)
+    is_num "$ok" || ok=0
+    record idle.rss "$target" "$(awk -v k="$held" 'BEGIN { printf "%.1f\n", k / 1024 }')"
+    record idle.base "$target" "$(awk -v k="$base" 'BEGIN { printf "%.1f\n", k / 1024 }')"
+    record idle.errors "$target" $((IDLE_CONNS - ok))
+    log "round $round  idle  $target: RSS $((base / 1024)) MiB -> $((held / 1024)) MiB with $ok/$IDLE_CONNS connections answered"
+}
+
+LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
+log "starting backend, kaproxy, nginx, HAProxy (work dir $WORK)"
+start_backend
+for p in "${PROXIES[@]}"; do start_proxy "$p"; done
+# Warm-up: every target answers, connections are pooled.
+for t in "${TARGETS[@]}"; do
+    taskset -c 1 wrk -t1 -c8 -d1s "http://127.0.0.1:$(http_port "$t")/small" >/dev/null 2>&1 || true
+done
+
+SCENARIOS=(h1 h1tls newconn h2 big)
+for round in $(seq 1 "$ROUNDS"); do
+    for scenario in "${SCENARIOS[@]}"; do
+        for target in "${TARGETS[@]}"; do
+            run_scenario "$scenario" "$target" "$round"
+        done
+    done
+    for target in "${PROXIES[@]}"; do
+        run_idle "$target" "$round"
+    done
+done
+
+# ---- report ----
+median() { [ -s "$1" ] && sort -g "$1" | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else printf "%.3f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }' || echo "-"; }
+sum() { [ -s "$1" ] && awk '{ s += $1 } END { print s + 0 }' "$1" || echo "-"; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "-" || b == "-" || b + 0 == 0) print "-"; else printf "%.2f\n", a / b }'; }
+fmt() { awk -v v="$1" -v d="$2" 'BEGIN { if (v == "-") print "-"; else printf "%." d "f\n", v }'; }
+
+ROWS=(
+    "h1.rps|HTTP/1.1 keep-alive c=64, req/s|0"
+    "h1.p99|HTTP/1.1 keep-alive c=64, p99 ms|3"
+    "h1.cpu|HTTP/1.1 keep-alive c=64, proxy CPU-s / 100k req|3"
+    "h1tls.rps|HTTPS/1.1 keep-alive c=64, req/s|0"
+    "h1tls.p99|HTTPS/1.1 keep-alive c=64, p99 ms|3"
+    "h1tls.cpu|HTTPS/1.1 keep-alive c=64, proxy CPU-s / 100k req|3"
+    "newconn.rps|TLS new connection per request, handshakes/s|0"
+    "newconn.p99|TLS new connection per request, p99 ms|3"
+    "newconn.cpu|TLS new connection per request, proxy CPU-s / 100k|2"
+    "h2.rps|HTTP/2 over TLS (h2load -c16 -m4), req/s|0"
+    "h2.cpu|HTTP/2 over TLS, proxy CPU-s / 100k req|3"
+    "big.mibs|1 MiB responses c=16, MiB/s|0"
+    "big.cpu|1 MiB responses, proxy CPU-s / 100k req|1"
+    "idle.base|RSS before the idle connections, MiB|1"
+    "idle.rss|RSS holding $IDLE_CONNS idle keep-alive connections, MiB|1"
+)
+table() {
+    echo "| scenario, metric | direct | kaproxy | nginx | HAProxy | kaproxy/nginx | kaproxy/HAProxy |"
+    echo "|---|---:|---:|---:|---:|---:|---:|"
+    local row key label digits k n h d
+    for row in "${ROWS[@]}"; do
+        IFS='|' read -r key label digits <<<"$row"
+        d=$(median "$RES/$key.direct" 2>/dev/null || echo -)
+        k=$(median "$RES/$key.kaproxy"); n=$(median "$RES/$key.nginx"); h=$(median "$RES/$key.haproxy")
+        echo "| $label | $(fmt "$d" "$digits") | $(fmt "$k" "$digits") | $(fmt "$n" "$digits") | $(fmt "$h" "$digits") | $(ratio "$k" "$n") | $(ratio "$k" "$h") |"
+    done
+    local s
+    for s in h1 h1tls newconn h2 big idle; do
+        echo "| errors in $s (all rounds) | $(sum "$RES/$s.errors.direct") | $(sum "$RES/$s.errors.kaproxy") | $(sum "$RES/$s.errors.nginx") | $(sum "$RES/$s.errors.haproxy") | | |"
+    done
+}
+
+check() { # description, verdict expression over medians
+    local desc=$1 ok=$2
+    if [ "$ok" = 1 ]; then echo "- [x] $desc"; else echo "- [ ] $desc"; fi
+}
+ge() { awk -v a="$1" -v b="$2" -v f="$3" 'BEGIN { print (a != "-" && b != "-" && a + 0 >= (b + 0) * f) ? 1 : 0 }'; }
+le() { awk -v a="$1" -v b="$2" -v f="$3" 'BEGIN { print (a != "-" && b != "-" && a + 0 <= (b + 0) * f) ? 1 : 0 }'; }
+m() { median "$RES/$1.$2"; }
+targets() {
+    check "HTTP/1.1 plain req/s >= 1.2x nginx ($(m h1.rps kaproxy) vs $(m h1.rps nginx))" "$(ge "$(m h1.rps kaproxy)" "$(m h1.rps nginx)" 1.2)"
+    check "HTTP/1.1 plain CPU/request <= 0.85x nginx ($(m h1.cpu kaproxy) vs $(m h1.cpu nginx))" "$(le "$(m h1.cpu kaproxy)" "$(m h1.cpu nginx)" 0.85)"
+    check "HTTP/1.1 plain p99 <= nginx ($(m h1.p99 kaproxy) vs $(m h1.p99 nginx) ms)" "$(le "$(m h1.p99 kaproxy)" "$(m h1.p99 nginx)" 1)"
+    check "HTTPS/1.1 req/s >= 1.2x nginx ($(m h1tls.rps kaproxy) vs $(m h1tls.rps nginx))" "$(ge "$(m h1tls.rps kaproxy)" "$(m h1tls.rps nginx)" 1.2)"
+    check "HTTPS/1.1 CPU/request <= 0.85x nginx ($(m h1tls.cpu kaproxy) vs $(m h1tls.cpu nginx))" "$(le "$(m h1tls.cpu kaproxy)" "$(m h1tls.cpu nginx)" 0.85)"
+    check "HTTPS/1.1 p99 <= nginx ($(m h1tls.p99 kaproxy) vs $(m h1tls.p99 nginx) ms)" "$(le "$(m h1tls.p99 kaproxy)" "$(m h1tls.p99 nginx)" 1)"
+    check "TLS handshakes/s >= nginx ($(m newconn.rps kaproxy) vs $(m newconn.rps nginx))" "$(ge "$(m newconn.rps kaproxy)" "$(m newconn.rps nginx)" 1)"
+    check "TLS CPU/handshake <= 0.8x nginx ($(m newconn.cpu kaproxy) vs $(m newconn.cpu nginx))" "$(le "$(m newconn.cpu kaproxy)" "$(m newconn.cpu nginx)" 0.8)"
+    check "HTTP/2 req/s >= 1.1x HAProxy ($(m h2.rps kaproxy) vs $(m h2.rps haproxy))" "$(ge "$(m h2.rps kaproxy)" "$(m h2.rps haproxy)" 1.1)"
+    check "1 MiB throughput >= nginx ($(m big.mibs kaproxy) vs $(m big.mibs nginx) MiB/s)" "$(ge "$(m big.mibs kaproxy)" "$(m big.mibs nginx)" 1)"
+    check "RSS with $IDLE_CONNS idle connections <= nginx ($(m idle.rss kaproxy) vs $(m idle.rss nginx) MiB)" "$(le "$(m idle.rss kaproxy)" "$(m idle.rss nginx)" 1)"
+}
+
+LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
+cpu_model=$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)
+nginx_v=$("$NGINX" -v 2>&1 | sed 's/^nginx version: //')
+# sed, not head: head would close the pipe early and pipefail would end the script.
+haproxy_v=$("$HAPROXY" -v 2>/dev/null | sed -n 1p || true)
+wrk_v=$(wrk -v 2>&1 | sed -n 1p || true)
+h2load_v=$(h2load --version 2>&1 | sed -n 1p || true)
+openssl_v=$(openssl version)
+rustc_v=$(rustc --version)
+kaproxy_v=$(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo unknown)
+kaproxy_dirty=$(cd "$ROOT" && git status --porcelain -- src Cargo.toml 2>/dev/null | wc -l)
+
+TABLE=$(table)
+TARGET_CHECKS=$(targets)
+{
+    cat <<EOF
+# kaproxy vs nginx vs HAProxy
+
+Written by \`bench/compare.sh --rounds $ROUNDS --duration $DURATION\` on $(date -u '+%Y-%m-%d %H:%M UTC').
+Medians of $ROUNDS interleaved rounds (each round runs every scenario against direct, kaproxy,
+nginx, HAProxy in turn) of ${DURATION} s each. Absolute figures drift ±10–20 % between runs on this
+machine; only the ratios of one run count.
+
+## Machine
+
+- $(nproc) CPUs: $cpu_model; $(awk '/MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo) RAM; kernel $(uname -r)
+- kaproxy $kaproxy_v$( [ "$kaproxy_dirty" -gt 0 ] && echo " (with uncommitted changes in src/)" ) built with $rustc_v, release profile
+- nginx $nginx_v; $haproxy_v; $wrk_v; $h2load_v; $openssl_v
+- load average (1/5/15 min) before the run: $LOAD_BEFORE, after: $LOAD_AFTER. The machine is shared;
+  with the 2 cores busy only with this run the 1-minute figure stays near 2. Anything else running
+  at the same time (builds, other benchmarks) shows up as noise in every column alike.
+
+## Setup
+
+- Each proxy pinned to CPU 0 (\`taskset -c 0\`) with one worker: kaproxy \`[runtime] worker_threads = 1\`,
+  nginx \`worker_processes 1\`, HAProxy \`nbthread 1\`. Access logs off everywhere.
+- Backend: nginx (one worker, CPU 1) serving static files: \`/small\` ($(stat -c %s "$WORK/www/small") bytes) and \`/1m\` (1 MiB);
+  "direct" is the load generator against it (HTTP on :$BACKEND_HTTP, TLS + h2 on :$BACKEND_TLS).
+- Load generators on CPU 1 with the backend. TLS: one ECDSA P-256 self-signed certificate for all,
+  TLS 1.3 negotiated; upstream connections are plain HTTP/1.1 keep-alive for every proxy
+  (nginx \`keepalive 256\`, HAProxy \`http-reuse always\`, kaproxy pool), with per-connection
+  request limits raised to 1 000 000 on both sides so that no proxy reconnects for that reason.
+- CPU: utime + stime of the proxy's processes (nginx master + worker) from /proc, per 100 000 requests.
+- RSS: VmRSS of the proxy's processes, freshly started, ${IDLE_SAMPLE} s after $IDLE_CONNS keep-alive clients
+  each sent one request and then sat idle (kaproxy-bench holds them ${IDLE_HOLD} s).
+
+## Commands (URL/PORT = the target's)
+
+| scenario | load generator | command |
+|---|---|---|
+| HTTP/1.1 keep-alive | wrk (the common tool; fairer than our own client) | \`$WRK_CMD\` |
+| HTTPS/1.1 keep-alive | wrk | same with https:// and the TLS port |
+| TLS new connection per request | kaproxy-bench (wrk cannot open a connection per request) | \`$NEWCONN_CMD\` |
+| HTTP/2 over TLS | h2load | \`$H2_CMD\` |
+| 1 MiB responses | wrk | \`$WRK_1M_CMD\` |
+| $IDLE_CONNS idle connections | kaproxy-bench | \`$IDLE_CMD\` |
+
+## Results
+
+$TABLE
+
+Ratios are kaproxy's median over the other's; for req/s and MiB/s higher is better, for p99, CPU and RSS lower is better.
+
+## Targets (issue 3)
+
+$TARGET_CHECKS
+
+## Configurations
+
+<details><summary>kaproxy.toml</summary>
+
+\`\`\`toml
+$(sed "s|$WORK|\$WORK|g" "$WORK/kaproxy.toml")
+\`\`\`
+</details>
+
+<details><summary>nginx.conf (proxy)</summary>
+
+\`\`\`nginx
+$(sed "s|$WORK|\$WORK|g" "$WORK/nginx/nginx.conf")
+\`\`\`
+</details>
+
+<details><summary>haproxy.cfg</summary>
+
+\`\`\`
+$(sed "s|$WORK|\$WORK|g" "$WORK/haproxy.cfg")
+\`\`\`
+</details>
+
+<details><summary>nginx.conf (backend)</summary>
+
+\`\`\`nginx
+$(sed "s|$WORK|\$WORK|g" "$WORK/backend/nginx.conf")
+\`\`\`
+</details>
+EOF
+} > "$OUT"
+
+echo
+echo "$TABLE"
+echo
+echo "$TARGET_CHECKS"
+echo
+log "wrote $OUT"
