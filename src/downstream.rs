@@ -4,9 +4,9 @@
 //!
 //! hyper's own `header_read_timeout` starts when the server waits for the next request, so it
 //! would close idle keep-alive connections after `header_timeout` without a 408. kaproxy runs
-//! the two timers itself: [`ConnState`] is told when a request head starts arriving (by
+//! the two timers itself: [`ConnState`] records when a request head starts arriving (by
 //! [`HeadWatch`], a read wrapper) and when requests begin and end (by the service), and the
-//! driver loop in [`serve`] sleeps until the next deadline.
+//! driver loop in [`serve`] wakes at the next deadline (see [`ConnState::next_check`]).
 
 use std::convert::Infallible;
 use std::io;
@@ -16,7 +16,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures_util::task::AtomicWaker;
 use http::header::{self, HeaderValue};
 use http::{Request, StatusCode};
 use http_body::{Body, Frame, SizeHint};
@@ -25,7 +24,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::debug;
 
@@ -60,8 +59,6 @@ pub struct ConnState {
     head_started: AtomicU64,
     /// Set by the driver when the head timer fires; acted on by [`HeadWatch`].
     action: AtomicU8,
-    reader: AtomicWaker,
-    changed: Notify,
 }
 
 enum Timer {
@@ -82,8 +79,6 @@ impl ConnState {
             waiting_since: AtomicU64::new(0),
             head_started: AtomicU64::new(NONE),
             action: AtomicU8::new(ACTION_NONE),
-            reader: AtomicWaker::new(),
-            changed: Notify::new(),
         })
     }
 
@@ -100,7 +95,6 @@ impl ConnState {
             && self.head_started.load(Ordering::Acquire) == NONE
         {
             self.head_started.store(self.now(), Ordering::Release);
-            self.changed.notify_one();
         }
     }
 
@@ -109,26 +103,43 @@ impl ConnState {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         self.head_started.store(NONE, Ordering::Release);
         let n = self.served.fetch_add(1, Ordering::AcqRel) + 1;
-        self.changed.notify_one();
         (InFlight(self.clone()), n)
     }
 
-    fn next_timer(&self, cfg: &DownstreamConfig, http1: bool) -> Option<(Instant, Timer)> {
+    /// When the driver should look again, and which timer fires then (None: just a check).
+    ///
+    /// Nothing on the request path wakes the driver (that would cost a wake-up and a timer
+    /// re-registration per request). Instead, while a connection is busy or idle the driver
+    /// checks at least every `header_timeout`: a request head that started after a check is
+    /// seen at the next one, which is never later than its own deadline.
+    fn next_check(
+        &self,
+        cfg: &DownstreamConfig,
+        http1: bool,
+        now: Instant,
+    ) -> (Instant, Option<Timer>) {
+        let check = now + cfg.header_timeout;
         if self.in_flight.load(Ordering::Acquire) > 0 {
-            return None;
+            return (check, None);
         }
         let head = self.head_started.load(Ordering::Acquire);
         if http1 && head != NONE {
-            return Some((self.at(head) + cfg.header_timeout, Timer::Head));
+            return (self.at(head) + cfg.header_timeout, Some(Timer::Head));
         }
         let since = self.at(self.waiting_since.load(Ordering::Acquire));
-        if http1 && self.served.load(Ordering::Acquire) == 0 {
-            return Some((
+        let (at, timer) = if http1 && self.served.load(Ordering::Acquire) == 0 {
+            (
                 since + cfg.header_timeout.min(cfg.idle_timeout),
                 Timer::FirstRequest,
-            ));
+            )
+        } else {
+            (since + cfg.idle_timeout, Timer::Idle)
+        };
+        if http1 && check < at {
+            (check, None)
+        } else {
+            (at, Some(timer))
         }
-        Some((since + cfg.idle_timeout, Timer::Idle))
     }
 }
 
@@ -141,7 +152,6 @@ impl Drop for InFlight {
         let state = &self.0;
         if state.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
             state.waiting_since.store(state.now(), Ordering::Release);
-            state.changed.notify_one();
         }
     }
 }
@@ -210,7 +220,6 @@ impl<T: AsyncRead + AsyncWrite> AsyncRead for HeadWatch<T> {
             }
             _ => return Poll::Ready(Ok(())),
         }
-        this.state.reader.register(cx.waker());
         let before = buf.filled().len();
         let res = this.inner.poll_read(cx, buf);
         if matches!(res, Poll::Ready(Ok(()))) && buf.filled().len() > before {
@@ -422,19 +431,10 @@ async fn drive<C, E>(
 {
     tokio::pin!(conn);
     let mut closing = false;
+    let (first, _) = state.next_check(cfg, http1, Instant::now());
+    let sleep = tokio::time::sleep_until(first);
+    tokio::pin!(sleep);
     loop {
-        let timer = if closing {
-            None
-        } else {
-            state.next_timer(cfg, http1)
-        };
-        let changed = state.changed.notified();
-        let sleep = async {
-            match &timer {
-                Some((at, _)) => tokio::time::sleep_until(*at).await,
-                None => std::future::pending().await,
-            }
-        };
         tokio::select! {
             res = conn.as_mut() => {
                 if let Err(e) = res {
@@ -442,33 +442,32 @@ async fn drive<C, E>(
                 }
                 return;
             }
-            _ = changed => {}
             _ = shutdown.changed(), if !closing => {
                 closing = true;
                 graceful(conn.as_mut());
             }
-            _ = sleep => {
-                // Re-check: the state may have moved while we slept.
-                match state.next_timer(cfg, http1) {
-                    Some((at, kind)) if at <= Instant::now() => match kind {
-                        Timer::Head => {
-                            debug!("request head not complete within header_timeout; 408");
-                            state.action.store(ACTION_408, Ordering::Release);
-                            state.reader.wake();
-                            closing = true;
+            _ = sleep.as_mut(), if !closing => {
+                let now = Instant::now();
+                match state.next_check(cfg, http1, now) {
+                    (at, Some(timer)) if at <= now => {
+                        closing = true;
+                        // The next turn of the loop polls the connection, whose read then
+                        // sees the verdict (HeadWatch) or hyper closes (graceful).
+                        match timer {
+                            Timer::Head => {
+                                debug!("request head not complete within header_timeout; 408");
+                                state.action.store(ACTION_408, Ordering::Release);
+                            }
+                            Timer::FirstRequest => {
+                                state.action.store(ACTION_SILENT_CLOSE, Ordering::Release);
+                            }
+                            Timer::Idle => {
+                                debug!("downstream connection idle; closing gracefully");
+                                graceful(conn.as_mut());
+                            }
                         }
-                        Timer::FirstRequest => {
-                            state.action.store(ACTION_SILENT_CLOSE, Ordering::Release);
-                            state.reader.wake();
-                            closing = true;
-                        }
-                        Timer::Idle => {
-                            debug!("downstream connection idle; closing gracefully");
-                            closing = true;
-                            graceful(conn.as_mut());
-                        }
-                    },
-                    _ => {}
+                    }
+                    (at, _) => sleep.as_mut().reset(at),
                 }
             }
         }

@@ -8,6 +8,10 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use kaproxy::config::{Config, LogConfig, LogFormat};
 
+/// mimalloc: fewer cycles per allocation than glibc's malloc on the request path (bench/RESULTS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The configuration `kaproxy demo` serves: the repository's default config, built in.
 const DEMO_CONFIG: &str = include_str!("../config.toml");
 
