@@ -544,6 +544,12 @@ kaproxy_dirty=$(cd "$ROOT" && git status --porcelain -- src Cargo.toml 2>/dev/nu
 
 TABLE=$(table)
 TARGET_CHECKS=$(targets)
+# Hand-written notes (profiles, causes of gaps) below this marker survive a new run.
+NOTES_MARKER='<!-- Notes below this line are written by hand and kept by compare.sh. -->'
+NOTES=""
+if [ -f "$OUT" ]; then
+    NOTES=$(awk -v m="$NOTES_MARKER" 'found { print } $0 == m { found = 1 }' "$OUT")
+fi
 {
     cat <<EOF
 # kaproxy vs nginx vs HAProxy
@@ -626,8 +632,12 @@ $(sed "s|$WORK|\$WORK|g" "$WORK/haproxy.cfg")
 $(sed "s|$WORK|\$WORK|g" "$WORK/backend/nginx.conf")
 \`\`\`
 </details>
+
+$NOTES_MARKER
 EOF
-} > "$OUT"
+    if [ -n "$NOTES" ]; then printf '%s\n' "$NOTES"; else printf '\n## Notes\n\n(none yet)\n'; fi
+} > "$OUT.tmp"
+mv "$OUT.tmp" "$OUT"
 
 echo
 echo "$TABLE"

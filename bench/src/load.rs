@@ -265,7 +265,7 @@ pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
 
 fn spawn_progress(shared: Arc<Shared>) -> (ProgressBar, tokio::task::JoinHandle<()>) {
     let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
-    bar.set_style(ProgressStyle::with_template("{spinner} {msg}").expect("valid template"));
+    bar.set_style(ProgressStyle::with_template("{msg}").expect("valid template"));
     let b = bar.clone();
     let ticker = tokio::spawn(async move {
         let mut last = (Instant::now(), 0u64);
@@ -280,7 +280,6 @@ fn spawn_progress(shared: Arc<Shared>) -> (ProgressBar, tokio::task::JoinHandle<
                 shared.start.elapsed().as_secs_f64(),
                 shared.failed.load(Ordering::Relaxed)
             ));
-            b.tick();
         }
     });
     (bar, ticker)
