@@ -3,6 +3,9 @@
 mod apache;
 mod downstream;
 mod harness;
+mod proxying;
 mod race;
 mod support;
 mod tls;
+mod upgrade;
+mod upstream_failures;
