@@ -2,9 +2,15 @@
 
 mod apache;
 mod downstream;
+mod drain;
 mod harness;
+mod ops;
+mod probe_apache;
+mod proxy_protocol;
 mod proxying;
 mod race;
+mod reload;
+mod sni;
 mod support;
 mod tls;
 mod upgrade;

@@ -5,5 +5,7 @@
 
 pub mod apache;
 pub mod backend;
+pub mod chromium;
 pub mod client;
+pub mod config_file;
 pub mod proxy;
