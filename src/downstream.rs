@@ -16,6 +16,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
+
 use http::header::{self, HeaderValue};
 use http::{Request, StatusCode};
 use http_body::{Body, Frame, SizeHint};
@@ -29,7 +31,8 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use crate::config::DownstreamConfig;
-use crate::proxy::{DownstreamInfo, Proxy};
+use crate::proxy::DownstreamInfo;
+use crate::server::Generation;
 
 /// How long a closing connection keeps reading (and discarding) what the client still sends,
 /// so that a request racing the close gets a FIN rather than an RST (Apache's lingering close
@@ -350,7 +353,7 @@ pub async fn serve<I>(
     io: I,
     http2: bool,
     info: DownstreamInfo,
-    proxy: Arc<Proxy>,
+    current: Arc<ArcSwap<Generation>>,
     cfg: Arc<DownstreamConfig>,
     mut shutdown: watch::Receiver<bool>,
 ) where
@@ -363,7 +366,8 @@ pub async fn serve<I>(
         HeaderValue::from_str(&format!("timeout={}", cfg.idle_timeout.as_secs()))
             .expect("digits are a valid header value");
     let service = service_fn(move |req: Request<Incoming>| {
-        let proxy = proxy.clone();
+        // Each request uses the configuration current when it arrives (reload).
+        let proxy = current.load().proxy.clone();
         let state = svc_state.clone();
         let cfg = svc_cfg.clone();
         let info = info.clone();

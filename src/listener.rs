@@ -91,22 +91,13 @@ pub async fn accept_loop(
                 continue;
             }
         };
-        let generation = current.load_full();
+        let current = current.clone();
         let shutdown = shutdown.clone();
         let done = done.clone();
         let open = open.clone();
         tokio::spawn(async move {
             open.inc();
-            handle(
-                stream,
-                peer,
-                local,
-                kind,
-                proxy_protocol,
-                generation,
-                shutdown,
-            )
-            .await;
+            handle(stream, peer, local, kind, proxy_protocol, current, shutdown).await;
             open.dec();
             drop(done);
         });
@@ -119,9 +110,12 @@ async fn handle(
     local: SocketAddr,
     kind: Kind,
     proxy_protocol: bool,
-    generation: Arc<Generation>,
+    current: Arc<ArcSwap<Generation>>,
     shutdown: watch::Receiver<bool>,
 ) {
+    // Connection-level settings (timeouts, TLS) are those current at accept; every request
+    // then routes with the configuration current when it arrives.
+    let generation = current.load_full();
     let cfg = generation.downstream.clone();
     if proxy_protocol {
         match tokio::time::timeout(cfg.header_timeout, read_proxy_header(&mut stream)).await {
@@ -143,14 +137,9 @@ async fn handle(
         let _ = sock.set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(idle));
     }
     let io = LingeringTcp::new(stream);
-    let info = DownstreamInfo {
-        peer,
-        local,
-        tls: kind == Kind::Https,
-    };
-    let proxy = generation.proxy.clone();
+    let info = DownstreamInfo::new(peer, local, kind == Kind::Https);
     match kind {
-        Kind::Http => downstream::serve(io, false, info, proxy, cfg, shutdown).await,
+        Kind::Http => downstream::serve(io, false, info, current, cfg, shutdown).await,
         Kind::Https => {
             let Some(tls) = generation.tls.clone() else {
                 return;
@@ -169,7 +158,7 @@ async fn handle(
                     }
                 };
             let http2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
-            downstream::serve(tls_stream, http2, info, proxy, cfg, shutdown).await;
+            downstream::serve(tls_stream, http2, info, current, cfg, shutdown).await;
         }
     }
 }

@@ -14,6 +14,7 @@ use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{Either, Empty, Full};
 use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
@@ -42,6 +43,21 @@ pub struct DownstreamInfo {
     /// The listener's local address (for X-Forwarded-Port).
     pub local: SocketAddr,
     pub tls: bool,
+    /// The peer IP and local port as header values, made once per connection.
+    peer_value: HeaderValue,
+    port_value: HeaderValue,
+}
+
+impl DownstreamInfo {
+    pub fn new(peer: SocketAddr, local: SocketAddr, tls: bool) -> Self {
+        DownstreamInfo {
+            peer,
+            local,
+            tls,
+            peer_value: header_value(&peer.ip().to_string()),
+            port_value: HeaderValue::from(local.port()),
+        }
+    }
 }
 
 /// One named upstream group: its balancer and one pool per backend (same index).
@@ -163,14 +179,20 @@ impl Proxy {
         if self.routes.is_empty() {
             return self.upstreams.first();
         }
-        let host = host.map(strip_port).map(str::to_ascii_lowercase);
+        // The host without port or trailing dot; patterns are lower case (config).
+        let host = host.map(|h| strip_port(h).trim_end_matches('.'));
+        let path = normalize_path(path);
         self.routes
             .iter()
             .find(|r| {
-                let host_ok = match (&r.host, &host) {
+                let host_ok = match (&r.host, host) {
                     (None, _) => true,
-                    (Some(HostMatch::Exact(h)), Some(req)) => h == req,
-                    (Some(HostMatch::Suffix(s)), Some(req)) => req.ends_with(s.as_str()),
+                    (Some(HostMatch::Exact(h)), Some(req)) => h.eq_ignore_ascii_case(req),
+                    (Some(HostMatch::Suffix(s)), Some(req)) => {
+                        req.len() > s.len()
+                            && req.is_char_boundary(req.len() - s.len())
+                            && req[req.len() - s.len()..].eq_ignore_ascii_case(s)
+                    }
                     (Some(_), None) => false,
                 };
                 host_ok && r.path_prefix.as_deref().is_none_or(|p| path.starts_with(p))
@@ -182,7 +204,8 @@ impl Proxy {
     pub async fn handle(&self, req: Request<Incoming>, ds: &DownstreamInfo) -> Response<ProxyBody> {
         let start = Instant::now();
         let host = request_host(&req);
-        let Some(upstream) = self.route(host.as_deref(), req.uri().path()) else {
+        let host_str = host.as_ref().and_then(|h| h.to_str().ok());
+        let Some(upstream) = self.route(host_str, req.uri().path()) else {
             warn!(client = %ds.peer.ip(), host = ?host, path = %req.uri().path(), "no route matches; 404");
             return local_response(StatusCode::NOT_FOUND, "no route for this host and path\n");
         };
@@ -203,7 +226,7 @@ impl Proxy {
 
         let (parts, body) = req.into_parts();
         let mut headers = parts.headers;
-        upstream_request_headers(&mut headers, ds, &self.forwarded, host.as_deref());
+        upstream_request_headers(&mut headers, ds, &self.forwarded, host.as_ref());
         let method = parts.method;
         let uri = origin_form(&parts.uri);
         let replayable = body.is_end_stream();
@@ -218,50 +241,34 @@ impl Proxy {
         };
         let mut request = Some(build_request(method, uri, headers, body));
 
-        let mut tried: Vec<usize> = Vec::new();
-        let mut connect_retries = 0;
-        let mut backoff = upstream.retry.retry_backoff;
+        let mut attempts = Attempts::new(&upstream.retry);
         let mut fresh_on: Option<usize> = None;
         loop {
-            let picked = match fresh_on {
-                Some(idx) => Some(idx),
-                None => upstream.balancer.pick(client_ip, &tried, Instant::now()),
+            let connected = match fresh_on.take() {
+                Some(idx) => match upstream.pools[idx].acquire_fresh().await {
+                    Ok(conn) => Ok((idx, conn)),
+                    Err(err) => {
+                        self.connect_failed(upstream, idx, &err, &mut attempts)
+                            .await;
+                        self.connect(upstream, client_ip, &mut attempts, |p| async move {
+                            p.acquire().await
+                        })
+                        .await
+                    }
+                },
+                None => {
+                    self.connect(upstream, client_ip, &mut attempts, |p| async move {
+                        p.acquire().await
+                    })
+                    .await
+                }
             };
-            let Some(idx) = picked else {
-                warn!(upstream = %upstream.name, tried = tried.len(), "every server of the upstream failed; 502");
-                return local_response(
-                    StatusCode::BAD_GATEWAY,
-                    "no upstream server could be reached\n",
-                );
+            let (idx, mut conn) = match connected {
+                Ok(pair) => pair,
+                Err(resp) => return resp,
             };
             let pool = &upstream.pools[idx];
             let backend = &upstream.balancer.backends()[idx];
-            let acquired = if fresh_on.take().is_some() {
-                pool.acquire_fresh().await
-            } else {
-                pool.acquire().await
-            };
-            let mut conn = match acquired {
-                Ok(conn) => conn,
-                Err(err) => {
-                    pool.metrics().error(err.kind());
-                    if err.is_connect() {
-                        record_failure(backend, pool);
-                        tried.push(idx);
-                        if connect_retries < upstream.retry.max_retries {
-                            connect_retries += 1;
-                            pool.metrics().retry("connect");
-                            warn!(upstream = %upstream.name, server = %pool.addr(), error = %err, backoff = ?backoff,
-                                "connect failed; trying the next server");
-                            tokio::time::sleep(backoff).await;
-                            backoff = (backoff * 2).min(MAX_RETRY_BACKOFF);
-                            continue;
-                        }
-                    }
-                    warn!(upstream = %upstream.name, server = %pool.addr(), error = %err, status = err.status().as_u16(), "upstream failed");
-                    return local_response(err.status(), "upstream unavailable\n");
-                }
-            };
             let req = request
                 .take()
                 .expect("a request is ready for every attempt");
@@ -318,6 +325,74 @@ impl Proxy {
         }
     }
 
+    /// Picks a server and connects to it. A connect failure sent nothing, so for any method
+    /// kaproxy marks it against the server's health and moves on to the next server, up to
+    /// `max_retries` times with a doubling back-off. Errors become the answer to send.
+    async fn connect<T, F, Fut>(
+        &self,
+        upstream: &Upstream,
+        client_ip: IpAddr,
+        attempts: &mut Attempts,
+        mut connect: F,
+    ) -> Result<(usize, T), Response<ProxyBody>>
+    where
+        F: FnMut(Arc<ServerPool>) -> Fut,
+        Fut: std::future::Future<Output = Result<T, UpstreamError>>,
+    {
+        loop {
+            let Some(idx) = upstream
+                .balancer
+                .pick(client_ip, &attempts.tried, Instant::now())
+            else {
+                warn!(upstream = %upstream.name, tried = attempts.tried.len(), "every server of the upstream failed; 502");
+                return Err(local_response(
+                    StatusCode::BAD_GATEWAY,
+                    "no upstream server could be reached\n",
+                ));
+            };
+            match connect(upstream.pools[idx].clone()).await {
+                Ok(conn) => return Ok((idx, conn)),
+                Err(err) if err.is_connect() => {
+                    if !self.connect_failed(upstream, idx, &err, attempts).await {
+                        return Err(local_response(err.status(), "upstream unavailable\n"));
+                    }
+                }
+                Err(err) => {
+                    upstream.pools[idx].metrics().error(err.kind());
+                    warn!(upstream = %upstream.name, server = %upstream.pools[idx].addr(), error = %err,
+                        status = err.status().as_u16(), "upstream failed");
+                    return Err(local_response(err.status(), "upstream unavailable\n"));
+                }
+            }
+        }
+    }
+
+    /// Books a connect failure on server `idx`; returns whether another server may be tried
+    /// (after the back-off, which it sleeps).
+    async fn connect_failed(
+        &self,
+        upstream: &Upstream,
+        idx: usize,
+        err: &UpstreamError,
+        attempts: &mut Attempts,
+    ) -> bool {
+        let pool = &upstream.pools[idx];
+        pool.metrics().error(err.kind());
+        record_failure(&upstream.balancer.backends()[idx], pool);
+        attempts.tried.push(idx);
+        if attempts.retries_left == 0 {
+            warn!(upstream = %upstream.name, server = %pool.addr(), error = %err, "connect failed; no retries left");
+            return false;
+        }
+        attempts.retries_left -= 1;
+        pool.metrics().retry("connect");
+        warn!(upstream = %upstream.name, server = %pool.addr(), error = %err, backoff = ?attempts.backoff,
+            "connect failed; trying the next server");
+        tokio::time::sleep(attempts.backoff).await;
+        attempts.backoff = (attempts.backoff * 2).min(MAX_RETRY_BACKOFF);
+        true
+    }
+
     /// Response filter: hop-by-hop headers out, metrics, the body tied to its pooled connection.
     fn respond(
         &self,
@@ -357,18 +432,14 @@ impl Proxy {
         ds: &DownstreamInfo,
         upstream: &Upstream,
         client_ip: IpAddr,
-        host: Option<String>,
+        host: Option<HeaderValue>,
         mut log: Option<Box<AccessRecord>>,
     ) -> Response<ProxyBody> {
-        let Some(idx) = upstream.balancer.pick(client_ip, &[], Instant::now()) else {
-            return local_response(StatusCode::BAD_GATEWAY, "no upstream server\n");
-        };
-        let pool = &upstream.pools[idx];
         let downstream_upgrade = hyper::upgrade::on(&mut req);
         let (parts, body) = req.into_parts();
         let upgrade = parts.headers.get(header::UPGRADE).cloned();
         let mut headers = parts.headers;
-        upstream_request_headers(&mut headers, ds, &self.forwarded, host.as_deref());
+        upstream_request_headers(&mut headers, ds, &self.forwarded, host.as_ref());
         if let Some(u) = upgrade {
             headers.insert(header::UPGRADE, u);
         }
@@ -379,12 +450,37 @@ impl Proxy {
             Either::Left(body)
         };
         let req = build_request(parts.method, origin_form(&parts.uri), headers, body);
-        let mut resp = match pool.tunnel(req, upstream.response_timeout).await {
-            Ok(resp) => resp,
-            Err(err) => {
+        let mut attempts = Attempts::new(&upstream.retry);
+        let (idx, mut sender) = match self
+            .connect(upstream, client_ip, &mut attempts, |p| async move {
+                p.tunnel_connect().await
+            })
+            .await
+        {
+            Ok(pair) => pair,
+            Err(resp) => return resp,
+        };
+        let pool = &upstream.pools[idx];
+        let sent = tokio::time::timeout(upstream.response_timeout, sender.send_request(req)).await;
+        let mut resp = match sent {
+            Ok(Ok(resp)) => {
+                record_success(&upstream.balancer.backends()[idx], pool);
+                resp
+            }
+            Ok(Err(e)) => {
+                let err = UpstreamError::from_send(pool.addr(), e);
                 pool.metrics().error(err.kind());
                 warn!(upstream = %upstream.name, server = %pool.addr(), error = %err, "upgrade request failed");
                 return local_response(err.status(), "upstream failed\n");
+            }
+            Err(_) => {
+                let err = UpstreamError::ResponseTimeout {
+                    addr: pool.addr(),
+                    timeout: upstream.response_timeout,
+                };
+                pool.metrics().error(err.kind());
+                warn!(upstream = %upstream.name, server = %pool.addr(), error = %err, "upgrade request failed");
+                return local_response(err.status(), "upstream timed out\n");
             }
         };
         pool.metrics().request(resp.status().as_u16());
@@ -419,26 +515,32 @@ impl Proxy {
 }
 
 impl ServerPool {
-    /// Sends an upgrade request on a dedicated, never pooled, connection.
-    async fn tunnel(
-        &self,
-        req: Request<UpstreamBody>,
-        response_timeout: Duration,
-    ) -> Result<Response<Incoming>, UpstreamError> {
+    /// A dedicated, never pooled, upgrade-capable connection for a tunnel.
+    async fn tunnel_connect(&self) -> Result<SendRequest<UpstreamBody>, UpstreamError> {
         let addr = self.addr();
         let stream = self.dial().await?;
-        let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
+        let (sender, conn) = hyper::client::conn::http1::Builder::new()
             .handshake::<_, UpstreamBody>(hyper_util::rt::TokioIo::new(stream))
             .await
             .map_err(|source| UpstreamError::Handshake { addr, source })?;
         tokio::spawn(conn.with_upgrades());
-        match tokio::time::timeout(response_timeout, sender.send_request(req)).await {
-            Ok(Ok(resp)) => Ok(resp),
-            Ok(Err(e)) => Err(UpstreamError::from_send(addr, e)),
-            Err(_) => Err(UpstreamError::ResponseTimeout {
-                addr,
-                timeout: response_timeout,
-            }),
+        Ok(sender)
+    }
+}
+
+/// What is left of a request's connect retries, and the servers already tried.
+struct Attempts {
+    tried: Vec<usize>,
+    retries_left: u32,
+    backoff: Duration,
+}
+
+impl Attempts {
+    fn new(retry: &RetryConfig) -> Self {
+        Attempts {
+            tried: Vec::new(),
+            retries_left: retry.max_retries,
+            backoff: retry.retry_backoff,
         }
     }
 }
@@ -482,13 +584,42 @@ fn origin_form(uri: &Uri) -> Uri {
     }
 }
 
-/// The request's host: `Host` (HTTP/1.1) or the URI authority (HTTP/2).
-fn request_host<B>(req: &Request<B>) -> Option<String> {
-    req.headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .map(str::to_string)
-        .or_else(|| req.uri().authority().map(|a| a.as_str().to_string()))
+/// The request's host: the URI authority when the target has one (HTTP/2, or an absolute-form
+/// target, where RFC 9112 §3.2.2 says `Host` is ignored), else the `Host` header.
+fn request_host<B>(req: &Request<B>) -> Option<HeaderValue> {
+    match req.uri().authority() {
+        Some(a) => HeaderValue::from_str(a.as_str()).ok(),
+        None => req.headers().get(header::HOST).cloned(),
+    }
+}
+
+/// The path with `.` and `..` segments resolved, for route matching only (nginx does the
+/// same), so that `/public/../admin` cannot slip past a `/admin` route. No allocation
+/// unless there is a dot segment.
+fn normalize_path(path: &str) -> std::borrow::Cow<'_, str> {
+    if !path.contains("/.") {
+        return std::borrow::Cow::Borrowed(path);
+    }
+    let mut out: Vec<&str> = Vec::new();
+    for seg in path.split('/').skip(1) {
+        match seg {
+            "." => {}
+            ".." => {
+                out.pop();
+            }
+            s => out.push(s),
+        }
+    }
+    let trailing = path.ends_with("/.") || path.ends_with("/..");
+    let mut joined = String::with_capacity(path.len());
+    for seg in &out {
+        joined.push('/');
+        joined.push_str(seg);
+    }
+    if trailing || joined.is_empty() {
+        joined.push('/');
+    }
+    std::borrow::Cow::Owned(joined)
 }
 
 fn strip_port(host: &str) -> &str {
@@ -575,7 +706,7 @@ fn upstream_request_headers(
     headers: &mut HeaderMap,
     ds: &DownstreamInfo,
     cfg: &ForwardedConfig,
-    host: Option<&str>,
+    host: Option<&HeaderValue>,
 ) {
     strip_hop_by_hop(headers);
     let peer = ds.peer.ip();
@@ -593,10 +724,10 @@ fn upstream_request_headers(
         None
     };
     let xff = match prior {
-        Some(p) => format!("{p}, {peer}"),
-        None => peer.to_string(),
+        Some(p) => header_value(&format!("{p}, {peer}")),
+        None => ds.peer_value.clone(),
     };
-    headers.insert(X_FORWARDED_FOR, header_value(&xff));
+    headers.insert(X_FORWARDED_FOR, xff);
     if cfg.x_forwarded_proto {
         // From a trusted proxy (e.g. a TLS-terminating LB in front) its view wins.
         let keep = |headers: &HeaderMap, h: &HeaderName| trusted && headers.contains_key(h);
@@ -604,11 +735,11 @@ fn upstream_request_headers(
             headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
         }
         if !keep(headers, &X_FORWARDED_PORT) {
-            headers.insert(X_FORWARDED_PORT, HeaderValue::from(ds.local.port()));
+            headers.insert(X_FORWARDED_PORT, ds.port_value.clone());
         }
         if !keep(headers, &X_FORWARDED_HOST) {
             match host {
-                Some(h) => headers.insert(X_FORWARDED_HOST, header_value(h)),
+                Some(h) => headers.insert(X_FORWARDED_HOST, h.clone()),
                 None => headers.remove(X_FORWARDED_HOST),
             };
         }
@@ -619,7 +750,7 @@ fn upstream_request_headers(
             IpAddr::V6(v6) => format!("\"[{v6}]\""),
         };
         let mut element = format!("for={node};proto={proto}");
-        if let Some(h) = host {
+        if let Some(h) = host.and_then(|h| h.to_str().ok()) {
             element.push_str(&format!(";host=\"{h}\""));
         }
         let value = match headers.get(&FORWARDED).and_then(|v| v.to_str().ok()) {
@@ -632,10 +763,9 @@ fn upstream_request_headers(
         let ip = client_ip(peer, headers, cfg);
         headers.insert(X_REAL_IP, header_value(&ip.to_string()));
     }
-    if !headers.contains_key(header::HOST) {
-        if let Some(h) = host {
-            headers.insert(header::HOST, header_value(h));
-        }
+    // The authority of an HTTP/2 or absolute-form target becomes the backend's `Host`.
+    if let Some(h) = host {
+        headers.insert(header::HOST, h.clone());
     }
     pool::ask_keep_alive(headers);
 }
@@ -791,18 +921,19 @@ mod tests {
     }
 
     fn ds(peer: &str) -> DownstreamInfo {
-        DownstreamInfo {
-            peer: peer.parse().unwrap(),
-            local: "127.0.0.1:8443".parse().unwrap(),
-            tls: true,
-        }
+        DownstreamInfo::new(
+            peer.parse().unwrap(),
+            "127.0.0.1:8443".parse().unwrap(),
+            true,
+        )
     }
 
     #[test]
     fn untrusted_peer_replaces_x_forwarded_for() {
         let mut h = HeaderMap::new();
         h.insert(X_FORWARDED_FOR, HeaderValue::from_static("6.6.6.6"));
-        upstream_request_headers(&mut h, &ds("10.1.2.3:5555"), &fwd(&[]), Some("example.com"));
+        let host = HeaderValue::from_static("example.com");
+        upstream_request_headers(&mut h, &ds("10.1.2.3:5555"), &fwd(&[]), Some(&host));
         assert_eq!(h[&X_FORWARDED_FOR], "10.1.2.3");
         assert_eq!(h[&X_REAL_IP], "10.1.2.3");
         assert_eq!(h[&X_FORWARDED_PROTO], "https");
@@ -850,6 +981,17 @@ mod tests {
         assert_eq!(origin_form(&u), "/a/b?c=d");
         let u: Uri = "/x".parse().unwrap();
         assert_eq!(origin_form(&u), "/x");
+    }
+
+    #[test]
+    fn dot_segments_are_resolved_for_routing() {
+        assert_eq!(normalize_path("/a/b"), "/a/b");
+        assert_eq!(normalize_path("/alpha/../beta/"), "/beta/");
+        assert_eq!(normalize_path("/a/./b"), "/a/b");
+        assert_eq!(normalize_path("/../../x"), "/x");
+        assert_eq!(normalize_path("/a/.."), "/");
+        assert_eq!(normalize_path("/a/b/."), "/a/b/");
+        assert_eq!(normalize_path("/.well-known/x"), "/.well-known/x");
     }
 
     #[test]

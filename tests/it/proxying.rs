@@ -170,8 +170,6 @@ async fn routes_by_exact_host_suffix_and_path_prefix_first_match_wins() {
 }
 
 #[tokio::test]
-#[ignore = "kaproxy bug: an absolute-form request target is routed by the Host header, not by \
-            its own authority (RFC 9112 §3.2.2; request_host in src/proxy.rs)"]
 async fn absolute_form_target_routes_by_its_authority_not_the_host_header() {
     let alpha = demo("alpha").await;
     let beta = demo("beta").await;

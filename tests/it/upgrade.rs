@@ -384,8 +384,6 @@ async fn declined_upgrade_is_relayed_as_a_normal_response() {
 }
 
 #[tokio::test]
-#[ignore = "kaproxy bug: an Upgrade request picks one server and never moves on after a \
-            connect failure, nor feeds passive health (Proxy::tunnel in src/proxy.rs)"]
 async fn upgrade_moves_on_to_the_next_server_when_connect_fails() {
     let backend = EchoUpgradeBackend::start().await;
     let dead = {
