@@ -234,7 +234,16 @@ async fn status_json_shows_servers_health_pool_and_learned_keepalive_timeout() {
     let mut client = KeepAliveClient::new(proxy.http(), None);
     let resp = client.send(&Request::get("/")).await.expect("request");
     assert_eq!(resp.status, 200);
-    let st = status(admin_addr).await;
+    // The upstream connection goes back to the pool as the response ends; wait (bounded, well
+    // within the 2 s idle timeout) until /status shows it there.
+    let deadline = Instant::now() + Duration::from_secs(1);
+    let st = loop {
+        let st = status(admin_addr).await;
+        if st["upstreams"][0]["servers"][0]["idle_connections"] == 1 || Instant::now() >= deadline {
+            break st;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     let ctx = format!("{st:#}");
 
     assert_eq!(st["downstream"]["idle_timeout_s"], 30.0, "{ctx}");

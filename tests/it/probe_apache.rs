@@ -2,8 +2,10 @@
 //! `Keep-Alive: timeout` match Apache's KeepAliveTimeout (1 s and 2 s), and the recommended
 //! settings give up on idle connections before Apache does.
 
+use std::path::Path;
 use std::time::Duration;
 
+use kaproxy::config::Config;
 use kaproxy::probe::probe;
 
 use crate::support::apache::{require_apache, Apache, ApacheOptions};
@@ -51,16 +53,26 @@ async fn probe_apache_with(keep_alive: Duration) {
         .unwrap_or_else(|| panic!("no recommendation for {keep_alive:?}: {text}"));
     assert!(
         rec.idle_timeout + rec.safety_margin <= rec.keepalive_timeout
-            && rec.keepalive_timeout <= keep_alive,
-        "recommendation {rec:?} does not stay below Apache's {keep_alive:?}: {text}"
+            && rec.keepalive_timeout <= keep_alive
+            && rec.keepalive_timeout >= low,
+        "recommendation {rec:?} is not just below Apache's {keep_alive:?}: {text}"
     );
     assert!(
-        text.contains(&format!(
-            "keepalive_timeout = \"{}s\"",
-            keep_alive.as_secs()
-        )),
+        text.contains("keepalive_timeout = \"") && text.contains("idle_timeout = \""),
         "{text}"
     );
+    // What the probe prints must be accepted as is in config.toml.
+    let toml = format!(
+        "[listen]\nhttp = \"127.0.0.1:0\"\n\n[upstreams.web]\nservers = [\"{}\"]\n\
+         keepalive_timeout = \"{}ms\"\nsafety_margin = \"{}ms\"\nidle_timeout = \"{}ms\"\n",
+        apache.addr(),
+        rec.keepalive_timeout.as_millis(),
+        rec.safety_margin.as_millis(),
+        rec.idle_timeout.as_millis()
+    );
+    if let Err(e) = Config::from_toml_str(&toml, Path::new("recommended.toml")) {
+        panic!("the recommended settings do not validate: {e}\n{toml}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
