@@ -385,6 +385,8 @@ impl KeepAliveClient {
         let conn = self.conn.as_mut().expect("connected");
         let request = req.to_hyper(&self.endpoint, false);
         let exchange = async {
+            // hyper needs the previous exchange fully processed before the next request.
+            conn.sender.ready().await?;
             let response = conn.sender.send_request(request).await?;
             let (parts, body) = response.into_parts();
             let body = body.collect().await?.to_bytes();
