@@ -477,3 +477,4 @@ async fn drive<C, E>(
         }
     }
 }
+

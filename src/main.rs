@@ -8,10 +8,6 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use kaproxy::config::{Config, LogConfig, LogFormat};
 
-/// mimalloc: fewer cycles per allocation than glibc's malloc on the request path (bench/RESULTS.md).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// The configuration `kaproxy demo` serves: the repository's default config, built in.
 const DEMO_CONFIG: &str = include_str!("../config.toml");
 
@@ -115,10 +111,17 @@ fn init_tracing(log: &LogConfig) {
 
 fn serve(config: Config, demo: bool) -> anyhow::Result<()> {
     init_tracing(&config.log);
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    if config.runtime.worker_threads > 0 {
-        runtime.worker_threads(config.runtime.worker_threads);
-    }
+    // One worker: tokio's current-thread scheduler, which skips the work-stealing machinery.
+    let mut runtime = match config.runtime.worker_threads {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        n => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            if n > 0 {
+                b.worker_threads(n);
+            }
+            b
+        }
+    };
     let runtime = runtime
         .enable_all()
         .build()
