@@ -477,4 +477,3 @@ async fn drive<C, E>(
         }
     }
 }
-

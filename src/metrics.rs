@@ -57,7 +57,7 @@ struct ListenerLabels {
 pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
-    duration: Histogram,
+    duration: Family<ServerUpLabels, Histogram, fn() -> Histogram>,
     opened: Family<ServerLabels, Counter>,
     reused: Family<ServerLabels, Counter>,
     closed: Family<ReasonLabels, Counter>,
@@ -81,8 +81,12 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("kaproxy");
         let requests = Family::<RequestLabels, Counter>::default();
-        // 0.25 ms .. ~8 s: loopback hops to slow backends.
-        let duration = Histogram::new(exponential_buckets(0.00025, 2.0, 16));
+        // 0.25 ms .. ~8 s: loopback hops to slow backends. Labelled by server so that each
+        // histogram's lock is per backend, not global.
+        let duration =
+            Family::<ServerUpLabels, Histogram, fn() -> Histogram>::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.00025, 2.0, 16))
+            });
         let opened = Family::<ServerLabels, Counter>::default();
         let reused = Family::<ServerLabels, Counter>::default();
         let closed = Family::<ReasonLabels, Counter>::default();
@@ -193,14 +197,17 @@ impl Metrics {
                 .clone(),
             closed,
             errors,
+            duration: self
+                .duration
+                .get_or_create(&ServerUpLabels {
+                    upstream: upstream.to_string(),
+                    server: server.clone(),
+                })
+                .clone(),
             retries: self.retries.clone(),
             requests: self.requests.clone(),
             statuses: (0..STATUS_SLOTS).map(|_| OnceLock::new()).collect(),
         })
-    }
-
-    pub fn observe_duration(&self, seconds: f64) {
-        self.duration.observe(seconds);
     }
 
     /// The gauge of open downstream connections on one listener ("https" or "http").
@@ -231,6 +238,7 @@ pub struct ServerMetrics {
     pub up: Gauge,
     closed: [Counter; CloseReason::ALL.len()],
     errors: [Counter; UPSTREAM_ERROR_KINDS.len()],
+    duration: Histogram,
     retries: Family<CauseLabels, Counter>,
     requests: Family<RequestLabels, Counter>,
     statuses: Box<[OnceLock<Counter>]>,
@@ -261,6 +269,11 @@ impl ServerMetrics {
                 cause,
             })
             .inc();
+    }
+
+    /// Time from request head to response head.
+    pub fn observe_duration(&self, seconds: f64) {
+        self.duration.observe(seconds);
     }
 
     /// Counts one answered request; lock-free once a status has been seen on this server.

@@ -81,7 +81,6 @@ pub struct Proxy {
     routes: Vec<Route>,
     forwarded: ForwardedConfig,
     access_log: bool,
-    metrics: Arc<Metrics>,
 }
 
 impl Proxy {
@@ -157,7 +156,6 @@ impl Proxy {
             routes,
             forwarded: cfg.forwarded.clone(),
             access_log: cfg.log.access_log,
-            metrics,
         }
     }
 
@@ -405,7 +403,8 @@ impl Proxy {
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         pool.metrics().request(parts.status.as_u16());
-        self.metrics.observe_duration(start.elapsed().as_secs_f64());
+        pool.metrics()
+            .observe_duration(start.elapsed().as_secs_f64());
         if let Some(log) = log.as_mut() {
             let (age, requests) = conn.age_and_requests();
             log.status = parts.status.as_u16();
