@@ -1066,6 +1066,12 @@ fn validate_upstream(u: &UpstreamConfig, out: &mut Vec<Problem>) {
         if !health.path.starts_with('/') {
             let message = format!(r#"must start with "/", got {:?}"#, health.path);
             out.push(Problem::new(key("path"), message).fix(r#"set path = "/""#));
+        } else if health.path.parse::<http::uri::PathAndQuery>().is_err() {
+            let message = format!("is not a valid request target: {:?}", health.path);
+            out.push(
+                Problem::new(key("path"), message)
+                    .fix("percent-encode spaces and other special characters"),
+            );
         }
         positive(out, &key("interval"), health.interval);
         positive(out, &key("timeout"), health.timeout);
@@ -1752,6 +1758,23 @@ upstream = "b"
             (Some(9), "routes[0].upstream")
         );
         assert_eq!(p[0].fix.as_deref(), Some("use one of: web"));
+    }
+
+    #[test]
+    fn health_path_must_be_a_valid_request_target() {
+        let p = problems(&format!(
+            "{MINIMAL}[upstreams.web.health]\npath = \"/he alth\"\n"
+        ));
+        assert_eq!(p[0].key, "upstreams.web.health.path");
+        assert!(
+            p[0].message.contains("not a valid request target"),
+            "{}",
+            p[0]
+        );
+        let p = problems(&format!(
+            "{MINIMAL}[upstreams.web.health]\npath = \"health\"\n"
+        ));
+        assert!(p[0].message.contains("must start with"), "{}", p[0]);
     }
 
     #[test]
