@@ -1,0 +1,299 @@
+//! The configuration file as written: serde structs and field deserializers that turn each
+//! bad value into a [`Problem`] with the value's line.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::path::Path;
+use std::time::Duration;
+
+use super::*;
+use ipnet::IpNet;
+use serde::de::{self, Deserializer, MapAccess, Visitor};
+use serde::Deserialize;
+
+// ---- The file as written ----
+
+/// The whole file; differs from [`Config`] only in `upstreams` being a map by name.
+#[derive(Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(super) struct RawConfig {
+    listen: ListenConfig,
+    tls: TlsConfig,
+    downstream: DownstreamConfig,
+    forwarded: ForwardedConfig,
+    upstreams: BTreeMap<String, RawUpstream>,
+    routes: Vec<RouteConfig>,
+    admin: AdminConfig,
+    runtime: RuntimeConfig,
+    log: LogConfig,
+    demo: Option<DemoConfig>,
+}
+
+/// `[upstreams.NAME]` as written: pool and retry keys sit flat in the table. `servers` has no
+/// default; an empty list is reported by validation, with the table's line.
+#[derive(Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(super) struct RawUpstream {
+    balance: BalanceKind,
+    servers: Vec<ServerConfig>,
+    #[serde(with = "humantime_serde")]
+    keepalive_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    idle_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    safety_margin: Duration,
+    #[serde(with = "humantime_serde")]
+    max_lifetime: Duration,
+    max_requests_per_connection: u32,
+    max_idle_per_server: usize,
+    max_connections_per_server: usize,
+    #[serde(with = "humantime_serde")]
+    acquire_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    connect_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    response_timeout: Duration,
+    #[serde(deserialize_with = "zero_is_none")]
+    tcp_keepalive: Option<Duration>,
+    retry_idempotent: bool,
+    max_retries: u32,
+    #[serde(with = "humantime_serde")]
+    retry_backoff: Duration,
+    ip_hash_prefix_v4: u8,
+    ip_hash_prefix_v6: u8,
+    health: Option<HealthConfig>,
+}
+
+impl Default for RawUpstream {
+    fn default() -> Self {
+        RawUpstream {
+            balance: BalanceKind::RoundRobin,
+            servers: Vec::new(),
+            keepalive_timeout: DEFAULT_KEEPALIVE_TIMEOUT,
+            idle_timeout: DEFAULT_UPSTREAM_IDLE_TIMEOUT,
+            safety_margin: DEFAULT_SAFETY_MARGIN,
+            max_lifetime: DEFAULT_MAX_LIFETIME,
+            max_requests_per_connection: DEFAULT_UPSTREAM_MAX_REQUESTS,
+            max_idle_per_server: DEFAULT_MAX_IDLE_PER_SERVER,
+            max_connections_per_server: DEFAULT_MAX_CONNECTIONS_PER_SERVER,
+            acquire_timeout: DEFAULT_ACQUIRE_TIMEOUT,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            response_timeout: DEFAULT_RESPONSE_TIMEOUT,
+            tcp_keepalive: Some(DEFAULT_UPSTREAM_TCP_KEEPALIVE),
+            retry_idempotent: true,
+            max_retries: DEFAULT_MAX_RETRIES,
+            retry_backoff: DEFAULT_RETRY_BACKOFF,
+            ip_hash_prefix_v4: DEFAULT_IP_HASH_PREFIX_V4,
+            ip_hash_prefix_v6: DEFAULT_IP_HASH_PREFIX_V6,
+            health: None,
+        }
+    }
+}
+
+impl RawUpstream {
+    pub(super) fn into_upstream(self, name: String) -> UpstreamConfig {
+        UpstreamConfig {
+            name,
+            balance: self.balance,
+            servers: self.servers,
+            pool: PoolConfig {
+                keepalive_timeout: self.keepalive_timeout,
+                idle_timeout: self.idle_timeout,
+                safety_margin: self.safety_margin,
+                max_lifetime: self.max_lifetime,
+                max_requests_per_connection: self.max_requests_per_connection,
+                max_idle_per_server: self.max_idle_per_server,
+                max_connections_per_server: self.max_connections_per_server,
+                acquire_timeout: self.acquire_timeout,
+                connect_timeout: self.connect_timeout,
+                response_timeout: self.response_timeout,
+                tcp_keepalive: self.tcp_keepalive,
+                learn_keep_alive: true,
+            },
+            retry: RetryConfig {
+                retry_idempotent: self.retry_idempotent,
+                max_retries: self.max_retries,
+                retry_backoff: self.retry_backoff,
+            },
+            ip_hash_prefix_v4: self.ip_hash_prefix_v4,
+            ip_hash_prefix_v6: self.ip_hash_prefix_v6,
+            health: self.health,
+        }
+    }
+}
+
+impl RawConfig {
+    pub(super) fn into_config(self, path: &Path) -> Config {
+        Config {
+            source: Some(path.to_path_buf()),
+            listen: self.listen,
+            tls: self.tls,
+            downstream: self.downstream,
+            forwarded: self.forwarded,
+            upstreams: self
+                .upstreams
+                .into_iter()
+                .map(|(name, raw)| raw.into_upstream(name))
+                .collect(),
+            routes: self.routes,
+            admin: self.admin,
+            runtime: self.runtime,
+            log: self.log,
+            demo: self.demo,
+        }
+    }
+}
+
+/// The table form of a server, `{ addr = "host:port", weight = N }`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawServerTable {
+    #[serde(deserialize_with = "addr")]
+    addr: SocketAddr,
+    #[serde(default = "default_weight")]
+    weight: u32,
+}
+
+pub(super) fn default_weight() -> u32 {
+    DEFAULT_WEIGHT
+}
+
+/// A string or a table; written by hand rather than `#[serde(untagged)]` so that a bad entry
+/// gets the real reason (unknown key, unresolvable host) instead of "did not match any variant".
+impl<'de> Deserialize<'de> for ServerConfig {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ServerVisitor;
+        impl<'de> Visitor<'de> for ServerVisitor {
+            type Value = ServerConfig;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str(r#""host:port" or { addr = "host:port", weight = N }"#)
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<ServerConfig, E> {
+                let addr = resolve(s).map_err(E::custom)?;
+                Ok(ServerConfig {
+                    addr,
+                    weight: DEFAULT_WEIGHT,
+                })
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<ServerConfig, A::Error> {
+                let t = RawServerTable::deserialize(de::value::MapAccessDeserializer::new(map))?;
+                Ok(ServerConfig {
+                    addr: t.addr,
+                    weight: t.weight,
+                })
+            }
+        }
+        deserializer.deserialize_any(ServerVisitor)
+    }
+}
+
+// ---- Field deserializers: each error message becomes a Problem with the value's line ----
+
+/// Deserializes a string through `parse`. Failing inside the visitor, not after it, is what
+/// gives the error the span of the value (an array element, not the whole array).
+pub(super) fn parse_str<'de, D, T>(
+    d: D,
+    parse: fn(&str) -> Result<T, String>,
+) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+{
+    struct ParseVisitor<T>(fn(&str) -> Result<T, String>);
+    impl<T> Visitor<'_> for ParseVisitor<T> {
+        type Value = T;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a string")
+        }
+        fn visit_str<E: de::Error>(self, s: &str) -> Result<T, E> {
+            (self.0)(s).map_err(E::custom)
+        }
+    }
+    d.deserialize_str(ParseVisitor(parse))
+}
+
+/// "host:port" → the first address it resolves to.
+pub(super) fn resolve(s: &str) -> Result<SocketAddr, String> {
+    let has_port = s
+        .rsplit_once(':')
+        .is_some_and(|(_, port)| port.parse::<u16>().is_ok());
+    if !has_port {
+        return Err(format!(r#"expected "host:port", got {s:?}"#));
+    }
+    let mut addrs = s
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve {s:?}: {e}"))?;
+    addrs
+        .next()
+        .ok_or_else(|| format!("{s:?} resolves to no address"))
+}
+
+pub(super) fn addr<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    parse_str(d, resolve)
+}
+
+/// "" disables (a listener, the admin endpoint).
+pub(super) fn optional_addr<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<SocketAddr>, D::Error> {
+    parse_str(d, |s| match s {
+        "" => Ok(None),
+        s => resolve(s).map(Some),
+    })
+}
+
+/// One address per element, so that an error points at the bad element.
+#[derive(Deserialize)]
+#[serde(transparent)]
+pub(super) struct Addr(#[serde(deserialize_with = "addr")] SocketAddr);
+
+pub(super) fn addrs<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<SocketAddr>, D::Error> {
+    Ok(Vec::<Addr>::deserialize(d)?
+        .into_iter()
+        .map(|a| a.0)
+        .collect())
+}
+
+/// A CIDR, or a bare IP as a /32 or /128.
+#[derive(Deserialize)]
+#[serde(transparent)]
+pub(super) struct Net(#[serde(deserialize_with = "ip_net")] IpNet);
+
+pub(super) fn ip_net<'de, D: Deserializer<'de>>(d: D) -> Result<IpNet, D::Error> {
+    parse_str(d, |s| {
+        s.parse::<IpNet>()
+            .ok()
+            .or_else(|| s.parse::<IpAddr>().ok().map(IpNet::from))
+            .ok_or_else(|| format!("expected an IP or a CIDR, got {s:?}"))
+    })
+}
+
+pub(super) fn ip_nets<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<IpNet>, D::Error> {
+    Ok(Vec::<Net>::deserialize(d)?
+        .into_iter()
+        .map(|n| n.0)
+        .collect())
+}
+
+/// A duration where "0s" means off.
+pub(super) fn zero_is_none<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    let duration: Duration = humantime_serde::deserialize(d)?;
+    Ok(Some(duration).filter(|d| !d.is_zero()))
+}
+
+/// "api.example.com" → Exact, "*.example.com" → Suffix(".example.com"), both lowercased.
+pub(super) fn host_match<'de, D: Deserializer<'de>>(d: D) -> Result<Option<HostMatch>, D::Error> {
+    parse_str(d, |host| {
+        let host = host.to_ascii_lowercase();
+        let (name, pattern) = match host.strip_prefix("*.") {
+            Some(name) => (name, HostMatch::Suffix(format!(".{name}"))),
+            None => (host.as_str(), HostMatch::Exact(host.clone())),
+        };
+        if name.is_empty() || name.contains(['*', '/', ':', ' ']) {
+            return Err(format!(
+                r#"expected "api.example.com" or "*.example.com", got {host:?}"#
+            ));
+        }
+        Ok(Some(pattern))
+    })
+}

@@ -1,0 +1,260 @@
+//! The keep-alive timeline `kaproxy check` prints: every hop's timeouts in order, each
+//! ordering marked OK, WARN or ERROR with its fix.
+
+use std::fmt;
+use std::path::PathBuf;
+
+use super::*;
+
+// ---- The keep-alive timeline ----
+
+pub(super) const RULE: &str =
+    "rule: the side that reuses a connection must give up on it before the side that accepts it does";
+
+/// What `kaproxy check` explains: every hop in order, from the side that reuses a connection
+/// to the side that accepts it, each ordering marked OK, WARN or ERROR with its fix.
+#[derive(Debug, Clone)]
+pub struct Timeline {
+    source: Option<PathBuf>,
+    sections: Vec<Section>,
+}
+
+/// How one ordering holds up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Verdict {
+    Ok,
+    Warn,
+    Error,
+}
+
+#[derive(Debug, Clone)]
+pub(super) struct Section {
+    title: String,
+    rows: Vec<Row>,
+}
+
+/// `label  value  VERDICT  note`, then `fix: ...` on its own line.
+#[derive(Debug, Clone)]
+pub(super) struct Row {
+    label: String,
+    value: String,
+    verdict: Option<Verdict>,
+    note: String,
+    fix: Option<String>,
+}
+
+impl Row {
+    pub(super) fn info(
+        label: impl Into<String>,
+        value: impl Into<String>,
+        note: impl Into<String>,
+    ) -> Row {
+        Row {
+            label: label.into(),
+            value: value.into(),
+            verdict: None,
+            note: note.into(),
+            fix: None,
+        }
+    }
+
+    /// OK with `ok_note`, or ERROR with the problem's message and fix.
+    pub(super) fn judged(self, problem: Option<Problem>, ok_note: String) -> Row {
+        match problem {
+            None => self.verdict(Verdict::Ok, ok_note, None),
+            Some(p) => {
+                let leaf = p.key.rsplit('.').next().unwrap_or_default();
+                self.verdict(Verdict::Error, format!("{leaf} {}", p.message), p.fix)
+            }
+        }
+    }
+
+    pub(super) fn verdict(mut self, verdict: Verdict, note: String, fix: Option<String>) -> Row {
+        (self.verdict, self.note, self.fix) = (Some(verdict), note, fix);
+        self
+    }
+}
+
+impl Config {
+    /// The keep-alive timeline of this config, downstream first, then each upstream.
+    pub fn timeline(&self) -> Timeline {
+        let mut sections = vec![downstream_section(&self.downstream)];
+        sections.extend(self.upstreams.iter().map(upstream_section));
+        if let Some(demo) = &self.demo {
+            let backends: Vec<String> = demo.backends.iter().map(|a| a.to_string()).collect();
+            let row = Row::info("[demo] backends", backends.len().to_string(), "").verdict(
+                Verdict::Warn,
+                format!(
+                    "{}: built-in demo backends are for development",
+                    backends.join(", ")
+                ),
+                Some("delete the [demo] table in production".into()),
+            );
+            let title = "development".into();
+            sections.push(Section {
+                title,
+                rows: vec![row],
+            });
+        }
+        Timeline {
+            source: self.source.clone(),
+            sections,
+        }
+    }
+}
+
+pub(super) fn downstream_section(d: &DownstreamConfig) -> Section {
+    let (idle, front) = (d.idle_timeout, d.front_idle_timeout);
+    let (front_note, ok_note) = if front.is_zero() {
+        (
+            "none configured",
+            "no front load balancer to outlast".to_string(),
+        )
+    } else {
+        (
+            "it pools connections to kaproxy",
+            format!("> front {}", human(front)),
+        )
+    };
+    // Behind a load balancer, clients reuse connections to it, not to kaproxy.
+    let client_limit = if front.is_zero() { idle } else { front };
+    let secs = idle.as_secs();
+    let advertised = if d.advertise_keep_alive {
+        let note = format!("Keep-Alive: timeout={secs} on HTTP/1.1 responses");
+        Row::info("advertised to clients", format!("{secs}s"), note)
+    } else {
+        Row::info(
+            "advertised to clients",
+            "-",
+            "nothing (advertise_keep_alive = false)",
+        )
+    };
+    let rows = vec![
+        Row::info(
+            "client pools' idle timeout",
+            format!("< {}", human(client_limit)),
+            "set in each client (Reactor Netty maxIdleTime, Go IdleConnTimeout, ...)",
+        ),
+        Row::info("front load balancer idle timeout", human(front), front_note),
+        Row::info("kaproxy downstream idle_timeout", human(idle), "")
+            .judged(downstream_order(d), ok_note),
+        advertised,
+        Row::info(
+            "max_requests_per_connection",
+            d.max_requests_per_connection.to_string(),
+            "then Connection: close",
+        ),
+    ];
+    let title = "downstream: clients (and any front load balancer) reuse, kaproxy accepts".into();
+    Section { title, rows }
+}
+
+pub(super) fn upstream_section(u: &UpstreamConfig) -> Section {
+    let pool = &u.pool;
+    let balance = match u.balance {
+        BalanceKind::RoundRobin => "round_robin",
+        BalanceKind::IpHash => "ip_hash",
+    };
+    let n = u.servers.len();
+    let title = format!(
+        "upstream {}  ({balance}, {n} server{}): kaproxy reuses, the backends accept",
+        u.name,
+        if n == 1 { "" } else { "s" }
+    );
+    let (idle, margin, keepalive) = (
+        pool.idle_timeout,
+        pool.safety_margin,
+        pool.keepalive_timeout,
+    );
+    let order = format!("{} + {} < {}", human(idle), human(margin), human(keepalive));
+    let max = pool.max_requests_per_connection;
+    let max_row = Row::info("max_requests_per_connection", max.to_string(), "");
+    let max_row = if max <= APACHE_MAX_KEEPALIVE_REQUESTS {
+        let note =
+            format!("<= Apache's default MaxKeepAliveRequests {APACHE_MAX_KEEPALIVE_REQUESTS}");
+        max_row.verdict(Verdict::Ok, note, None)
+    } else {
+        let note = format!(
+            "> Apache's default MaxKeepAliveRequests {APACHE_MAX_KEEPALIVE_REQUESTS} (a `Keep-Alive: max=` header overrides it at run time)"
+        );
+        let fix = format!(
+            "set max_requests_per_connection = {APACHE_MAX_KEEPALIVE_REQUESTS} unless the backends raised MaxKeepAliveRequests"
+        );
+        max_row.verdict(Verdict::Warn, note, Some(fix))
+    };
+    let rows = vec![
+        Row::info("kaproxy idle_timeout", human(idle), ""),
+        Row::info(
+            "+ safety_margin",
+            human(margin),
+            format!("= {}", human(idle + margin)),
+        ),
+        Row::info("backend keepalive_timeout", human(keepalive), "")
+            .judged(upstream_order(u), order),
+        max_row,
+        Row::info(
+            "max_lifetime",
+            human(pool.max_lifetime),
+            "retired after its current request",
+        ),
+        Row::info(
+            "at run time a server's `Keep-Alive: timeout=N, max=M` header lowers these per server",
+            "",
+            "",
+        ),
+    ];
+    Section { title, rows }
+}
+
+impl Timeline {
+    /// Some ordering is broken; the config is refused.
+    pub fn has_errors(&self) -> bool {
+        self.count(Verdict::Error) > 0
+    }
+
+    pub fn has_warnings(&self) -> bool {
+        self.count(Verdict::Warn) > 0
+    }
+
+    pub(super) fn count(&self, verdict: Verdict) -> usize {
+        let rows = self.sections.iter().flat_map(|s| &s.rows);
+        rows.filter(|r| r.verdict == Some(verdict)).count()
+    }
+}
+
+impl fmt::Display for Verdict {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.pad(match self {
+            Verdict::Ok => "OK",
+            Verdict::Warn => "WARN",
+            Verdict::Error => "ERROR",
+        })
+    }
+}
+
+impl fmt::Display for Timeline {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "keep-alive timeline")?;
+        if let Some(source) = &self.source {
+            write!(f, " of {}", source.display())?;
+        }
+        writeln!(f)?;
+        writeln!(f, "{RULE}")?;
+        for section in &self.sections {
+            writeln!(f, "\n{}", section.title)?;
+            for row in &section.rows {
+                let verdict = row.verdict.map(|v| v.to_string()).unwrap_or_default();
+                let line = format!(
+                    "  {:<34} {:<8} {verdict:<5}  {}",
+                    row.label, row.value, row.note
+                );
+                writeln!(f, "{}", line.trim_end())?;
+                if let Some(fix) = &row.fix {
+                    writeln!(f, "  {:<34} {:<8} {:<5}  fix: {fix}", "", "", "")?;
+                }
+            }
+        }
+        let [ok, warn, error] = [Verdict::Ok, Verdict::Warn, Verdict::Error].map(|v| self.count(v));
+        write!(f, "\n{ok} OK, {warn} WARN, {error} ERROR")
+    }
+}
