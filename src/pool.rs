@@ -716,20 +716,7 @@ mod tests {
     }
 
     fn cfg() -> PoolConfig {
-        PoolConfig {
-            keepalive_timeout: Duration::from_secs(5),
-            idle_timeout: Duration::from_secs(4),
-            safety_margin: Duration::from_millis(500),
-            max_lifetime: Duration::from_secs(60),
-            max_requests_per_connection: 100,
-            max_idle_per_server: 32,
-            max_connections_per_server: 1024,
-            acquire_timeout: Duration::from_secs(5),
-            connect_timeout: Duration::from_secs(2),
-            response_timeout: Duration::from_secs(60),
-            tcp_keepalive: None,
-            learn_keep_alive: true,
-        }
+        PoolConfig::default()
     }
 
     fn pool(cfg: PoolConfig) -> Arc<ServerPool> {
