@@ -219,7 +219,7 @@ impl Server {
                     addr,
                     source,
                 })?;
-                info!(addr = %local, "admin listening (/metrics, /healthz, /status)");
+                info!(addr = %local, "admin listening (/ status page, /metrics, /healthz, /status, POST /reload)");
                 tasks.push(tokio::spawn(crate::admin::serve(
                     l,
                     metrics.clone(),
