@@ -155,6 +155,9 @@ pub struct ServerPool {
     learned_timeout_ms: AtomicU64,
     next_id: AtomicU64,
     sweep: Arc<Notify>,
+    /// Told when a connection goes back to idle, for requests waiting at
+    /// `max_connections_per_server` (idle connections hold their slot).
+    returned: Notify,
     sweeper: Mutex<Option<AbortHandle>>,
     metrics: Arc<ServerMetrics>,
 }
@@ -169,6 +172,7 @@ impl ServerPool {
             learned_timeout_ms: AtomicU64::new(0),
             next_id: AtomicU64::new(1),
             sweep: Arc::new(Notify::new()),
+            returned: Notify::new(),
             sweeper: Mutex::new(None),
             metrics,
         });
@@ -276,16 +280,13 @@ impl ServerPool {
 
     async fn connect(self: &Arc<Self>) -> Result<PooledConn, UpstreamError> {
         let addr = self.addr;
-        let permit = tokio::time::timeout(
-            self.cfg.acquire_timeout,
-            self.permits.clone().acquire_owned(),
-        )
-        .await
-        .map_err(|_| UpstreamError::AcquireTimeout {
-            addr,
-            timeout: self.cfg.acquire_timeout,
-        })?
-        .expect("pool semaphore is never closed");
+        let permit = match self.permits.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => match self.wait_for_slot().await? {
+                Slot::New(permit) => permit,
+                Slot::Idle(conn) => return Ok(conn),
+            },
+        };
         let stream = self.dial().await?;
         let (sender, connection) = hyper::client::conn::http1::Builder::new()
             .handshake::<_, UpstreamBody>(TokioIo::new(stream))
@@ -320,6 +321,32 @@ impl ServerPool {
             _permit: permit,
         };
         Ok(PooledConn::new(conn, self.clone(), false))
+    }
+
+    /// At `max_connections_per_server`: waits up to `acquire_timeout` for a free slot or for a
+    /// connection coming back idle, whichever is first.
+    async fn wait_for_slot(self: &Arc<Self>) -> Result<Slot, UpstreamError> {
+        let deadline = Instant::now() + self.cfg.acquire_timeout;
+        loop {
+            let returned = self.returned.notified();
+            tokio::select! {
+                permit = self.permits.clone().acquire_owned() => {
+                    return Ok(Slot::New(permit.expect("pool semaphore is never closed")));
+                }
+                _ = returned => {
+                    if let Some(conn) = self.take_idle(Instant::now()) {
+                        self.metrics.reused.inc();
+                        return Ok(Slot::Idle(PooledConn::new(conn, self.clone(), true)));
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline) => {
+                    return Err(UpstreamError::AcquireTimeout {
+                        addr: self.addr,
+                        timeout: self.cfg.acquire_timeout,
+                    });
+                }
+            }
+        }
     }
 
     /// A new TCP connection to the backend, bounded by `connect_timeout`, with TCP_NODELAY
@@ -369,6 +396,7 @@ impl ServerPool {
         idle.push(conn);
         self.metrics.idle.set(idle.len() as i64);
         drop(idle);
+        self.returned.notify_one();
         // Deadlines grow with last use, so the sweeper's next wake-up only moves earlier when
         // the pool was empty.
         if was_empty {
@@ -486,6 +514,12 @@ fn set_socket_options(stream: &TcpStream, keepalive: Option<Duration>) {
         let sock = socket2::SockRef::from(stream);
         let _ = sock.set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(idle));
     }
+}
+
+/// What a request waiting at `max_connections_per_server` gets.
+enum Slot {
+    New(OwnedSemaphorePermit),
+    Idle(PooledConn),
 }
 
 /// A connection checked out of a [`ServerPool`]. Dropped without being released, it is closed
@@ -952,5 +986,43 @@ mod tests {
         assert_eq!(backend.stats().connections_accepted, 2);
         assert_eq!(closed(&metrics, "max_requests"), 2);
         assert_eq!(closed(&metrics, "error"), 0);
+    }
+
+    #[tokio::test]
+    async fn a_request_waiting_for_a_slot_takes_a_connection_coming_back_idle() {
+        let backend = DemoBackend::start(
+            "127.0.0.1:0".parse().unwrap(),
+            demo(5000, StaleReuse::CloseIdle),
+        )
+        .await
+        .unwrap();
+        let mut c = cfg();
+        c.max_connections_per_server = 1;
+        c.max_idle_per_server = 1;
+        c.acquire_timeout = Duration::from_secs(5);
+        let (pool, _m) = real_pool(backend.addr(), c);
+        get(&pool).await.unwrap();
+        // The only slot is busy with `held`; a second request has to wait for it.
+        let held = pool.acquire().await.unwrap();
+        let waiter = {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                let started = std::time::Instant::now();
+                let conn = pool.acquire().await;
+                (conn.map(|c| c.is_reused()), started.elapsed())
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        held.release();
+        let (reused, waited) = waiter.await.unwrap();
+        assert!(
+            reused.unwrap(),
+            "the waiter got the connection that came back idle"
+        );
+        assert!(
+            waited < Duration::from_secs(2),
+            "waited {waited:?}, not the acquire_timeout"
+        );
+        assert_eq!(backend.stats().connections_accepted, 1);
     }
 }
