@@ -830,6 +830,12 @@ mod tests {
         }
     }
 
+    async fn start_demo(cfg: DemoBackendConfig) -> DemoBackend {
+        DemoBackend::start("127.0.0.1:0".parse().unwrap(), cfg)
+            .await
+            .expect("demo backend")
+    }
+
     fn real_pool(addr: SocketAddr, cfg: PoolConfig) -> (Arc<ServerPool>, crate::metrics::Metrics) {
         let metrics = crate::metrics::Metrics::new();
         let pool = ServerPool::new(addr, cfg, metrics.server("web", addr));
@@ -877,12 +883,7 @@ mod tests {
 
     #[tokio::test]
     async fn reuses_a_connection_within_its_deadline() {
-        let backend = DemoBackend::start(
-            "127.0.0.1:0".parse().unwrap(),
-            demo(5000, StaleReuse::CloseIdle),
-        )
-        .await
-        .unwrap();
+        let backend = start_demo(demo(5000, StaleReuse::CloseIdle)).await;
         let (pool, _m) = real_pool(backend.addr(), cfg());
         assert!(!get(&pool).await.unwrap());
         assert!(
@@ -896,12 +897,7 @@ mod tests {
     #[tokio::test]
     async fn sweep_closes_idle_connections_before_the_backend_does() {
         // Backend keep-alive 2 s (advertised as timeout=2); kaproxy's deadline is 2 s - 1.5 s.
-        let backend = DemoBackend::start(
-            "127.0.0.1:0".parse().unwrap(),
-            demo(2000, StaleReuse::CloseIdle),
-        )
-        .await
-        .unwrap();
+        let backend = start_demo(demo(2000, StaleReuse::CloseIdle)).await;
         let mut c = cfg();
         c.safety_margin = Duration::from_millis(1500);
         let (pool, metrics) = real_pool(backend.addr(), c);
@@ -925,12 +921,7 @@ mod tests {
     async fn a_connection_the_backend_closed_is_never_handed_out() {
         // A naive pool (deadline 9 s) in front of a backend that closes after 300 ms: the EOF
         // watch must still keep the dead connection out of use.
-        let backend = DemoBackend::start(
-            "127.0.0.1:0".parse().unwrap(),
-            demo(300, StaleReuse::CloseIdle),
-        )
-        .await
-        .unwrap();
+        let backend = start_demo(demo(300, StaleReuse::CloseIdle)).await;
         let mut c = cfg();
         c.learn_keep_alive = false;
         c.keepalive_timeout = Duration::from_secs(10);
@@ -955,12 +946,7 @@ mod tests {
 
     #[tokio::test]
     async fn max_requests_retires_the_connection() {
-        let backend = DemoBackend::start(
-            "127.0.0.1:0".parse().unwrap(),
-            demo(5000, StaleReuse::CloseIdle),
-        )
-        .await
-        .unwrap();
+        let backend = start_demo(demo(5000, StaleReuse::CloseIdle)).await;
         let mut c = cfg();
         c.max_requests_per_connection = 2;
         let (pool, metrics) = real_pool(backend.addr(), c);
@@ -976,9 +962,7 @@ mod tests {
         // Apache MaxKeepAliveRequests 2: max=2 then max=1, then the third gets Connection: close.
         let mut d = demo(5000, StaleReuse::CloseIdle);
         d.max_keepalive_requests = 2;
-        let backend = DemoBackend::start("127.0.0.1:0".parse().unwrap(), d)
-            .await
-            .unwrap();
+        let backend = start_demo(d).await;
         let (pool, metrics) = real_pool(backend.addr(), cfg());
         for _ in 0..6 {
             get(&pool).await.unwrap();
@@ -990,12 +974,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_request_waiting_for_a_slot_takes_a_connection_coming_back_idle() {
-        let backend = DemoBackend::start(
-            "127.0.0.1:0".parse().unwrap(),
-            demo(5000, StaleReuse::CloseIdle),
-        )
-        .await
-        .unwrap();
+        let backend = start_demo(demo(5000, StaleReuse::CloseIdle)).await;
         let mut c = cfg();
         c.max_connections_per_server = 1;
         c.max_idle_per_server = 1;
