@@ -241,6 +241,7 @@ impl Proxy {
 
         let mut attempts = Attempts::new(&upstream.retry);
         let mut fresh_on: Option<usize> = None;
+        let mut retried = false;
         loop {
             let connected = match fresh_on.take() {
                 Some(idx) => match upstream.pools[idx].acquire_fresh().await {
@@ -263,7 +264,7 @@ impl Proxy {
             };
             let (idx, mut conn) = match connected {
                 Ok(pair) => pair,
-                Err(resp) => return resp,
+                Err(resp) => return with_log(resp, log),
             };
             let pool = &upstream.pools[idx];
             let backend = &upstream.balancer.backends()[idx];
@@ -283,8 +284,9 @@ impl Proxy {
                     };
                     pool.metrics().error(err.kind());
                     record_failure(backend, pool);
+                    pool.metrics().request(err.status().as_u16());
                     warn!(upstream = %upstream.name, server = %pool.addr(), error = %err, "504");
-                    return local_response(err.status(), "upstream timed out\n");
+                    return with_log(local_response(err.status(), "upstream timed out\n"), log);
                 }
                 Ok(Err(SendFailure { error, unsent })) => {
                     pool.metrics().error(error.kind());
@@ -294,7 +296,7 @@ impl Proxy {
                     // reused it fails before any response byte. A request hyper never wrote
                     // goes again whatever its method; a written one only when idempotent and
                     // bodiless (`template`). Once, on a fresh connection to the same server.
-                    if reused {
+                    if reused && !retried {
                         request = unsent.or_else(|| {
                             template.as_ref().map(|(m, u, h)| {
                                 build_request(
@@ -310,14 +312,16 @@ impl Proxy {
                             warn!(upstream = %upstream.name, server = %pool.addr(), cause = error.kind(), error = %error,
                                 "reused upstream connection failed before responding; retrying on a fresh connection");
                             fresh_on = Some(idx);
+                            retried = true;
                             continue;
                         }
                     }
                     if !reused {
                         record_failure(backend, pool);
                     }
+                    pool.metrics().request(error.status().as_u16());
                     warn!(upstream = %upstream.name, server = %pool.addr(), reused, error = %error, "upstream failed; 502");
-                    return local_response(error.status(), "upstream failed\n");
+                    return with_log(local_response(error.status(), "upstream failed\n"), log);
                 }
             }
         }
@@ -457,7 +461,7 @@ impl Proxy {
             .await
         {
             Ok(pair) => pair,
-            Err(resp) => return resp,
+            Err(resp) => return with_log(resp, log),
         };
         let pool = &upstream.pools[idx];
         let sent = tokio::time::timeout(upstream.response_timeout, sender.send_request(req)).await;
@@ -470,7 +474,8 @@ impl Proxy {
                 let err = UpstreamError::from_send(pool.addr(), e);
                 pool.metrics().error(err.kind());
                 warn!(upstream = %upstream.name, server = %pool.addr(), error = %err, "upgrade request failed");
-                return local_response(err.status(), "upstream failed\n");
+                pool.metrics().request(err.status().as_u16());
+                return with_log(local_response(err.status(), "upstream failed\n"), log);
             }
             Err(_) => {
                 let err = UpstreamError::ResponseTimeout {
@@ -479,7 +484,8 @@ impl Proxy {
                 };
                 pool.metrics().error(err.kind());
                 warn!(upstream = %upstream.name, server = %pool.addr(), error = %err, "upgrade request failed");
-                return local_response(err.status(), "upstream timed out\n");
+                pool.metrics().request(err.status().as_u16());
+                return with_log(local_response(err.status(), "upstream timed out\n"), log);
             }
         };
         pool.metrics().request(resp.status().as_u16());
@@ -771,6 +777,15 @@ fn upstream_request_headers(
 
 fn header_value(s: &str) -> HeaderValue {
     HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+}
+
+/// Attaches the access log record to a response kaproxy made itself, so errors are logged too.
+fn with_log(mut resp: Response<ProxyBody>, log: Option<Box<AccessRecord>>) -> Response<ProxyBody> {
+    if let Some(mut log) = log {
+        log.status = resp.status().as_u16();
+        resp.body_mut().log = Some(log);
+    }
+    resp
 }
 
 /// A response kaproxy makes itself (errors).

@@ -4,7 +4,7 @@
 use std::net::IpAddr;
 use std::time::Duration;
 
-use crate::support::apache::{require_apache, Apache, ApacheOptions, SLOW_BODY_LEN};
+use crate::support::apache::{require_apache, Apache, ApacheOptions};
 use crate::support::backend::RecordingBackend;
 use crate::support::client::{Endpoint, KeepAliveClient, Load, Request};
 

@@ -81,6 +81,12 @@ async fn slow_backend_gets_504_after_response_timeout() {
         "one upstream timeout counted\n{}",
         m.lines_of(ERRORS_TOTAL)
     );
+    assert_eq!(
+        m.sum("kaproxy_requests_total", &[("status", "504")]),
+        1.0,
+        "the 504 is counted as an answered request of that server\n{}",
+        m.lines_of("kaproxy_requests_total")
+    );
 
     // The timed-out connection is not reused: the next request gets a good answer.
     let resp = send(&mut client, &Request::get("/slow?ms=20")).await;
