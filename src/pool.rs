@@ -247,12 +247,14 @@ impl ServerPool {
                 "pool: reusing idle connection");
             return Ok(PooledConn::new(conn, self.clone(), true));
         }
-        self.connect().await
+        // Boxed: connecting is the rare path, and its state (TCP connect, handshake) would
+        // otherwise enlarge the future of every request, which is moved around per request.
+        Box::pin(self.connect()).await
     }
 
     /// Always a new connection (the retry after a reused connection failed).
     pub async fn acquire_fresh(self: &Arc<Self>) -> Result<PooledConn, UpstreamError> {
-        self.connect().await
+        Box::pin(self.connect()).await
     }
 
     /// Pops the most recently used idle connection that is still safe to reuse, closing the

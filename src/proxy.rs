@@ -219,7 +219,8 @@ impl Proxy {
             })
         });
         if is_upgrade(&req) {
-            return self.tunnel(req, ds, upstream, client_ip, host, log).await;
+            // Rare: boxed so its state does not enlarge every request's future.
+            return Box::pin(self.tunnel(req, ds, upstream, client_ip, host, log)).await;
         }
 
         let (parts, body) = req.into_parts();
