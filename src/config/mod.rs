@@ -59,6 +59,19 @@ const MIN_MAX_HEADER_BYTES: usize = 8192;
 const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Apache's 5 s minus the 500 ms safety margin, rounded down to whole seconds.
 const DEFAULT_UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
+/// The upstream `idle_timeout` when the file does not set it: the default 4 s when that leaves
+/// the safety margin before `keepalive_timeout`, else four fifths of what the margin leaves.
+/// So a config that only says `keepalive_timeout = "1s"` (Apache at 1 s) gets 400 ms instead
+/// of being refused; an `idle_timeout` written in the file is checked, never changed.
+pub(super) fn default_idle_timeout(keepalive: Duration, margin: Duration) -> Duration {
+    let room = keepalive.saturating_sub(margin);
+    if DEFAULT_UPSTREAM_IDLE_TIMEOUT < room {
+        DEFAULT_UPSTREAM_IDLE_TIMEOUT
+    } else {
+        room * 4 / 5
+    }
+}
+
 /// A LAN round trip plus timer slack on a busy host, with room to spare.
 const DEFAULT_SAFETY_MARGIN: Duration = Duration::from_millis(500);
 /// A minute amortises the handshake, yet traffic rebalances soon after a backend joins.
@@ -796,6 +809,25 @@ upstream = "b"
                 .starts_with("/nonexistent/kaproxy.toml: cannot read"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn unset_idle_timeout_follows_a_short_keepalive_timeout() {
+        let c = Config::from_toml_str(
+            &with_upstream("keepalive_timeout = \"1s\"\n"),
+            Path::new("config.toml"),
+        )
+        .expect("a short keepalive_timeout alone is a valid config");
+        assert_eq!(c.upstreams[0].pool.idle_timeout, Duration::from_millis(400));
+        let c = Config::from_toml_str(
+            &with_upstream("keepalive_timeout = \"2s\"\nsafety_margin = \"1s\"\n"),
+            Path::new("config.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.upstreams[0].pool.idle_timeout, Duration::from_millis(800));
+        // The default stays 4 s wherever it fits.
+        let c = Config::from_toml_str(&with_upstream(""), Path::new("config.toml")).unwrap();
+        assert_eq!(c.upstreams[0].pool.idle_timeout, Duration::from_secs(4));
     }
 
     #[test]

@@ -39,8 +39,10 @@ pub(super) struct RawUpstream {
     servers: Vec<ServerConfig>,
     #[serde(with = "humantime_serde")]
     keepalive_timeout: Duration,
+    /// None when the file leaves it out: then derived from keepalive_timeout (see
+    /// [`default_idle_timeout`]).
     #[serde(with = "humantime_serde")]
-    idle_timeout: Duration,
+    idle_timeout: Option<Duration>,
     #[serde(with = "humantime_serde")]
     safety_margin: Duration,
     #[serde(with = "humantime_serde")]
@@ -71,7 +73,7 @@ impl Default for RawUpstream {
             balance: BalanceKind::RoundRobin,
             servers: Vec::new(),
             keepalive_timeout: DEFAULT_KEEPALIVE_TIMEOUT,
-            idle_timeout: DEFAULT_UPSTREAM_IDLE_TIMEOUT,
+            idle_timeout: None,
             safety_margin: DEFAULT_SAFETY_MARGIN,
             max_lifetime: DEFAULT_MAX_LIFETIME,
             max_requests_per_connection: DEFAULT_UPSTREAM_MAX_REQUESTS,
@@ -99,7 +101,9 @@ impl RawUpstream {
             servers: self.servers,
             pool: PoolConfig {
                 keepalive_timeout: self.keepalive_timeout,
-                idle_timeout: self.idle_timeout,
+                idle_timeout: self.idle_timeout.unwrap_or_else(|| {
+                    default_idle_timeout(self.keepalive_timeout, self.safety_margin)
+                }),
                 safety_margin: self.safety_margin,
                 max_lifetime: self.max_lifetime,
                 max_requests_per_connection: self.max_requests_per_connection,
