@@ -62,6 +62,8 @@ pub struct ConnState {
     head_started: AtomicU64,
     /// Set by the driver when the head timer fires; acted on by [`HeadWatch`].
     action: AtomicU8,
+    /// An HTTP/2 connection reached `max_requests_per_connection`: the driver sends GOAWAY.
+    goaway: tokio::sync::Notify,
 }
 
 enum Timer {
@@ -82,6 +84,7 @@ impl ConnState {
             waiting_since: AtomicU64::new(0),
             head_started: AtomicU64::new(NONE),
             action: AtomicU8::new(ACTION_NONE),
+            goaway: tokio::sync::Notify::new(),
         })
     }
 
@@ -376,6 +379,9 @@ pub async fn serve<I>(
             let (guard, n) = state.request_started();
             let mut resp = proxy.handle(req, &info).await;
             let last = n >= cfg.max_requests_per_connection;
+            if http2 && n == cfg.max_requests_per_connection {
+                state.goaway.notify_one();
+            }
             if !http2 && resp.status() != StatusCode::SWITCHING_PROTOCOLS {
                 let headers = resp.headers_mut();
                 if last {
@@ -447,6 +453,11 @@ async fn drive<C, E>(
                 return;
             }
             _ = shutdown.changed(), if !closing => {
+                closing = true;
+                graceful(conn.as_mut());
+            }
+            _ = state.goaway.notified(), if !closing && !http1 => {
+                debug!("max_requests_per_connection reached; GOAWAY");
                 closing = true;
                 graceful(conn.as_mut());
             }

@@ -63,3 +63,53 @@ async fn https_negotiates_h2_by_alpn() {
     assert_eq!(seen[0].version, Version::HTTP_11, "upstream stays HTTP/1.1");
     proxy.shutdown().await;
 }
+
+#[tokio::test]
+async fn http2_connection_gets_goaway_after_max_requests_per_connection() {
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use std::time::Duration;
+
+    let backend = RecordingBackend::start("h2-max", &[]).await;
+    let proxy = TestProxy::start(&format!(
+        "[downstream]\nmax_requests_per_connection = 2\n{}",
+        upstream_toml(&backend)
+    ))
+    .await;
+    let endpoint = proxy.https(&["h2"]);
+    let (tls, alpn) = crate::support::client::tls_connect(
+        endpoint.addr,
+        endpoint.tls.clone().expect("tls"),
+        None,
+    )
+    .await
+    .expect("tls connect");
+    assert_eq!(alpn.as_deref(), Some(&b"h2"[..]));
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .expect("h2 handshake");
+    let conn = tokio::spawn(conn);
+    let get = || {
+        http::Request::get(format!("https://localhost:{}/", endpoint.addr.port()))
+            .body(Empty::<bytes::Bytes>::new())
+            .unwrap()
+    };
+    for i in 0..2 {
+        let resp = sender
+            .send_request(get())
+            .await
+            .expect("request on the connection");
+        assert_eq!(resp.status(), 200, "request {i}");
+        resp.into_body().collect().await.expect("body");
+    }
+    // After the second request kaproxy sends GOAWAY and closes the connection.
+    let ended = tokio::time::timeout(Duration::from_secs(5), conn).await;
+    assert!(ended.is_ok(), "the h2 connection did not end after GOAWAY");
+    assert!(
+        sender.send_request(get()).await.is_err(),
+        "no third request on a connection that got GOAWAY"
+    );
+    assert_eq!(backend.requests().len(), 2);
+    proxy.shutdown().await;
+}
