@@ -285,9 +285,7 @@ impl Proxy {
                     };
                     pool.metrics().error(err.kind());
                     record_failure(backend, pool);
-                    pool.metrics().request(err.status().as_u16());
-                    warn!(upstream = %upstream.name, server = %pool.addr(), error = %err, "504");
-                    return with_log(local_response(err.status(), "upstream timed out\n"), log);
+                    return server_failed(upstream, pool, &err, log);
                 }
                 Ok(Err(SendFailure { error, unsent })) => {
                     pool.metrics().error(error.kind());
@@ -320,9 +318,7 @@ impl Proxy {
                     if !reused {
                         record_failure(backend, pool);
                     }
-                    pool.metrics().request(error.status().as_u16());
-                    warn!(upstream = %upstream.name, server = %pool.addr(), reused, error = %error, "upstream failed; 502");
-                    return with_log(local_response(error.status(), "upstream failed\n"), log);
+                    return server_failed(upstream, pool, &error, log);
                 }
             }
         }
@@ -474,9 +470,7 @@ impl Proxy {
             Ok(Err(e)) => {
                 let err = UpstreamError::from_send(pool.addr(), e);
                 pool.metrics().error(err.kind());
-                warn!(upstream = %upstream.name, server = %pool.addr(), error = %err, "upgrade request failed");
-                pool.metrics().request(err.status().as_u16());
-                return with_log(local_response(err.status(), "upstream failed\n"), log);
+                return server_failed(upstream, pool, &err, log);
             }
             Err(_) => {
                 let err = UpstreamError::ResponseTimeout {
@@ -484,9 +478,7 @@ impl Proxy {
                     timeout: upstream.response_timeout,
                 };
                 pool.metrics().error(err.kind());
-                warn!(upstream = %upstream.name, server = %pool.addr(), error = %err, "upgrade request failed");
-                pool.metrics().request(err.status().as_u16());
-                return with_log(local_response(err.status(), "upstream timed out\n"), log);
+                return server_failed(upstream, pool, &err, log);
             }
         };
         pool.metrics().request(resp.status().as_u16());
@@ -778,6 +770,24 @@ fn upstream_request_headers(
 
 fn header_value(s: &str) -> HeaderValue {
     HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+}
+
+/// kaproxy's answer when the picked server failed the request (the caller has counted the
+/// error): counted as an answer of that server, logged with its cause, access-logged.
+fn server_failed(
+    upstream: &Upstream,
+    pool: &ServerPool,
+    err: &UpstreamError,
+    log: Option<Box<AccessRecord>>,
+) -> Response<ProxyBody> {
+    let status = err.status();
+    pool.metrics().request(status.as_u16());
+    warn!(upstream = %upstream.name, server = %pool.addr(), error = %err, status = status.as_u16(), "upstream failed");
+    let text = match err {
+        UpstreamError::ResponseTimeout { .. } => "upstream timed out\n",
+        _ => "upstream failed\n",
+    };
+    with_log(local_response(status, text), log)
 }
 
 /// Attaches the access log record to a response kaproxy made itself, so errors are logged too.

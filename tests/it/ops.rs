@@ -69,6 +69,25 @@ pub async fn status(addr: SocketAddr) -> serde_json::Value {
         .unwrap_or_else(|e| panic!("/status is not JSON ({e}): {}", resp.body_text()))
 }
 
+/// kaproxy in front of one demo backend (keep-alive `backend_keepalive`, advertised in its
+/// `Keep-Alive` header) after one request through it, so the pool has learned the backend's
+/// timeout. Returns the backend (keep it alive), the proxy and its admin address.
+async fn proxy_after_one_request(
+    name: &str,
+    backend_keepalive: Duration,
+    upstream_keys: &str,
+) -> (DemoBackend, TestProxy, SocketAddr) {
+    let backend = demo_backend(name, backend_keepalive).await;
+    let proxy = TestProxy::start(&upstream_toml("web", &[&backend], upstream_keys)).await;
+    let admin_addr = proxy.server.admin_addr().expect("admin listener");
+    let resp = KeepAliveClient::new(proxy.http(), None)
+        .send(&Request::get("/"))
+        .await
+        .expect("request");
+    assert_eq!(resp.status, 200);
+    (backend, proxy, admin_addr)
+}
+
 fn upstream_toml(name: &str, servers: &[&DemoBackend], keys: &str) -> String {
     let servers: Vec<String> = servers
         .iter()
@@ -374,20 +393,12 @@ async fn status_page_in_chromium_draws_kaproxy_idle_left_of_backend_keepalive() 
     if !chromium::require_chromium() {
         return;
     }
-    let backend = demo_backend("ka2s", Duration::from_secs(2)).await;
-    let proxy = TestProxy::start(&upstream_toml(
-        "web",
-        &[&backend],
+    let (backend, proxy, admin_addr) = proxy_after_one_request(
+        "ka2s",
+        Duration::from_secs(2),
         "keepalive_timeout = \"2s\"\nidle_timeout = \"1s\"",
-    ))
+    )
     .await;
-    let admin_addr = proxy.server.admin_addr().expect("admin listener");
-    // One response, so the server's keep-alive line is the learned one.
-    let resp = KeepAliveClient::new(proxy.http(), None)
-        .send(&Request::get("/"))
-        .await
-        .expect("request");
-    assert_eq!(resp.status, 200);
 
     let shots = tempfile::Builder::new()
         .prefix("kaproxy-shot-")
@@ -452,19 +463,12 @@ async fn status_page_draws_kaproxy_deadline_left_of_a_shorter_learned_keepalive(
     }
     // Configured for Apache's 5 s, but this backend advertises (and uses) 1 s: kaproxy
     // closes its idle connections after 1 s - 500 ms. The picture must show that ordering.
-    let backend = demo_backend("ka1s", Duration::from_secs(1)).await;
-    let proxy = TestProxy::start(&upstream_toml(
-        "web",
-        &[&backend],
+    let (_backend, proxy, admin_addr) = proxy_after_one_request(
+        "ka1s",
+        Duration::from_secs(1),
         "keepalive_timeout = \"5s\"\nidle_timeout = \"4s\"",
-    ))
+    )
     .await;
-    let admin_addr = proxy.server.admin_addr().expect("admin listener");
-    let resp = KeepAliveClient::new(proxy.http(), None)
-        .send(&Request::get("/"))
-        .await
-        .expect("request");
-    assert_eq!(resp.status, 200);
     let st = status(admin_addr).await;
     assert_eq!(
         st["upstreams"][0]["servers"][0]["learned_keepalive_timeout_s"], 1.0,

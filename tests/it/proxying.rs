@@ -314,32 +314,12 @@ async fn https_sets_forwarded_headers_from_the_connection_not_the_client() {
         ))
         .await
         .expect("GET over TLS");
-    assert_eq!(resp.status, StatusCode::OK);
-    assert_eq!(resp.header("x-seen-forwarded-for"), "127.0.0.9");
-    assert_eq!(resp.header("x-seen-forwarded-proto"), "https");
-    assert_eq!(resp.header("x-seen-forwarded-port"), https_port);
-    assert_eq!(resp.header("x-seen-forwarded-host"), "shop.example.test");
-    assert_eq!(
-        resp.header("x-seen-forwarded"),
-        "for=127.0.0.9;proto=https;host=\"shop.example.test\""
-    );
-    assert_eq!(resp.header("x-seen-real-ip"), "127.0.0.9");
-    assert_eq!(resp.header("x-seen-host"), "shop.example.test");
+    assert_forwarded_over_https(&resp, "127.0.0.9", &https_port, "shop.example.test");
 
     // HTTP/2: the host comes from :authority.
     let mut h2 = H2Conn::connect(&proxy.https(&["h2"])).await;
     let resp = h2.get("h2.example.test", "/").await;
-    assert_eq!(resp.status, StatusCode::OK);
-    assert_eq!(resp.header("x-seen-forwarded-for"), "127.0.0.1");
-    assert_eq!(resp.header("x-seen-forwarded-proto"), "https");
-    assert_eq!(resp.header("x-seen-forwarded-port"), https_port);
-    assert_eq!(resp.header("x-seen-forwarded-host"), "h2.example.test");
-    assert_eq!(
-        resp.header("x-seen-forwarded"),
-        "for=127.0.0.1;proto=https;host=\"h2.example.test\""
-    );
-    assert_eq!(resp.header("x-seen-real-ip"), "127.0.0.1");
-    assert_eq!(resp.header("x-seen-host"), "h2.example.test");
+    assert_forwarded_over_https(&resp, "127.0.0.1", &https_port, "h2.example.test");
     proxy.shutdown().await;
 }
 
@@ -425,4 +405,20 @@ async fn trusted_proxy_keeps_its_forwarding_headers_on_plain_http() {
     assert_eq!(resp.header("x-seen-forwarded-for"), "127.0.0.9");
     assert_eq!(resp.header("x-seen-real-ip"), "127.0.0.9");
     proxy.shutdown().await;
+}
+
+/// What the backend saw (echoed as `X-Seen-*`) for a request from `client` over the HTTPS
+/// listener on `port` for `host`, with every forwarding header enabled.
+fn assert_forwarded_over_https(resp: &Response, client: &str, port: &str, host: &str) {
+    assert_eq!(resp.status, StatusCode::OK);
+    assert_eq!(resp.header("x-seen-forwarded-for"), client);
+    assert_eq!(resp.header("x-seen-forwarded-proto"), "https");
+    assert_eq!(resp.header("x-seen-forwarded-port"), port);
+    assert_eq!(resp.header("x-seen-forwarded-host"), host);
+    assert_eq!(
+        resp.header("x-seen-forwarded"),
+        format!("for={client};proto=https;host=\"{host}\"")
+    );
+    assert_eq!(resp.header("x-seen-real-ip"), client);
+    assert_eq!(resp.header("x-seen-host"), host);
 }
