@@ -3,6 +3,7 @@
 # interleaved round by round, and writes the medians and ratios to bench/RESULTS.md.
 #
 #   bench/compare.sh [--rounds N] [--duration SECONDS] [--out FILE] [--no-install]
+#                    [--only h1,h1tls,newconn,h2,big,idle]
 #
 # Layout on the 2-core machine: every proxy is pinned to CPU 0 with one worker (kaproxy
 # `[runtime] worker_threads = 1`, nginx `worker_processes 1`, HAProxy `nbthread 1`); the
@@ -19,13 +20,16 @@ HERE="$(cd "$(dirname "$0")" && pwd)"
 ROOT="$(cd "$HERE/.." && pwd)"
 OUT="$HERE/RESULTS.md"
 
-usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; }
+ONLY="h1,h1tls,newconn,h2,big,idle"
+
+usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; }
 while [ $# -gt 0 ]; do
     case "$1" in
         --rounds) ROUNDS="$2"; shift 2 ;;
         --duration) DURATION="$2"; shift 2 ;;
         --out) OUT="$2"; shift 2 ;;
         --no-install) INSTALL=0; shift ;;
+        --only) ONLY="$2"; shift 2 ;;
         -h|--help) usage; exit 0 ;;
         *) echo "unknown argument: $1" >&2; usage >&2; exit 2 ;;
     esac
@@ -458,16 +462,21 @@ for t in "${TARGETS[@]}"; do
     taskset -c 1 wrk -t1 -c8 -d1s "http://127.0.0.1:$(http_port "$t")/small" >/dev/null 2>&1 || true
 done
 
-SCENARIOS=(h1 h1tls newconn h2 big)
+SCENARIOS=()
+for s in h1 h1tls newconn h2 big; do
+    case ",$ONLY," in *",$s,"*) SCENARIOS+=("$s") ;; esac
+done
 for round in $(seq 1 "$ROUNDS"); do
     for scenario in "${SCENARIOS[@]}"; do
         for target in "${TARGETS[@]}"; do
             run_scenario "$scenario" "$target" "$round"
         done
     done
-    for target in "${PROXIES[@]}"; do
-        run_idle "$target" "$round"
-    done
+    case ",$ONLY," in *",idle,"*)
+        for target in "${PROXIES[@]}"; do
+            run_idle "$target" "$round"
+        done ;;
+    esac
 done
 
 # ---- report ----

@@ -7,23 +7,29 @@
 //! the two timers itself: [`ConnState`] records when a request head starts arriving (by
 //! [`HeadWatch`], a read wrapper) and when requests begin and end (by the service), and the
 //! driver loop in [`serve`] wakes at the next deadline (see [`ConnState::next_check`]).
+//!
+//! An HTTP/1 connection idle for [`PARK_AFTER`] between requests is *parked*: kaproxy takes
+//! the socket back from hyper (dropping its two 8 KiB buffers) and waits on the bare socket
+//! until the next request's first bytes arrive, as nginx does with its idle connections. A new
+//! connection waits the same way for its first request.
 
 use std::convert::Infallible;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-
+use bytes::{Buf, Bytes};
 use http::header::{self, HeaderValue};
 use http::{Request, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -31,6 +37,7 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use crate::config::DownstreamConfig;
+use crate::pool::BodyDone;
 use crate::proxy::DownstreamInfo;
 use crate::server::Generation;
 
@@ -40,6 +47,10 @@ use crate::server::Generation;
 const LINGER_TIME: Duration = Duration::from_secs(2);
 /// At most this much is drained while lingering.
 const LINGER_MAX_BYTES: usize = 256 * 1024;
+/// An HTTP/1 connection idle this long between requests gives hyper's state back and waits
+/// on the bare socket (see the module doc). Long enough that a busy connection never pays
+/// for setting hyper up again; short enough that idle keep-alive clients cost ~1 KiB each.
+pub const PARK_AFTER: Duration = Duration::from_secs(1);
 
 const NONE: u64 = u64::MAX;
 
@@ -64,6 +75,10 @@ pub struct ConnState {
     action: AtomicU8,
     /// An HTTP/2 connection reached `max_requests_per_connection`: the driver sends GOAWAY.
     goaway: tokio::sync::Notify,
+    /// hyper's last read found nothing to read (set by [`HeadWatch`]).
+    read_blocked: AtomicBool,
+    /// hyper wrote bytes it has not flushed yet (set by [`HeadWatch`]).
+    unflushed: AtomicBool,
 }
 
 enum Timer {
@@ -73,6 +88,8 @@ enum Timer {
     FirstRequest,
     /// A keep-alive connection idle past `idle_timeout`: close gracefully.
     Idle,
+    /// An HTTP/1 connection idle past [`PARK_AFTER`]: take the socket back from hyper.
+    Park,
 }
 
 impl ConnState {
@@ -85,6 +102,8 @@ impl ConnState {
             head_started: AtomicU64::new(NONE),
             action: AtomicU8::new(ACTION_NONE),
             goaway: tokio::sync::Notify::new(),
+            read_blocked: AtomicBool::new(false),
+            unflushed: AtomicBool::new(false),
         })
     }
 
@@ -112,19 +131,48 @@ impl ConnState {
         (InFlight(self.clone()), n)
     }
 
+    /// A request body is still to be read: the connection is busy until it ends (hyper may be
+    /// reading it after the response has gone, so the response's end alone is not enough).
+    fn body_started(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(self.clone())
+    }
+
+    /// hyper waits for the next request with everything written: its state can be dropped.
+    fn io_idle(&self) -> bool {
+        self.read_blocked.load(Ordering::Acquire) && !self.unflushed.load(Ordering::Acquire)
+    }
+
+    /// When a parked connection (no request in flight, no head started) is closed: after
+    /// `header_timeout` (or `idle_timeout` if shorter) for a new one, `idle_timeout` after its
+    /// last response for one that has served.
+    fn close_deadline(&self, cfg: &DownstreamConfig) -> Instant {
+        let since = self.at(self.waiting_since.load(Ordering::Acquire));
+        if self.served.load(Ordering::Acquire) == 0 {
+            since + cfg.header_timeout.min(cfg.idle_timeout)
+        } else {
+            since + cfg.idle_timeout
+        }
+    }
+
     /// When the driver should look again, and which timer fires then (None: just a check).
     ///
     /// Nothing on the request path wakes the driver (that would cost a wake-up and a timer
     /// re-registration per request). Instead, while a connection is busy or idle the driver
     /// checks at least every `header_timeout`: a request head that started after a check is
-    /// seen at the next one, which is never later than its own deadline.
+    /// seen at the next one, which is never later than its own deadline. HTTP/1 connections
+    /// are checked at least every [`PARK_AFTER`], to be parked soon after they go idle.
     fn next_check(
         &self,
         cfg: &DownstreamConfig,
         http1: bool,
         now: Instant,
     ) -> (Instant, Option<Timer>) {
-        let check = now + cfg.header_timeout;
+        let check = if http1 {
+            now + cfg.header_timeout.min(PARK_AFTER)
+        } else {
+            now + cfg.header_timeout
+        };
         if self.in_flight.load(Ordering::Acquire) > 0 {
             return (check, None);
         }
@@ -141,11 +189,16 @@ impl ConnState {
         } else {
             (since + cfg.idle_timeout, Timer::Idle)
         };
+        let mut next = (at, Some(timer));
         if http1 && check < at {
-            (check, None)
-        } else {
-            (at, Some(timer))
+            next = (check, None);
         }
+        // Park once idle long enough, if hyper is at rest by then (else look again later).
+        let park = since + PARK_AFTER;
+        if http1 && park < next.0 && (park > now || self.io_idle()) {
+            next = (park, Some(Timer::Park));
+        }
+        next
     }
 }
 
@@ -190,12 +243,14 @@ impl<B: Body + Unpin> Body for TrackedBody<B> {
 
 pin_project_lite::pin_project! {
     /// Read wrapper for HTTP/1 connections (above TLS): tells [`ConnState`] when a request head
-    /// starts, and carries out the head timer's verdict (write a 408, then end the stream).
+    /// starts and whether hyper is at rest, and carries out the head timer's verdict (write a
+    /// 408, then end the stream). `prefix` is what an earlier hyper read but did not parse.
     pub struct HeadWatch<T> {
         #[pin]
         inner: T,
         state: Arc<ConnState>,
         written: usize,
+        prefix: Bytes,
     }
 }
 
@@ -226,38 +281,101 @@ impl<T: AsyncRead + AsyncWrite> AsyncRead for HeadWatch<T> {
             }
             _ => return Poll::Ready(Ok(())),
         }
+        if !this.prefix.is_empty() {
+            let n = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix[..n]);
+            this.prefix.advance(n);
+            this.state.head_bytes_arrived();
+            return Poll::Ready(Ok(()));
+        }
         let before = buf.filled().len();
         let res = this.inner.poll_read(cx, buf);
-        if matches!(res, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            this.state.head_bytes_arrived();
+        match res {
+            Poll::Ready(Ok(())) => {
+                this.state.read_blocked.store(false, Ordering::Release);
+                if buf.filled().len() > before {
+                    this.state.head_bytes_arrived();
+                }
+            }
+            Poll::Pending => this.state.read_blocked.store(true, Ordering::Release),
+            Poll::Ready(Err(_)) => {}
         }
         res
     }
 }
 
+impl<T> HeadWatch<T> {
+    fn wrote(&self, res: &Poll<io::Result<usize>>) {
+        if matches!(res, Poll::Ready(Ok(n)) if *n > 0) {
+            self.state.unflushed.store(true, Ordering::Release);
+        }
+    }
+}
+
 impl<T: AsyncWrite> AsyncWrite for HeadWatch<T> {
     fn poll_write(
-        self: Pin<&mut Self>,
+        mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        self.project().inner.poll_write(cx, buf)
+        let res = self.as_mut().project().inner.poll_write(cx, buf);
+        self.wrote(&res);
+        res
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.project().inner.poll_flush(cx)
+        let this = self.project();
+        let res = this.inner.poll_flush(cx);
+        if matches!(res, Poll::Ready(Ok(()))) {
+            this.state.unflushed.store(false, Ordering::Release);
+        }
+        res
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.project().inner.poll_shutdown(cx)
     }
     fn poll_write_vectored(
-        self: Pin<&mut Self>,
+        mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        self.project().inner.poll_write_vectored(cx, bufs)
+        let res = self.as_mut().project().inner.poll_write_vectored(cx, bufs);
+        self.wrote(&res);
+        res
     }
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
+    }
+}
+
+/// A downstream stream whose socket can be waited on without reading from it: how a parked
+/// HTTP/1 connection waits for its next request while holding no HTTP state.
+pub trait WaitReadable {
+    /// Whether a new connection can wait this way before hyper first reads from it.
+    const WAIT_BEFORE_FIRST_READ: bool;
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+}
+
+impl WaitReadable for LingeringTcp {
+    const WAIT_BEFORE_FIRST_READ: bool = true;
+
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.inner
+            .as_ref()
+            .expect("stream present until drop")
+            .poll_read_ready(cx)
+    }
+}
+
+/// Once hyper's read came back empty, rustls holds no unread plaintext and no whole record,
+/// so waiting on the TCP socket is enough. Not so right after the handshake: the client's
+/// first request may have come in with its last handshake message.
+impl<T: WaitReadable> WaitReadable for tokio_rustls::server::TlsStream<T> {
+    const WAIT_BEFORE_FIRST_READ: bool = false;
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if !self.get_ref().1.wants_read() {
+            return Poll::Ready(Ok(()));
+        }
+        self.get_ref().0.poll_read_ready(cx)
     }
 }
 
@@ -351,7 +469,8 @@ impl Drop for LingeringTcp {
     }
 }
 
-/// Serves one downstream connection until it closes. `http2` is the ALPN verdict.
+/// Serves one downstream connection until it closes. `http2` is the ALPN verdict; `waiting`
+/// counts connections parked between requests.
 pub async fn serve<I>(
     io: I,
     http2: bool,
@@ -359,8 +478,9 @@ pub async fn serve<I>(
     current: Arc<ArcSwap<Generation>>,
     cfg: Arc<DownstreamConfig>,
     mut shutdown: watch::Receiver<bool>,
+    waiting: Gauge,
 ) where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    I: AsyncRead + AsyncWrite + WaitReadable + Unpin + Send + 'static,
 {
     let state = ConnState::new();
     let svc_state = state.clone();
@@ -368,7 +488,7 @@ pub async fn serve<I>(
     let keep_alive_value =
         HeaderValue::from_str(&format!("timeout={}", cfg.idle_timeout.as_secs()))
             .expect("digits are a valid header value");
-    let service = service_fn(move |req: Request<Incoming>| {
+    let service = service_fn(move |mut req: Request<Incoming>| {
         // Each request uses the configuration current when it arrives (reload).
         let proxy = current.load().proxy.clone();
         let state = svc_state.clone();
@@ -377,6 +497,10 @@ pub async fn serve<I>(
         let keep_alive_value = keep_alive_value.clone();
         async move {
             let (guard, n) = state.request_started();
+            if !req.body().is_end_stream() {
+                let done: BodyDone = Arc::new(state.body_started());
+                req.extensions_mut().insert(done);
+            }
             let mut resp = proxy.handle(req, &info).await;
             let last = n >= cfg.max_requests_per_connection;
             if http2 && n == cfg.max_requests_per_connection {
@@ -398,48 +522,133 @@ pub async fn serve<I>(
     });
 
     if http2 {
-        let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .max_header_list_size(cfg.max_header_bytes as u32)
-            .serve_connection(TokioIo::new(io), service);
-        drive(conn, &state, &cfg, false, &mut shutdown, |c| {
+        // Boxed, like the HTTP/1 rounds below: the HTTP/2 state would otherwise make every
+        // connection's task 2 KiB larger.
+        let conn = Box::pin(
+            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .max_header_list_size(cfg.max_header_bytes as u32)
+                .serve_connection(TokioIo::new(io), service),
+        );
+        let mut conn = conn;
+        drive(conn.as_mut(), &state, &cfg, false, &mut shutdown, |c| {
             c.graceful_shutdown()
         })
         .await;
-    } else {
-        let io = HeadWatch {
-            inner: io,
-            state: state.clone(),
-            written: 0,
+        return;
+    }
+
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(None)
+        .max_buf_size(cfg.max_header_bytes)
+        .max_header_size(cfg.max_header_bytes);
+    let mut io = io;
+    let mut prefix = Bytes::new();
+    let mut parked = I::WAIT_BEFORE_FIRST_READ;
+    loop {
+        if parked && prefix.is_empty() {
+            waiting.inc();
+            let woken = wait_for_request(&io, &state, &cfg, &mut shutdown).await;
+            waiting.dec();
+            if !woken {
+                let _ = tokio::time::timeout(LINGER_TIME, io.shutdown()).await;
+                return;
+            }
+        }
+        state.read_blocked.store(false, Ordering::Release);
+        state.unflushed.store(false, Ordering::Release);
+        // Boxed: hyper's connection lives on the heap only while it serves, so a parked
+        // connection's task stays small.
+        let round = Box::pin(async {
+            let watched = HeadWatch {
+                inner: io,
+                state: state.clone(),
+                written: 0,
+                prefix: std::mem::take(&mut prefix),
+            };
+            let mut conn = builder
+                .serve_connection(TokioIo::new(watched), service.clone())
+                .with_upgrades();
+            let outcome = drive(
+                Pin::new(&mut conn),
+                &state,
+                &cfg,
+                true,
+                &mut shutdown,
+                |c| c.graceful_shutdown(),
+            )
+            .await;
+            if outcome == Outcome::Ended {
+                return None;
+            }
+            // No request in flight and everything written: hyper holds at most the start of
+            // a pipelined request, which the next round reads first.
+            let parts = conn.into_parts()?;
+            let watched = parts.io.into_inner();
+            // Copied out: hyper's `read_buf` shares (and would keep alive) its whole buffer.
+            let rest = if parts.read_buf.is_empty() && watched.prefix.is_empty() {
+                Bytes::new()
+            } else {
+                [parts.read_buf, watched.prefix].concat().into()
+            };
+            Some((watched.inner, rest))
+        });
+        let Some((back, rest)) = round.await else {
+            return;
         };
-        let conn = hyper::server::conn::http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(None)
-            .max_buf_size(cfg.max_header_bytes)
-            .max_header_size(cfg.max_header_bytes)
-            .serve_connection(TokioIo::new(io), service)
-            .with_upgrades();
-        drive(conn, &state, &cfg, true, &mut shutdown, |c| {
-            c.graceful_shutdown()
-        })
-        .await;
+        io = back;
+        prefix = rest;
+        parked = true;
     }
 }
 
-/// Runs a hyper connection to completion while firing the head/idle timers and honouring
-/// server shutdown.
+/// Waits, holding only the socket, until the client sends (or closes). False: close instead,
+/// because the connection idled past its timeout, a new one sent nothing in time, or the
+/// server shuts down.
+async fn wait_for_request<I: WaitReadable>(
+    io: &I,
+    state: &ConnState,
+    cfg: &DownstreamConfig,
+    shutdown: &mut watch::Receiver<bool>,
+) -> bool {
+    if *shutdown.borrow() {
+        return false;
+    }
+    tokio::select! {
+        res = std::future::poll_fn(|cx| io.poll_read_ready(cx)) => res.is_ok(),
+        _ = tokio::time::sleep_until(state.close_deadline(cfg)) => {
+            debug!("downstream connection idle; closing");
+            false
+        }
+        _ = shutdown.changed() => false,
+    }
+}
+
+/// How [`drive`] let go of a connection.
+#[derive(Debug, PartialEq, Eq)]
+enum Outcome {
+    /// The connection is finished (closed, upgraded, or failed).
+    Ended,
+    /// An idle HTTP/1 connection to be parked: hyper is at rest, with nothing in flight.
+    Park,
+}
+
+/// Runs a hyper connection while firing the head/idle/park timers and honouring server
+/// shutdown, until it ends or is to be parked.
 async fn drive<C, E>(
-    conn: C,
+    mut conn: Pin<&mut C>,
     state: &Arc<ConnState>,
     cfg: &DownstreamConfig,
     http1: bool,
     shutdown: &mut watch::Receiver<bool>,
     graceful: impl Fn(Pin<&mut C>),
-) where
+) -> Outcome
+where
     C: std::future::Future<Output = Result<(), E>>,
     E: std::fmt::Display,
 {
-    tokio::pin!(conn);
     let mut closing = false;
     let (first, _) = state.next_check(cfg, http1, Instant::now());
     let sleep = tokio::time::sleep_until(first);
@@ -450,7 +659,7 @@ async fn drive<C, E>(
                 if let Err(e) = res {
                     debug!(error = %e, "downstream connection ended with error");
                 }
-                return;
+                return Outcome::Ended;
             }
             _ = shutdown.changed(), if !closing => {
                 closing = true;
@@ -465,7 +674,6 @@ async fn drive<C, E>(
                 let now = Instant::now();
                 match state.next_check(cfg, http1, now) {
                     (at, Some(timer)) if at <= now => {
-                        closing = true;
                         // The next turn of the loop polls the connection, whose read then
                         // sees the verdict (HeadWatch) or hyper closes (graceful).
                         match timer {
@@ -480,7 +688,9 @@ async fn drive<C, E>(
                                 debug!("downstream connection idle; closing gracefully");
                                 graceful(conn.as_mut());
                             }
+                            Timer::Park => return Outcome::Park,
                         }
+                        closing = true;
                     }
                     (at, _) => sleep.as_mut().reset(at),
                 }

@@ -54,6 +54,14 @@ impl Kind {
     }
 }
 
+/// A listener's connection gauges: `kaproxy_downstream_connections` and
+/// `kaproxy_downstream_connections_waiting`.
+#[derive(Clone)]
+pub struct Gauges {
+    pub open: Gauge,
+    pub waiting: Gauge,
+}
+
 /// Accepts connections until shutdown; each connection runs in its own task and holds a
 /// clone of `done` so the server can wait for all of them to finish.
 pub async fn accept_loop(
@@ -62,7 +70,7 @@ pub async fn accept_loop(
     current: Arc<ArcSwap<Generation>>,
     mut shutdown: watch::Receiver<bool>,
     done: mpsc::Sender<()>,
-    open: Gauge,
+    gauges: Gauges,
     proxy_protocol: bool,
 ) {
     let local = match listener.local_addr() {
@@ -94,29 +102,47 @@ pub async fn accept_loop(
         let current = current.clone();
         let shutdown = shutdown.clone();
         let done = done.clone();
-        let open = open.clone();
+        let gauges = gauges.clone();
         tokio::spawn(async move {
-            open.inc();
-            handle(stream, peer, local, kind, proxy_protocol, current, shutdown).await;
-            open.dec();
+            gauges.open.inc();
+            let on = Accepted {
+                peer,
+                local,
+                kind,
+                proxy_protocol,
+            };
+            handle(stream, on, current, shutdown, gauges.waiting.clone()).await;
+            gauges.open.dec();
             drop(done);
         });
     }
 }
 
-async fn handle(
-    mut stream: TcpStream,
-    mut peer: SocketAddr,
+/// Where a connection was accepted.
+struct Accepted {
+    peer: SocketAddr,
     local: SocketAddr,
     kind: Kind,
     proxy_protocol: bool,
+}
+
+async fn handle(
+    mut stream: TcpStream,
+    on: Accepted,
     current: Arc<ArcSwap<Generation>>,
     shutdown: watch::Receiver<bool>,
+    waiting: Gauge,
 ) {
     // Connection-level settings (timeouts, TLS) are those current at accept; every request
     // then routes with the configuration current when it arrives.
     let generation = current.load_full();
     let cfg = generation.downstream.clone();
+    let Accepted {
+        mut peer,
+        local,
+        kind,
+        proxy_protocol,
+    } = on;
     if proxy_protocol {
         match tokio::time::timeout(cfg.header_timeout, read_proxy_header(&mut stream)).await {
             Ok(Ok(Some(source))) => peer = source,
@@ -141,13 +167,18 @@ async fn handle(
     // Each branch is boxed, so a connection's task holds the state of its own protocol only
     // (the TLS handshake state made every plain connection's task 9 KiB; now ~0.5 KiB + serve).
     match kind {
-        Kind::Http => Box::pin(downstream::serve(io, false, info, current, cfg, shutdown)).await,
+        Kind::Http => {
+            Box::pin(downstream::serve(
+                io, false, info, current, cfg, shutdown, waiting,
+            ))
+            .await
+        }
         Kind::Https => {
             let Some(tls) = generation.tls.clone() else {
                 return;
             };
             drop(generation);
-            Box::pin(serve_tls(io, tls, info, current, cfg, shutdown)).await;
+            Box::pin(serve_tls(io, tls, info, current, cfg, shutdown, waiting)).await;
         }
     }
 }
@@ -160,6 +191,7 @@ async fn serve_tls(
     current: Arc<ArcSwap<Generation>>,
     cfg: Arc<crate::config::DownstreamConfig>,
     shutdown: watch::Receiver<bool>,
+    waiting: Gauge,
 ) {
     let peer = info.peer;
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
@@ -175,7 +207,7 @@ async fn serve_tls(
         }
     };
     let http2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
-    downstream::serve(tls_stream, http2, info, current, cfg, shutdown).await;
+    downstream::serve(tls_stream, http2, info, current, cfg, shutdown, waiting).await;
 }
 
 /// The v2 signature (PROXY protocol spec, section 2.2).

@@ -65,6 +65,7 @@ pub struct Metrics {
     errors: Family<KindLabels, Counter>,
     pool_idle: Family<ServerLabels, Gauge>,
     downstream: Family<ListenerLabels, Gauge>,
+    downstream_waiting: Family<ListenerLabels, Gauge>,
     server_up: Family<ServerUpLabels, Gauge>,
 }
 
@@ -94,6 +95,7 @@ impl Metrics {
         let errors = Family::<KindLabels, Counter>::default();
         let pool_idle = Family::<ServerLabels, Gauge>::default();
         let downstream = Family::<ListenerLabels, Gauge>::default();
+        let downstream_waiting = Family::<ListenerLabels, Gauge>::default();
         let server_up = Family::<ServerUpLabels, Gauge>::default();
         registry.register(
             "requests",
@@ -141,6 +143,12 @@ impl Metrics {
             downstream.clone(),
         );
         registry.register(
+            "downstream_connections_waiting",
+            "HTTP/1 client connections parked while they wait for a request (new, or idle \
+             between requests), holding no HTTP state",
+            downstream_waiting.clone(),
+        );
+        registry.register(
             "server_up",
             "1 when a backend is considered healthy",
             server_up.clone(),
@@ -156,6 +164,7 @@ impl Metrics {
             errors,
             pool_idle,
             downstream,
+            downstream_waiting,
             server_up,
         }
     }
@@ -213,6 +222,13 @@ impl Metrics {
     /// The gauge of open downstream connections on one listener ("https" or "http").
     pub fn downstream_connections(&self, listener: &'static str) -> Gauge {
         self.downstream
+            .get_or_create(&ListenerLabels { listener })
+            .clone()
+    }
+
+    /// The gauge of parked downstream connections on one listener ("https" or "http").
+    pub fn downstream_connections_waiting(&self, listener: &'static str) -> Gauge {
+        self.downstream_waiting
             .get_or_create(&ListenerLabels { listener })
             .clone()
     }

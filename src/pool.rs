@@ -36,7 +36,47 @@ pub const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 
 /// The body kaproxy sends upstream: the downstream request body, or nothing (a request
 /// without a body can be rebuilt and retried).
-pub type UpstreamBody = http_body_util::Either<Incoming, http_body_util::Empty<Bytes>>;
+pub type UpstreamBody = http_body_util::Either<RequestBody, http_body_util::Empty<Bytes>>;
+
+/// What a request body's reader drops when the body has been read to its end (or abandoned):
+/// it tells the downstream connection that its request has been read in full.
+pub type BodyDone = Arc<dyn Send + Sync>;
+
+/// A downstream request body on its way upstream, with the `done` guard it drops at its end.
+pub struct RequestBody {
+    inner: Incoming,
+    done: Option<BodyDone>,
+}
+
+impl RequestBody {
+    pub fn new(inner: Incoming, done: Option<BodyDone>) -> Self {
+        RequestBody { inner, done }
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let res = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if stream_end(&res, &self.inner).is_some() {
+            self.done = None;
+        }
+        res
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
 
 /// Why kaproxy let go of an upstream connection (the `reason` label of
 /// `kaproxy_upstream_connections_closed_total`).
@@ -662,21 +702,14 @@ impl Body for PooledBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let res = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
-        match &res {
-            Poll::Ready(None) => {
+        match stream_end(&res, &self.inner) {
+            Some(true) => {
                 if let Some(conn) = self.conn.take() {
                     conn.release();
                 }
             }
-            Poll::Ready(Some(Err(_))) => {
-                self.conn.take();
-            }
-            Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => {
-                if let Some(conn) = self.conn.take() {
-                    conn.release();
-                }
-            }
-            _ => {}
+            Some(false) => drop(self.conn.take()),
+            None => {}
         }
         res
     }
@@ -687,6 +720,20 @@ impl Body for PooledBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// Whether the poll that gave `res` ended the body `inner`: `Some(true)` cleanly (its last
+/// frame, or the end), `Some(false)` with an error, `None` not yet.
+fn stream_end(
+    res: &Poll<Option<Result<Frame<Bytes>, hyper::Error>>>,
+    inner: &Incoming,
+) -> Option<bool> {
+    match res {
+        Poll::Ready(None) => Some(true),
+        Poll::Ready(Some(Err(_))) => Some(false),
+        Poll::Ready(Some(Ok(_))) if inner.is_end_stream() => Some(true),
+        _ => None,
     }
 }
 

@@ -22,7 +22,9 @@ use crate::balancer::{Backend, Balancer};
 use crate::config::{Config, ForwardedConfig, HostMatch, RetryConfig};
 use crate::error::UpstreamError;
 use crate::metrics::Metrics;
-use crate::pool::{self, PooledBody, PooledConn, SendFailure, ServerPool, UpstreamBody};
+use crate::pool::{
+    self, BodyDone, PooledBody, PooledConn, RequestBody, SendFailure, ServerPool, UpstreamBody,
+};
 
 /// The retry back-off doubles up to this (SPEC.md: "doubling, capped at 1 s").
 const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(1);
@@ -223,7 +225,7 @@ impl Proxy {
             return Box::pin(self.tunnel(req, ds, upstream, client_ip, host, log)).await;
         }
 
-        let (parts, body) = req.into_parts();
+        let (mut parts, body) = req.into_parts();
         let mut headers = parts.headers;
         upstream_request_headers(&mut headers, ds, &self.forwarded, host.as_ref());
         let method = parts.method;
@@ -236,7 +238,10 @@ impl Proxy {
         let body: UpstreamBody = if replayable {
             Either::Right(Empty::new())
         } else {
-            Either::Left(body)
+            Either::Left(RequestBody::new(
+                body,
+                parts.extensions.remove::<BodyDone>(),
+            ))
         };
         let mut request = Some(build_request(method, uri, headers, body));
 
@@ -436,7 +441,7 @@ impl Proxy {
         mut log: Option<Box<AccessRecord>>,
     ) -> Response<ProxyBody> {
         let downstream_upgrade = hyper::upgrade::on(&mut req);
-        let (parts, body) = req.into_parts();
+        let (mut parts, body) = req.into_parts();
         let upgrade = parts.headers.get(header::UPGRADE).cloned();
         let mut headers = parts.headers;
         upstream_request_headers(&mut headers, ds, &self.forwarded, host.as_ref());
@@ -447,7 +452,10 @@ impl Proxy {
         let body: UpstreamBody = if body.is_end_stream() {
             Either::Right(Empty::new())
         } else {
-            Either::Left(body)
+            Either::Left(RequestBody::new(
+                body,
+                parts.extensions.remove::<BodyDone>(),
+            ))
         };
         let req = build_request(parts.method, origin_form(&parts.uri), headers, body);
         let mut attempts = Attempts::new(&upstream.retry);

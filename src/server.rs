@@ -207,7 +207,10 @@ impl Server {
                 current.clone(),
                 shutdown_rx.clone(),
                 done_tx.clone(),
-                metrics.downstream_connections(kind.label()),
+                listener::Gauges {
+                    open: metrics.downstream_connections(kind.label()),
+                    waiting: metrics.downstream_connections_waiting(kind.label()),
+                },
                 config.listen.proxy_protocol,
             )));
         }

@@ -5,6 +5,7 @@ mod downstream;
 mod drain;
 mod harness;
 mod ops;
+mod parking;
 mod probe_apache;
 mod proxy_protocol;
 mod proxying;

@@ -1,0 +1,182 @@
+//! Parked HTTP/1 connections: a client connection idle between requests gives hyper's state
+//! back (`kaproxy_downstream_connections_waiting` counts it) and is served again as soon as
+//! it sends, over plain TCP and TLS; bytes hyper had read but not parsed are not lost.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::support::backend::RecordingBackend;
+use crate::support::client::{connect, Endpoint};
+use crate::support::proxy::{Metrics, TestProxy};
+
+/// kaproxy parks a connection idle for 1 s (`downstream::PARK_AFTER`); this bounds the wait.
+const PARK_WITHIN: Duration = Duration::from_secs(5);
+
+fn waiting(m: &Metrics, listener: &str) -> f64 {
+    m.sum(
+        "kaproxy_downstream_connections_waiting",
+        &[("listener", listener)],
+    )
+}
+
+/// The paths the backend saw, in order.
+fn paths(backend: &RecordingBackend) -> Vec<String> {
+    backend
+        .requests()
+        .iter()
+        .map(|r| r.uri.path().to_string())
+        .collect()
+}
+
+async fn proxy_for(backend: &RecordingBackend) -> TestProxy {
+    TestProxy::start(&format!(
+        "[upstreams.web]\nservers = [\"{}\"]\n",
+        backend.addr()
+    ))
+    .await
+}
+
+/// One client connection: a request, a pause until kaproxy has parked it, another request on
+/// the same connection.
+async fn parked_connection_serves_again(proxy: &TestProxy, endpoint: Endpoint, listener: &str) {
+    let io = connect(&endpoint, None).await.expect("connect");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .expect("client handshake");
+    let conn = tokio::spawn(conn);
+    let get = |path: &str| {
+        http::Request::get(path)
+            .header("host", "parking.test")
+            .body(Empty::<Bytes>::new())
+            .unwrap()
+    };
+
+    let resp = sender.send_request(get("/first")).await.expect("first");
+    assert_eq!(resp.status(), 200);
+    resp.into_body().collect().await.expect("first body");
+
+    let (m, parked) = proxy
+        .wait_metrics(PARK_WITHIN, |m| waiting(m, listener) == 1.0)
+        .await;
+    assert!(
+        parked,
+        "the idle connection is parked within {PARK_WITHIN:?}: {}",
+        m.lines_of("kaproxy_downstream_connections_waiting")
+    );
+
+    let resp = sender
+        .send_request(get("/second"))
+        .await
+        .expect("a request on the parked connection is served");
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await.expect("second body");
+    assert_eq!(body.to_bytes(), "hello from up\n");
+    // Woken by the request: no longer parked while hyper serves it.
+    assert_eq!(waiting(&proxy.metrics(), listener), 0.0);
+    assert!(!conn.is_finished(), "still the same client connection");
+    drop(sender);
+    let _ = conn.await;
+}
+
+#[tokio::test]
+async fn idle_plain_connection_is_parked_and_served_again() {
+    let backend = RecordingBackend::start("up", &[]).await;
+    let proxy = proxy_for(&backend).await;
+    parked_connection_serves_again(&proxy, proxy.http(), "http").await;
+    assert_eq!(paths(&backend), ["/first", "/second"]);
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn idle_tls_connection_is_parked_and_served_again() {
+    let backend = RecordingBackend::start("up", &[]).await;
+    let proxy = proxy_for(&backend).await;
+    parked_connection_serves_again(&proxy, proxy.https(&["http/1.1"]), "https").await;
+    assert_eq!(backend.requests().len(), 2);
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn new_connection_waits_parked_for_its_first_request() {
+    let backend = RecordingBackend::start("up", &[]).await;
+    let proxy = proxy_for(&backend).await;
+    let addr = proxy.server.http_addr().unwrap();
+    let mut silent = TcpStream::connect(addr).await.expect("connect");
+    let (m, parked) = proxy
+        .wait_metrics(PARK_WITHIN, |m| waiting(m, "http") == 1.0)
+        .await;
+    assert!(
+        parked,
+        "{}",
+        m.lines_of("kaproxy_downstream_connections_waiting")
+    );
+    silent
+        .write_all(b"GET /late HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), silent.read_to_end(&mut got))
+        .await
+        .expect("answered within 5 s")
+        .expect("read");
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.ends_with("hello from up\n"), "{text}");
+    proxy.shutdown().await;
+}
+
+/// Reads one response with a `Content-Length` body from `stream`, leaving what follows.
+async fn read_response(stream: &mut TcpStream, pending: &mut Vec<u8>) -> String {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&pending[..end]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map(|v| v.trim().parse().unwrap())
+                .expect("content-length");
+            let total = end + 4 + len;
+            if pending.len() >= total {
+                let resp: Vec<u8> = pending.drain(..total).collect();
+                return String::from_utf8_lossy(&resp).into_owned();
+            }
+        }
+        let n = tokio::time::timeout_at(deadline, stream.read(&mut buf))
+            .await
+            .expect("response within 5 s")
+            .expect("read");
+        assert!(n > 0, "connection closed mid-response");
+        pending.extend_from_slice(&buf[..n]);
+    }
+}
+
+#[tokio::test]
+async fn pipelined_start_of_a_request_survives_parking() {
+    let backend = RecordingBackend::start("up", &[]).await;
+    let proxy = proxy_for(&backend).await;
+    let addr = proxy.server.http_addr().unwrap();
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    // One request and the start of the next in one write: hyper reads both.
+    stream
+        .write_all(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHo")
+        .await
+        .unwrap();
+    let mut pending = Vec::new();
+    let first = read_response(&mut stream, &mut pending).await;
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    // Past PARK_AFTER: the connection is taken back from hyper with the half-read head.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stream.write_all(b"st: x\r\n\r\n").await.unwrap();
+    let second = read_response(&mut stream, &mut pending).await;
+    assert!(second.starts_with("HTTP/1.1 200"), "{second}");
+    assert_eq!(paths(&backend), ["/a", "/b"]);
+    proxy.shutdown().await;
+}
