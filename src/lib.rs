@@ -21,6 +21,7 @@
 //! - [`probe`]: `kaproxy probe`: measure a backend's keep-alive behaviour, recommend settings.
 //! - [`tls`]: rustls server configuration and the development certificate.
 //! - [`demo`]: built-in Apache-like backends for `kaproxy demo`, tests and the bench.
+//! - [`relay`]: a TCP relay that delays everything, to widen the keep-alive race on loopback.
 //! - [`error`]: typed errors, each knowing its side and whether it may be retried.
 #![forbid(unsafe_code)]
 
@@ -36,6 +37,7 @@ pub mod metrics;
 pub mod pool;
 pub mod probe;
 pub mod proxy;
+pub mod relay;
 pub mod server;
 pub mod tls;
 

@@ -96,7 +96,7 @@ fn round_down(d: Duration, step: Duration) -> Duration {
 
 fn human(d: Duration) -> String {
     let ms = d.as_millis();
-    if ms % 1000 == 0 {
+    if ms.is_multiple_of(1000) {
         format!("{}s", ms / 1000)
     } else {
         format!("{ms}ms")

@@ -18,6 +18,7 @@ use clap::Args;
 use http::Method;
 use kaproxy::config::Config;
 use kaproxy::demo::{DemoBackend, DemoBackendConfig, DemoStats, StaleReuse};
+use kaproxy::relay::DelayRelay;
 use kaproxy::Server;
 use serde::Serialize;
 
@@ -66,6 +67,11 @@ pub struct RaceArgs {
     /// the deterministic model (drop a request that arrives on a connection idle >= timeout).
     #[arg(long, conflicts_with = "apache")]
     close_idle: bool,
+    /// Put a relay that delays everything by this much (each way) in front of every backend,
+    /// as a network would: Apache's FIN then reaches kaproxy this late, which opens the race
+    /// window loopback keeps shut. 0s: no relay.
+    #[arg(long, default_value = "0s", value_parser = args::parse_duration)]
+    relay_delay: Duration,
     /// Print the result as one JSON object.
     #[arg(long)]
     json: bool,
@@ -197,6 +203,14 @@ pub async fn run(a: RaceArgs) -> anyhow::Result<bool> {
             a.backends, a.backend_keepalive
         ),
     };
+    let description = if a.relay_delay.is_zero() {
+        description
+    } else {
+        format!(
+            "{description}, behind relays delaying {:?} each way",
+            a.relay_delay
+        )
+    };
     let mut runs = Vec::new();
     for mode in [Mode::Naive, Mode::Default] {
         if !a.json {
@@ -213,7 +227,23 @@ pub async fn run(a: RaceArgs) -> anyhow::Result<bool> {
         }
         // Fresh backends for each mode, so that their counters belong to one mode.
         let backends = start_backends(&a).await?;
-        let run = run_mode(mode, &a, &backends).await;
+        let mut relays = Vec::new();
+        for addr in backends.addrs() {
+            if !a.relay_delay.is_zero() {
+                relays.push(
+                    DelayRelay::start(addr, a.relay_delay)
+                        .await
+                        .context("starting the delay relay")?,
+                );
+            }
+        }
+        let servers = if relays.is_empty() {
+            backends.addrs()
+        } else {
+            relays.iter().map(DelayRelay::addr).collect()
+        };
+        let run = run_mode(mode, &a, &backends, &servers).await;
+        drop(relays);
         backends.stop().await;
         runs.push(run?);
     }
@@ -293,8 +323,14 @@ fn race_config(mode: Mode, servers: &[SocketAddr]) -> anyhow::Result<Config> {
     Ok(config)
 }
 
-async fn run_mode(mode: Mode, a: &RaceArgs, backends: &Backends) -> anyhow::Result<ModeRun> {
-    let config = race_config(mode, &backends.addrs())?;
+/// One mode against `servers` (the backends, or the relays in front of them).
+async fn run_mode(
+    mode: Mode,
+    a: &RaceArgs,
+    backends: &Backends,
+    servers: &[SocketAddr],
+) -> anyhow::Result<ModeRun> {
+    let config = race_config(mode, servers)?;
     let server = Server::start(config)
         .await
         .map_err(|e| anyhow!("starting kaproxy: {e}"))?;

@@ -1,12 +1,16 @@
 //! kaproxy in front of real Apache httpd 2.4 instances: the keep-alive race, learned timeouts,
 //! forwarding headers, balancing, a stopped backend and a backend restart that kills its pool.
+//! The race is also run through a relay that delays everything by 100 ms, which opens the
+//! window loopback keeps shut: there a naive pool fails against real Apache and kaproxy's
+//! pool does not.
 
 use std::net::IpAddr;
 use std::time::Duration;
 
 use crate::support::apache::{require_apache, Apache, ApacheOptions, SLOW_BODY_LEN};
 use crate::support::client::{loopback_range, KeepAliveClient, Load, Pacing, Request, Tally};
-use crate::support::proxy::{TestProxy, CLOSED_TOTAL, POOL_IDLE};
+use crate::support::proxy::{test_config, TestProxy, CLOSED_TOTAL, POOL_IDLE};
+use kaproxy::relay::DelayRelay;
 
 /// The pause between requests of one client connection: around Apache's 1 s KeepAliveTimeout.
 const PAUSE: (Duration, Duration) = (Duration::from_millis(900), Duration::from_millis(1100));
@@ -53,6 +57,16 @@ async fn assert_kaproxy_closed_idle_first(proxy: &TestProxy) {
         metrics.sum(CLOSED_TOTAL, &[("reason", "server_close")]),
         0.0,
         "Apache closed pooled connections before kaproxy did:\n{}",
+        metrics.lines_of(CLOSED_TOTAL)
+    );
+}
+
+/// kaproxy closed idle connections on the timeout it learned from Apache's `Keep-Alive`.
+fn assert_learned_timeout_closed(proxy: &TestProxy) {
+    let metrics = proxy.metrics();
+    assert!(
+        metrics.sum(CLOSED_TOTAL, &[("reason", "learned_timeout")]) > 0.0,
+        "{}",
         metrics.lines_of(CLOSED_TOTAL)
     );
 }
@@ -211,12 +225,126 @@ async fn apache_race_with_learned_keep_alive_timeout_has_no_client_errors() {
     assert_race_clean(&race, &apaches);
     // With a 20 s idle_timeout only the learned 1 s can make kaproxy close first.
     assert_kaproxy_closed_idle_first(&proxy).await;
-    let metrics = proxy.metrics();
+    assert_learned_timeout_closed(&proxy);
+    proxy.shutdown().await;
+}
+
+/// One-way delay of the relay between kaproxy and Apache in the widened-race tests: Apache's
+/// FIN reaches kaproxy this long after Apache closed, and a request sent in that window (or
+/// up to this long before Apache closes) meets a closed socket.
+const RELAY_DELAY: Duration = Duration::from_millis(100);
+/// The client's pause in the widened race. A connection reused after idling this long reaches
+/// Apache (one relay delay later) after its 1 s timer fired, while Apache's FIN is still in
+/// the relay: every reuse by a pool that trusts the connection is stale.
+const RELAY_PAUSE: (Duration, Duration) = (Duration::from_millis(900), Duration::from_millis(1000));
+
+/// The widened race: one client connection sends 8 GETs, then another 8 POSTs, pausing
+/// [`RELAY_PAUSE`] between requests, so that kaproxy's upstream connection idles as long as
+/// the client did (with several clients, LIFO reuse would mostly pick a connection idle for
+/// much less).
+async fn relay_race(proxy: &TestProxy) -> Race {
+    let load = |req: Request| {
+        Load::new(proxy.http(), req)
+            .connections(1)
+            .requests_per_connection(8)
+            .pause(RELAY_PAUSE.0, RELAY_PAUSE.1)
+            .pacing(Pacing::Independent)
+    };
+    let get = load(Request::get("/")).run().await;
+    let post = load(Request::post("/echo", vec![b'a'; 1000])).run().await;
+    Race {
+        loads: vec![("GET", get), ("POST", post)],
+    }
+}
+
+/// No client-visible error, every answer a 200, every POST echoed whole.
+fn assert_relay_race_clean(race: &Race, apaches: &[Apache]) {
+    for (name, tally) in &race.loads {
+        assert_eq!(tally.total(), 8, "{name}: {}", tally.summary());
+        assert_eq!(
+            tally.statuses.get(&200),
+            Some(&8),
+            "{name}: client-visible errors\n{}\n{}",
+            race.summary(),
+            error_logs(apaches)
+        );
+    }
+    for r in &race.loads[1].1.records {
+        let body = &r.result.as_ref().expect("no errors").body;
+        assert_eq!(body.len(), 1000, "Apache echoes the POST body whole");
+    }
+}
+
+/// One Apache (KeepAliveTimeout 1 s) behind a [`DelayRelay`]; kaproxy is given the relay.
+async fn relayed_apache(name: &str) -> (Vec<Apache>, DelayRelay) {
+    let apaches = apaches(&[name], Duration::from_secs(1)).await;
+    let relay = DelayRelay::start(apaches[0].addr(), RELAY_DELAY)
+        .await
+        .expect("start relay");
+    (apaches, relay)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apache_behind_a_delay_relay_defeats_a_naive_pool() {
+    if !require_apache() {
+        return;
+    }
+    let (_apaches, relay) = relayed_apache("n1").await;
+    let mut config = test_config(&upstream_toml(
+        "round_robin",
+        &format!("\"{}\"", relay.addr()),
+        "",
+    ));
+    // The control: trusts connections for 9 s against Apache's 1 s.
+    config.naive_pool(false);
+    let proxy = config.start().await;
+    let race = relay_race(&proxy).await;
+    let errors: usize = race.loads.iter().map(|(_, t)| t.error_count()).sum();
+    eprintln!("naive pool behind the relay:\n{}", race.summary());
     assert!(
-        metrics.sum(CLOSED_TOTAL, &[("reason", "learned_timeout")]) > 0.0,
-        "{}",
-        metrics.lines_of(CLOSED_TOTAL)
+        errors > 0,
+        "the naive pool must fail against Apache behind the relay, else the relay widens \
+         nothing and the tests below prove nothing\n{}",
+        race.summary()
     );
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apache_behind_a_delay_relay_has_no_client_errors() {
+    if !require_apache() {
+        return;
+    }
+    let (apaches, relay) = relayed_apache("d1").await;
+    let proxy = TestProxy::start(&upstream_toml(
+        "round_robin",
+        &format!("\"{}\"", relay.addr()),
+        POOL_FOR_KEEPALIVE_1S,
+    ))
+    .await;
+    let race = relay_race(&proxy).await;
+    assert_relay_race_clean(&race, &apaches);
+    assert_kaproxy_closed_idle_first(&proxy).await;
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apache_behind_a_delay_relay_with_only_the_learned_timeout_has_no_client_errors() {
+    if !require_apache() {
+        return;
+    }
+    let (apaches, relay) = relayed_apache("r1").await;
+    // Configured 30 s: only Apache's `Keep-Alive: timeout=1` tells kaproxy the truth.
+    let proxy = TestProxy::start(&upstream_toml(
+        "round_robin",
+        &format!("\"{}\"", relay.addr()),
+        "keepalive_timeout = \"30s\"\nidle_timeout = \"20s\"",
+    ))
+    .await;
+    let race = relay_race(&proxy).await;
+    assert_relay_race_clean(&race, &apaches);
+    assert_kaproxy_closed_idle_first(&proxy).await;
+    assert_learned_timeout_closed(&proxy);
     proxy.shutdown().await;
 }
 

@@ -193,14 +193,8 @@ async fn race_with_default_pool_rules_has_no_client_errors() {
 async fn race_with_naive_pool_shows_client_errors() {
     let backend = start_backend().await;
     let mut config = test_config(&upstream_toml(backend.addr(), ""));
-    // The internal test hook: a pool that trusts connections for 9 s against a backend that
-    // drops them after 1 s, never learns and never retries — what `check` forbids.
-    let upstream = config.upstream();
-    upstream.pool.keepalive_timeout = Duration::from_secs(10);
-    upstream.pool.idle_timeout = Duration::from_secs(9);
-    upstream.pool.safety_margin = Duration::ZERO;
-    upstream.pool.learn_keep_alive = false;
-    upstream.retry.retry_idempotent = false;
+    // Trusts connections for 9 s against a backend that drops them after 1 s.
+    config.naive_pool(false);
     let run = race(config, backend).await;
     assert_request_counts(&run);
     eprintln!("naive pool:\n{}", run.summary());

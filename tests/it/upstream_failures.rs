@@ -294,13 +294,8 @@ async fn stale_reuse(method: Method, body: &'static [u8], retry_idempotent: bool
     })
     .await;
     let mut config = test_config(&single_upstream(backend.addr(), ""));
-    // The internal test hook (`check` forbids this): no deadline saves the connection.
-    let upstream = config.upstream();
-    upstream.pool.keepalive_timeout = Duration::from_secs(10);
-    upstream.pool.idle_timeout = Duration::from_secs(9);
-    upstream.pool.safety_margin = Duration::ZERO;
-    upstream.pool.learn_keep_alive = false;
-    upstream.retry.retry_idempotent = retry_idempotent;
+    // No deadline saves the connection.
+    config.naive_pool(retry_idempotent);
     let proxy = config.start().await;
     let mut client = KeepAliveClient::new(proxy.http(), None);
 

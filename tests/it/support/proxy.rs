@@ -67,6 +67,19 @@ impl TestConfig {
             .expect("test config has an upstream")
     }
 
+    /// The internal test hook for the control experiments (`check` forbids this in a file):
+    /// a pool that trusts connections for 9 s, never learns the backend's `Keep-Alive` and
+    /// retries nothing unless `retry_idempotent`.
+    pub fn naive_pool(&mut self, retry_idempotent: bool) -> &mut Self {
+        let upstream = self.upstream();
+        upstream.pool.keepalive_timeout = std::time::Duration::from_secs(10);
+        upstream.pool.idle_timeout = std::time::Duration::from_secs(9);
+        upstream.pool.safety_margin = std::time::Duration::ZERO;
+        upstream.pool.learn_keep_alive = false;
+        upstream.retry.retry_idempotent = retry_idempotent;
+        self
+    }
+
     pub async fn start(self) -> TestProxy {
         let server = kaproxy::Server::start(self.config)
             .await
