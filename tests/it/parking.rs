@@ -180,3 +180,82 @@ async fn pipelined_start_of_a_request_survives_parking() {
     assert_eq!(paths(&backend), ["/a", "/b"]);
     proxy.shutdown().await;
 }
+
+/// A backend that answers every request at once, before reading its body, then reads and
+/// discards the body (as a server rejecting an upload early may).
+async fn answer_before_body_backend() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    // Bounded by the test: aborted at its end.
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut pending = Vec::new();
+                let mut buf = [0u8; 4096];
+                loop {
+                    let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => pending.extend_from_slice(&buf[..n]),
+                        }
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&pending[..end]).to_ascii_lowercase();
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .map(|v| v.trim().parse().unwrap())
+                        .unwrap_or(0);
+                    pending.drain(..end + 4);
+                    let resp = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nearly\n";
+                    if stream.write_all(resp).await.is_err() {
+                        return;
+                    }
+                    while pending.len() < len {
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => pending.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    pending.drain(..len);
+                }
+            });
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test]
+async fn request_body_still_arriving_after_its_response_is_not_cut_by_parking() {
+    let (backend, task) = answer_before_body_backend().await;
+    let proxy = TestProxy::start(&format!("[upstreams.web]\nservers = [\"{backend}\"]\n")).await;
+    let addr = proxy.server.http_addr().unwrap();
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    stream
+        .write_all(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 20\r\n\r\n{\"k\": \"val")
+        .await
+        .unwrap();
+    let mut pending = Vec::new();
+    let first = read_response(&mut stream, &mut pending).await;
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    // The response is complete, the body is not: past PARK_AFTER, kaproxy must still be
+    // reading it, not parking the connection and taking the rest for a new request.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Read as the start of a request, `ue"}` would be a 400 (`"` cannot start a method).
+    stream.write_all(b"ue\"}      ").await.unwrap();
+    stream
+        .write_all(b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let second = read_response(&mut stream, &mut pending).await;
+    assert!(
+        second.starts_with("HTTP/1.1 200"),
+        "the rest of the body was read as a body, not as a request: {second}"
+    );
+    assert!(second.ends_with("early\n"), "{second}");
+    proxy.shutdown().await;
+    task.abort();
+}
