@@ -2,6 +2,7 @@
 //! back (`kaproxy_downstream_connections_waiting` counts it) and is served again as soon as
 //! it sends, over plain TCP and TLS; bytes hyper had read but not parsed are not lost.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -17,6 +18,9 @@ use crate::support::proxy::{Metrics, TestProxy};
 
 /// kaproxy parks a connection idle for 1 s (`downstream::PARK_AFTER`); this bounds the wait.
 const PARK_WITHIN: Duration = Duration::from_secs(5);
+/// A pause longer than `downstream::PARK_AFTER`, for the cases kaproxy must not get wrong
+/// when it parks.
+const PAST_PARK_AFTER: Duration = Duration::from_millis(1500);
 
 fn waiting(m: &Metrics, listener: &str) -> f64 {
     m.sum(
@@ -34,12 +38,22 @@ fn paths(backend: &RecordingBackend) -> Vec<String> {
         .collect()
 }
 
-async fn proxy_for(backend: &RecordingBackend) -> TestProxy {
-    TestProxy::start(&format!(
-        "[upstreams.web]\nservers = [\"{}\"]\n",
-        backend.addr()
-    ))
-    .await
+async fn proxy_for(backend: SocketAddr) -> TestProxy {
+    TestProxy::start(&format!("[upstreams.web]\nservers = [\"{backend}\"]\n")).await
+}
+
+/// Where the head in `buf` ends (the index of its blank line), once it is complete.
+fn head_end(buf: &[u8]) -> Option<usize> {
+    buf.windows(4).position(|w| w == b"\r\n\r\n")
+}
+
+/// The `Content-Length` of a message head.
+fn content_length(head: &[u8]) -> Option<usize> {
+    String::from_utf8_lossy(head)
+        .to_ascii_lowercase()
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:").map(str::to_string))
+        .map(|v| v.trim().parse().expect("a number"))
 }
 
 /// One client connection: a request, a pause until kaproxy has parked it, another request on
@@ -87,7 +101,7 @@ async fn parked_connection_serves_again(proxy: &TestProxy, endpoint: Endpoint, l
 #[tokio::test]
 async fn idle_plain_connection_is_parked_and_served_again() {
     let backend = RecordingBackend::start("up", &[]).await;
-    let proxy = proxy_for(&backend).await;
+    let proxy = proxy_for(backend.addr()).await;
     parked_connection_serves_again(&proxy, proxy.http(), "http").await;
     assert_eq!(paths(&backend), ["/first", "/second"]);
     proxy.shutdown().await;
@@ -96,7 +110,7 @@ async fn idle_plain_connection_is_parked_and_served_again() {
 #[tokio::test]
 async fn idle_tls_connection_is_parked_and_served_again() {
     let backend = RecordingBackend::start("up", &[]).await;
-    let proxy = proxy_for(&backend).await;
+    let proxy = proxy_for(backend.addr()).await;
     parked_connection_serves_again(&proxy, proxy.https(&["http/1.1"]), "https").await;
     assert_eq!(backend.requests().len(), 2);
     proxy.shutdown().await;
@@ -105,7 +119,7 @@ async fn idle_tls_connection_is_parked_and_served_again() {
 #[tokio::test]
 async fn new_connection_waits_parked_for_its_first_request() {
     let backend = RecordingBackend::start("up", &[]).await;
-    let proxy = proxy_for(&backend).await;
+    let proxy = proxy_for(backend.addr()).await;
     let addr = proxy.server.http_addr().unwrap();
     let mut silent = TcpStream::connect(addr).await.expect("connect");
     let (m, parked) = proxy
@@ -136,13 +150,8 @@ async fn read_response(stream: &mut TcpStream, pending: &mut Vec<u8>) -> String 
     let deadline = Instant::now() + Duration::from_secs(5);
     let mut buf = [0u8; 4096];
     loop {
-        if let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&pending[..end]).to_ascii_lowercase();
-            let len: usize = head
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length:"))
-                .map(|v| v.trim().parse().unwrap())
-                .expect("content-length");
+        if let Some(end) = head_end(pending) {
+            let len = content_length(&pending[..end]).expect("content-length");
             let total = end + 4 + len;
             if pending.len() >= total {
                 let resp: Vec<u8> = pending.drain(..total).collect();
@@ -161,7 +170,7 @@ async fn read_response(stream: &mut TcpStream, pending: &mut Vec<u8>) -> String 
 #[tokio::test]
 async fn pipelined_start_of_a_request_survives_parking() {
     let backend = RecordingBackend::start("up", &[]).await;
-    let proxy = proxy_for(&backend).await;
+    let proxy = proxy_for(backend.addr()).await;
     let addr = proxy.server.http_addr().unwrap();
     let mut stream = TcpStream::connect(addr).await.expect("connect");
     // One request and the start of the next in one write: hyper reads both.
@@ -173,7 +182,7 @@ async fn pipelined_start_of_a_request_survives_parking() {
     let first = read_response(&mut stream, &mut pending).await;
     assert!(first.starts_with("HTTP/1.1 200"), "{first}");
     // Past PARK_AFTER: the connection is taken back from hyper with the half-read head.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    tokio::time::sleep(PAST_PARK_AFTER).await;
     stream.write_all(b"st: x\r\n\r\n").await.unwrap();
     let second = read_response(&mut stream, &mut pending).await;
     assert!(second.starts_with("HTTP/1.1 200"), "{second}");
@@ -183,7 +192,7 @@ async fn pipelined_start_of_a_request_survives_parking() {
 
 /// A backend that answers every request at once, before reading its body, then reads and
 /// discards the body (as a server rejecting an upload early may).
-async fn answer_before_body_backend() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+async fn answer_before_body_backend() -> (SocketAddr, tokio::task::JoinHandle<()>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     // Bounded by the test: aborted at its end.
@@ -196,19 +205,14 @@ async fn answer_before_body_backend() -> (std::net::SocketAddr, tokio::task::Joi
                 let mut pending = Vec::new();
                 let mut buf = [0u8; 4096];
                 loop {
-                    let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") else {
+                    let Some(end) = head_end(&pending) else {
                         match stream.read(&mut buf).await {
                             Ok(0) | Err(_) => return,
                             Ok(n) => pending.extend_from_slice(&buf[..n]),
                         }
                         continue;
                     };
-                    let head = String::from_utf8_lossy(&pending[..end]).to_ascii_lowercase();
-                    let len: usize = head
-                        .lines()
-                        .find_map(|l| l.strip_prefix("content-length:"))
-                        .map(|v| v.trim().parse().unwrap())
-                        .unwrap_or(0);
+                    let len = content_length(&pending[..end]).unwrap_or(0);
                     pending.drain(..end + 4);
                     let resp = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nearly\n";
                     if stream.write_all(resp).await.is_err() {
@@ -231,7 +235,7 @@ async fn answer_before_body_backend() -> (std::net::SocketAddr, tokio::task::Joi
 #[tokio::test]
 async fn request_body_still_arriving_after_its_response_is_not_cut_by_parking() {
     let (backend, task) = answer_before_body_backend().await;
-    let proxy = TestProxy::start(&format!("[upstreams.web]\nservers = [\"{backend}\"]\n")).await;
+    let proxy = proxy_for(backend).await;
     let addr = proxy.server.http_addr().unwrap();
     let mut stream = TcpStream::connect(addr).await.expect("connect");
     stream
@@ -243,7 +247,7 @@ async fn request_body_still_arriving_after_its_response_is_not_cut_by_parking() 
     assert!(first.starts_with("HTTP/1.1 200"), "{first}");
     // The response is complete, the body is not: past PARK_AFTER, kaproxy must still be
     // reading it, not parking the connection and taking the rest for a new request.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    tokio::time::sleep(PAST_PARK_AFTER).await;
     // Read as the start of a request, `ue"}` would be a 400 (`"` cannot start a method).
     stream.write_all(b"ue\"}      ").await.unwrap();
     stream
