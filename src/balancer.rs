@@ -241,6 +241,7 @@ mod tests {
                 .collect(),
             pool: PoolConfig::default(),
             retry: RetryConfig::default(),
+            buffers: Default::default(),
             ip_hash_prefix_v4: 32,
             ip_hash_prefix_v6: 64,
             health: None,

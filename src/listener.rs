@@ -228,8 +228,8 @@ pub enum ProxyHeaderError {
 /// Reads exactly one PROXY protocol v1 or v2 header (nothing past it, so TLS or HTTP bytes
 /// that follow stay in the socket) and returns the client address it carries; `None` for
 /// `LOCAL`/`UNKNOWN` headers (a load balancer's own health check), which keep the peer.
-pub async fn read_proxy_header(
-    stream: &mut TcpStream,
+pub async fn read_proxy_header<R: tokio::io::AsyncRead + Unpin>(
+    stream: &mut R,
 ) -> Result<Option<SocketAddr>, ProxyHeaderError> {
     // Both versions are at least 15 bytes long ("PROXY UNKNOWN\r\n").
     let mut buf = vec![0u8; 12];

@@ -708,7 +708,7 @@ fn client_ip(peer: IpAddr, headers: &HeaderMap, cfg: &ForwardedConfig) -> IpAddr
 }
 
 /// Request filter: hop-by-hop out, forwarding headers in, `Host` kept, keep-alive asked for.
-fn upstream_request_headers(
+pub fn upstream_request_headers(
     headers: &mut HeaderMap,
     ds: &DownstreamInfo,
     cfg: &ForwardedConfig,

@@ -55,6 +55,18 @@ const DEFAULT_FRONT_IDLE_TIMEOUT: Duration = Duration::ZERO;
 const DEFAULT_MAX_HEADER_BYTES: usize = 65_536;
 /// hyper's MINIMUM_MAX_BUFFER_SIZE: it refuses a smaller read buffer.
 const MIN_MAX_HEADER_BYTES: usize = 8192;
+/// nginx's client_body_timeout 60 s: the longest gap between two reads of a request body.
+const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(60);
+/// nginx's send_timeout 60 s: the longest a write to the client may make no progress.
+const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(60);
+/// 0: derived at start from the open-file limit (see `listener::derived_max_connections`),
+/// as HAProxy derives its `maxconn`.
+const DEFAULT_MAX_CONNECTIONS: usize = 0;
+/// nginx's client_body_buffer_size is 8–16 KiB before it spills to disk; kaproxy keeps small
+/// bodies in memory up to 64 KiB so a slow upload of a form never holds an Apache worker.
+pub const DEFAULT_REQUEST_BUFFER_BYTES: usize = 65_536;
+/// nginx's proxy_buffers 8 × 8 KiB = 64 KiB read ahead from the backend.
+pub const DEFAULT_RESPONSE_BUFFER_BYTES: usize = 65_536;
 /// Apache httpd's default KeepAliveTimeout 5 s.
 const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Apache's 5 s minus the 500 ms safety margin, rounded down to whole seconds.
@@ -187,6 +199,16 @@ pub struct DownstreamConfig {
     #[serde(with = "humantime_serde")]
     pub front_idle_timeout: Duration,
     pub max_header_bytes: usize,
+    /// The longest gap between two reads of a request body: then 408 (or, once the response
+    /// has started, the connection is closed).
+    #[serde(with = "humantime_serde")]
+    pub body_timeout: Duration,
+    /// The longest a write to the client, or an HTTP/2 stream's flow-control window, may make
+    /// no progress: then the stream is reset or the connection closed.
+    #[serde(with = "humantime_serde")]
+    pub send_timeout: Duration,
+    /// Open client connections at most; 0 = derived from the open-file limit at start.
+    pub max_connections: usize,
 }
 
 /// `[forwarded]`.
@@ -224,6 +246,7 @@ pub struct UpstreamConfig {
     pub servers: Vec<ServerConfig>,
     pub pool: PoolConfig,
     pub retry: RetryConfig,
+    pub buffers: BufferConfig,
     pub ip_hash_prefix_v4: u8,
     pub ip_hash_prefix_v6: u8,
     pub health: Option<HealthConfig>,
@@ -255,6 +278,25 @@ pub struct RetryConfig {
     pub retry_idempotent: bool,
     pub max_retries: u32,
     pub retry_backoff: Duration,
+    /// An idempotent request that hits `response_timeout` moves on to the next server.
+    pub retry_on_timeout: bool,
+}
+
+/// The buffering keys of `[upstreams.NAME]`: how much of a request body is read before an
+/// upstream connection is taken, and how much of a response is read ahead from the backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BufferConfig {
+    pub request_buffer_bytes: usize,
+    pub response_buffer_bytes: usize,
+}
+
+impl Default for BufferConfig {
+    fn default() -> Self {
+        BufferConfig {
+            request_buffer_bytes: DEFAULT_REQUEST_BUFFER_BYTES,
+            response_buffer_bytes: DEFAULT_RESPONSE_BUFFER_BYTES,
+        }
+    }
 }
 
 /// `[upstreams.NAME.health]`: optional active checks.
@@ -352,6 +394,9 @@ impl Default for DownstreamConfig {
             advertise_keep_alive: true,
             front_idle_timeout: DEFAULT_FRONT_IDLE_TIMEOUT,
             max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
+            body_timeout: DEFAULT_BODY_TIMEOUT,
+            send_timeout: DEFAULT_SEND_TIMEOUT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
         }
     }
 }
@@ -567,6 +612,11 @@ advertise_keep_alive = true   # send `Keep-Alive: timeout=<idle_timeout>` on HTT
 front_idle_timeout = "0s"     # idle timeout of a load balancer in front of kaproxy, if any:
                               # `check` errors unless idle_timeout > front_idle_timeout
 max_header_bytes = 65536
+body_timeout = "60s"          # longest gap between two reads of a request body (nginx client_body_timeout)
+send_timeout = "60s"          # longest time a write to the client (or an HTTP/2 stream's window)
+                              # makes no progress (nginx send_timeout)
+max_connections = 0           # open client connections; 0 = derived from the open-file limit.
+                              # At the cap the longest-idle keep-alive connections are closed first
 
 [forwarded]
 trusted_proxies = []          # CIDRs whose X-Forwarded-For is kept and appended to;
@@ -598,6 +648,11 @@ max_retries = 2               # further attempts on other servers after connect 
 retry_backoff = "100ms"       # first back-off between attempts, doubling, capped at 1 s
 ip_hash_prefix_v4 = 32        # hash the whole address (24 = nginx ip_hash's /24 behaviour)
 ip_hash_prefix_v6 = 64
+request_buffer_bytes = 65536  # a request body up to this size is read whole before an upstream
+                              # connection is taken (slow uploads never hold Apache); larger ones stream
+response_buffer_bytes = 65536 # read a response ahead from the backend up to this much, so a small
+                              # response frees its upstream connection however slowly the client reads
+retry_on_timeout = false      # an idempotent request that hits response_timeout moves to the next server
 
 [upstreams.web.health]        # optional active checks; passive checks are always on
 path = "/"

@@ -64,6 +64,9 @@ pub(super) struct RawUpstream {
     retry_backoff: Duration,
     ip_hash_prefix_v4: u8,
     ip_hash_prefix_v6: u8,
+    request_buffer_bytes: usize,
+    response_buffer_bytes: usize,
+    retry_on_timeout: bool,
     health: Option<HealthConfig>,
 }
 
@@ -88,6 +91,9 @@ impl Default for RawUpstream {
             retry_backoff: DEFAULT_RETRY_BACKOFF,
             ip_hash_prefix_v4: DEFAULT_IP_HASH_PREFIX_V4,
             ip_hash_prefix_v6: DEFAULT_IP_HASH_PREFIX_V6,
+            request_buffer_bytes: DEFAULT_REQUEST_BUFFER_BYTES,
+            response_buffer_bytes: DEFAULT_RESPONSE_BUFFER_BYTES,
+            retry_on_timeout: false,
             health: None,
         }
     }
@@ -119,6 +125,11 @@ impl RawUpstream {
                 retry_idempotent: self.retry_idempotent,
                 max_retries: self.max_retries,
                 retry_backoff: self.retry_backoff,
+                retry_on_timeout: self.retry_on_timeout,
+            },
+            buffers: BufferConfig {
+                request_buffer_bytes: self.request_buffer_bytes,
+                response_buffer_bytes: self.response_buffer_bytes,
             },
             ip_hash_prefix_v4: self.ip_hash_prefix_v4,
             ip_hash_prefix_v6: self.ip_hash_prefix_v6,

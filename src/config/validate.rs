@@ -33,6 +33,8 @@ pub(super) fn validate_downstream(d: &DownstreamConfig, out: &mut Vec<Problem>) 
     out.extend(downstream_order(d));
     positive(out, "downstream.idle_timeout", d.idle_timeout);
     positive(out, "downstream.header_timeout", d.header_timeout);
+    positive(out, "downstream.body_timeout", d.body_timeout);
+    positive(out, "downstream.send_timeout", d.send_timeout);
     at_least_one(
         out,
         "downstream.max_requests_per_connection",
