@@ -4,6 +4,7 @@ mod apache;
 mod downstream;
 mod drain;
 mod harness;
+mod hostile;
 mod ops;
 mod parking;
 mod probe_apache;

@@ -8,4 +8,5 @@ pub mod backend;
 pub mod chromium;
 pub mod client;
 pub mod config_file;
+pub mod hostile;
 pub mod proxy;
