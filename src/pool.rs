@@ -27,56 +27,13 @@ use tokio::task::AbortHandle;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
+use crate::body::UpstreamBody;
 use crate::config::PoolConfig;
 use crate::error::UpstreamError;
 use crate::metrics::ServerMetrics;
 
 /// `Keep-Alive` (not among the `http` crate's constants).
 pub const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-
-/// The body kaproxy sends upstream: the downstream request body, or nothing (a request
-/// without a body can be rebuilt and retried).
-pub type UpstreamBody = http_body_util::Either<RequestBody, http_body_util::Empty<Bytes>>;
-
-/// What a request body's reader drops when the body has been read to its end (or abandoned):
-/// it tells the downstream connection that its request has been read in full.
-pub type BodyDone = Arc<dyn Send + Sync>;
-
-/// A downstream request body on its way upstream, with the `done` guard it drops at its end.
-pub struct RequestBody {
-    inner: Incoming,
-    done: Option<BodyDone>,
-}
-
-impl RequestBody {
-    pub fn new(inner: Incoming, done: Option<BodyDone>) -> Self {
-        RequestBody { inner, done }
-    }
-}
-
-impl Body for RequestBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let res = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
-        if stream_end(&res, &self.inner).is_some() {
-            self.done = None;
-        }
-        res
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
 
 /// Why kaproxy let go of an upstream connection (the `reason` label of
 /// `kaproxy_upstream_connections_closed_total`).
@@ -660,6 +617,12 @@ impl PooledConn {
         }
     }
 
+    /// Closes the connection with `reason` once its response is done, instead of pooling it
+    /// (e.g. a response whose framing was ambiguous).
+    pub fn retire_after(&mut self, reason: CloseReason) {
+        self.retire = Some(reason);
+    }
+
     /// Gives the connection back after its response body ended cleanly.
     pub fn release(mut self) {
         if let Some(conn) = self.conn.take() {
@@ -895,7 +858,7 @@ mod tests {
     async fn get(pool: &Arc<ServerPool>) -> Result<bool, UpstreamError> {
         let mut conn = pool.acquire().await?;
         let reused = conn.is_reused();
-        let mut req = Request::new(http_body_util::Either::Right(http_body_util::Empty::new()));
+        let mut req = Request::new(UpstreamBody::Empty);
         *req.uri_mut() = "/".parse().unwrap();
         ask_keep_alive(req.headers_mut());
         req.headers_mut()

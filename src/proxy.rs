@@ -12,19 +12,19 @@ use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::{Either, Empty, Full};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
 use crate::balancer::{Backend, Balancer};
-use crate::config::{Config, ForwardedConfig, HostMatch, RetryConfig};
+use crate::body::{buffer_request, BodyDone, BodyError, Collected, RequestBody, UpstreamBody};
+use crate::config::{BufferConfig, Config, ForwardedConfig, HostMatch, RetryConfig};
 use crate::error::UpstreamError;
 use crate::metrics::Metrics;
-use crate::pool::{
-    self, BodyDone, PooledBody, PooledConn, RequestBody, SendFailure, ServerPool, UpstreamBody,
-};
+use crate::send_watch::SendWatch;
+use crate::pool::{self, CloseReason, PooledBody, PooledConn, SendFailure, ServerPool};
 
 /// The retry back-off doubles up to this (SPEC.md: "doubling, capped at 1 s").
 const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(1);
@@ -68,6 +68,7 @@ pub struct Upstream {
     pub balancer: Balancer,
     pub pools: Vec<Arc<ServerPool>>,
     retry: RetryConfig,
+    buffers: BufferConfig,
     response_timeout: Duration,
 }
 
@@ -83,6 +84,8 @@ pub struct Proxy {
     routes: Vec<Route>,
     forwarded: ForwardedConfig,
     access_log: bool,
+    /// `[downstream] body_timeout`: the longest gap between two reads of a request body.
+    body_timeout: Duration,
 }
 
 impl Proxy {
@@ -137,6 +140,7 @@ impl Proxy {
                     balancer,
                     pools,
                     retry: u.retry.clone(),
+                    buffers: u.buffers,
                     response_timeout: u.pool.response_timeout,
                 }
             })
@@ -158,6 +162,7 @@ impl Proxy {
             routes,
             forwarded: cfg.forwarded.clone(),
             access_log: cfg.log.access_log,
+            body_timeout: cfg.downstream.body_timeout,
         }
     }
 
@@ -203,6 +208,10 @@ impl Proxy {
     /// Handles one downstream request end to end. Never fails: errors become 4xx/5xx answers.
     pub async fn handle(&self, req: Request<Incoming>, ds: &DownstreamInfo) -> Response<ProxyBody> {
         let start = Instant::now();
+        if let Some(problem) = host_problem(&req) {
+            info!(client = %ds.peer.ip(), problem, "bad Host header; 400");
+            return closing(local_response(StatusCode::BAD_REQUEST, problem), req.version());
+        }
         let host = request_host(&req);
         let host_str = host.as_ref().and_then(|h| h.to_str().ok());
         let Some(upstream) = self.route(host_str, req.uri().path()) else {
@@ -210,7 +219,7 @@ impl Proxy {
             return local_response(StatusCode::NOT_FOUND, "no route for this host and path\n");
         };
         let client_ip = client_ip(ds.peer.ip(), req.headers(), &self.forwarded);
-        let mut log = self.access_log.then(|| {
+        let log = self.access_log.then(|| {
             Box::new(AccessRecord {
                 client: client_ip,
                 method: req.method().clone(),
@@ -226,28 +235,36 @@ impl Proxy {
         }
 
         let (mut parts, body) = req.into_parts();
+        let version = parts.version;
         let mut headers = parts.headers;
         upstream_request_headers(&mut headers, ds, &self.forwarded, host.as_ref());
         let method = parts.method;
         let uri = origin_form(&parts.uri);
-        let replayable = body.is_end_stream();
-        let idempotent = is_idempotent(&method);
-        // Kept only when a retry after a sent request could happen at all.
-        let template = (replayable && idempotent && upstream.retry.retry_idempotent)
-            .then(|| (method.clone(), uri.clone(), headers.clone()));
-        let body: UpstreamBody = if replayable {
-            Either::Right(Empty::new())
+        let body = if body.is_end_stream() {
+            UpstreamBody::Empty
         } else {
-            Either::Left(RequestBody::new(
-                body,
-                parts.extensions.remove::<BodyDone>(),
-            ))
+            let done = parts.extensions.remove::<BodyDone>();
+            let body = RequestBody::new(body, done, self.body_timeout);
+            // A small body is read whole before any backend is involved, so a slow client
+            // never holds an upstream connection (and the body can be sent again on retry).
+            match Box::pin(buffer_request(body, upstream.buffers.request_buffer_bytes)).await {
+                Ok(body) => body,
+                Err(err) => return client_failed(&err, client_ip, version, log),
+            }
+        };
+        // Kept only when sending again after a written request could happen at all.
+        let template = (is_idempotent(&method) && upstream.retry.retry_idempotent)
+            .then(|| Some((method.clone(), uri.clone(), headers.clone(), body.replay()?)))
+            .flatten();
+        let again = || {
+            let (m, u, h, b) = template.as_ref()?;
+            Some(build_request(m.clone(), u.clone(), h.clone(), b.replay()?))
         };
         let mut request = Some(build_request(method, uri, headers, body));
 
         let mut attempts = Attempts::new(&upstream.retry);
         let mut fresh_on: Option<usize> = None;
-        let mut retried = false;
+        let mut retried_reused = false;
         loop {
             let connected = match fresh_on.take() {
                 Some(idx) => match upstream.pools[idx].acquire_fresh().await {
@@ -274,14 +291,14 @@ impl Proxy {
             };
             let pool = &upstream.pools[idx];
             let backend = &upstream.balancer.backends()[idx];
-            let req = request
-                .take()
-                .expect("a request is ready for every attempt");
+            let Some(req) = request.take().or_else(|| again()) else {
+                unreachable!("an attempt is only made with a request to send");
+            };
             let sent = tokio::time::timeout(upstream.response_timeout, conn.send(req)).await;
             match sent {
                 Ok(Ok(resp)) => {
                     record_success(backend, pool);
-                    return self.respond(resp, conn, pool, log.take(), start);
+                    return self.respond(resp, conn, upstream, pool, log, start).await;
                 }
                 Err(_elapsed) => {
                     let err = UpstreamError::ResponseTimeout {
@@ -290,38 +307,56 @@ impl Proxy {
                     };
                     pool.metrics().error(err.kind());
                     record_failure(backend, pool);
+                    drop(conn);
+                    if upstream.retry.retry_on_timeout {
+                        if let Some(req) = again() {
+                            if self.move_on(upstream, idx, &err, &mut attempts).await {
+                                request = Some(req);
+                                continue;
+                            }
+                        }
+                    }
                     return server_failed(upstream, pool, &err, log);
                 }
                 Ok(Err(SendFailure { error, unsent })) => {
+                    if let Some(fault) = BodyError::in_chain(&error) {
+                        // The client's body broke while it streamed upstream: the upstream
+                        // connection is closed (reason `error`), the backend is not blamed.
+                        drop(conn);
+                        return client_failed(fault, client_ip, version, log);
+                    }
                     pool.metrics().error(error.kind());
                     let reused = conn.is_reused();
                     drop(conn);
+                    let next = unsent.or_else(|| again());
                     // The keep-alive race: a pooled connection the backend closed just as we
                     // reused it fails before any response byte. A request hyper never wrote
-                    // goes again whatever its method; a written one only when idempotent and
-                    // bodiless (`template`). Once, on a fresh connection to the same server.
-                    if reused && !retried {
-                        request = unsent.or_else(|| {
-                            template.as_ref().map(|(m, u, h)| {
-                                build_request(
-                                    m.clone(),
-                                    u.clone(),
-                                    h.clone(),
-                                    Either::Right(Empty::new()),
-                                )
-                            })
-                        });
-                        if request.is_some() {
+                    // goes again whatever its method; a written one only when idempotent with
+                    // a replayable body (`template`). Once, on a fresh connection to the same
+                    // server, which is not blamed for it.
+                    if reused && !retried_reused {
+                        if let Some(req) = next {
                             pool.metrics().retry(error.kind());
                             warn!(upstream = %upstream.name, server = %pool.addr(), cause = error.kind(), error = %error,
                                 "reused upstream connection failed before responding; retrying on a fresh connection");
                             fresh_on = Some(idx);
-                            retried = true;
+                            retried_reused = true;
+                            request = Some(req);
                             continue;
                         }
+                        return server_failed(upstream, pool, &error, log);
                     }
+                    // A fresh connection reset or closed before any response byte (a crashed
+                    // worker, a backend going down): the server is blamed, and the request
+                    // moves on to the next server like after a connect failure.
                     if !reused {
                         record_failure(backend, pool);
+                    }
+                    if let Some(req) = next {
+                        if self.move_on(upstream, idx, &error, &mut attempts).await {
+                            request = Some(req);
+                            continue;
+                        }
                     }
                     return server_failed(upstream, pool, &error, log);
                 }
@@ -383,39 +418,83 @@ impl Proxy {
         let pool = &upstream.pools[idx];
         pool.metrics().error(err.kind());
         record_failure(&upstream.balancer.backends()[idx], pool);
+        self.move_on(upstream, idx, err, attempts).await
+    }
+
+    /// Server `idx` failed the request (already counted and booked against its health):
+    /// returns whether the next server may be tried, within `max_retries`, after the
+    /// doubling back-off (which it sleeps). Counted in `kaproxy_upstream_retries_total` with
+    /// the failure's kind as cause (`connect` for every connect failure).
+    async fn move_on(
+        &self,
+        upstream: &Upstream,
+        idx: usize,
+        err: &UpstreamError,
+        attempts: &mut Attempts,
+    ) -> bool {
+        let pool = &upstream.pools[idx];
         attempts.tried.push(idx);
-        if attempts.retries_left == 0 {
-            warn!(upstream = %upstream.name, server = %pool.addr(), error = %err, "connect failed; no retries left");
+        if attempts.retries_left == 0 || attempts.tried.len() >= upstream.pools.len() {
+            warn!(upstream = %upstream.name, server = %pool.addr(), error = %err, "upstream failed; no retries or servers left");
             return false;
         }
         attempts.retries_left -= 1;
-        pool.metrics().retry("connect");
+        let cause = if err.is_connect() { "connect" } else { err.kind() };
+        pool.metrics().retry(cause);
         warn!(upstream = %upstream.name, server = %pool.addr(), error = %err, backoff = ?attempts.backoff,
-            "connect failed; trying the next server");
+            "upstream failed; trying the next server");
         tokio::time::sleep(attempts.backoff).await;
         attempts.backoff = (attempts.backoff * 2).min(MAX_RETRY_BACKOFF);
         true
     }
 
-    /// Response filter: hop-by-hop headers out, metrics, the body tied to its pooled connection.
-    fn respond(
+    /// Response filter: framing checked, hop-by-hop headers out, a small body read ahead (so
+    /// the upstream connection is free however slowly the client reads), metrics, the body
+    /// tied to its pooled connection.
+    async fn respond(
         &self,
         resp: Response<Incoming>,
-        conn: PooledConn,
+        mut conn: PooledConn,
+        upstream: &Upstream,
         pool: &ServerPool,
         mut log: Option<Box<AccessRecord>>,
         start: Instant,
     ) -> Response<ProxyBody> {
         let (mut parts, body) = resp.into_parts();
+        // RFC 9112 §6.3: with Transfer-Encoding, Content-Length is ignored and must not be
+        // forwarded; a backend that sends both is not trusted with the connection afterwards.
+        if parts.headers.contains_key(header::TRANSFER_ENCODING)
+            && parts.headers.remove(header::CONTENT_LENGTH).is_some()
+        {
+            warn!(upstream = %upstream.name, server = %pool.addr(),
+                "response has both Transfer-Encoding and Content-Length; Content-Length removed, upstream connection closed after it (RFC 9112 §6.3)");
+            conn.retire_after(CloseReason::Error);
+        }
         strip_hop_by_hop(&mut parts.headers);
+        let (age, requests) = conn.age_and_requests();
+        let reused = conn.is_reused();
+        let body = conn.attach(body);
+        let inner = match read_ahead(body, upstream.buffers.response_buffer_bytes, upstream.response_timeout).await {
+            Ok(inner) => inner,
+            Err(err) => {
+                let err = match err {
+                    Some(e) => UpstreamError::from_send(pool.addr(), e),
+                    None => UpstreamError::ResponseTimeout {
+                        addr: pool.addr(),
+                        timeout: upstream.response_timeout,
+                    },
+                };
+                pool.metrics().error(err.kind());
+                return server_failed(upstream, pool, &err, log);
+            }
+        };
         pool.metrics().request(parts.status.as_u16());
         pool.metrics()
             .observe_duration(start.elapsed().as_secs_f64());
         if let Some(log) = log.as_mut() {
-            let (age, requests) = conn.age_and_requests();
             log.status = parts.status.as_u16();
             log.server = Some(pool.addr());
-            log.reused = conn.is_reused();
+            log.reused = reused;
             log.conn_age = age;
             log.conn_requests = requests;
         }
@@ -423,7 +502,7 @@ impl Proxy {
         Response::from_parts(
             parts,
             ProxyBody {
-                inner: Inner::Upstream(conn.attach(body)),
+                inner,
                 bytes: 0,
                 log,
             },
@@ -449,13 +528,14 @@ impl Proxy {
             headers.insert(header::UPGRADE, u);
         }
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        let body: UpstreamBody = if body.is_end_stream() {
-            Either::Right(Empty::new())
+        let body = if body.is_end_stream() {
+            UpstreamBody::Empty
         } else {
-            Either::Left(RequestBody::new(
-                body,
-                parts.extensions.remove::<BodyDone>(),
-            ))
+            let done = parts.extensions.remove::<BodyDone>();
+            UpstreamBody::Stream {
+                prefix: None,
+                rest: RequestBody::new(body, done, self.body_timeout),
+            }
         };
         let req = build_request(parts.method, origin_form(&parts.uri), headers, body);
         let mut attempts = Attempts::new(&upstream.retry);
@@ -532,6 +612,84 @@ impl ServerPool {
         tokio::spawn(conn.with_upgrades());
         Ok(sender)
     }
+}
+
+/// Reads a small response body whole from the backend (nginx's proxy buffering), so that its
+/// upstream connection goes back to the pool before the client has read a byte. Only a body
+/// whose Content-Length is at most `limit` is read ahead, within `timeout`; a larger or
+/// chunked one streams (and `send_timeout` bounds a client that stops reading it).
+/// `Err(None)` is the timeout, `Err(Some(e))` a broken body.
+async fn read_ahead(
+    mut body: PooledBody,
+    limit: usize,
+    timeout: Duration,
+) -> Result<Inner, Option<hyper::Error>> {
+    match body.size_hint().exact() {
+        Some(n) if n > 0 && n <= limit as u64 && !body.is_end_stream() => {}
+        _ => return Ok(Inner::Upstream(body)),
+    }
+    let read = tokio::time::timeout(timeout, async {
+        let mut read = Collected::default();
+        while let Some(frame) = body.frame().await {
+            if let Ok(data) = frame?.into_data() {
+                read.push(data);
+            }
+        }
+        Ok(read.into_bytes())
+    })
+    .await;
+    match read {
+        Ok(Ok(bytes)) => Ok(Inner::Local(Full::new(bytes))),
+        Ok(Err(e)) => Err(Some(e)),
+        Err(_) => Err(None),
+    }
+}
+
+/// RFC 9112 §3.2: an HTTP/1.1 request without `Host`, or an HTTP/1 request with more than
+/// one or an invalid one, gets 400 (nginx and HAProxy do the same). HTTP/2 carries the
+/// authority in `:authority`.
+fn host_problem<B>(req: &Request<B>) -> Option<&'static str> {
+    if !matches!(
+        req.version(),
+        Version::HTTP_09 | Version::HTTP_10 | Version::HTTP_11
+    ) {
+        return None;
+    }
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (None, _) if req.version() == Version::HTTP_11 => Some("HTTP/1.1 request without Host\n"),
+        (Some(_), Some(_)) => Some("more than one Host header\n"),
+        (Some(h), None) if !h.is_empty() && http::uri::Authority::try_from(h.as_bytes()).is_err() => {
+            Some("invalid Host header\n")
+        }
+        _ => None,
+    }
+}
+
+/// Marks kaproxy's own answer to a broken request as the last on an HTTP/1 connection.
+fn closing(mut resp: Response<ProxyBody>, version: Version) -> Response<ProxyBody> {
+    if matches!(version, Version::HTTP_10 | Version::HTTP_11) {
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    resp
+}
+
+/// kaproxy's answer when the client's request body failed (timeout, bad framing, gone): the
+/// client's fault, so no backend is counted or blamed for it (README, "Hostile clients").
+fn client_failed(
+    err: &BodyError,
+    client: IpAddr,
+    version: Version,
+    log: Option<Box<AccessRecord>>,
+) -> Response<ProxyBody> {
+    let status = err.status();
+    info!(client = %client, error = %err, status = status.as_u16(), "request body failed");
+    let text = match err {
+        BodyError::Timeout(_) => "request body timed out\n",
+        BodyError::Malformed(_) => "malformed request body\n",
+    };
+    with_log(closing(local_response(status, text), version), log)
 }
 
 /// What is left of a request's connect retries, and the servers already tried.
@@ -856,6 +1014,8 @@ impl Default for AccessRecord {
 
 enum Inner {
     Upstream(PooledBody),
+    /// An HTTP/2 stream's body under `send_timeout` (see [`crate::send_watch`]).
+    Watched(SendWatch<PooledBody>),
     Tunnel(Incoming),
     Local(Full<Bytes>),
     Empty,
@@ -869,6 +1029,19 @@ pub struct ProxyBody {
 }
 
 impl ProxyBody {
+    /// Puts a body that streams from a pooled upstream connection under `send_timeout` on an
+    /// HTTP/2 stream, whose closed window the socket's write deadline cannot see.
+    /// `on_stall` is notified when it is cut off (the connection is then closed).
+    pub fn watch_sends(&mut self, send_timeout: Duration, on_stall: &Arc<tokio::sync::Notify>) {
+        if matches!(&self.inner, Inner::Upstream(b) if !b.is_end_stream()) {
+            let Inner::Upstream(body) = std::mem::replace(&mut self.inner, Inner::Empty) else {
+                unreachable!("matched above");
+            };
+            let watch = SendWatch::new(body, send_timeout, Some(on_stall.clone()));
+            self.inner = Inner::Watched(watch);
+        }
+    }
+
     fn empty(log: Option<Box<AccessRecord>>) -> Self {
         ProxyBody {
             inner: Inner::Empty,
@@ -880,16 +1053,17 @@ impl ProxyBody {
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = &mut *self;
         let res = match &mut this.inner {
-            Inner::Upstream(b) => Pin::new(b).poll_frame(cx),
-            Inner::Tunnel(b) => Pin::new(b).poll_frame(cx),
+            Inner::Upstream(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            Inner::Watched(b) => Pin::new(b).poll_frame(cx),
+            Inner::Tunnel(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
             Inner::Local(b) => Pin::new(b).poll_frame(cx).map_err(|never| match never {}),
             Inner::Empty => Poll::Ready(None),
         };
@@ -904,6 +1078,7 @@ impl Body for ProxyBody {
     fn is_end_stream(&self) -> bool {
         match &self.inner {
             Inner::Upstream(b) => b.is_end_stream(),
+            Inner::Watched(b) => b.is_end_stream(),
             Inner::Tunnel(b) => b.is_end_stream(),
             Inner::Local(b) => b.is_end_stream(),
             Inner::Empty => true,
@@ -913,6 +1088,7 @@ impl Body for ProxyBody {
     fn size_hint(&self) -> SizeHint {
         match &self.inner {
             Inner::Upstream(b) => b.size_hint(),
+            Inner::Watched(b) => b.size_hint(),
             Inner::Tunnel(b) => b.size_hint(),
             Inner::Local(b) => b.size_hint(),
             Inner::Empty => SizeHint::with_exact(0),
@@ -1025,6 +1201,29 @@ mod tests {
         assert_eq!(normalize_path("/a/.."), "/");
         assert_eq!(normalize_path("/a/b/."), "/a/b/");
         assert_eq!(normalize_path("/.well-known/x"), "/.well-known/x");
+    }
+
+    #[test]
+    fn host_rules_of_rfc_9112() {
+        let req = |version: Version, hosts: &[&'static str]| {
+            let mut r = Request::new(());
+            *r.version_mut() = version;
+            for h in hosts {
+                r.headers_mut()
+                    .append(header::HOST, HeaderValue::from_static(h));
+            }
+            host_problem(&r)
+        };
+        assert_eq!(req(Version::HTTP_11, &["a.example"]), None);
+        assert_eq!(req(Version::HTTP_11, &["a.example:8080"]), None);
+        assert_eq!(req(Version::HTTP_11, &["[::1]:8080"]), None);
+        assert!(req(Version::HTTP_11, &[]).is_some(), "HTTP/1.1 needs Host");
+        assert_eq!(req(Version::HTTP_10, &[]), None, "HTTP/1.0 may omit it");
+        assert!(req(Version::HTTP_11, &["a", "b"]).is_some());
+        assert!(req(Version::HTTP_10, &["a", "a"]).is_some());
+        assert!(req(Version::HTTP_11, &["a b"]).is_some(), "invalid");
+        assert!(req(Version::HTTP_11, &["a/b"]).is_some(), "invalid");
+        assert_eq!(req(Version::HTTP_2, &[]), None, "HTTP/2 has :authority");
     }
 
     #[test]

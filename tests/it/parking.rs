@@ -235,7 +235,12 @@ async fn answer_before_body_backend() -> (SocketAddr, tokio::task::JoinHandle<()
 #[tokio::test]
 async fn request_body_still_arriving_after_its_response_is_not_cut_by_parking() {
     let (backend, task) = answer_before_body_backend().await;
-    let proxy = proxy_for(backend).await;
+    // A streamed body (request_buffer_bytes = 0): a buffered one is read whole before the
+    // backend sees the request, so no response could start before its end.
+    let proxy = TestProxy::start(&format!(
+        "[upstreams.web]\nservers = [\"{backend}\"]\nrequest_buffer_bytes = 0\n"
+    ))
+    .await;
     let addr = proxy.server.http_addr().unwrap();
     let mut stream = TcpStream::connect(addr).await.expect("connect");
     stream

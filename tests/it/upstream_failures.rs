@@ -286,6 +286,17 @@ struct StaleOutcome {
 /// keep-alive race, made deterministic by [`StaleReuse::DropRequest`]) behind a naive pool
 /// that trusts connections for 9 s and never learns the backend's 1 s.
 async fn stale_reuse(method: Method, body: &'static [u8], retry_idempotent: bool) -> StaleOutcome {
+    let buffer = kaproxy::config::BufferConfig::default().request_buffer_bytes;
+    stale_reuse_buffered(method, body, retry_idempotent, buffer).await
+}
+
+/// [`stale_reuse`] with `request_buffer_bytes` set (0: every request body streams).
+async fn stale_reuse_buffered(
+    method: Method,
+    body: &'static [u8],
+    retry_idempotent: bool,
+    request_buffer_bytes: usize,
+) -> StaleOutcome {
     let backend = demo(DemoBackendConfig {
         name: "stale".to_string(),
         keepalive_timeout: STALE_KEEPALIVE,
@@ -296,6 +307,7 @@ async fn stale_reuse(method: Method, body: &'static [u8], retry_idempotent: bool
     let mut config = test_config(&single_upstream(backend.addr(), ""));
     // No deadline saves the connection.
     config.naive_pool(retry_idempotent);
+    config.config.upstreams[0].buffers.request_buffer_bytes = request_buffer_bytes;
     let proxy = config.start().await;
     let mut client = KeepAliveClient::new(proxy.http(), None);
 
@@ -363,12 +375,13 @@ async fn bodiless_idempotent_request_on_a_dropped_reused_connection_is_retried_f
 }
 
 #[tokio::test]
-async fn sent_request_that_is_not_idempotent_or_has_a_body_is_not_retried() {
+async fn sent_request_that_is_not_idempotent_or_streamed_its_body_is_not_retried() {
     let (post, put) = tokio::join!(
         stale_reuse(Method::POST, b"order=42", true),
-        stale_reuse(Method::PUT, b"replace=1", true),
+        // request_buffer_bytes = 0: the body streamed, so it cannot be sent again.
+        stale_reuse_buffered(Method::PUT, b"replace=1", true, 0),
     );
-    for (method, outcome) in [("POST", post), ("PUT with a body", put)] {
+    for (method, outcome) in [("POST", post), ("PUT with a streamed body", put)] {
         assert_eq!(
             outcome.status,
             StatusCode::BAD_GATEWAY,
@@ -381,6 +394,17 @@ async fn sent_request_that_is_not_idempotent_or_has_a_body_is_not_retried() {
             "{method}: only the warm-up was answered: {outcome:#?}"
         );
     }
+}
+
+#[tokio::test]
+async fn put_with_a_buffered_body_is_retried_fresh() {
+    // The body (9 bytes ≤ request_buffer_bytes) was read whole before sending, so the
+    // idempotent PUT can be sent again after the keep-alive race.
+    let outcome = stale_reuse(Method::PUT, b"replace=1", true).await;
+    assert_eq!(outcome.status, StatusCode::OK, "{outcome:#?}");
+    assert_eq!(outcome.body, "stale received 9 bytes\n", "{outcome:#?}");
+    assert_eq!(outcome.retries, 1.0, "{outcome:#?}");
+    assert_eq!(outcome.backend.connections_accepted, 2, "{outcome:#?}");
 }
 
 #[tokio::test]
