@@ -29,13 +29,25 @@ pub async fn serve(
     control: Arc<Control>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let mut errors = crate::limit::AcceptErrors::new("admin");
     loop {
-        let (stream, _) = tokio::select! {
-            res = listener.accept() => match res {
-                Ok(pair) => pair,
-                Err(_) => continue,
-            },
+        let accepted = tokio::select! {
+            res = listener.accept() => res,
             _ = shutdown.changed() => return,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => {
+                errors.accepted();
+                stream
+            }
+            Err(e) => {
+                // Out of descriptors the listener stays readable: retrying at once would spin.
+                let pause = errors.failed(&e, None);
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => continue,
+                    _ = shutdown.changed() => return,
+                }
+            }
         };
         let metrics = metrics.clone();
         let control = control.clone();

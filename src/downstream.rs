@@ -471,7 +471,10 @@ impl Drop for LingeringTcp {
 }
 
 /// Serves one downstream connection until it closes. `http2` is the ALPN verdict; `waiting`
-/// counts connections parked between requests.
+/// counts connections parked between requests; `limit` is where a parked connection
+/// registers as one that may be closed to make room at `max_connections` (HTTP/2 connections
+/// never are).
+#[allow(clippy::too_many_arguments)]
 pub async fn serve<I>(
     io: I,
     http2: bool,
@@ -480,6 +483,7 @@ pub async fn serve<I>(
     cfg: Arc<DownstreamConfig>,
     mut shutdown: watch::Receiver<bool>,
     waiting: Gauge,
+    limit: crate::limit::ListenerLimit,
 ) where
     I: AsyncRead + AsyncWrite + WaitReadable + Unpin + Send + 'static,
 {
@@ -550,7 +554,7 @@ pub async fn serve<I>(
     loop {
         if parked && prefix.is_empty() {
             waiting.inc();
-            let woken = wait_for_request(&io, &state, &cfg, &mut shutdown).await;
+            let woken = wait_for_request(&io, &state, &cfg, &mut shutdown, &limit).await;
             waiting.dec();
             if !woken {
                 let _ = tokio::time::timeout(LINGER_TIME, io.shutdown()).await;
@@ -606,18 +610,27 @@ pub async fn serve<I>(
 
 /// Waits, holding only the socket, until the client sends (or closes). False: close instead,
 /// because the connection idled past its timeout, a new one sent nothing in time, or the
-/// server shuts down.
+/// server shuts down, or the limiter needs its slot (`max_connections` reached, or out of
+/// descriptors) and it is the longest idle.
 async fn wait_for_request<I: WaitReadable>(
     io: &I,
     state: &ConnState,
     cfg: &DownstreamConfig,
     shutdown: &mut watch::Receiver<bool>,
+    limit: &crate::limit::ListenerLimit,
 ) -> bool {
     if *shutdown.borrow() {
         return false;
     }
+    let parked = limit.park(state.at(state.waiting_since.load(Ordering::Acquire)));
     tokio::select! {
+        // Biased: a request that arrives as the limiter asks wins, and is served.
+        biased;
         res = std::future::poll_fn(|cx| io.poll_read_ready(cx)) => res.is_ok(),
+        _ = parked.shed_requested() => {
+            debug!("closing an idle connection to make room (max_connections)");
+            false
+        }
         _ = tokio::time::sleep_until(state.close_deadline(cfg)) => {
             debug!("downstream connection idle; closing");
             false

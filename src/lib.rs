@@ -8,6 +8,8 @@
 //! - [`config`]: TOML → validated, typed [`config::Config`]; the keep-alive timeline of `check`.
 //! - [`server`]: the running proxy: binds listeners, spawns the accept loops, shuts down.
 //! - [`listener`]: sockets, accept loop, TLS handshake. No HTTP.
+//! - [`limit`]: the downstream connection cap (`max_connections`) shared by the listeners:
+//!   slots, shedding the longest-idle parked connection at the cap, accept-failure back-off.
 //! - [`downstream`]: one client connection: HTTP/1.1 or HTTP/2, idle/head timers, graceful close.
 //! - [`proxy`]: the per-request phases: route, forwarding headers, pick, send, retry, error→status.
 //!   The only module that sees both downstream and upstream.
@@ -32,6 +34,7 @@ pub mod demo;
 pub mod downstream;
 pub mod error;
 pub mod health;
+pub mod limit;
 pub mod listener;
 pub mod metrics;
 pub mod pool;

@@ -5,7 +5,6 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use prometheus_client::metrics::gauge::Gauge;
@@ -14,6 +13,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, warn};
 
+use crate::limit::{AcceptErrors, ListenerLimit, Slot};
+
 use crate::downstream::{self, LingeringTcp};
 use crate::proxy::DownstreamInfo;
 use crate::server::Generation;
@@ -21,8 +22,6 @@ use crate::server::Generation;
 /// Pending connections the kernel queues for us (nginx's default backlog is 511; kaproxy
 /// aims at bursts of TLS handshakes).
 const LISTEN_BACKLOG: i32 = 4096;
-/// The longest pause after repeated accept failures (EMFILE and friends).
-const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 
 /// Binds a listening socket with SO_REUSEADDR (quick restarts) and a deep backlog.
 pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
@@ -63,7 +62,11 @@ pub struct Gauges {
 }
 
 /// Accepts connections until shutdown; each connection runs in its own task and holds a
-/// clone of `done` so the server can wait for all of them to finish.
+/// clone of `done` so the server can wait for all of them to finish, and a slot of `limit`'s
+/// limiter. With every slot taken, the connection just accepted waits (unserved) while the
+/// longest-idle parked connection is closed, or until a slot frees; meanwhile nothing more is
+/// accepted and new clients wait in the kernel's backlog.
+#[allow(clippy::too_many_arguments)]
 pub async fn accept_loop(
     listener: TcpListener,
     kind: Kind,
@@ -72,6 +75,7 @@ pub async fn accept_loop(
     done: mpsc::Sender<()>,
     gauges: Gauges,
     proxy_protocol: bool,
+    limit: ListenerLimit,
 ) {
     let local = match listener.local_addr() {
         Ok(a) => a,
@@ -80,7 +84,7 @@ pub async fn accept_loop(
             return;
         }
     };
-    let mut backoff = Duration::from_millis(5);
+    let mut errors = AcceptErrors::new(kind.label());
     loop {
         let accepted = tokio::select! {
             res = listener.accept() => res,
@@ -88,18 +92,35 @@ pub async fn accept_loop(
         };
         let (stream, peer) = match accepted {
             Ok(pair) => {
-                backoff = Duration::from_millis(5);
+                errors.accepted();
                 pair
             }
             Err(e) => {
-                // Out of file descriptors or similar: back off rather than spin.
-                warn!(listener = kind.label(), error = %e, backoff = ?backoff, "accept failed");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(MAX_ACCEPT_BACKOFF);
-                continue;
+                // Out of file descriptors or similar: the listener stays readable, so back
+                // off rather than spin (and shed an idle connection to free a descriptor).
+                let pause = errors.failed(&e, Some(limit.limiter()));
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => continue,
+                    _ = shutdown.changed() => return,
+                }
+            }
+        };
+        let slot = match limit.limiter().try_acquire() {
+            Some(slot) => slot,
+            None => {
+                debug!(
+                    listener = kind.label(),
+                    max_connections = limit.limiter().max(),
+                    "at max_connections; making room"
+                );
+                tokio::select! {
+                    slot = limit.limiter().acquire() => slot,
+                    _ = shutdown.changed() => return,
+                }
             }
         };
         let current = current.clone();
+        let limit = limit.clone();
         let shutdown = shutdown.clone();
         let done = done.clone();
         let gauges = gauges.clone();
@@ -111,8 +132,9 @@ pub async fn accept_loop(
                 kind,
                 proxy_protocol,
             };
-            handle(stream, on, current, shutdown, gauges.waiting.clone()).await;
+            handle(stream, on, current, shutdown, gauges.waiting.clone(), limit).await;
             gauges.open.dec();
+            drop::<Slot>(slot);
             drop(done);
         });
     }
@@ -132,6 +154,7 @@ async fn handle(
     current: Arc<ArcSwap<Generation>>,
     shutdown: watch::Receiver<bool>,
     waiting: Gauge,
+    limit: ListenerLimit,
 ) {
     // Connection-level settings (timeouts, TLS) are those current at accept; every request
     // then routes with the configuration current when it arrives.
@@ -169,7 +192,7 @@ async fn handle(
     match kind {
         Kind::Http => {
             Box::pin(downstream::serve(
-                io, false, info, current, cfg, shutdown, waiting,
+                io, false, info, current, cfg, shutdown, waiting, limit,
             ))
             .await
         }
@@ -178,12 +201,16 @@ async fn handle(
                 return;
             };
             drop(generation);
-            Box::pin(serve_tls(io, tls, info, current, cfg, shutdown, waiting)).await;
+            Box::pin(serve_tls(
+                io, tls, info, current, cfg, shutdown, waiting, limit,
+            ))
+            .await;
         }
     }
 }
 
 /// TLS handshake (bounded by `header_timeout`), then HTTP/2 or HTTP/1.1 as ALPN decided.
+#[allow(clippy::too_many_arguments)]
 async fn serve_tls(
     io: LingeringTcp,
     tls: Arc<rustls::ServerConfig>,
@@ -192,6 +219,7 @@ async fn serve_tls(
     cfg: Arc<crate::config::DownstreamConfig>,
     shutdown: watch::Receiver<bool>,
     waiting: Gauge,
+    limit: ListenerLimit,
 ) {
     let peer = info.peer;
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
@@ -207,7 +235,10 @@ async fn serve_tls(
         }
     };
     let http2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
-    downstream::serve(tls_stream, http2, info, current, cfg, shutdown, waiting).await;
+    downstream::serve(
+        tls_stream, http2, info, current, cfg, shutdown, waiting, limit,
+    )
+    .await;
 }
 
 /// The v2 signature (PROXY protocol spec, section 2.2).

@@ -149,6 +149,7 @@ fn init_tracing(log: &LogConfig) {
 
 fn serve(config: Config, demo: bool) -> anyhow::Result<()> {
     init_tracing(&config.log);
+    raise_open_file_limit();
     // One worker: tokio's current-thread scheduler, which skips the work-stealing machinery.
     let mut runtime = match config.runtime.worker_threads {
         1 => tokio::runtime::Builder::new_current_thread(),
@@ -179,6 +180,28 @@ fn serve(config: Config, demo: bool) -> anyhow::Result<()> {
     // Lingering closes and demo tasks must not hold the exit.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     result
+}
+
+/// Raises the soft open-file limit to the hard one before anything is served (nginx's
+/// `worker_rlimit_nofile`, HAProxy's start-up): every client connection is a descriptor, and
+/// so is its upstream connection. `[downstream] max_connections = 0` is derived from the
+/// raised limit (see `kaproxy::limit::derived_max_connections`).
+fn raise_open_file_limit() {
+    match kaproxy::limit::raise_nofile_limit() {
+        Ok((before, after)) if after > before => {
+            tracing::info!(
+                from = before,
+                to = after,
+                "raised the open-file limit (RLIMIT_NOFILE)"
+            )
+        }
+        Ok((_, now)) => tracing::info!(limit = now, "open-file limit (RLIMIT_NOFILE)"),
+        Err(e) => tracing::warn!(
+            error = %e,
+            limit = kaproxy::limit::nofile_limit(),
+            "cannot raise the open-file limit (RLIMIT_NOFILE); keeping it"
+        ),
+    }
 }
 
 fn print_demo_help(server: &kaproxy::Server) {

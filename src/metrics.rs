@@ -66,6 +66,7 @@ pub struct Metrics {
     pool_idle: Family<ServerLabels, Gauge>,
     downstream: Family<ListenerLabels, Gauge>,
     downstream_waiting: Family<ListenerLabels, Gauge>,
+    downstream_shed: Family<ListenerLabels, Counter>,
     server_up: Family<ServerUpLabels, Gauge>,
 }
 
@@ -96,6 +97,7 @@ impl Metrics {
         let pool_idle = Family::<ServerLabels, Gauge>::default();
         let downstream = Family::<ListenerLabels, Gauge>::default();
         let downstream_waiting = Family::<ListenerLabels, Gauge>::default();
+        let downstream_shed = Family::<ListenerLabels, Counter>::default();
         let server_up = Family::<ServerUpLabels, Gauge>::default();
         registry.register(
             "requests",
@@ -149,6 +151,12 @@ impl Metrics {
             downstream_waiting.clone(),
         );
         registry.register(
+            "downstream_connections_shed",
+            "Idle (parked) HTTP/1 client connections closed to make room for a new one, at \
+             max_connections or when out of file descriptors",
+            downstream_shed.clone(),
+        );
+        registry.register(
             "server_up",
             "1 when a backend is considered healthy",
             server_up.clone(),
@@ -165,6 +173,7 @@ impl Metrics {
             pool_idle,
             downstream,
             downstream_waiting,
+            downstream_shed,
             server_up,
         }
     }
@@ -229,6 +238,13 @@ impl Metrics {
     /// The gauge of parked downstream connections on one listener ("https" or "http").
     pub fn downstream_connections_waiting(&self, listener: &'static str) -> Gauge {
         self.downstream_waiting
+            .get_or_create(&ListenerLabels { listener })
+            .clone()
+    }
+
+    /// The counter of idle connections on one listener closed to make room.
+    pub fn downstream_connections_shed(&self, listener: &'static str) -> Counter {
+        self.downstream_shed
             .get_or_create(&ListenerLabels { listener })
             .clone()
     }

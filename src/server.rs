@@ -123,6 +123,9 @@ impl Control {
         {
             warn!("listener addresses changed; they take effect on restart only");
         }
+        if config.downstream.max_connections != s.downstream.max_connections {
+            warn!("downstream max_connections changed; it takes effect on restart only");
+        }
         if config.listen.https.is_some() && s.listen.https.is_none() {
             warn!("an https listener was added; it takes effect on restart only");
         }
@@ -187,6 +190,17 @@ impl Server {
         let bound = |what: &'static str, addr: SocketAddr| {
             listener::bind(addr).map_err(|source| StartError::Bind { what, addr, source })
         };
+        let (max_connections, derived_from) =
+            crate::limit::effective_max_connections(config.downstream.max_connections);
+        match derived_from {
+            Some(nofile) => info!(
+                max_connections,
+                open_file_limit = nofile,
+                "downstream connection cap derived from the open-file limit: (limit - reserve) / 2"
+            ),
+            None => info!(max_connections, "downstream connection cap"),
+        }
+        let limiter = crate::limit::Limiter::new(max_connections);
         let mut addrs = [None, None];
         for (slot, kind, addr) in [
             (0, Kind::Https, config.listen.https),
@@ -212,6 +226,10 @@ impl Server {
                     waiting: metrics.downstream_connections_waiting(kind.label()),
                 },
                 config.listen.proxy_protocol,
+                crate::limit::ListenerLimit::new(
+                    limiter.clone(),
+                    metrics.downstream_connections_shed(kind.label()),
+                ),
             )));
         }
         let admin = match config.admin.listen {

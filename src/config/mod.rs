@@ -59,7 +59,7 @@ const MIN_MAX_HEADER_BYTES: usize = 8192;
 const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(60);
 /// nginx's send_timeout 60 s: the longest a write to the client may make no progress.
 const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(60);
-/// 0: derived at start from the open-file limit (see `listener::derived_max_connections`),
+/// 0: derived at start from the open-file limit (see `limit::derived_max_connections`),
 /// as HAProxy derives its `maxconn`.
 const DEFAULT_MAX_CONNECTIONS: usize = 0;
 /// nginx's client_body_buffer_size is 8–16 KiB before it spills to disk; kaproxy keeps small

@@ -3,6 +3,7 @@
 mod apache;
 mod downstream;
 mod drain;
+mod flood;
 mod harness;
 mod hostile;
 mod ops;
