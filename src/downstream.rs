@@ -37,7 +37,7 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use crate::config::DownstreamConfig;
-use crate::pool::BodyDone;
+use crate::body::BodyDone;
 use crate::proxy::DownstreamInfo;
 use crate::server::Generation;
 
@@ -76,6 +76,9 @@ pub struct ConnState {
     action: AtomicU8,
     /// An HTTP/2 connection reached `max_requests_per_connection`: the driver sends GOAWAY.
     goaway: tokio::sync::Notify,
+    /// An HTTP/2 stream was cut off by `send_timeout` (see [`crate::send_watch`]): the driver
+    /// closes the connection, since hyper cannot reset a stream it no longer polls.
+    stalled: Arc<tokio::sync::Notify>,
     /// hyper's last read found nothing to read (set by [`HeadWatch`]).
     read_blocked: AtomicBool,
     /// hyper wrote bytes it has not flushed yet (set by [`HeadWatch`]).
@@ -103,6 +106,7 @@ impl ConnState {
             head_started: AtomicU64::new(NONE),
             action: AtomicU8::new(ACTION_NONE),
             goaway: tokio::sync::Notify::new(),
+            stalled: Arc::new(tokio::sync::Notify::new()),
             read_blocked: AtomicBool::new(false),
             unflushed: AtomicBool::new(false),
         })
@@ -385,13 +389,57 @@ impl<T: WaitReadable> WaitReadable for tokio_rustls::server::TlsStream<T> {
 /// kernel never answers late request bytes with an RST.
 pub struct LingeringTcp {
     inner: Option<TcpStream>,
+    /// `send_timeout`: how long a write may find the socket full before it fails.
+    send_timeout: Duration,
+    /// The send deadline, armed when a write finds the socket full (boxed: most connections
+    /// never fill their socket buffer).
+    stall: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// A write is waiting for room since the deadline was armed.
+    waiting: bool,
 }
 
 impl LingeringTcp {
     pub fn new(stream: TcpStream) -> Self {
         LingeringTcp {
             inner: Some(stream),
+            send_timeout: crate::config::DownstreamConfig::default().send_timeout,
+            stall: None,
+            waiting: false,
         }
+    }
+
+    /// Sets `send_timeout`: a write (of a response, a TLS record, an HTTP/2 frame) that finds
+    /// the socket full for this long fails with `TimedOut`, which ends the connection and
+    /// closes the upstream connection of the response in flight (nginx's send_timeout).
+    pub fn with_send_timeout(mut self, send_timeout: Duration) -> Self {
+        self.send_timeout = send_timeout;
+        self
+    }
+
+    /// Passes a write's outcome through, failing it once the socket has had no room for
+    /// `send_timeout`.
+    fn progress<T>(&mut self, res: Poll<io::Result<T>>, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
+        if res.is_ready() {
+            self.waiting = false;
+            return res;
+        }
+        if !self.waiting {
+            self.waiting = true;
+            let at = Instant::now() + self.send_timeout;
+            match &mut self.stall {
+                Some(stall) => stall.as_mut().reset(at),
+                None => self.stall = Some(Box::pin(tokio::time::sleep_until(at))),
+            }
+        }
+        let stall = self.stall.as_mut().expect("armed above");
+        if std::future::Future::poll(stall.as_mut(), cx).is_ready() {
+            debug!(send_timeout = ?self.send_timeout, "downstream write made no progress; closing");
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "send_timeout: the client read nothing",
+            )));
+        }
+        Poll::Pending
     }
 
     fn stream(self: Pin<&mut Self>) -> Pin<&mut TcpStream> {
@@ -416,11 +464,12 @@ impl AsyncRead for LingeringTcp {
 
 impl AsyncWrite for LingeringTcp {
     fn poll_write(
-        self: Pin<&mut Self>,
+        mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        self.stream().poll_write(cx, buf)
+        let res = self.as_mut().stream().poll_write(cx, buf);
+        self.get_mut().progress(res, cx)
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.stream().poll_flush(cx)
@@ -429,11 +478,12 @@ impl AsyncWrite for LingeringTcp {
         self.stream().poll_shutdown(cx)
     }
     fn poll_write_vectored(
-        self: Pin<&mut Self>,
+        mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        self.stream().poll_write_vectored(cx, bufs)
+        let res = self.as_mut().stream().poll_write_vectored(cx, bufs);
+        self.get_mut().progress(res, cx)
     }
     fn is_write_vectored(&self) -> bool {
         true
@@ -511,11 +561,13 @@ pub async fn serve<I>(
             if http2 && n == cfg.max_requests_per_connection {
                 state.goaway.notify_one();
             }
-            if !http2 && resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+            if http2 {
+                resp.body_mut().watch_sends(cfg.send_timeout, &state.stalled);
+            } else if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
                 let headers = resp.headers_mut();
                 if last {
                     headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
-                } else if cfg.advertise_keep_alive {
+                } else if cfg.advertise_keep_alive && !headers.contains_key(header::CONNECTION) {
                     headers.insert(crate::pool::KEEP_ALIVE, keep_alive_value);
                 }
             }
@@ -532,6 +584,10 @@ pub async fn serve<I>(
         let mut conn = Box::pin(
             hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
+                // A PING after send_timeout without a frame from the client, answered within
+                // send_timeout, finds a dead client's connection.
+                .keep_alive_interval(Some(cfg.send_timeout))
+                .keep_alive_timeout(cfg.send_timeout)
                 .max_header_list_size(cfg.max_header_bytes as u32)
                 .serve_connection(TokioIo::new(io), service),
         );
@@ -677,6 +733,10 @@ where
             _ = shutdown.changed(), if !closing => {
                 closing = true;
                 graceful(conn.as_mut());
+            }
+            _ = state.stalled.notified(), if !http1 => {
+                debug!("an HTTP/2 stream made no progress for send_timeout; closing the connection");
+                return Outcome::Ended;
             }
             _ = state.goaway.notified(), if !closing && !http1 => {
                 debug!("max_requests_per_connection reached; GOAWAY");

@@ -13,6 +13,8 @@
 //! - [`downstream`]: one client connection: HTTP/1.1 or HTTP/2, idle/head timers, graceful close.
 //! - [`proxy`]: the per-request phases: route, forwarding headers, pick, send, retry, error→status.
 //!   The only module that sees both downstream and upstream.
+//! - [`body`]: request and response bodies in transit: `body_timeout`, request buffering,
+//!   response read-ahead, and [`body::BodyError`] (a broken body is the client's fault).
 //! - [`balancer`]: [`balancer::Backend`], smooth weighted round-robin, consistent ip-hash. No I/O.
 //! - [`pool`]: the keep-alive-aware upstream connection pool. Deadlines, lifetime, max requests,
 //!   learned `Keep-Alive`, EOF watch.
@@ -23,12 +25,14 @@
 //! - [`probe`]: `kaproxy probe`: measure a backend's keep-alive behaviour, recommend settings.
 //! - [`tls`]: rustls server configuration and the development certificate.
 //! - [`demo`]: built-in Apache-like backends for `kaproxy demo`, tests and the bench.
+//! - [`send_watch`]: `send_timeout` for HTTP/2 streams whose flow-control window stays closed.
 //! - [`relay`]: a TCP relay that delays everything, to widen the keep-alive race on loopback.
 //! - [`error`]: typed errors, each knowing its side and whether it may be retried.
 #![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod balancer;
+pub mod body;
 pub mod config;
 pub mod demo;
 pub mod downstream;
@@ -41,6 +45,7 @@ pub mod pool;
 pub mod probe;
 pub mod proxy;
 pub mod relay;
+pub mod send_watch;
 pub mod server;
 pub mod tls;
 

@@ -185,7 +185,7 @@ async fn handle(
         let sock = socket2::SockRef::from(&stream);
         let _ = sock.set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(idle));
     }
-    let io = LingeringTcp::new(stream);
+    let io = LingeringTcp::new(stream).with_send_timeout(cfg.send_timeout);
     let info = DownstreamInfo::new(peer, local, kind == Kind::Https);
     // Each branch is boxed, so a connection's task holds the state of its own protocol only
     // (the TLS handshake state made every plain connection's task 9 KiB; now ~0.5 KiB + serve).
