@@ -9,6 +9,7 @@ mod hostile;
 mod ops;
 mod parking;
 mod probe_apache;
+mod properties;
 mod proxy_protocol;
 mod proxying;
 mod race;
