@@ -820,12 +820,12 @@ fn is_upgrade<B>(req: &Request<B>) -> bool {
 /// Removes hop-by-hop headers (RFC 9110 §7.6.1): those named in `Connection` and the
 /// standard ones.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // By bytes, not `to_str`: a value with obs-text in it still names the headers it names.
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|s| s.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim_ascii()).ok())
         .collect();
     for name in named {
         headers.remove(name);
@@ -915,7 +915,16 @@ pub fn upstream_request_headers(
         };
         let mut element = format!("for={node};proto={proto}");
         if let Some(h) = host.and_then(|h| h.to_str().ok()) {
-            element.push_str(&format!(";host=\"{h}\""));
+            // A quoted-string (RFC 7239 §4, RFC 9110 §5.6.4): `"` and `\` escaped, so a
+            // client's Host cannot close the quote and add elements of its own.
+            element.push_str(";host=\"");
+            for c in h.chars() {
+                if c == '"' || c == '\\' {
+                    element.push('\\');
+                }
+                element.push(c);
+            }
+            element.push('"');
         }
         let value = match headers.get(&FORWARDED).and_then(|v| v.to_str().ok()) {
             Some(prev) if trusted => format!("{prev}, {element}"),
