@@ -86,7 +86,11 @@ impl RequestBody {
             Some(_) => {}
         }
         self.progressed = false;
-        self.deadline.as_mut().expect("armed above").as_mut().poll(cx)
+        self.deadline
+            .as_mut()
+            .expect("armed above")
+            .as_mut()
+            .poll(cx)
     }
 }
 
@@ -203,9 +207,15 @@ impl Body for UpstreamBody {
 /// Reads a request body whole when it fits in `limit` bytes, so that a slow upload is
 /// received by kaproxy before any backend is involved (nginx's request buffering). A body
 /// announced larger than `limit`, or found larger while reading, streams after what was read.
-pub async fn buffer_request(mut body: RequestBody, limit: usize) -> Result<UpstreamBody, BodyError> {
+pub async fn buffer_request(
+    mut body: RequestBody,
+    limit: usize,
+) -> Result<UpstreamBody, BodyError> {
     if body.size_hint().lower() > limit as u64 {
-        return Ok(UpstreamBody::Stream { prefix: None, rest: body });
+        return Ok(UpstreamBody::Stream {
+            prefix: None,
+            rest: body,
+        });
     }
     let mut read = Collected::default();
     while !body.is_end_stream() {

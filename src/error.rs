@@ -105,18 +105,3 @@ fn is_reset(err: &hyper::Error) -> bool {
     }
     false
 }
-
-/// Failures that stop kaproxy from starting (or a reload from taking effect).
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    #[error("cannot bind {what} listener on {addr}: {source}")]
-    Bind {
-        what: &'static str,
-        addr: SocketAddr,
-        source: io::Error,
-    },
-    #[error(transparent)]
-    Tls(#[from] crate::tls::TlsError),
-    #[error("cannot start demo backend on {addr}: {source}")]
-    Demo { addr: SocketAddr, source: io::Error },
-}

@@ -3,50 +3,48 @@
 //!
 //! # Layout
 //!
-//! Data flows one way: listener → proxy → balancer → pool → backend.
+//! The tree reads like the pipeline; data flows one way, and so do the imports:
 //!
+//! ```text
+//! downstream  →  proxy  →  upstream          (ops, config, body, error beside them)
+//! ```
+//!
+//! - [`downstream`]: the client side. [`downstream::listener`] binds and accepts (with the
+//!   connection cap in [`downstream::limit`]), [`downstream::proxy_protocol`] reads a PROXY
+//!   header, [`downstream::tls`] terminates TLS, [`downstream::conn`] serves one connection
+//!   (HTTP/1.1 and HTTP/2, timers, parking) and [`downstream::send_watch`] cuts off HTTP/2
+//!   streams whose window stays closed. [`downstream::Generation`] is what a connection needs
+//!   from one loaded configuration.
+//! - [`proxy`]: the per-request phases: route, forwarding headers, pick, send, retry,
+//!   response, access log. The only module that sees both sides.
+//! - [`upstream`]: the backend side. [`upstream::backend`] (a server and its health state),
+//!   [`upstream::balancer`] (round-robin, ip-hash; no I/O), [`upstream::health`] (active
+//!   probes), [`upstream::pool`] (the keep-alive-aware pool) and [`upstream::keep_alive`] (the
+//!   backend's `Keep-Alive` header).
+//! - [`ops`]: what an operator runs and reads: [`ops::metrics`] (receives, imports nothing of
+//!   ours), [`ops::admin`] (`/metrics`, `/status`, the status page), [`ops::reload`] (SIGHUP
+//!   and `POST /reload`), [`ops::probe`] (`kaproxy probe`).
+//! - [`server`]: the running proxy: builds a generation, binds, spawns, drains.
 //! - [`config`]: TOML → validated, typed [`config::Config`]; the keep-alive timeline of `check`.
-//! - [`server`]: the running proxy: binds listeners, spawns the accept loops, shuts down.
-//! - [`listener`]: sockets, accept loop, TLS handshake. No HTTP.
-//! - [`limit`]: the downstream connection cap (`max_connections`) shared by the listeners:
-//!   slots, shedding the longest-idle parked connection at the cap, accept-failure back-off.
-//! - [`downstream`]: one client connection: HTTP/1.1 or HTTP/2, idle/head timers, graceful close.
-//! - [`proxy`]: the per-request phases: route, forwarding headers, pick, send, retry, error→status.
-//!   The only module that sees both downstream and upstream.
-//! - [`body`]: request and response bodies in transit: `body_timeout`, request buffering,
-//!   response read-ahead, and [`body::BodyError`] (a broken body is the client's fault).
-//! - [`balancer`]: [`balancer::Backend`], smooth weighted round-robin, consistent ip-hash. No I/O.
-//! - [`pool`]: the keep-alive-aware upstream connection pool. Deadlines, lifetime, max requests,
-//!   learned `Keep-Alive`, EOF watch.
-//! - [`health`]: active and passive health of a backend (probes with rise/fall; consecutive
-//!   failures, cool-down).
-//! - [`metrics`]: the Prometheus registry; receives, never calls out.
-//! - [`admin`]: the admin listener: `/metrics`, `/healthz`, `/status`.
-//! - [`probe`]: `kaproxy probe`: measure a backend's keep-alive behaviour, recommend settings.
-//! - [`tls`]: rustls server configuration and the development certificate.
-//! - [`demo`]: built-in Apache-like backends for `kaproxy demo`, tests and the bench.
-//! - [`send_watch`]: `send_timeout` for HTTP/2 streams whose flow-control window stays closed.
-//! - [`relay`]: a TCP relay that delays everything, to widen the keep-alive race on loopback.
-//! - [`error`]: typed errors, each knowing its side and whether it may be retried.
+//! - [`body`]: request bodies in transit (`body_timeout`, buffering) and [`body::BodyError`].
+//! - [`error`]: typed upstream errors, each knowing its kind and whether it may be retried.
+//! - [`demo`], [`relay`]: development tooling (`kaproxy demo`'s backends, a delaying relay).
+//!
+//! `cargo test --test it layout` checks that no module imports from a layer above its own
+//! (`upstream` never names `proxy` or `downstream`, `proxy` never names `downstream`,
+//! `ops::metrics` names nothing of ours); a module cycle shows up there too, as one of its
+//! imports points upward.
 #![forbid(unsafe_code)]
 
-pub mod admin;
-pub mod balancer;
 pub mod body;
 pub mod config;
 pub mod demo;
 pub mod downstream;
 pub mod error;
-pub mod health;
-pub mod limit;
-pub mod listener;
-pub mod metrics;
-pub mod pool;
-pub mod probe;
+pub mod ops;
 pub mod proxy;
 pub mod relay;
-pub mod send_watch;
 pub mod server;
-pub mod tls;
+pub mod upstream;
 
 pub use server::Server;

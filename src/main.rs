@@ -121,12 +121,12 @@ fn probe(target: &str, tls: bool) -> anyhow::Result<()> {
         .context("cannot start the tokio runtime")?;
     println!(
         "probing {target}: one keep-alive request, then waiting up to {}s for the backend to close it",
-        kaproxy::probe::DEFAULT_MAX_WAIT.as_secs()
+        kaproxy::ops::probe::DEFAULT_MAX_WAIT.as_secs()
     );
-    let report = runtime.block_on(kaproxy::probe::probe(
+    let report = runtime.block_on(kaproxy::ops::probe::probe(
         target,
         tls,
-        kaproxy::probe::DEFAULT_MAX_WAIT,
+        kaproxy::ops::probe::DEFAULT_MAX_WAIT,
     ))?;
     print!("{report}");
     Ok(())
@@ -185,9 +185,9 @@ fn serve(config: Config, demo: bool) -> anyhow::Result<()> {
 /// Raises the soft open-file limit to the hard one before anything is served (nginx's
 /// `worker_rlimit_nofile`, HAProxy's start-up): every client connection is a descriptor, and
 /// so is its upstream connection. `[downstream] max_connections = 0` is derived from the
-/// raised limit (see `kaproxy::limit::derived_max_connections`).
+/// raised limit (see `kaproxy::downstream::limit::derived_max_connections`).
 fn raise_open_file_limit() {
-    match kaproxy::limit::raise_nofile_limit() {
+    match kaproxy::downstream::limit::raise_nofile_limit() {
         Ok((before, after)) if after > before => {
             tracing::info!(
                 from = before,
@@ -198,7 +198,7 @@ fn raise_open_file_limit() {
         Ok((_, now)) => tracing::info!(limit = now, "open-file limit (RLIMIT_NOFILE)"),
         Err(e) => tracing::warn!(
             error = %e,
-            limit = kaproxy::limit::nofile_limit(),
+            limit = kaproxy::downstream::limit::nofile_limit(),
             "cannot raise the open-file limit (RLIMIT_NOFILE); keeping it"
         ),
     }

@@ -1,8 +1,8 @@
 //! Owns the running proxy: builds a [`Generation`] from the config, binds the listeners,
 //! spawns the accept loops and the admin listener, and drains on shutdown.
 
+use std::io;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -11,130 +11,27 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use crate::config::{Config, ConfigError, DownstreamConfig};
+use crate::config::Config;
 use crate::demo::{DemoBackend, DemoBackendConfig};
-use crate::error::StartError;
-use crate::health::{spawn_active_checks, ActiveChecks};
-use crate::listener::{self, Kind};
-use crate::metrics::Metrics;
-use crate::proxy::Proxy;
-use crate::tls::TlsError;
+use crate::downstream::listener::{self, Kind};
+use crate::downstream::tls::TlsError;
+use crate::downstream::Generation;
+use crate::ops::metrics::Metrics;
+use crate::ops::reload::{start_health_checks, Control, ReloadError};
 
-/// Everything a downstream connection needs from one loaded configuration. A connection keeps
-/// the generation it was accepted under; a reload swaps in a new one for new connections.
-pub struct Generation {
-    pub config: Arc<Config>,
-    pub proxy: Arc<Proxy>,
-    pub downstream: Arc<DownstreamConfig>,
-    pub tls: Option<Arc<rustls::ServerConfig>>,
-}
-
-impl Generation {
-    /// Builds everything a configuration needs at run time, keeping the pools of `previous`
-    /// that still fit (see [`Proxy::reusing`]).
-    fn build(
-        config: &Config,
-        metrics: &Arc<Metrics>,
-        previous: Option<&Proxy>,
-    ) -> Result<Generation, TlsError> {
-        let tls = match config.listen.https {
-            Some(_) => Some(crate::tls::server_config(&config.tls)?),
-            None => None,
-        };
-        Ok(Generation {
-            config: Arc::new(config.clone()),
-            proxy: Arc::new(Proxy::reusing(config, metrics.clone(), previous)),
-            downstream: Arc::new(config.downstream.clone()),
-            tls,
-        })
-    }
-}
-
-/// Starts the active checks of every upstream with `[health]`, on the backends of `proxy`.
-/// They live on [`Control`], not in the generation: an old generation lives as long as any
-/// connection accepted under it, and its probes must stop at reload.
-fn start_health_checks(config: &Config, proxy: &Proxy) -> Vec<ActiveChecks> {
-    config
-        .upstreams
-        .iter()
-        .filter_map(|u| {
-            let health = u.health.as_ref()?;
-            let upstream = proxy.upstreams().iter().find(|p| p.name == u.name)?;
-            let targets = upstream
-                .balancer
-                .backends()
-                .iter()
-                .cloned()
-                .zip(upstream.pools.iter().map(|p| p.metrics().up.clone()))
-                .collect();
-            Some(spawn_active_checks(&u.name, targets, health))
-        })
-        .collect()
-}
-
-/// Why a reload was refused (the old configuration keeps serving).
+/// Failures that stop kaproxy from starting (or a reload from taking effect).
 #[derive(Debug, thiserror::Error)]
-pub enum ReloadError {
-    #[error("kaproxy was not started from a configuration file; nothing to reload")]
-    NoSource,
-    #[error("{0}")]
-    Config(#[from] ConfigError),
+pub enum StartError {
+    #[error("cannot bind {what} listener on {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: io::Error,
+    },
     #[error(transparent)]
     Tls(#[from] TlsError),
-    #[error("configuration loader failed: {0}")]
-    Loader(String),
-}
-
-/// Swaps configuration generations at run time (SIGHUP, `POST /reload`).
-pub struct Control {
-    current: Arc<ArcSwap<Generation>>,
-    metrics: Arc<Metrics>,
-    source: Option<PathBuf>,
-    started: Config,
-    health_checks: Mutex<Vec<ActiveChecks>>,
-}
-
-impl Control {
-    /// The generation new connections are served with.
-    pub fn generation(&self) -> Arc<Generation> {
-        self.current.load_full()
-    }
-
-    /// Re-reads the configuration file and certificates and swaps them in atomically:
-    /// connections accepted from now on use the new generation, requests in flight finish on
-    /// the old one. An invalid file or certificate changes nothing.
-    pub async fn reload(&self) -> Result<(), ReloadError> {
-        let path = self.source.clone().ok_or(ReloadError::NoSource)?;
-        let config = tokio::task::spawn_blocking(move || Config::load(&path))
-            .await
-            .map_err(|e| ReloadError::Loader(e.to_string()))??;
-        self.apply(config)
-    }
-
-    /// Swaps in an already validated configuration.
-    pub fn apply(&self, config: Config) -> Result<(), ReloadError> {
-        let old = self.current.load_full();
-        let generation = Generation::build(&config, &self.metrics, Some(&old.proxy))?;
-        let checks = start_health_checks(&config, &generation.proxy);
-        let s = &self.started;
-        if config.listen.https != s.listen.https
-            || config.listen.http != s.listen.http
-            || config.admin.listen != s.admin.listen
-        {
-            warn!("listener addresses changed; they take effect on restart only");
-        }
-        if config.downstream.max_connections != s.downstream.max_connections {
-            warn!("downstream max_connections changed; it takes effect on restart only");
-        }
-        if config.listen.https.is_some() && s.listen.https.is_none() {
-            warn!("an https listener was added; it takes effect on restart only");
-        }
-        self.current.store(Arc::new(generation));
-        // Dropping the old checks aborts their probes.
-        *self.health_checks.lock().unwrap_or_else(|e| e.into_inner()) = checks;
-        info!(upstreams = config.upstreams.len(), "configuration reloaded");
-        Ok(())
-    }
+    #[error("cannot start demo backend on {addr}: {source}")]
+    Demo { addr: SocketAddr, source: io::Error },
 }
 
 /// A running kaproxy.
@@ -191,7 +88,7 @@ impl Server {
             listener::bind(addr).map_err(|source| StartError::Bind { what, addr, source })
         };
         let (max_connections, derived_from) =
-            crate::limit::effective_max_connections(config.downstream.max_connections);
+            crate::downstream::limit::effective_max_connections(config.downstream.max_connections);
         match derived_from {
             Some(nofile) => info!(
                 max_connections,
@@ -200,7 +97,7 @@ impl Server {
             ),
             None => info!(max_connections, "downstream connection cap"),
         }
-        let limiter = crate::limit::Limiter::new(max_connections);
+        let limiter = crate::downstream::limit::Limiter::new(max_connections);
         let mut addrs = [None, None];
         for (slot, kind, addr) in [
             (0, Kind::Https, config.listen.https),
@@ -226,7 +123,7 @@ impl Server {
                     waiting: metrics.downstream_connections_waiting(kind.label()),
                 },
                 config.listen.proxy_protocol,
-                crate::limit::ListenerLimit::new(
+                crate::downstream::limit::ListenerLimit::new(
                     limiter.clone(),
                     metrics.downstream_connections_shed(kind.label()),
                 ),
@@ -241,7 +138,7 @@ impl Server {
                     source,
                 })?;
                 info!(addr = %local, "admin listening (/ status page, /metrics, /healthz, /status, POST /reload)");
-                tasks.push(tokio::spawn(crate::admin::serve(
+                tasks.push(tokio::spawn(crate::ops::admin::serve(
                     l,
                     metrics.clone(),
                     control.clone(),

@@ -1,7 +1,7 @@
 //! `Keep-Alive` header values from a backend: lenient, never panics, and never invents a value.
 #![no_main]
 
-use kaproxy::pool::KeepAliveHint;
+use kaproxy::upstream::keep_alive::KeepAliveHint;
 use libfuzzer_sys::fuzz_target;
 use std::time::Duration;
 

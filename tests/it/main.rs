@@ -6,6 +6,7 @@ mod drain;
 mod flood;
 mod harness;
 mod hostile;
+mod layout;
 mod ops;
 mod parking;
 mod probe_apache;

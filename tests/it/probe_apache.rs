@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use kaproxy::config::Config;
-use kaproxy::probe::probe;
+use kaproxy::ops::probe::probe;
 
 use crate::support::apache::{require_apache, Apache, ApacheOptions};
 

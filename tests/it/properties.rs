@@ -10,9 +10,9 @@ use std::time::Duration;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use ipnet::IpNet;
 use kaproxy::config::ForwardedConfig;
-use kaproxy::listener::read_proxy_header;
-use kaproxy::pool::KeepAliveHint;
+use kaproxy::downstream::proxy_protocol::read_proxy_header;
 use kaproxy::proxy::{upstream_request_headers, DownstreamInfo};
+use kaproxy::upstream::keep_alive::KeepAliveHint;
 use proptest::prelude::*;
 use proptest::test_runner::Config as ProptestConfig;
 
@@ -616,7 +616,10 @@ fn forwarded_host_cannot_inject_an_element() {
     let params = top_level_params(&fwd);
     let fors: Vec<&String> = params.iter().filter(|p| p.starts_with("for=")).collect();
     assert_eq!(fors, ["for=203.0.113.7"], "{fwd} parsed as {params:?}");
-    assert!(!params.iter().any(|p| p == ","), "one element: {fwd} parsed as {params:?}");
+    assert!(
+        !params.iter().any(|p| p == ","),
+        "one element: {fwd} parsed as {params:?}"
+    );
 }
 
 /// The `;`-separated parameters of a Forwarded value outside quoted-strings, with each

@@ -15,8 +15,9 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::metrics::Metrics;
-use crate::server::{Control, Generation};
+use crate::downstream::Generation;
+use crate::ops::metrics::Metrics;
+use crate::ops::reload::Control;
 
 /// The status page: self-contained (no external assets); it fetches `/status` and draws each
 /// hop's keep-alive timeline.
@@ -29,7 +30,7 @@ pub async fn serve(
     control: Arc<Control>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut errors = crate::limit::AcceptErrors::new("admin");
+    let mut errors = crate::downstream::limit::AcceptErrors::new("admin");
     loop {
         let accepted = tokio::select! {
             res = listener.accept() => res,

@@ -15,8 +15,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{HeaderName, CONNECTION};
-use http::{HeaderMap, HeaderValue, Request, Response};
+use http::{HeaderMap, Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
@@ -30,97 +29,8 @@ use tracing::{debug, warn};
 use crate::body::UpstreamBody;
 use crate::config::PoolConfig;
 use crate::error::UpstreamError;
-use crate::metrics::ServerMetrics;
-
-/// `Keep-Alive` (not among the `http` crate's constants).
-pub const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-
-/// Why kaproxy let go of an upstream connection (the `reason` label of
-/// `kaproxy_upstream_connections_closed_total`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CloseReason {
-    /// Idle past `idle_timeout`, or surplus beyond `max_idle_per_server`.
-    Idle = 0,
-    /// Idle past the backend's keep-alive timeout minus `safety_margin`.
-    LearnedTimeout = 1,
-    /// Older than `max_lifetime`.
-    Lifetime = 2,
-    /// Served `max_requests_per_connection` or the backend's advertised `max=`.
-    MaxRequests = 3,
-    /// The backend closed it (`Connection: close`, or EOF while idle).
-    ServerClose = 4,
-    /// A transport or protocol error, or a response body abandoned half way.
-    Error = 5,
-}
-
-impl CloseReason {
-    pub const ALL: [CloseReason; 6] = [
-        CloseReason::Idle,
-        CloseReason::LearnedTimeout,
-        CloseReason::Lifetime,
-        CloseReason::MaxRequests,
-        CloseReason::ServerClose,
-        CloseReason::Error,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            CloseReason::Idle => "idle",
-            CloseReason::LearnedTimeout => "learned_timeout",
-            CloseReason::Lifetime => "lifetime",
-            CloseReason::MaxRequests => "max_requests",
-            CloseReason::ServerClose => "server_close",
-            CloseReason::Error => "error",
-        }
-    }
-}
-
-/// What a backend said in `Keep-Alive: timeout=N, max=M`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct KeepAliveHint {
-    pub timeout: Option<Duration>,
-    pub max: Option<u32>,
-}
-
-impl KeepAliveHint {
-    /// Parses a `Keep-Alive` header value leniently: parameters in any order and case, with
-    /// odd spacing; unknown parameters and malformed values are ignored.
-    pub fn parse(value: &[u8]) -> KeepAliveHint {
-        let mut hint = KeepAliveHint::default();
-        let Ok(text) = std::str::from_utf8(value) else {
-            return hint;
-        };
-        for param in text.split(',') {
-            let Some((name, val)) = param.split_once('=') else {
-                continue;
-            };
-            let val = val.trim().trim_matches('"');
-            match name.trim().to_ascii_lowercase().as_str() {
-                "timeout" => {
-                    if let Ok(secs) = val.parse::<u64>() {
-                        hint.timeout = Some(Duration::from_secs(secs));
-                    }
-                }
-                "max" => {
-                    if let Ok(max) = val.parse::<u32>() {
-                        hint.max = Some(max);
-                    }
-                }
-                _ => {}
-            }
-        }
-        hint
-    }
-}
-
-/// True when a `Connection` header names `close`.
-fn has_connection_close(headers: &HeaderMap) -> bool {
-    headers.get_all(CONNECTION).iter().any(|v| {
-        v.to_str()
-            .map(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("close")))
-            .unwrap_or(false)
-    })
-}
+use crate::ops::metrics::{CloseReason, ServerMetrics};
+use crate::upstream::keep_alive::{has_connection_close, KeepAliveHint, KEEP_ALIVE};
 
 /// One live HTTP/1.1 connection to a backend and what kaproxy knows of it.
 struct Conn {
@@ -711,62 +621,16 @@ impl Drop for PooledBody {
     }
 }
 
-/// Marks a request as asking for keep-alive: Apache only advertises `Keep-Alive:
-/// timeout=N, max=M` to requests that ask, and without it there is nothing to learn.
-pub fn ask_keep_alive(headers: &mut HeaderMap) {
-    headers.insert(CONNECTION, HeaderValue::from_static("keep-alive"));
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn keep_alive_header_parsing() {
-        let p = |s: &str| KeepAliveHint::parse(s.as_bytes());
-        assert_eq!(
-            p("timeout=5, max=100"),
-            KeepAliveHint {
-                timeout: Some(Duration::from_secs(5)),
-                max: Some(100)
-            }
-        );
-        assert_eq!(
-            p("  MAX = 7 ,TIMEOUT=1"),
-            KeepAliveHint {
-                timeout: Some(Duration::from_secs(1)),
-                max: Some(7)
-            }
-        );
-        assert_eq!(p("timeout=15").max, None);
-        assert_eq!(p("timeout=15").timeout, Some(Duration::from_secs(15)));
-        assert_eq!(p("max=3").timeout, None);
-        assert_eq!(p("timeout=\"2\"").timeout, Some(Duration::from_secs(2)));
-        assert_eq!(p(""), KeepAliveHint::default());
-        assert_eq!(p("garbage"), KeepAliveHint::default());
-        assert_eq!(p("timeout=abc, max=-1"), KeepAliveHint::default());
-        assert_eq!(p("timeout=, max"), KeepAliveHint::default());
-        assert_eq!(
-            KeepAliveHint::parse(&[0xff, 0xfe]),
-            KeepAliveHint::default()
-        );
-    }
-
-    #[test]
-    fn connection_close_token() {
-        let mut h = HeaderMap::new();
-        h.insert(CONNECTION, HeaderValue::from_static("Keep-Alive"));
-        assert!(!has_connection_close(&h));
-        h.insert(CONNECTION, HeaderValue::from_static("x-foo, Close"));
-        assert!(has_connection_close(&h));
-    }
 
     fn cfg() -> PoolConfig {
         PoolConfig::default()
     }
 
     fn pool(cfg: PoolConfig) -> Arc<ServerPool> {
-        let metrics = crate::metrics::Metrics::new();
+        let metrics = crate::ops::metrics::Metrics::new();
         let addr: SocketAddr = "127.0.0.1:9".parse().unwrap();
         ServerPool::new(addr, cfg, metrics.server("web", addr))
     }
@@ -848,8 +712,11 @@ mod tests {
             .expect("demo backend")
     }
 
-    fn real_pool(addr: SocketAddr, cfg: PoolConfig) -> (Arc<ServerPool>, crate::metrics::Metrics) {
-        let metrics = crate::metrics::Metrics::new();
+    fn real_pool(
+        addr: SocketAddr,
+        cfg: PoolConfig,
+    ) -> (Arc<ServerPool>, crate::ops::metrics::Metrics) {
+        let metrics = crate::ops::metrics::Metrics::new();
         let pool = ServerPool::new(addr, cfg, metrics.server("web", addr));
         (pool, metrics)
     }
@@ -860,9 +727,9 @@ mod tests {
         let reused = conn.is_reused();
         let mut req = Request::new(UpstreamBody::Empty);
         *req.uri_mut() = "/".parse().unwrap();
-        ask_keep_alive(req.headers_mut());
+        crate::upstream::keep_alive::ask_keep_alive(req.headers_mut());
         req.headers_mut()
-            .insert(http::header::HOST, HeaderValue::from_static("b"));
+            .insert(http::header::HOST, http::HeaderValue::from_static("b"));
         let resp = conn.send(req).await.map_err(|f| f.error)?;
         assert_eq!(resp.status(), 200);
         let body = conn.attach(resp.into_body());
@@ -881,7 +748,7 @@ mod tests {
         }
     }
 
-    fn closed(metrics: &crate::metrics::Metrics, reason: &str) -> u64 {
+    fn closed(metrics: &crate::ops::metrics::Metrics, reason: &str) -> u64 {
         let needle = format!("reason=\"{reason}\"");
         metrics
             .encode()

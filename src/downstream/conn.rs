@@ -26,6 +26,7 @@ use bytes::{Buf, Bytes};
 use http::header::{self, HeaderValue};
 use http::{Request, StatusCode};
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::Either;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -36,10 +37,11 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::debug;
 
-use crate::config::DownstreamConfig;
 use crate::body::BodyDone;
+use crate::config::DownstreamConfig;
+use crate::downstream::send_watch::SendWatch;
+use crate::downstream::Generation;
 use crate::proxy::DownstreamInfo;
-use crate::server::Generation;
 
 /// How long a closing connection keeps reading (and discarding) what the client still sends,
 /// so that a request racing the close gets a FIN rather than an RST (Apache's lingering close
@@ -76,7 +78,7 @@ pub struct ConnState {
     action: AtomicU8,
     /// An HTTP/2 connection reached `max_requests_per_connection`: the driver sends GOAWAY.
     goaway: tokio::sync::Notify,
-    /// An HTTP/2 stream was cut off by `send_timeout` (see [`crate::send_watch`]): the driver
+    /// An HTTP/2 stream was cut off by `send_timeout` (see [`crate::downstream::send_watch`]): the driver
     /// closes the connection, since hyper cannot reset a stream it no longer polls.
     stalled: Arc<tokio::sync::Notify>,
     /// hyper's last read found nothing to read (set by [`HeadWatch`]).
@@ -418,7 +420,11 @@ impl LingeringTcp {
 
     /// Passes a write's outcome through, failing it once the socket has had no room for
     /// `send_timeout`.
-    fn progress<T>(&mut self, res: Poll<io::Result<T>>, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
+    fn progress<T>(
+        &mut self,
+        res: Poll<io::Result<T>>,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<T>> {
         if res.is_ready() {
             self.waiting = false;
             return res;
@@ -533,7 +539,7 @@ pub async fn serve<I>(
     cfg: Arc<DownstreamConfig>,
     mut shutdown: watch::Receiver<bool>,
     waiting: Gauge,
-    limit: crate::limit::ListenerLimit,
+    limit: crate::downstream::limit::ListenerLimit,
 ) where
     I: AsyncRead + AsyncWrite + WaitReadable + Unpin + Send + 'static,
 {
@@ -561,18 +567,27 @@ pub async fn serve<I>(
             if http2 && n == cfg.max_requests_per_connection {
                 state.goaway.notify_one();
             }
-            if http2 {
-                resp.body_mut().watch_sends(cfg.send_timeout, &state.stalled);
-            } else if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+            if !http2 && resp.status() != StatusCode::SWITCHING_PROTOCOLS {
                 let headers = resp.headers_mut();
                 if last {
                     headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
                 } else if cfg.advertise_keep_alive && !headers.contains_key(header::CONNECTION) {
-                    headers.insert(crate::pool::KEEP_ALIVE, keep_alive_value);
+                    headers.insert(crate::upstream::keep_alive::KEEP_ALIVE, keep_alive_value);
                 }
             }
-            Ok::<_, Infallible>(resp.map(|inner| TrackedBody {
-                inner,
+            // A body streaming from a pooled upstream connection goes under send_timeout on
+            // an HTTP/2 stream, whose closed window the socket's write deadline cannot see.
+            let watch = http2 && resp.body().streams_from_upstream();
+            Ok::<_, Infallible>(resp.map(|body| TrackedBody {
+                inner: if watch {
+                    Either::Right(SendWatch::new(
+                        body,
+                        cfg.send_timeout,
+                        Some(state.stalled.clone()),
+                    ))
+                } else {
+                    Either::Left(body)
+                },
                 _guard: guard,
             }))
         }
@@ -673,7 +688,7 @@ async fn wait_for_request<I: WaitReadable>(
     state: &ConnState,
     cfg: &DownstreamConfig,
     shutdown: &mut watch::Receiver<bool>,
-    limit: &crate::limit::ListenerLimit,
+    limit: &crate::downstream::limit::ListenerLimit,
 ) -> bool {
     if *shutdown.borrow() {
         return false;

@@ -8,7 +8,7 @@
 //! close it (the client sees the connection closed; its other streams end with it).
 //!
 //! A full socket is caught below, by the connection's write deadline
-//! ([`crate::downstream::LingeringTcp`]); a closed HTTP/2 window is not a full socket: hyper
+//! ([`crate::downstream::conn::LingeringTcp`]); a closed HTTP/2 window is not a full socket: hyper
 //! simply stops polling the stream's body, so no poll can notice. A small task per streamed
 //! HTTP/2 response watches the time since hyper last asked for data; a body whose last poll
 //! was answered "pending" waits on its backend, not on the client, and is never cut.
@@ -53,7 +53,11 @@ where
     B: Send + 'static,
 {
     /// Wraps `body` and starts its watchdog; `on_stall` is notified if it cuts the body off.
-    pub fn new(body: B, send_timeout: Duration, on_stall: Option<Arc<tokio::sync::Notify>>) -> Self {
+    pub fn new(
+        body: B,
+        send_timeout: Duration,
+        on_stall: Option<Arc<tokio::sync::Notify>>,
+    ) -> Self {
         let origin = Instant::now();
         let shared = Arc::new(Shared {
             origin,
@@ -84,7 +88,10 @@ async fn watchdog<B>(shared: Weak<Shared<B>>, send_timeout: Duration) {
         }
         let body = s.body.lock().unwrap_or_else(|e| e.into_inner()).take();
         if body.is_some() {
-            debug!(?send_timeout, "HTTP/2 stream made no progress; cutting its response off");
+            debug!(
+                ?send_timeout,
+                "HTTP/2 stream made no progress; cutting its response off"
+            );
             s.expired.store(true, Ordering::Release);
             // Dropped here: a pooled upstream connection it streamed from is closed.
             drop(body);
@@ -133,7 +140,9 @@ where
 
     fn size_hint(&self) -> SizeHint {
         let guard = self.shared.body.lock().unwrap_or_else(|e| e.into_inner());
-        guard.as_ref().map_or_else(SizeHint::default, |b| b.size_hint())
+        guard
+            .as_ref()
+            .map_or_else(SizeHint::default, |b| b.size_hint())
     }
 }
 
@@ -188,7 +197,10 @@ mod tests {
         assert!(!dropped.load(Ordering::Acquire), "cut off too early");
         tokio::time::sleep(Duration::from_millis(200)).await;
         tokio::task::yield_now().await;
-        assert!(dropped.load(Ordering::Acquire), "not cut off after send_timeout");
+        assert!(
+            dropped.load(Ordering::Acquire),
+            "not cut off after send_timeout"
+        );
         let next = watched.frame().await.expect("an error frame");
         assert!(next.is_err());
     }
@@ -209,7 +221,9 @@ mod tests {
         let mut watched = SendWatch::new(stream, Duration::from_secs(1), None);
         let waiting = tokio::spawn(async move { watched.frame().await.map(|r| r.is_ok()) });
         tokio::time::sleep(Duration::from_secs(5)).await;
-        tx.send(Ok(Frame::data(Bytes::from_static(b"late")))).await.unwrap();
+        tx.send(Ok(Frame::data(Bytes::from_static(b"late"))))
+            .await
+            .unwrap();
         assert_eq!(waiting.await.unwrap(), Some(true));
     }
 

@@ -10,7 +10,45 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-use crate::pool::CloseReason;
+/// Why kaproxy let go of an upstream connection (the `reason` label of
+/// `kaproxy_upstream_connections_closed_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// Idle past `idle_timeout`, or surplus beyond `max_idle_per_server`.
+    Idle = 0,
+    /// Idle past the backend's keep-alive timeout minus `safety_margin`.
+    LearnedTimeout = 1,
+    /// Older than `max_lifetime`.
+    Lifetime = 2,
+    /// Served `max_requests_per_connection` or the backend's advertised `max=`.
+    MaxRequests = 3,
+    /// The backend closed it (`Connection: close`, or EOF while idle).
+    ServerClose = 4,
+    /// A transport or protocol error, or a response body abandoned half way.
+    Error = 5,
+}
+
+impl CloseReason {
+    pub const ALL: [CloseReason; 6] = [
+        CloseReason::Idle,
+        CloseReason::LearnedTimeout,
+        CloseReason::Lifetime,
+        CloseReason::MaxRequests,
+        CloseReason::ServerClose,
+        CloseReason::Error,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseReason::Idle => "idle",
+            CloseReason::LearnedTimeout => "learned_timeout",
+            CloseReason::Lifetime => "lifetime",
+            CloseReason::MaxRequests => "max_requests",
+            CloseReason::ServerClose => "server_close",
+            CloseReason::Error => "error",
+        }
+    }
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {

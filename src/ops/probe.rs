@@ -15,7 +15,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use crate::pool::{KeepAliveHint, KEEP_ALIVE};
+use crate::upstream::keep_alive::{KeepAliveHint, KEEP_ALIVE};
 
 /// How long `probe` waits for the backend to close an idle connection (SPEC: about a minute).
 pub const DEFAULT_MAX_WAIT: Duration = Duration::from_secs(65);
@@ -190,7 +190,9 @@ pub async fn probe(target: &str, tls: bool, max_wait: Duration) -> Result<ProbeR
             .with_safe_default_protocol_versions()
             .map_err(|e| err(e.to_string()))?
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(crate::tls::AnyCertificate::new(provider)))
+            .with_custom_certificate_verifier(Arc::new(
+                crate::downstream::tls::AnyCertificate::new(provider),
+            ))
             .with_no_client_auth();
         let tls_stream = tokio_rustls::TlsConnector::from(Arc::new(config))
             .connect(name, stream)

@@ -18,13 +18,15 @@ use hyper::client::conn::http1::SendRequest;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use crate::balancer::{Backend, Balancer};
 use crate::body::{buffer_request, BodyDone, BodyError, Collected, RequestBody, UpstreamBody};
 use crate::config::{BufferConfig, Config, ForwardedConfig, HostMatch, RetryConfig};
 use crate::error::UpstreamError;
-use crate::metrics::Metrics;
-use crate::send_watch::SendWatch;
-use crate::pool::{self, CloseReason, PooledBody, PooledConn, SendFailure, ServerPool};
+use crate::ops::metrics::CloseReason;
+use crate::ops::metrics::Metrics;
+use crate::upstream::backend::Backend;
+use crate::upstream::balancer::Balancer;
+use crate::upstream::keep_alive::KEEP_ALIVE;
+use crate::upstream::pool::{PooledBody, PooledConn, SendFailure, ServerPool};
 
 /// The retry back-off doubles up to this (SPEC.md: "doubling, capped at 1 s").
 const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(1);
@@ -210,7 +212,10 @@ impl Proxy {
         let start = Instant::now();
         if let Some(problem) = host_problem(&req) {
             info!(client = %ds.peer.ip(), problem, "bad Host header; 400");
-            return closing(local_response(StatusCode::BAD_REQUEST, problem), req.version());
+            return closing(
+                local_response(StatusCode::BAD_REQUEST, problem),
+                req.version(),
+            );
         }
         let host = request_host(&req);
         let host_str = host.as_ref().and_then(|h| h.to_str().ok());
@@ -439,7 +444,11 @@ impl Proxy {
             return false;
         }
         attempts.retries_left -= 1;
-        let cause = if err.is_connect() { "connect" } else { err.kind() };
+        let cause = if err.is_connect() {
+            "connect"
+        } else {
+            err.kind()
+        };
         pool.metrics().retry(cause);
         warn!(upstream = %upstream.name, server = %pool.addr(), error = %err, backoff = ?attempts.backoff,
             "upstream failed; trying the next server");
@@ -474,7 +483,13 @@ impl Proxy {
         let (age, requests) = conn.age_and_requests();
         let reused = conn.is_reused();
         let body = conn.attach(body);
-        let inner = match read_ahead(body, upstream.buffers.response_buffer_bytes, upstream.response_timeout).await {
+        let inner = match read_ahead(
+            body,
+            upstream.buffers.response_buffer_bytes,
+            upstream.response_timeout,
+        )
+        .await
+        {
             Ok(inner) => inner,
             Err(err) => {
                 let err = match err {
@@ -659,7 +674,9 @@ fn host_problem<B>(req: &Request<B>) -> Option<&'static str> {
     match (hosts.next(), hosts.next()) {
         (None, _) if req.version() == Version::HTTP_11 => Some("HTTP/1.1 request without Host\n"),
         (Some(_), Some(_)) => Some("more than one Host header\n"),
-        (Some(h), None) if !h.is_empty() && http::uri::Authority::try_from(h.as_bytes()).is_err() => {
+        (Some(h), None)
+            if !h.is_empty() && http::uri::Authority::try_from(h.as_bytes()).is_err() =>
+        {
             Some("invalid Host header\n")
         }
         _ => None,
@@ -832,7 +849,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
     for name in [
         header::CONNECTION,
-        pool::KEEP_ALIVE,
+        KEEP_ALIVE,
         PROXY_CONNECTION,
         header::TE,
         header::TRAILER,
@@ -940,7 +957,7 @@ pub fn upstream_request_headers(
     if let Some(h) = host {
         headers.insert(header::HOST, h.clone());
     }
-    pool::ask_keep_alive(headers);
+    crate::upstream::keep_alive::ask_keep_alive(headers);
 }
 
 fn header_value(s: &str) -> HeaderValue {
@@ -1023,8 +1040,6 @@ impl Default for AccessRecord {
 
 enum Inner {
     Upstream(PooledBody),
-    /// An HTTP/2 stream's body under `send_timeout` (see [`crate::send_watch`]).
-    Watched(SendWatch<PooledBody>),
     Tunnel(Incoming),
     Local(Full<Bytes>),
     Empty,
@@ -1038,17 +1053,10 @@ pub struct ProxyBody {
 }
 
 impl ProxyBody {
-    /// Puts a body that streams from a pooled upstream connection under `send_timeout` on an
-    /// HTTP/2 stream, whose closed window the socket's write deadline cannot see.
-    /// `on_stall` is notified when it is cut off (the connection is then closed).
-    pub fn watch_sends(&mut self, send_timeout: Duration, on_stall: &Arc<tokio::sync::Notify>) {
-        if matches!(&self.inner, Inner::Upstream(b) if !b.is_end_stream()) {
-            let Inner::Upstream(body) = std::mem::replace(&mut self.inner, Inner::Empty) else {
-                unreachable!("matched above");
-            };
-            let watch = SendWatch::new(body, send_timeout, Some(on_stall.clone()));
-            self.inner = Inner::Watched(watch);
-        }
+    /// Whether this body streams from a pooled upstream connection (which a client that stops
+    /// reading would hold): the downstream puts such bodies under `send_timeout`.
+    pub fn streams_from_upstream(&self) -> bool {
+        matches!(&self.inner, Inner::Upstream(b) if !b.is_end_stream())
     }
 
     fn empty(log: Option<Box<AccessRecord>>) -> Self {
@@ -1071,7 +1079,6 @@ impl Body for ProxyBody {
         let this = &mut *self;
         let res = match &mut this.inner {
             Inner::Upstream(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
-            Inner::Watched(b) => Pin::new(b).poll_frame(cx),
             Inner::Tunnel(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
             Inner::Local(b) => Pin::new(b).poll_frame(cx).map_err(|never| match never {}),
             Inner::Empty => Poll::Ready(None),
@@ -1087,7 +1094,6 @@ impl Body for ProxyBody {
     fn is_end_stream(&self) -> bool {
         match &self.inner {
             Inner::Upstream(b) => b.is_end_stream(),
-            Inner::Watched(b) => b.is_end_stream(),
             Inner::Tunnel(b) => b.is_end_stream(),
             Inner::Local(b) => b.is_end_stream(),
             Inner::Empty => true,
@@ -1097,7 +1103,6 @@ impl Body for ProxyBody {
     fn size_hint(&self) -> SizeHint {
         match &self.inner {
             Inner::Upstream(b) => b.size_hint(),
-            Inner::Watched(b) => b.size_hint(),
             Inner::Tunnel(b) => b.size_hint(),
             Inner::Local(b) => b.size_hint(),
             Inner::Empty => SizeHint::with_exact(0),
@@ -1185,7 +1190,7 @@ mod tests {
         h.insert("x-foo", HeaderValue::from_static("1"));
         h.insert("x-bar", HeaderValue::from_static("2"));
         h.insert(PROXY_CONNECTION, HeaderValue::from_static("keep-alive"));
-        h.insert(pool::KEEP_ALIVE, HeaderValue::from_static("timeout=5"));
+        h.insert(KEEP_ALIVE, HeaderValue::from_static("timeout=5"));
         h.insert(header::TE, HeaderValue::from_static("trailers"));
         strip_hop_by_hop(&mut h);
         assert!(!h.contains_key("x-foo"));

@@ -7,16 +7,9 @@ use std::sync::{Arc, Mutex};
 use tokio::time::Instant;
 
 use crate::config::{BalanceKind, UpstreamConfig};
-use crate::health::{BackendHealth, DEFAULT_PASSIVE_COOLDOWN, DEFAULT_PASSIVE_FALL};
-
-/// One upstream server and its health, shared by the balancer, the pool and the health checks.
-#[derive(Debug)]
-pub struct Backend {
-    pub addr: SocketAddr,
-    /// At least 1.
-    pub weight: u32,
-    pub health: BackendHealth,
-}
+use crate::upstream::backend::{
+    Backend, BackendHealth, DEFAULT_PASSIVE_COOLDOWN, DEFAULT_PASSIVE_FALL,
+};
 
 /// Chooses a backend of one upstream group for each attempt of a request.
 #[derive(Debug)]

@@ -1,5 +1,6 @@
-//! Owns the up/down state of each backend: passive health from consecutive request failures
-//! and a cool-down, and the active probes of `[upstreams.NAME.health]` that mark it down and up.
+//! Owns the active probes of `[upstreams.NAME.health]` that mark a backend down and up; the
+//! state they write (and the passive verdict beside it) is [`BackendHealth`], in
+//! [`crate::upstream::backend`].
 //!
 //! Passive checks are always on: the proxy reports each connect/response outcome through
 //! [`BackendHealth::record_success`] and [`BackendHealth::record_failure`], and balancers ask
@@ -13,7 +14,6 @@
 //! reload replaces one generation of probes with the next.
 
 use std::pin::pin;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,16 +28,10 @@ use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior};
 use tracing::{debug, error, info, warn};
 
-use crate::balancer::Backend;
 use crate::config::HealthConfig;
-
-/// How long a server marked down by passive checks is skipped before it is tried again.
-/// nginx's `fail_timeout` default (10 s).
-pub const DEFAULT_PASSIVE_COOLDOWN: Duration = Duration::from_secs(10);
-
-/// Consecutive connect/response failures that mark a server down when `[health]` sets no
-/// `fall`. Matches the `fall` default of `[upstreams.*.health]`.
-pub const DEFAULT_PASSIVE_FALL: u32 = 3;
+use crate::upstream::backend::Backend;
+#[cfg(doc)]
+use crate::upstream::backend::BackendHealth;
 
 /// The first probes of an upstream's backends are spread over a tenth of `interval`, and never
 /// over more than this: a 5 s interval and 100 backends put them 5 ms apart, and even the last
@@ -50,125 +44,6 @@ const MAX_PROBE_BODY: usize = 64 * 1024;
 
 /// `User-Agent` of the probes, so that backends can tell them from traffic in their logs.
 const PROBE_USER_AGENT: &str = "kaproxy-health";
-
-/// `down_until` value meaning "not marked down since the last success".
-const NOT_DOWN: u64 = 0;
-
-/// Health of one backend: a passive verdict and an active one.
-///
-/// Passive: a backend is up until `fall` consecutive failures; then it is down for `cooldown`.
-/// After the cool-down it is tried again (half-open): a success clears the mark, a single
-/// failure marks it down for another cool-down without waiting for a new streak of `fall`.
-///
-/// Active: a flag only the probe task of [`spawn_active_checks`] writes (`rise`/`fall` are
-/// counted there). It starts up, so traffic flows before the first probe has answered, and
-/// stays up for good when the upstream has no `[health]`.
-///
-/// The two are independent and [`is_up`](Self::is_up) needs both: a server is up only if
-/// neither says down. A request that succeeds does not clear an active "down" (probing only
-/// one URL, the checker knows something a lucky request does not), and a good probe does not
-/// end a passive cool-down (requests failed where probes did not look).
-#[derive(Debug)]
-pub struct BackendHealth {
-    fall: u32,
-    cooldown: Duration,
-    /// Origin of the nanosecond clock stored in `down_until`.
-    base: Instant,
-    /// Failures since the last success.
-    consecutive_failures: AtomicU32,
-    /// Nanoseconds since `base` until which the backend is down, or [`NOT_DOWN`]. Stays set
-    /// after the cool-down ends (half-open) until a success clears it.
-    down_until: AtomicU64,
-    /// Set after `fall` failed probes in a row, cleared after `rise` good ones.
-    active_down: AtomicBool,
-}
-
-impl BackendHealth {
-    /// `fall` below 1 is treated as 1: a server can't be down before it has failed.
-    pub fn new(fall: u32, cooldown: Duration) -> Self {
-        BackendHealth {
-            fall: fall.max(1),
-            cooldown,
-            base: Instant::now(),
-            consecutive_failures: AtomicU32::new(0),
-            down_until: AtomicU64::new(NOT_DOWN),
-            active_down: AtomicBool::new(false),
-        }
-    }
-
-    /// Up unless active checks marked it down, or `fall` consecutive failures happened and
-    /// the cool-down has not passed.
-    pub fn is_up(&self, now: Instant) -> bool {
-        self.is_active_up() && self.is_passive_up(now)
-    }
-
-    /// The passive verdict alone, for status pages and logs.
-    pub fn is_passive_up(&self, now: Instant) -> bool {
-        let down_until = self.down_until.load(Ordering::Acquire);
-        down_until == NOT_DOWN || self.nanos(now) >= down_until
-    }
-
-    /// The active verdict alone: false after `fall` failed probes until `rise` good ones.
-    pub fn is_active_up(&self) -> bool {
-        // Relaxed: the flag publishes no other data.
-        !self.active_down.load(Ordering::Relaxed)
-    }
-
-    /// Sets the active verdict; returns true when it changed. Written by the probe task of
-    /// this backend only.
-    pub fn set_active_up(&self, up: bool) -> bool {
-        self.active_down.swap(!up, Ordering::Relaxed) == up
-    }
-
-    /// Takes over the active verdict of the same server in the previous configuration, so that
-    /// a reload does not send traffic to a server the probes had found down until `fall` new
-    /// probes have failed again.
-    pub fn inherit_active(&self, previous: &BackendHealth) {
-        self.set_active_up(previous.is_active_up());
-    }
-
-    /// Resets the passive failure streak and ends a passive cool-down. Leaves the active
-    /// verdict alone.
-    pub fn record_success(&self) {
-        self.consecutive_failures.store(0, Ordering::Relaxed);
-        self.down_until.store(NOT_DOWN, Ordering::Release);
-    }
-    /// Counts a connect/response failure; returns true when this call marked the server down.
-    ///
-    /// Only one of several concurrent failures returns true, so a caller may log or count the
-    /// transition once. A failure during the cool-down (typically a request that was already
-    /// in flight when the server was marked down) neither extends the cool-down nor returns
-    /// true: it says nothing new about the server.
-    pub fn record_failure(&self, now: Instant) -> bool {
-        let failures = self
-            .consecutive_failures
-            .fetch_add(1, Ordering::Relaxed)
-            .saturating_add(1);
-        let now_nanos = self.nanos(now);
-        let current = self.down_until.load(Ordering::Acquire);
-        let half_open = current != NOT_DOWN && now_nanos >= current;
-        let streak_reached = current == NOT_DOWN && failures >= self.fall;
-        if !half_open && !streak_reached {
-            return false;
-        }
-        let until = now_nanos
-            .saturating_add(u64::try_from(self.cooldown.as_nanos()).unwrap_or(u64::MAX))
-            .max(NOT_DOWN + 1);
-        // Losing the exchange means another failure (or a success) got there first.
-        self.down_until
-            .compare_exchange(current, until, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
-    }
-
-    /// Request failures since the last successful request (passive), for status pages.
-    pub fn consecutive_failures(&self) -> u32 {
-        self.consecutive_failures.load(Ordering::Relaxed)
-    }
-
-    fn nanos(&self, now: Instant) -> u64 {
-        u64::try_from(now.saturating_duration_since(self.base).as_nanos()).unwrap_or(u64::MAX)
-    }
-}
 
 /// Why one probe failed.
 #[derive(Debug, thiserror::Error)]
@@ -418,139 +293,15 @@ impl Probe {
 mod tests {
     use super::*;
     use std::net::SocketAddr;
-    use std::sync::atomic::AtomicUsize;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    use crate::upstream::backend::{BackendHealth, DEFAULT_PASSIVE_COOLDOWN, DEFAULT_PASSIVE_FALL};
     use std::sync::Mutex;
 
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
-    use tokio::time::advance;
 
     use crate::demo::{DemoBackend, DemoBackendConfig};
-
-    const COOLDOWN: Duration = Duration::from_secs(10);
-
-    #[tokio::test(start_paused = true)]
-    async fn up_until_fall_consecutive_failures() {
-        let health = BackendHealth::new(3, COOLDOWN);
-        assert!(health.is_up(Instant::now()));
-        assert!(!health.record_failure(Instant::now()));
-        assert!(!health.record_failure(Instant::now()));
-        assert!(health.is_up(Instant::now()));
-        assert!(health.record_failure(Instant::now()));
-        assert!(!health.is_up(Instant::now()));
-        assert_eq!(health.consecutive_failures(), 3);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn success_resets_the_streak() {
-        let health = BackendHealth::new(3, COOLDOWN);
-        health.record_failure(Instant::now());
-        health.record_failure(Instant::now());
-        health.record_success();
-        assert!(!health.record_failure(Instant::now()));
-        assert!(!health.record_failure(Instant::now()));
-        assert!(health.is_up(Instant::now()));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn down_for_the_cool_down_then_half_open() {
-        let health = BackendHealth::new(2, COOLDOWN);
-        health.record_failure(Instant::now());
-        assert!(health.record_failure(Instant::now()));
-
-        advance(COOLDOWN - Duration::from_millis(1)).await;
-        assert!(!health.is_up(Instant::now()));
-        advance(Duration::from_millis(1)).await;
-        assert!(
-            health.is_up(Instant::now()),
-            "tried again after the cool-down"
-        );
-
-        // Half-open: one failure is enough to go down again, for a full cool-down.
-        assert!(health.record_failure(Instant::now()));
-        assert!(!health.is_up(Instant::now()));
-        advance(COOLDOWN - Duration::from_millis(1)).await;
-        assert!(!health.is_up(Instant::now()));
-        advance(Duration::from_millis(1)).await;
-        assert!(health.is_up(Instant::now()));
-
-        // Half-open: a success clears the mark; a fresh streak of `fall` is needed again.
-        health.record_success();
-        assert!(!health.record_failure(Instant::now()));
-        assert!(health.is_up(Instant::now()));
-        assert!(health.record_failure(Instant::now()));
-        assert!(!health.is_up(Instant::now()));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn failures_during_the_cool_down_do_not_extend_it() {
-        let health = BackendHealth::new(1, COOLDOWN);
-        assert!(health.record_failure(Instant::now()));
-        advance(COOLDOWN / 2).await;
-        assert!(!health.record_failure(Instant::now()));
-        advance(COOLDOWN / 2).await;
-        assert!(health.is_up(Instant::now()));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn success_during_the_cool_down_marks_up() {
-        let health = BackendHealth::new(1, COOLDOWN);
-        assert!(health.record_failure(Instant::now()));
-        health.record_success();
-        assert!(health.is_up(Instant::now()));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn zero_fall_means_one() {
-        let health = BackendHealth::new(0, COOLDOWN);
-        assert!(health.is_up(Instant::now()));
-        assert!(health.record_failure(Instant::now()));
-        assert!(!health.is_up(Instant::now()));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn concurrent_failures_mark_down_once() {
-        let health = std::sync::Arc::new(BackendHealth::new(3, COOLDOWN));
-        let now = Instant::now();
-        let marked: usize = std::thread::scope(|scope| {
-            let handles: Vec<_> = (0..8)
-                .map(|_| {
-                    let health = &health;
-                    scope.spawn(move || (0..100).filter(|_| health.record_failure(now)).count())
-                })
-                .collect();
-            handles.into_iter().map(|h| h.join().unwrap()).sum()
-        });
-        assert_eq!(marked, 1);
-        assert!(!health.is_up(now));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn active_and_passive_verdicts_combine() {
-        let health = BackendHealth::new(1, COOLDOWN);
-        assert!(health.is_active_up(), "a new server starts up");
-        assert!(health.set_active_up(false));
-        assert!(!health.set_active_up(false), "no change, no transition");
-        assert!(!health.is_up(Instant::now()));
-        // A request that got through (fail open) does not overrule the probes.
-        health.record_success();
-        assert!(!health.is_up(Instant::now()));
-        assert!(health.is_passive_up(Instant::now()));
-
-        assert!(health.set_active_up(true));
-        assert!(health.is_up(Instant::now()));
-        // Good probes do not end a passive cool-down.
-        assert!(health.record_failure(Instant::now()));
-        health.set_active_up(true);
-        assert!(!health.is_up(Instant::now()));
-        advance(COOLDOWN).await;
-        assert!(health.is_up(Instant::now()));
-
-        let reloaded = BackendHealth::new(1, COOLDOWN);
-        health.set_active_up(false);
-        reloaded.inherit_active(&health);
-        assert!(!reloaded.is_up(Instant::now()));
-    }
 
     #[test]
     fn streak_goes_down_after_fall_and_up_after_rise() {

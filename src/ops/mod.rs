@@ -1,0 +1,7 @@
+//! What an operator runs and reads: the metrics registry, the admin listener and its status
+//! page, configuration reload, and `kaproxy probe`.
+
+pub mod admin;
+pub mod metrics;
+pub mod probe;
+pub mod reload;
