@@ -1,0 +1,251 @@
+//! Owns the forwarding-header policy (request filter): hop-by-hop headers out (RFC 9110
+//! §7.6.1), X-Forwarded-For / -Proto / -Port / -Host, RFC 7239 Forwarded and X-Real-IP in,
+//! trusted proxies, and [`DownstreamInfo`], what kaproxy knows of the client's connection.
+
+use std::net::{IpAddr, SocketAddr};
+
+use http::header::{self, HeaderName, HeaderValue};
+use http::HeaderMap;
+
+use crate::config::ForwardedConfig;
+use crate::upstream::keep_alive::KEEP_ALIVE;
+
+pub(super) const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+pub(super) const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub(super) const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub(super) const X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
+pub(super) const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+pub(super) const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+pub(super) const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+
+/// What kaproxy knows about the downstream connection a request arrived on.
+#[derive(Debug, Clone)]
+pub struct DownstreamInfo {
+    /// The client address: the socket peer, or the PROXY header's source.
+    pub peer: SocketAddr,
+    /// The listener's local address (for X-Forwarded-Port).
+    pub local: SocketAddr,
+    pub tls: bool,
+    /// The peer IP and local port as header values, made once per connection.
+    peer_value: HeaderValue,
+    port_value: HeaderValue,
+}
+
+impl DownstreamInfo {
+    pub fn new(peer: SocketAddr, local: SocketAddr, tls: bool) -> Self {
+        DownstreamInfo {
+            peer,
+            local,
+            tls,
+            peer_value: header_value(&peer.ip().to_string()),
+            port_value: HeaderValue::from(local.port()),
+        }
+    }
+}
+
+pub(super) fn connection_has(headers: &HeaderMap, token: &str) -> bool {
+    headers.get_all(header::CONNECTION).iter().any(|v| {
+        v.to_str()
+            .map(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+            .unwrap_or(false)
+    })
+}
+
+/// Removes hop-by-hop headers (RFC 9110 §7.6.1): those named in `Connection` and the
+/// standard ones.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // By bytes, not `to_str`: a value with obs-text in it still names the headers it names.
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim_ascii()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in [
+        header::CONNECTION,
+        KEEP_ALIVE,
+        PROXY_CONNECTION,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+    ] {
+        headers.remove(name);
+    }
+}
+
+/// The client's address: the peer, or — when the peer is a trusted proxy — the right-most
+/// untrusted address of its X-Forwarded-For chain.
+pub(super) fn client_ip(peer: IpAddr, headers: &HeaderMap, cfg: &ForwardedConfig) -> IpAddr {
+    let trusted = |ip: &IpAddr| cfg.trusted_proxies.iter().any(|n| n.contains(ip));
+    if !trusted(&peer) {
+        return peer;
+    }
+    let mut chain: Vec<IpAddr> = headers
+        .get_all(&X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|s| s.split(','))
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    while let Some(ip) = chain.pop() {
+        if !trusted(&ip) {
+            return ip;
+        }
+    }
+    peer
+}
+
+/// Request filter: hop-by-hop out, forwarding headers in, `Host` kept, keep-alive asked for.
+pub fn upstream_request_headers(
+    headers: &mut HeaderMap,
+    ds: &DownstreamInfo,
+    cfg: &ForwardedConfig,
+    host: Option<&HeaderValue>,
+) {
+    strip_hop_by_hop(headers);
+    let peer = ds.peer.ip();
+    let trusted = cfg.trusted_proxies.iter().any(|n| n.contains(&peer));
+    let proto = if ds.tls { "https" } else { "http" };
+
+    let prior: Option<String> = if trusted {
+        let parts: Vec<&str> = headers
+            .get_all(&X_FORWARDED_FOR)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        (!parts.is_empty()).then(|| parts.join(", "))
+    } else {
+        None
+    };
+    let xff = match prior {
+        Some(p) => header_value(&format!("{p}, {peer}")),
+        None => ds.peer_value.clone(),
+    };
+    headers.insert(X_FORWARDED_FOR, xff);
+    if cfg.x_forwarded_proto {
+        // From a trusted proxy (e.g. a TLS-terminating LB in front) its view wins.
+        let keep = |headers: &HeaderMap, h: &HeaderName| trusted && headers.contains_key(h);
+        if !keep(headers, &X_FORWARDED_PROTO) {
+            headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+        }
+        if !keep(headers, &X_FORWARDED_PORT) {
+            headers.insert(X_FORWARDED_PORT, ds.port_value.clone());
+        }
+        if !keep(headers, &X_FORWARDED_HOST) {
+            match host {
+                Some(h) => headers.insert(X_FORWARDED_HOST, h.clone()),
+                None => headers.remove(X_FORWARDED_HOST),
+            };
+        }
+    }
+    if cfg.forwarded {
+        let node = match peer {
+            IpAddr::V4(v4) => v4.to_string(),
+            IpAddr::V6(v6) => format!("\"[{v6}]\""),
+        };
+        let mut element = format!("for={node};proto={proto}");
+        if let Some(h) = host.and_then(|h| h.to_str().ok()) {
+            // A quoted-string (RFC 7239 §4, RFC 9110 §5.6.4): `"` and `\` escaped, so a
+            // client's Host cannot close the quote and add elements of its own.
+            element.push_str(";host=\"");
+            for c in h.chars() {
+                if c == '"' || c == '\\' {
+                    element.push('\\');
+                }
+                element.push(c);
+            }
+            element.push('"');
+        }
+        let value = match headers.get(&FORWARDED).and_then(|v| v.to_str().ok()) {
+            Some(prev) if trusted => format!("{prev}, {element}"),
+            _ => element,
+        };
+        headers.insert(FORWARDED, header_value(&value));
+    }
+    if cfg.x_real_ip {
+        let ip = client_ip(peer, headers, cfg);
+        headers.insert(X_REAL_IP, header_value(&ip.to_string()));
+    }
+    // The authority of an HTTP/2 or absolute-form target becomes the backend's `Host`.
+    if let Some(h) = host {
+        headers.insert(header::HOST, h.clone());
+    }
+    crate::upstream::keep_alive::ask_keep_alive(headers);
+}
+
+pub(super) fn header_value(s: &str) -> HeaderValue {
+    HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fwd(trusted: &[&str]) -> ForwardedConfig {
+        ForwardedConfig {
+            trusted_proxies: trusted.iter().map(|s| s.parse().unwrap()).collect(),
+            x_forwarded_proto: true,
+            forwarded: true,
+            x_real_ip: true,
+        }
+    }
+
+    fn ds(peer: &str) -> DownstreamInfo {
+        DownstreamInfo::new(
+            peer.parse().unwrap(),
+            "127.0.0.1:8443".parse().unwrap(),
+            true,
+        )
+    }
+
+    #[test]
+    fn untrusted_peer_replaces_x_forwarded_for() {
+        let mut h = HeaderMap::new();
+        h.insert(X_FORWARDED_FOR, HeaderValue::from_static("6.6.6.6"));
+        let host = HeaderValue::from_static("example.com");
+        upstream_request_headers(&mut h, &ds("10.1.2.3:5555"), &fwd(&[]), Some(&host));
+        assert_eq!(h[&X_FORWARDED_FOR], "10.1.2.3");
+        assert_eq!(h[&X_REAL_IP], "10.1.2.3");
+        assert_eq!(h[&X_FORWARDED_PROTO], "https");
+        assert_eq!(h[&X_FORWARDED_PORT], "8443");
+        assert_eq!(h[&X_FORWARDED_HOST], "example.com");
+        assert_eq!(
+            h[&FORWARDED],
+            "for=10.1.2.3;proto=https;host=\"example.com\""
+        );
+        assert_eq!(h[header::HOST], "example.com");
+        assert_eq!(h[header::CONNECTION], "keep-alive");
+    }
+
+    #[test]
+    fn trusted_peer_appends_to_x_forwarded_for() {
+        let mut h = HeaderMap::new();
+        h.append(
+            X_FORWARDED_FOR,
+            HeaderValue::from_static("1.2.3.4, 10.0.0.9"),
+        );
+        upstream_request_headers(&mut h, &ds("10.0.0.1:5555"), &fwd(&["10.0.0.0/8"]), None);
+        assert_eq!(h[&X_FORWARDED_FOR], "1.2.3.4, 10.0.0.9, 10.0.0.1");
+        // The right-most untrusted address is the client.
+        assert_eq!(h[&X_REAL_IP], "1.2.3.4");
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("X-Foo, close"));
+        h.insert("x-foo", HeaderValue::from_static("1"));
+        h.insert("x-bar", HeaderValue::from_static("2"));
+        h.insert(PROXY_CONNECTION, HeaderValue::from_static("keep-alive"));
+        h.insert(KEEP_ALIVE, HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        strip_hop_by_hop(&mut h);
+        assert!(!h.contains_key("x-foo"));
+        assert!(h.contains_key("x-bar"));
+        assert_eq!(h.len(), 1);
+    }
+}

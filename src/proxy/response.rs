@@ -1,0 +1,265 @@
+//! Owns the response phase: the response filter (framing per RFC 9112 §6.3, hop-by-hop
+//! headers, the read-ahead of small bodies), kaproxy's own answers (client faults 400/408,
+//! upstream failures 502/503/504), and [`ProxyBody`], the body of every response sent downstream.
+
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Response, StatusCode, Version};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+use crate::body::{BodyError, Collected};
+use crate::error::UpstreamError;
+use crate::ops::metrics::CloseReason;
+use crate::upstream::pool::{PooledBody, PooledConn, ServerPool};
+
+use super::forwarded::*;
+use super::log::*;
+use super::{Proxy, Upstream};
+
+impl Proxy {
+    /// Response filter: framing checked, hop-by-hop headers out, a small body read ahead (so
+    /// the upstream connection is free however slowly the client reads), metrics, the body
+    /// tied to its pooled connection.
+    pub(super) async fn respond(
+        &self,
+        resp: Response<Incoming>,
+        mut conn: PooledConn,
+        upstream: &Upstream,
+        pool: &ServerPool,
+        mut log: Option<Box<AccessRecord>>,
+        start: Instant,
+    ) -> Response<ProxyBody> {
+        let (mut parts, body) = resp.into_parts();
+        // RFC 9112 §6.3: with Transfer-Encoding, Content-Length is ignored and must not be
+        // forwarded; a backend that sends both is not trusted with the connection afterwards.
+        if parts.headers.contains_key(header::TRANSFER_ENCODING)
+            && parts.headers.remove(header::CONTENT_LENGTH).is_some()
+        {
+            warn!(upstream = %upstream.name, server = %pool.addr(),
+                "response has both Transfer-Encoding and Content-Length; Content-Length removed, upstream connection closed after it (RFC 9112 §6.3)");
+            conn.retire_after(CloseReason::Error);
+        }
+        strip_hop_by_hop(&mut parts.headers);
+        let (age, requests) = conn.age_and_requests();
+        let reused = conn.is_reused();
+        let body = conn.attach(body);
+        let inner = match read_ahead(
+            body,
+            upstream.buffers.response_buffer_bytes,
+            upstream.response_timeout,
+        )
+        .await
+        {
+            Ok(inner) => inner,
+            Err(err) => {
+                let err = match err {
+                    Some(e) => UpstreamError::from_send(pool.addr(), e),
+                    None => UpstreamError::ResponseTimeout {
+                        addr: pool.addr(),
+                        timeout: upstream.response_timeout,
+                    },
+                };
+                pool.metrics().error(err.kind());
+                return server_failed(upstream, pool, &err, log);
+            }
+        };
+        pool.metrics().request(parts.status.as_u16());
+        pool.metrics()
+            .observe_duration(start.elapsed().as_secs_f64());
+        if let Some(log) = log.as_mut() {
+            log.status = parts.status.as_u16();
+            log.server = Some(pool.addr());
+            log.reused = reused;
+            log.conn_age = age;
+            log.conn_requests = requests;
+        }
+        parts.version = Version::HTTP_11;
+        Response::from_parts(
+            parts,
+            ProxyBody {
+                inner,
+                bytes: 0,
+                log,
+            },
+        )
+    }
+}
+
+/// Reads a small response body whole from the backend (nginx's proxy buffering), so that its
+/// upstream connection goes back to the pool before the client has read a byte. Only a body
+/// whose Content-Length is at most `limit` is read ahead, within `timeout`; a larger or
+/// chunked one streams (and `send_timeout` bounds a client that stops reading it).
+/// `Err(None)` is the timeout, `Err(Some(e))` a broken body.
+pub(super) async fn read_ahead(
+    mut body: PooledBody,
+    limit: usize,
+    timeout: Duration,
+) -> Result<Inner, Option<hyper::Error>> {
+    match body.size_hint().exact() {
+        Some(n) if n > 0 && n <= limit as u64 && !body.is_end_stream() => {}
+        _ => return Ok(Inner::Upstream(body)),
+    }
+    let read = tokio::time::timeout(timeout, async {
+        let mut read = Collected::default();
+        while let Some(frame) = body.frame().await {
+            if let Ok(data) = frame?.into_data() {
+                read.push(data);
+            }
+        }
+        Ok(read.into_bytes())
+    })
+    .await;
+    match read {
+        Ok(Ok(bytes)) => Ok(Inner::Local(Full::new(bytes))),
+        Ok(Err(e)) => Err(Some(e)),
+        Err(_) => Err(None),
+    }
+}
+
+/// Marks kaproxy's own answer to a broken request as the last on an HTTP/1 connection.
+pub(super) fn closing(mut resp: Response<ProxyBody>, version: Version) -> Response<ProxyBody> {
+    if matches!(version, Version::HTTP_10 | Version::HTTP_11) {
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    resp
+}
+
+/// kaproxy's answer when the client's request body failed (timeout, bad framing, gone): the
+/// client's fault, so no backend is counted or blamed for it (README, "Hostile clients").
+pub(super) fn client_failed(
+    err: &BodyError,
+    client: IpAddr,
+    version: Version,
+    log: Option<Box<AccessRecord>>,
+) -> Response<ProxyBody> {
+    let status = err.status();
+    info!(client = %client, error = %err, status = status.as_u16(), "request body failed");
+    let text = match err {
+        BodyError::Timeout(_) => "request body timed out\n",
+        BodyError::Malformed(_) => "malformed request body\n",
+    };
+    with_log(closing(local_response(status, text), version), log)
+}
+
+/// kaproxy's answer when the picked server failed the request (the caller has counted the
+/// error): counted as an answer of that server, logged with its cause, access-logged.
+pub(super) fn server_failed(
+    upstream: &Upstream,
+    pool: &ServerPool,
+    err: &UpstreamError,
+    log: Option<Box<AccessRecord>>,
+) -> Response<ProxyBody> {
+    let status = err.status();
+    pool.metrics().request(status.as_u16());
+    warn!(upstream = %upstream.name, server = %pool.addr(), error = %err, status = status.as_u16(), "upstream failed");
+    let text = match err {
+        UpstreamError::ResponseTimeout { .. } => "upstream timed out\n",
+        _ => "upstream failed\n",
+    };
+    with_log(local_response(status, text), log)
+}
+
+/// A response kaproxy makes itself (errors).
+pub fn local_response(status: StatusCode, text: &'static str) -> Response<ProxyBody> {
+    let mut resp = Response::new(ProxyBody {
+        inner: Inner::Local(Full::new(Bytes::from_static(text.as_bytes()))),
+        bytes: 0,
+        log: None,
+    });
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+pub(super) enum Inner {
+    Upstream(PooledBody),
+    Tunnel(Incoming),
+    Local(Full<Bytes>),
+    Empty,
+}
+
+/// The body of every response kaproxy sends downstream.
+pub struct ProxyBody {
+    pub(super) inner: Inner,
+    pub(super) bytes: u64,
+    pub(super) log: Option<Box<AccessRecord>>,
+}
+
+impl ProxyBody {
+    /// Whether this body streams from a pooled upstream connection (which a client that stops
+    /// reading would hold): the downstream puts such bodies under `send_timeout`.
+    pub fn streams_from_upstream(&self) -> bool {
+        matches!(&self.inner, Inner::Upstream(b) if !b.is_end_stream())
+    }
+
+    pub(super) fn empty(log: Option<Box<AccessRecord>>) -> Self {
+        ProxyBody {
+            inner: Inner::Empty,
+            bytes: 0,
+            log,
+        }
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        let res = match &mut this.inner {
+            Inner::Upstream(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            Inner::Tunnel(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            Inner::Local(b) => Pin::new(b).poll_frame(cx).map_err(|never| match never {}),
+            Inner::Empty => Poll::Ready(None),
+        };
+        if let Poll::Ready(Some(Ok(frame))) = &res {
+            if let Some(data) = frame.data_ref() {
+                this.bytes += data.len() as u64;
+            }
+        }
+        res
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.inner {
+            Inner::Upstream(b) => b.is_end_stream(),
+            Inner::Tunnel(b) => b.is_end_stream(),
+            Inner::Local(b) => b.is_end_stream(),
+            Inner::Empty => true,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.inner {
+            Inner::Upstream(b) => b.size_hint(),
+            Inner::Tunnel(b) => b.size_hint(),
+            Inner::Local(b) => b.size_hint(),
+            Inner::Empty => SizeHint::with_exact(0),
+        }
+    }
+}
+
+impl Drop for ProxyBody {
+    fn drop(&mut self) {
+        if let Some(record) = self.log.take() {
+            record.write(self.bytes);
+        }
+    }
+}

@@ -1,0 +1,300 @@
+//! Owns failover and retries: picking a server and connecting with failover to the next one,
+//! and the rule for sending a request again after a failure before any response byte.
+//!
+//! The rule, stated once (it covers the keep-alive race, where a pooled connection is reused
+//! just as the backend closes it): a request is sent again only when no response byte came
+//! back and either hyper never wrote it (any method) or the method is idempotent and its body
+//! can be sent again (empty or buffered whole) with `retry_idempotent`. A failed *reused*
+//! connection is retried once on a fresh connection to the same server, which is not blamed;
+//! a connect failure, or a reset or close on a *fresh* connection, blames the server and moves
+//! on to the next one within `max_retries`, with a doubling back-off.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
+use hyper::body::Incoming;
+use tokio::time::Instant;
+use tracing::warn;
+
+use crate::body::{BodyError, UpstreamBody};
+use crate::config::RetryConfig;
+use crate::error::UpstreamError;
+use crate::upstream::pool::{PooledConn, SendFailure, ServerPool};
+
+use super::response::*;
+use super::{build_request, record_failure, record_success, Proxy, Upstream};
+
+/// The retry back-off doubles up to this (README, `retry_backoff`: "doubling, capped at 1 s").
+pub(super) const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(1);
+
+/// What is left of a request's connect retries, and the servers already tried.
+pub(super) struct Attempts {
+    pub(super) tried: Vec<usize>,
+    pub(super) retries_left: u32,
+    pub(super) backoff: Duration,
+}
+
+impl Attempts {
+    pub(super) fn new(retry: &RetryConfig) -> Self {
+        Attempts {
+            tried: Vec::new(),
+            retries_left: retry.max_retries,
+            backoff: retry.retry_backoff,
+        }
+    }
+}
+
+pub(super) fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
+}
+
+impl Proxy {
+    /// Picks a server and connects to it. A connect failure sent nothing, so for any method
+    /// kaproxy marks it against the server's health and moves on to the next server, up to
+    /// `max_retries` times with a doubling back-off. Errors become the answer to send.
+    pub(super) async fn connect<T, F, Fut>(
+        &self,
+        upstream: &Upstream,
+        client_ip: IpAddr,
+        attempts: &mut Attempts,
+        mut connect: F,
+    ) -> Result<(usize, T), Response<ProxyBody>>
+    where
+        F: FnMut(Arc<ServerPool>) -> Fut,
+        Fut: std::future::Future<Output = Result<T, UpstreamError>>,
+    {
+        loop {
+            let Some(idx) = upstream
+                .balancer
+                .pick(client_ip, &attempts.tried, Instant::now())
+            else {
+                warn!(upstream = %upstream.name, tried = attempts.tried.len(), "every server of the upstream failed; 502");
+                return Err(local_response(
+                    StatusCode::BAD_GATEWAY,
+                    "no upstream server could be reached\n",
+                ));
+            };
+            match connect(upstream.pools[idx].clone()).await {
+                Ok(conn) => return Ok((idx, conn)),
+                Err(err) if err.is_connect() => {
+                    if !self.connect_failed(upstream, idx, &err, attempts).await {
+                        return Err(local_response(err.status(), "upstream unavailable\n"));
+                    }
+                }
+                Err(err) => {
+                    upstream.pools[idx].metrics().error(err.kind());
+                    warn!(upstream = %upstream.name, server = %upstream.pools[idx].addr(), error = %err,
+                        status = err.status().as_u16(), "upstream failed");
+                    return Err(local_response(err.status(), "upstream unavailable\n"));
+                }
+            }
+        }
+    }
+
+    /// Books a connect failure on server `idx`; returns whether another server may be tried
+    /// (after the back-off, which it sleeps).
+    pub(super) async fn connect_failed(
+        &self,
+        upstream: &Upstream,
+        idx: usize,
+        err: &UpstreamError,
+        attempts: &mut Attempts,
+    ) -> bool {
+        let pool = &upstream.pools[idx];
+        pool.metrics().error(err.kind());
+        record_failure(&upstream.balancer.backends()[idx], pool);
+        self.move_on(upstream, idx, err, attempts).await
+    }
+
+    /// Server `idx` failed the request (already counted and booked against its health):
+    /// returns whether the next server may be tried, within `max_retries`, after the
+    /// doubling back-off (which it sleeps). Counted in `kaproxy_upstream_retries_total` with
+    /// the failure's kind as cause (`connect` for every connect failure).
+    pub(super) async fn move_on(
+        &self,
+        upstream: &Upstream,
+        idx: usize,
+        err: &UpstreamError,
+        attempts: &mut Attempts,
+    ) -> bool {
+        let pool = &upstream.pools[idx];
+        attempts.tried.push(idx);
+        if attempts.retries_left == 0 || attempts.tried.len() >= upstream.pools.len() {
+            warn!(upstream = %upstream.name, server = %pool.addr(), error = %err, "upstream failed; no retries or servers left");
+            return false;
+        }
+        attempts.retries_left -= 1;
+        let cause = if err.is_connect() {
+            "connect"
+        } else {
+            err.kind()
+        };
+        pool.metrics().retry(cause);
+        warn!(upstream = %upstream.name, server = %pool.addr(), error = %err, backoff = ?attempts.backoff,
+            "upstream failed; trying the next server");
+        tokio::time::sleep(attempts.backoff).await;
+        attempts.backoff = (attempts.backoff * 2).min(MAX_RETRY_BACKOFF);
+        true
+    }
+}
+
+/// What a request is sent again with, when the rule (module doc) allows a written request to
+/// go again: idempotent, `retry_idempotent`, and a body that is empty or buffered whole.
+pub(super) struct Resend(Option<(Method, Uri, HeaderMap, UpstreamBody)>);
+
+impl Resend {
+    pub(super) fn new(
+        retry: &RetryConfig,
+        method: &Method,
+        uri: &Uri,
+        headers: &HeaderMap,
+        body: &UpstreamBody,
+    ) -> Resend {
+        let allowed = is_idempotent(method) && retry.retry_idempotent;
+        Resend(
+            allowed
+                .then(|| Some((method.clone(), uri.clone(), headers.clone(), body.replay()?)))
+                .flatten(),
+        )
+    }
+
+    /// The request built again, if it may be.
+    fn request(&self) -> Option<Request<UpstreamBody>> {
+        let (m, u, h, b) = self.0.as_ref()?;
+        Some(build_request(m.clone(), u.clone(), h.clone(), b.replay()?))
+    }
+}
+
+/// A response head from server `server`, with the connection its body comes on.
+pub(super) struct Sent {
+    pub(super) server: usize,
+    pub(super) response: Response<Incoming>,
+    pub(super) conn: PooledConn,
+}
+
+/// Why no response came back.
+pub(super) enum Failed {
+    /// The client's request body broke while it streamed upstream (a [`BodyError`] in the
+    /// chain): the client's fault. Its upstream connection was closed (reason `error`).
+    Client(UpstreamError),
+    /// Server `usize` failed it (already counted and booked against its health).
+    Server(usize, UpstreamError),
+    /// kaproxy's answer: no server could be picked or reached.
+    Answer(Response<ProxyBody>),
+}
+
+impl Proxy {
+    /// Picks a server, connects and sends `request`, until a response head comes back or the
+    /// rule of this module says stop.
+    pub(super) async fn send(
+        &self,
+        upstream: &Upstream,
+        client_ip: IpAddr,
+        request: Request<UpstreamBody>,
+        resend: Resend,
+    ) -> Result<Sent, Failed> {
+        let mut request = Some(request);
+        let mut attempts = Attempts::new(&upstream.retry);
+        let mut fresh_on: Option<usize> = None;
+        let mut retried_reused = false;
+        loop {
+            let fresh = match fresh_on.take() {
+                Some(idx) => match upstream.pools[idx].acquire_fresh().await {
+                    Ok(conn) => Some((idx, conn)),
+                    Err(err) => {
+                        self.connect_failed(upstream, idx, &err, &mut attempts)
+                            .await;
+                        None
+                    }
+                },
+                None => None,
+            };
+            let (idx, mut conn) = match fresh {
+                Some(pair) => pair,
+                None => self
+                    .connect(upstream, client_ip, &mut attempts, |p| async move {
+                        p.acquire().await
+                    })
+                    .await
+                    .map_err(Failed::Answer)?,
+            };
+            let pool = &upstream.pools[idx];
+            let backend = &upstream.balancer.backends()[idx];
+            let Some(req) = request.take().or_else(|| resend.request()) else {
+                unreachable!("an attempt is only made with a request to send");
+            };
+            let sent = tokio::time::timeout(upstream.response_timeout, conn.send(req)).await;
+            let (error, unsent) = match sent {
+                Ok(Ok(response)) => {
+                    record_success(backend, pool);
+                    return Ok(Sent {
+                        server: idx,
+                        response,
+                        conn,
+                    });
+                }
+                Err(_elapsed) => {
+                    let err = UpstreamError::ResponseTimeout {
+                        addr: pool.addr(),
+                        timeout: upstream.response_timeout,
+                    };
+                    pool.metrics().error(err.kind());
+                    record_failure(backend, pool);
+                    drop(conn);
+                    // `retry_on_timeout`: the backend may still be working on it, so only
+                    // when the operator asked for it.
+                    if upstream.retry.retry_on_timeout {
+                        if let Some(req) = resend.request() {
+                            if self.move_on(upstream, idx, &err, &mut attempts).await {
+                                request = Some(req);
+                                continue;
+                            }
+                        }
+                    }
+                    return Err(Failed::Server(idx, err));
+                }
+                Ok(Err(SendFailure { error, unsent })) => (error, unsent),
+            };
+            if BodyError::in_chain(&error).is_some() {
+                // Dropping the connection closes it (reason `error`); the backend is not blamed.
+                drop(conn);
+                return Err(Failed::Client(error));
+            }
+            pool.metrics().error(error.kind());
+            let reused = conn.is_reused();
+            drop(conn);
+            let next = unsent.or_else(|| resend.request());
+            // The keep-alive race: a pooled connection the backend closed just as it was
+            // reused. Once, on a fresh connection to the same server, which is not blamed.
+            if reused && !retried_reused {
+                let Some(req) = next else {
+                    return Err(Failed::Server(idx, error));
+                };
+                pool.metrics().retry(error.kind());
+                warn!(upstream = %upstream.name, server = %pool.addr(), cause = error.kind(), error = %error,
+                    "reused upstream connection failed before responding; retrying on a fresh connection");
+                fresh_on = Some(idx);
+                retried_reused = true;
+                request = Some(req);
+                continue;
+            }
+            // A fresh connection reset or closed before any response byte (a crashed worker,
+            // a backend going down): the server is blamed, the request moves on.
+            if !reused {
+                record_failure(backend, pool);
+            }
+            if let Some(req) = next {
+                if self.move_on(upstream, idx, &error, &mut attempts).await {
+                    request = Some(req);
+                    continue;
+                }
+            }
+            return Err(Failed::Server(idx, error));
+        }
+    }
+}
