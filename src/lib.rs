@@ -28,7 +28,9 @@
 //! - [`config`]: TOML → validated, typed [`config::Config`]; the keep-alive timeline of `check`.
 //! - [`body`]: request bodies in transit (`body_timeout`, buffering) and [`body::BodyError`].
 //! - [`error`]: typed upstream errors, each knowing its kind and whether it may be retried.
-//! - [`demo`], [`relay`]: development tooling (`kaproxy demo`'s backends, a delaying relay).
+//!
+//! Development tooling (`kaproxy demo`'s backends, the delay relay, the Apache launcher of the
+//! tests and the bench) is the workspace crate `kaproxy-testkit` (`testkit/`), not this library.
 //!
 //! `cargo test --test it layout` checks that no module imports from a layer above its own
 //! (`upstream` never names `proxy` or `downstream`, `proxy` never names `downstream`,
@@ -38,12 +40,10 @@
 
 pub mod body;
 pub mod config;
-pub mod demo;
 pub mod downstream;
 pub mod error;
 pub mod ops;
 pub mod proxy;
-pub mod relay;
 pub mod server;
 pub mod upstream;
 

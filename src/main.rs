@@ -1,5 +1,5 @@
 //! The `kaproxy` binary: parses the command line, sets up tracing and the runtime, loads the
-//! config, and runs a command. Nothing else.
+//! config, starts the `[demo]` backends, and runs a command. Nothing else.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use kaproxy::config::{Config, LogConfig, LogFormat};
+use kaproxy_testkit::demo::{DemoBackend, DemoBackendConfig};
 
 /// The configuration `kaproxy demo` serves: the repository's default config, built in.
 const DEMO_CONFIG: &str = include_str!("../config.toml");
@@ -167,6 +168,7 @@ fn serve(config: Config, demo: bool) -> anyhow::Result<()> {
         .build()
         .context("cannot start the tokio runtime")?;
     let result = runtime.block_on(async move {
+        let demo_backends = start_demo_backends(config.demo.as_ref()).await?;
         let server = kaproxy::Server::start(config).await?;
         tokio::spawn(release_memory_every_second());
         if demo {
@@ -175,11 +177,34 @@ fn serve(config: Config, demo: bool) -> anyhow::Result<()> {
         wait_for_signal(&server).await;
         tracing::info!("shutting down: draining in-flight requests");
         server.shutdown().await;
+        for backend in demo_backends {
+            backend.stop().await;
+        }
         Ok(())
     });
     // Lingering closes and demo tasks must not hold the exit.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     result
+}
+
+/// Starts the `[demo]` backends (Apache-like, `demo-1` … `demo-n`) before the proxy that sits in
+/// front of them; a backend that cannot bind stops startup.
+async fn start_demo_backends(
+    demo: Option<&kaproxy::config::DemoConfig>,
+) -> anyhow::Result<Vec<DemoBackend>> {
+    let mut backends = Vec::new();
+    for (i, addr) in demo.map_or(&[][..], |d| &d.backends).iter().enumerate() {
+        let cfg = DemoBackendConfig {
+            name: format!("demo-{}", i + 1),
+            ..DemoBackendConfig::default()
+        };
+        let backend = DemoBackend::start(*addr, cfg)
+            .await
+            .with_context(|| format!("cannot start demo backend on {addr}"))?;
+        tracing::info!(addr = %backend.addr(), "demo backend started (Apache-like, KeepAliveTimeout 5s, development only)");
+        backends.push(backend);
+    }
+    Ok(backends)
 }
 
 /// Raises the soft open-file limit to the hard one before anything is served (nginx's

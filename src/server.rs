@@ -12,7 +12,6 @@ use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use crate::config::Config;
-use crate::demo::{DemoBackend, DemoBackendConfig};
 use crate::downstream::listener::{self, Kind};
 use crate::downstream::tls::TlsError;
 use crate::downstream::Generation;
@@ -30,8 +29,6 @@ pub enum StartError {
     },
     #[error(transparent)]
     Tls(#[from] TlsError),
-    #[error("cannot start demo backend on {addr}: {source}")]
-    Demo { addr: SocketAddr, source: io::Error },
 }
 
 /// A running kaproxy.
@@ -45,32 +42,13 @@ pub struct Server {
     connections: mpsc::Receiver<()>,
     tasks: Vec<JoinHandle<()>>,
     shutdown_timeout: Duration,
-    demo: Vec<DemoBackend>,
 }
 
 impl Server {
-    /// Starts serving `config` (already validated): demo backends if configured, listeners,
-    /// admin endpoint.
+    /// Starts serving `config` (already validated): listeners, admin endpoint. (`[demo]`
+    /// backends are the binary's to start, before this.)
     pub async fn start(config: Config) -> Result<Server, StartError> {
         let metrics = Arc::new(Metrics::new());
-        let mut demo = Vec::new();
-        if let Some(d) = &config.demo {
-            for (i, addr) in d.backends.iter().enumerate() {
-                let cfg = DemoBackendConfig {
-                    name: format!("demo-{}", i + 1),
-                    ..DemoBackendConfig::default()
-                };
-                let backend =
-                    DemoBackend::start(*addr, cfg)
-                        .await
-                        .map_err(|source| StartError::Demo {
-                            addr: *addr,
-                            source,
-                        })?;
-                info!(addr = %backend.addr(), "demo backend started (Apache-like, KeepAliveTimeout 5s, development only)");
-                demo.push(backend);
-            }
-        }
         let generation = Generation::build(&config, &metrics, None)?;
         let health_checks = start_health_checks(&config, &generation.proxy);
         let current = Arc::new(ArcSwap::from_pointee(generation));
@@ -158,7 +136,6 @@ impl Server {
             connections,
             tasks,
             shutdown_timeout: config.admin.shutdown_timeout,
-            demo,
         })
     }
 
@@ -215,9 +192,6 @@ impl Server {
             .unwrap_or_else(|e| e.into_inner())
             .clear();
         self.control.current.load().proxy.close_idle();
-        for d in self.demo.drain(..) {
-            d.stop().await;
-        }
         info!("stopped");
     }
 }

@@ -10,10 +10,11 @@
 //! - [`classify`]: error classes (connect refused, reset, closed before response, timeout).
 //! - [`stats`]: HDR latency histogram, status classes, the report (text and JSON).
 //! - [`race`]: `kaproxy-bench race`, naive pool vs kaproxy against Apache-like backends.
-//! - [`apache`]: a real Apache httpd in a temporary directory, for `race --apache`.
+//!
+//! The backends `race` runs against (demo backends, the delay relay, real Apache) come from
+//! `kaproxy-testkit`.
 #![forbid(unsafe_code)]
 
-mod apache;
 mod args;
 mod classify;
 mod conn;

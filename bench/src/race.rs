@@ -17,12 +17,12 @@ use bytes::Bytes;
 use clap::Args;
 use http::Method;
 use kaproxy::config::Config;
-use kaproxy::demo::{DemoBackend, DemoBackendConfig, DemoStats, StaleReuse};
-use kaproxy::relay::DelayRelay;
 use kaproxy::Server;
+use kaproxy_testkit::apache::{apache_version, Apache, ApacheOptions};
+use kaproxy_testkit::demo::{DemoBackend, DemoBackendConfig, DemoStats, StaleReuse};
+use kaproxy_testkit::relay::DelayRelay;
 use serde::Serialize;
 
-use crate::apache::Apache;
 use crate::args;
 use crate::conn::{Connector, HttpVersion, RequestTemplate, Target, TlsOptions};
 use crate::load::{self, LoadPlan};
@@ -176,7 +176,7 @@ impl Backends {
                     backend.stop().await;
                 }
             }
-            Backends::Apache(a) => drop(a),
+            Backends::Apache(mut a) => a.stop().await,
         }
     }
 }
@@ -191,7 +191,7 @@ pub async fn run(a: RaceArgs) -> anyhow::Result<bool> {
     let description = match (a.apache, a.close_idle) {
         (true, _) => format!(
             "real Apache ({}), KeepAliveTimeout {:?}",
-            Apache::version(),
+            apache_version(),
             a.backend_keepalive
         ),
         (false, true) => format!(
@@ -273,11 +273,14 @@ pub async fn run(a: RaceArgs) -> anyhow::Result<bool> {
 
 async fn start_backends(a: &RaceArgs) -> anyhow::Result<Backends> {
     if a.apache {
-        let keepalive = a.backend_keepalive;
-        let ports = a.backends;
-        let apache = tokio::task::spawn_blocking(move || Apache::start(ports, keepalive))
-            .await
-            .context("starting Apache")??;
+        let apache = Apache::start(
+            ApacheOptions::new("apache")
+                .keep_alive_timeout(a.backend_keepalive)
+                .ports(a.backends)
+                .threads_per_child(128),
+        )
+        .await
+        .context("starting Apache")?;
         return Ok(Backends::Apache(apache));
     }
     let cfg = DemoBackendConfig {

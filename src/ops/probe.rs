@@ -277,7 +277,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::demo::{DemoBackend, DemoBackendConfig};
+    use kaproxy_testkit::demo::{DemoBackend, DemoBackendConfig};
 
     #[test]
     fn recommendations_leave_a_margin() {

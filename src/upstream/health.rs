@@ -301,7 +301,7 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
-    use crate::demo::{DemoBackend, DemoBackendConfig};
+    use kaproxy_testkit::demo::{DemoBackend, DemoBackendConfig};
 
     #[test]
     fn streak_goes_down_after_fall_and_up_after_rise() {

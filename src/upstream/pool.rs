@@ -694,8 +694,8 @@ mod tests {
         );
     }
 
-    use crate::demo::{DemoBackend, DemoBackendConfig, StaleReuse};
     use http_body_util::BodyExt;
+    use kaproxy_testkit::demo::{DemoBackend, DemoBackendConfig, StaleReuse};
 
     fn demo(keepalive_ms: u64, stale_reuse: StaleReuse) -> DemoBackendConfig {
         DemoBackendConfig {

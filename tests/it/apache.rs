@@ -7,10 +7,10 @@
 use std::net::IpAddr;
 use std::time::Duration;
 
-use crate::support::apache::{require_apache, Apache, ApacheOptions, SLOW_BODY_LEN};
 use crate::support::client::{loopback_range, KeepAliveClient, Load, Pacing, Request, Tally};
 use crate::support::proxy::{test_config, TestProxy, CLOSED_TOTAL, POOL_IDLE};
-use kaproxy::relay::DelayRelay;
+use kaproxy_testkit::apache::{require_apache, Apache, ApacheOptions, SLOW_BODY_LEN};
+use kaproxy_testkit::relay::DelayRelay;
 
 /// The pause between requests of one client connection: around Apache's 1 s KeepAliveTimeout.
 const PAUSE: (Duration, Duration) = (Duration::from_millis(900), Duration::from_millis(1100));

@@ -7,6 +7,7 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
+use kaproxy_testkit::{eventually, poll_until};
 use tokio::time::Instant;
 
 use crate::ops::demo_backend;
@@ -33,34 +34,26 @@ fn has_close(headers: &http::HeaderMap) -> bool {
 /// Polls (bounded) until `addr` refuses connections; returns how long that took.
 async fn wait_refused(addr: SocketAddr, within: Duration) -> Option<Duration> {
     let start = Instant::now();
-    while start.elapsed() < within {
-        match tokio::time::timeout(
-            Duration::from_millis(200),
-            tokio::net::TcpStream::connect(addr),
+    let refused = poll_until(within, async || {
+        let connect = tokio::net::TcpStream::connect(addr);
+        matches!(
+            tokio::time::timeout(Duration::from_millis(200), connect).await,
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused
         )
-        .await
-        {
-            Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-                return Some(start.elapsed())
-            }
-            _ => tokio::time::sleep(Duration::from_millis(10)).await,
-        }
-    }
-    None
+    })
+    .await;
+    refused.then(|| start.elapsed())
 }
 
 /// Waits (bounded) until the backend has accepted `n` connections: kaproxy has read each
 /// request head and is forwarding it.
-async fn wait_accepted(backend: &kaproxy::demo::DemoBackend, n: u64) {
-    let deadline = Instant::now() + BOUND;
-    while backend.stats().connections_accepted < n {
-        assert!(
-            Instant::now() < deadline,
-            "backend accepted {:?} < {n} connections within {BOUND:?}",
-            backend.stats()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+async fn wait_accepted(backend: &kaproxy_testkit::demo::DemoBackend, n: u64) {
+    eventually(
+        &format!("the backend accepted {n} connections"),
+        BOUND,
+        || backend.stats().connections_accepted >= n,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -189,32 +182,34 @@ impl Binary {
 
     /// The address of the `listener` the binary logged (JSON log lines), polled (bounded).
     async fn listening(&mut self, listener: &str) -> SocketAddr {
-        let deadline = Instant::now() + BOUND;
-        loop {
-            for line in self.log().lines() {
-                let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
-                    continue;
-                };
+        let mut found = None;
+        let logged = poll_until(BOUND, async || {
+            found = self.log().lines().find_map(|line| {
+                let v = serde_json::from_str::<serde_json::Value>(line).ok()?;
                 let fields = v.get("fields").unwrap_or(&v);
                 if fields["message"] == "listening" && fields["listener"] == listener {
-                    if let Some(addr) = fields["addr"].as_str().and_then(|a| a.parse().ok()) {
-                        return addr;
-                    }
+                    fields["addr"].as_str().and_then(|a| a.parse().ok())
+                } else {
+                    None
+                }
+            });
+            if found.is_none() {
+                if let Ok(Some(status)) = self.child.try_wait() {
+                    panic!(
+                        "kaproxy exited with {status} before listening:\n{}",
+                        self.log()
+                    );
                 }
             }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!(
-                    "kaproxy exited with {status} before listening:\n{}",
-                    self.log()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "kaproxy did not log its {listener} listener within {BOUND:?}:\n{}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+            found.is_some()
+        })
+        .await;
+        assert!(
+            logged,
+            "kaproxy did not log its {listener} listener within {BOUND:?}:\n{}",
+            self.log()
+        );
+        found.expect("logged")
     }
 }
 

@@ -9,6 +9,7 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
+use kaproxy_testkit::poll_until;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -313,27 +314,24 @@ impl Limited {
 
     /// The address the binary logged for a listener (polled, bounded).
     async fn addr(&mut self, message: &str, listener: Option<&str>) -> SocketAddr {
-        let deadline = Instant::now() + BOUND;
-        loop {
-            let found = self.messages(message).into_iter().find_map(|f| {
+        let mut found = None;
+        let logged = poll_until(BOUND, async || {
+            found = self.messages(message).into_iter().find_map(|f| {
                 if listener.is_some_and(|l| f["listener"] != l) {
                     return None;
                 }
                 f["addr"].as_str().and_then(|a| a.parse().ok())
             });
-            if let Some(addr) = found {
-                return addr;
+            if found.is_none() {
+                if let Ok(Some(status)) = self.child.try_wait() {
+                    panic!("kaproxy exited with {status}:\n{}", self.log());
+                }
             }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("kaproxy exited with {status}:\n{}", self.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no {message:?} within {BOUND:?}:\n{}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+            found.is_some()
+        })
+        .await;
+        assert!(logged, "no {message:?} within {BOUND:?}:\n{}", self.log());
+        found.expect("logged")
     }
 
     fn open_fds(&self) -> usize {
@@ -396,16 +394,16 @@ async fn out_of_file_descriptors_the_binary_backs_off_instead_of_spinning() {
     for _ in 0..spare + 16 {
         clients.push(TcpStream::connect(http_addr).await.expect("connect"));
     }
-    let deadline = Instant::now() + BOUND;
-    while kaproxy.messages("accept failing").is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "kaproxy never ran out of descriptors ({} open):\n{}",
-            kaproxy.open_fds(),
-            kaproxy.log()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let ran_out = poll_until(BOUND, async || {
+        !kaproxy.messages("accept failing").is_empty()
+    })
+    .await;
+    assert!(
+        ran_out,
+        "kaproxy never ran out of descriptors ({} open):\n{}",
+        kaproxy.open_fds(),
+        kaproxy.log()
+    );
     // The admin listener's accept fails too.
     let _admin_client = TcpStream::connect(admin_addr).await.expect("connect admin");
 
@@ -434,18 +432,17 @@ async fn out_of_file_descriptors_the_binary_backs_off_instead_of_spinning() {
     // The clients leave: kaproxy serves again, on both listeners.
     drop(clients);
     drop(_admin_client);
-    let deadline = Instant::now() + BOUND;
-    loop {
-        match fresh_get(http_addr, "/after", Duration::from_secs(2)).await {
-            Ok(status) if status.starts_with("HTTP/1.1 200") => break,
-            other => assert!(
-                Instant::now() < deadline,
-                "no successful request within {BOUND:?} after the clients left: {other:?}\n{}",
-                kaproxy.log()
-            ),
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let mut last = Err("no request sent".to_string());
+    let served = poll_until(BOUND, async || {
+        last = fresh_get(http_addr, "/after", Duration::from_secs(2)).await;
+        last.as_ref().is_ok_and(|s| s.starts_with("HTTP/1.1 200"))
+    })
+    .await;
+    assert!(
+        served,
+        "no successful request within {BOUND:?} after the clients left: {last:?}\n{}",
+        kaproxy.log()
+    );
     let metrics = fresh_get(admin_addr, "/healthz", BOUND)
         .await
         .expect("the admin listener serves again");

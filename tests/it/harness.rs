@@ -4,9 +4,9 @@
 use std::net::IpAddr;
 use std::time::Duration;
 
-use crate::support::apache::{require_apache, Apache, ApacheOptions};
 use crate::support::backend::RecordingBackend;
 use crate::support::client::{Endpoint, KeepAliveClient, Load, Request};
+use kaproxy_testkit::apache::{require_apache, Apache, ApacheOptions};
 
 #[tokio::test]
 async fn apache_answers_get_and_post_and_advertises_keep_alive() {

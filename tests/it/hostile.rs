@@ -8,19 +8,20 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use kaproxy::demo::{DemoBackend, DemoBackendConfig};
+use kaproxy_testkit::demo::{DemoBackend, DemoBackendConfig};
+use kaproxy_testkit::poll_until;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use crate::support::apache::{require_apache, Apache, ApacheOptions};
 use crate::support::backend::RecordingBackend;
 use crate::support::client::{h2_send, KeepAliveClient, Load, Request};
 use crate::support::hostile::{
-    connect_small_rcvbuf, drain, raw_exchange, read_response, wait_until, BulkBackend, End,
-    RawBackend, RawBehaviour, StreamEnd, ZeroWindowStream, RAW_BOUND,
+    connect_small_rcvbuf, drain, raw_exchange, read_response, BulkBackend, End, RawBackend,
+    RawBehaviour, StreamEnd, ZeroWindowStream, RAW_BOUND,
 };
 use crate::support::proxy::{Metrics, TestProxy, CLOSED_TOTAL, POOL_IDLE, RETRIES_TOTAL};
+use kaproxy_testkit::apache::{require_apache, Apache, ApacheOptions};
 
 const OPENED_TOTAL: &str = "kaproxy_upstream_connections_opened_total";
 const ERRORS_TOTAL: &str = "kaproxy_upstream_errors_total";
@@ -590,7 +591,7 @@ async fn response_with_content_length_and_chunked_is_forwarded_by_its_chunks_and
 /// response: the backend saw EOF, or kaproxy counted a close with reason error; none is pooled.
 async fn wait_closed(proxy: &TestProxy, backend: &RawBackend, server: &str, n: usize, what: &str) {
     let mut last = proxy.metrics();
-    let closed = wait_until(RAW_BOUND, || {
+    let closed = poll_until(RAW_BOUND, async || {
         last = proxy.metrics();
         backend.stats().closed_by_peer >= n || closed_with(&last, server, "error") >= n as f64
     })

@@ -5,7 +5,8 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use kaproxy::demo::{DemoBackend, DemoBackendConfig};
+use kaproxy_testkit::demo::{DemoBackend, DemoBackendConfig};
+use kaproxy_testkit::poll_until;
 use tokio::time::Instant;
 
 use crate::support::chromium::{self, Output};
@@ -255,14 +256,12 @@ async fn status_json_shows_servers_health_pool_and_learned_keepalive_timeout() {
     assert_eq!(resp.status, 200);
     // The upstream connection goes back to the pool as the response ends; wait (bounded, well
     // within the 2 s idle timeout) until /status shows it there.
-    let deadline = Instant::now() + Duration::from_secs(1);
-    let st = loop {
-        let st = status(admin_addr).await;
-        if st["upstreams"][0]["servers"][0]["idle_connections"] == 1 || Instant::now() >= deadline {
-            break st;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let mut st = serde_json::Value::Null;
+    poll_until(Duration::from_secs(1), async || {
+        st = status(admin_addr).await;
+        st["upstreams"][0]["servers"][0]["idle_connections"] == 1
+    })
+    .await;
     let ctx = format!("{st:#}");
 
     assert_eq!(st["downstream"]["idle_timeout_s"], 30.0, "{ctx}");
@@ -298,15 +297,12 @@ async fn status_json_shows_servers_health_pool_and_learned_keepalive_timeout() {
     }
 
     // After kaproxy's sweep the pool is empty and the close is counted by reason.
-    let deadline = Instant::now() + Duration::from_secs(5);
     let mut last = st;
-    while Instant::now() < deadline {
+    poll_until(Duration::from_secs(5), async || {
         last = status(admin_addr).await;
-        if last["upstreams"][0]["servers"][0]["closed"]["idle"] == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        last["upstreams"][0]["servers"][0]["closed"]["idle"] == 1
+    })
+    .await;
     let s = &last["upstreams"][0]["servers"][0];
     assert_eq!(s["closed"]["idle"], 1, "{last:#}");
     assert_eq!(s["closed"]["server_close"], 0, "{last:#}");

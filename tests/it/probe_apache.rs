@@ -8,7 +8,7 @@ use std::time::Duration;
 use kaproxy::config::Config;
 use kaproxy::ops::probe::probe;
 
-use crate::support::apache::{require_apache, Apache, ApacheOptions};
+use kaproxy_testkit::apache::{require_apache, Apache, ApacheOptions};
 
 /// How long the probe waits for Apache's close; far above the timeouts under test.
 const MAX_WAIT: Duration = Duration::from_secs(10);

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use http::{StatusCode, Version};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use kaproxy::demo::{DemoBackend, DemoBackendConfig};
+use kaproxy_testkit::demo::{DemoBackend, DemoBackendConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::support::client::{

@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use kaproxy::demo::{DemoBackend, DemoBackendConfig, DemoStats, StaleReuse};
+use kaproxy_testkit::demo::{DemoBackend, DemoBackendConfig, DemoStats, StaleReuse};
 
 use crate::support::client::{Endpoint, Load, Pacing, Request, Tally};
 use crate::support::proxy::{test_config, Metrics, TestConfig, TestProxy, CLOSED_TOTAL};

@@ -7,7 +7,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use kaproxy::demo::DemoBackend;
+use kaproxy_testkit::demo::DemoBackend;
+use kaproxy_testkit::eventually;
 use tokio::time::Instant;
 
 use crate::ops::{admin, demo_backend, scrape, status};
@@ -67,19 +68,12 @@ async fn request_loop(endpoint: Endpoint, slot: usize, stop: Arc<AtomicBool>) ->
 
 /// Waits (bounded by [`SERVE_WAIT`]) until `backend` has answered at least `n` requests.
 async fn wait_served(backend: &DemoBackend, n: u64, what: &str) {
-    let deadline = Instant::now() + SERVE_WAIT;
-    loop {
-        let served = backend.stats().requests_served;
-        if served >= n {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: backend {} served {served} < {n} requests within {SERVE_WAIT:?}",
-            backend.name()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(
+        &format!("{what}: backend {} served {n} requests", backend.name()),
+        SERVE_WAIT,
+        || backend.stats().requests_served >= n,
+    )
+    .await;
 }
 
 async fn shutdown(server: kaproxy::Server) {

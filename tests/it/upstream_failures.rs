@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, StatusCode};
-use kaproxy::demo::{DemoBackend, DemoBackendConfig, DemoStats, StaleReuse};
+use kaproxy_testkit::demo::{DemoBackend, DemoBackendConfig, DemoStats, StaleReuse};
+use kaproxy_testkit::eventually;
 use tokio::time::Instant;
 
 use crate::support::client::{KeepAliveClient, Request, Response};
@@ -112,14 +113,12 @@ async fn full_pool_gets_503_after_acquire_timeout_then_recovers() {
         let resp = slow_client.send(&Request::get("/slow?ms=1500")).await;
         (resp, started.elapsed())
     });
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while backend.stats().connections_accepted < 1 {
-        assert!(
-            Instant::now() < deadline,
-            "the slow request never reached the backend"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually(
+        "the slow request reaches the backend",
+        Duration::from_secs(5),
+        || backend.stats().connections_accepted >= 1,
+    )
+    .await;
 
     let mut client = KeepAliveClient::new(endpoint, None);
     let started = Instant::now();

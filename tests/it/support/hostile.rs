@@ -22,20 +22,6 @@ use super::client::{tls_connect, Endpoint, TLS_SERVER_NAME};
 /// Bound on every raw read of a whole response.
 pub const RAW_BOUND: Duration = Duration::from_secs(5);
 
-/// Polls `cond` every 20 ms until it holds or `within` has passed; returns whether it held.
-pub async fn wait_until(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + within;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Raw HTTP/1.1 client side
 // ---------------------------------------------------------------------------------------------

@@ -1,9 +1,9 @@
-//! Shared helpers for kaproxy's integration tests: Apache, a recording upstream, a downstream
-//! client and an in-process kaproxy.
+//! Shared helpers for kaproxy's integration tests: a recording upstream, a downstream client,
+//! Chromium and an in-process kaproxy (Apache, the demo backends and `eventually` are in
+//! `kaproxy-testkit`).
 
 #![allow(dead_code)]
 
-pub mod apache;
 pub mod backend;
 pub mod chromium;
 pub mod client;

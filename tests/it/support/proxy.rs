@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use kaproxy::config::Config;
-use tokio::time::Instant;
+use kaproxy_testkit::poll_until;
 
 use super::client::{tls_config, Endpoint};
 
@@ -133,17 +133,9 @@ impl TestProxy {
         within: Duration,
         pred: impl Fn(&Metrics) -> bool,
     ) -> (Metrics, bool) {
-        let deadline = Instant::now() + within;
-        loop {
-            let m = self.metrics();
-            if pred(&m) {
-                return (m, true);
-            }
-            if Instant::now() >= deadline {
-                return (m, false);
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let mut last = None;
+        let held = poll_until(within, async || pred(last.insert(self.metrics()))).await;
+        (last.expect("checked at least once"), held)
     }
 
     pub async fn shutdown(self) {
