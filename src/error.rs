@@ -1,4 +1,6 @@
-//! Owns the proxy's typed errors: what failed, on which side, and whether a retry is safe.
+//! Owns the upstream side's typed errors: what failed (each timeout with its duration), the
+//! metrics kind it counts as, the status the client gets, and whether it may move on to the
+//! next server (a client's broken body is [`crate::body::BodyError`], never one of these).
 
 use std::io;
 use std::net::SocketAddr;
@@ -6,14 +8,7 @@ use std::time::Duration;
 
 use http::StatusCode;
 
-/// Which side of the proxy an error came from (Pingora's split: downstream = clients,
-/// upstream = backends).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Side {
-    Downstream,
-    Upstream,
-    Internal,
-}
+use crate::ops::metrics::ErrorKind;
 
 /// A failure while getting a response from a backend.
 #[derive(Debug, thiserror::Error)]
@@ -56,14 +51,14 @@ impl UpstreamError {
     }
 
     /// The `kind` label of `kaproxy_upstream_errors_total`.
-    pub fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> ErrorKind {
         match self {
-            UpstreamError::Connect { .. } | UpstreamError::Handshake { .. } => "connect",
+            UpstreamError::Connect { .. } | UpstreamError::Handshake { .. } => ErrorKind::Connect,
             UpstreamError::ConnectTimeout { .. }
             | UpstreamError::AcquireTimeout { .. }
-            | UpstreamError::ResponseTimeout { .. } => "timeout",
-            UpstreamError::ClosedBeforeResponse { .. } => "closed_before_response",
-            UpstreamError::Reset { .. } => "reset",
+            | UpstreamError::ResponseTimeout { .. } => ErrorKind::Timeout,
+            UpstreamError::ClosedBeforeResponse { .. } => ErrorKind::ClosedBeforeResponse,
+            UpstreamError::Reset { .. } => ErrorKind::Reset,
         }
     }
 
@@ -85,10 +80,6 @@ impl UpstreamError {
             UpstreamError::ResponseTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             _ => StatusCode::BAD_GATEWAY,
         }
-    }
-
-    pub fn side(&self) -> Side {
-        Side::Upstream
     }
 }
 

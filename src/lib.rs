@@ -27,6 +27,7 @@
 //! - [`server`]: the running proxy: builds a generation, binds, spawns, drains.
 //! - [`config`]: TOML → validated, typed [`config::Config`]; the keep-alive timeline of `check`.
 //! - [`body`]: request bodies in transit (`body_timeout`, buffering) and [`body::BodyError`].
+//! - [`sync`]: how a lock is taken (a poisoned lock is used as is), one way everywhere.
 //! - [`error`]: typed upstream errors, each knowing its kind and whether it may be retried.
 //!
 //! Development tooling (`kaproxy demo`'s backends, the delay relay, the Apache launcher of the
@@ -45,6 +46,7 @@ pub mod error;
 pub mod ops;
 pub mod proxy;
 pub mod server;
+pub mod sync;
 pub mod upstream;
 
 pub use server::Server;

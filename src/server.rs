@@ -50,7 +50,7 @@ impl Server {
     pub async fn start(config: Config) -> Result<Server, StartError> {
         let metrics = Arc::new(Metrics::new());
         let generation = Generation::build(&config, &metrics, None)?;
-        let health_checks = start_health_checks(&config, &generation.proxy);
+        let health_checks = start_health_checks(&generation.proxy);
         let current = Arc::new(ArcSwap::from_pointee(generation));
         let (shutdown, shutdown_rx) = watch::channel(false);
         let (done_tx, connections) = mpsc::channel::<()>(1);
@@ -186,11 +186,7 @@ impl Server {
         {
             warn!(timeout = ?self.shutdown_timeout, "shutdown_timeout passed with requests still in flight");
         }
-        self.control
-            .health_checks
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clear();
+        crate::sync::lock(&self.control.health_checks).clear();
         self.control.current.load().proxy.close_idle();
         info!("stopped");
     }

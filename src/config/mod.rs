@@ -35,7 +35,7 @@ use ipnet::IpNet;
 use serde::Deserialize;
 use toml_edit::ImDocument;
 
-// Defaults, one per key of SPEC.md's "Configuration (TOML)", each with where it comes from.
+// Defaults, one per key of the README's configuration reference, each with where it comes from.
 
 /// The development certificate, generated on first start if absent.
 const DEFAULT_TLS_CERT: &str = "certs/dev-cert.pem";
@@ -247,12 +247,15 @@ pub struct UpstreamConfig {
     pub pool: PoolConfig,
     pub retry: RetryConfig,
     pub buffers: BufferConfig,
+    /// Time to the response head (and to a read-ahead body); then 504. Not a pool setting:
+    /// the proxy bounds each exchange with it.
+    pub response_timeout: Duration,
     pub ip_hash_prefix_v4: u8,
     pub ip_hash_prefix_v6: u8,
     pub health: Option<HealthConfig>,
 }
 
-/// The pool keys of `[upstreams.NAME]`. `Default` gives the SPEC's values.
+/// The pool keys of `[upstreams.NAME]`. `Default` gives the documented defaults.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PoolConfig {
     pub keepalive_timeout: Duration,
@@ -264,7 +267,6 @@ pub struct PoolConfig {
     pub max_connections_per_server: usize,
     pub acquire_timeout: Duration,
     pub connect_timeout: Duration,
-    pub response_timeout: Duration,
     /// None when configured as "0s".
     pub tcp_keepalive: Option<Duration>,
     /// Learn each server's keep-alive timeout/max from its `Keep-Alive` header. Always true
@@ -272,7 +274,7 @@ pub struct PoolConfig {
     pub learn_keep_alive: bool,
 }
 
-/// The retry keys of `[upstreams.NAME]`. `Default` gives the SPEC's values.
+/// The retry keys of `[upstreams.NAME]`. `Default` gives the documented defaults.
 #[derive(Debug, Clone)]
 pub struct RetryConfig {
     pub retry_idempotent: bool,
@@ -588,7 +590,7 @@ http = "127.0.0.1:8080"
 servers = ["127.0.0.1:8081"]
 "#;
 
-    /// SPEC.md's "Configuration (TOML)" block, verbatim.
+    /// The product specification's configuration block, verbatim: every key with its default.
     const SPEC_EXAMPLE: &str = r##"[listen]
 https = "0.0.0.0:8443"        # TLS listener, ALPN h2 + http/1.1; omit to disable
 http  = "0.0.0.0:8080"        # plain HTTP listener; omit to disable (at least one listener)

@@ -117,7 +117,6 @@ impl RawUpstream {
                 max_connections_per_server: self.max_connections_per_server,
                 acquire_timeout: self.acquire_timeout,
                 connect_timeout: self.connect_timeout,
-                response_timeout: self.response_timeout,
                 tcp_keepalive: self.tcp_keepalive,
                 learn_keep_alive: true,
             },
@@ -127,6 +126,7 @@ impl RawUpstream {
                 retry_backoff: self.retry_backoff,
                 retry_on_timeout: self.retry_on_timeout,
             },
+            response_timeout: self.response_timeout,
             buffers: BufferConfig {
                 request_buffer_bytes: self.request_buffer_bytes,
                 response_buffer_bytes: self.response_buffer_bytes,

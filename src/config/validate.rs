@@ -99,7 +99,7 @@ pub(super) fn validate_upstream(u: &UpstreamConfig, out: &mut Vec<Problem>) {
         pool.max_requests_per_connection.into(),
     );
     positive(out, &key("connect_timeout"), pool.connect_timeout);
-    positive(out, &key("response_timeout"), pool.response_timeout);
+    positive(out, &key("response_timeout"), u.response_timeout);
     for (name, prefix, bits) in [
         ("v4", u.ip_hash_prefix_v4, 32),
         ("v6", u.ip_hash_prefix_v6, 128),

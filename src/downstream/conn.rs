@@ -786,3 +786,97 @@ where
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> DownstreamConfig {
+        DownstreamConfig {
+            header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(75),
+            ..DownstreamConfig::default()
+        }
+    }
+
+    fn timer_name(t: &Option<Timer>) -> &'static str {
+        match t {
+            None => "check",
+            Some(Timer::Head) => "head",
+            Some(Timer::FirstRequest) => "first_request",
+            Some(Timer::Idle) => "idle",
+            Some(Timer::Park) => "park",
+        }
+    }
+
+    /// `next_check` at `now` as (seconds from the connection's start, timer).
+    fn next(state: &ConnState, http1: bool) -> (f64, &'static str) {
+        let (at, timer) = state.next_check(&cfg(), http1, Instant::now());
+        let secs = at.duration_since(state.origin).as_secs_f64();
+        (secs, timer_name(&timer))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_new_http1_connection_is_checked_every_park_after_then_closed_silently() {
+        let state = ConnState::new();
+        // hyper has not read yet: look again after PARK_AFTER, no timer fires.
+        assert_eq!(next(&state, true), (1.0, "check"));
+        tokio::time::advance(Duration::from_millis(9500)).await;
+        assert_eq!(next(&state, true), (10.0, "first_request"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_partial_head_gets_its_408_at_header_timeout_after_its_first_byte() {
+        let state = ConnState::new();
+        tokio::time::advance(Duration::from_secs(3)).await;
+        state.head_bytes_arrived();
+        tokio::time::advance(Duration::from_secs(1)).await;
+        state.head_bytes_arrived(); // later bytes do not move the deadline
+        assert_eq!(next(&state, true), (13.0, "head"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_in_flight_only_gets_checks() {
+        let state = ConnState::new();
+        let (guard, n) = state.request_started();
+        assert_eq!(n, 1);
+        tokio::time::advance(Duration::from_secs(100)).await;
+        assert_eq!(next(&state, true), (101.0, "check"));
+        assert_eq!(next(&state, false), (110.0, "check"));
+        drop(guard);
+        // Idle from the end of the response on.
+        assert_eq!(next(&state, false), (175.0, "idle"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_http1_connection_parks_once_hyper_is_at_rest() {
+        let state = ConnState::new();
+        let (guard, _) = state.request_started();
+        tokio::time::advance(Duration::from_secs(2)).await;
+        drop(guard);
+        // hyper still busy (its last read found data): look again, do not park yet.
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(next(&state, true), (4.0, "check"));
+        // hyper's read came back empty and everything is flushed: park now.
+        state.read_blocked.store(true, Ordering::Release);
+        assert_eq!(next(&state, true), (3.0, "park"));
+        state.unflushed.store(true, Ordering::Release);
+        assert_eq!(
+            next(&state, true),
+            (4.0, "check"),
+            "unflushed bytes keep hyper"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_parked_connection_closes_at_idle_timeout_after_its_last_response() {
+        let state = ConnState::new();
+        let fresh = state.close_deadline(&cfg());
+        assert_eq!(fresh.duration_since(state.origin), Duration::from_secs(10));
+        let (guard, _) = state.request_started();
+        tokio::time::advance(Duration::from_secs(5)).await;
+        drop(guard);
+        let served = state.close_deadline(&cfg());
+        assert_eq!(served.duration_since(state.origin), Duration::from_secs(80));
+    }
+}

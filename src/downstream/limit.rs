@@ -183,7 +183,7 @@ impl Limiter {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, IdleList> {
-        self.idle.lock().unwrap_or_else(|e| e.into_inner())
+        crate::sync::lock(&self.idle)
     }
 }
 

@@ -86,7 +86,7 @@ async fn watchdog<B>(shared: Weak<Shared<B>>, send_timeout: Duration) {
             at = (last + send_timeout).max(now + send_timeout / 4);
             continue;
         }
-        let body = s.body.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let body = crate::sync::lock(&s.body).take();
         if body.is_some() {
             debug!(
                 ?send_timeout,
@@ -119,7 +119,7 @@ where
         let s = &self.shared;
         let ms = s.origin.elapsed().as_millis() as u64;
         s.last_poll_ms.store(ms, Ordering::Release);
-        let mut guard = s.body.lock().unwrap_or_else(|e| e.into_inner());
+        let mut guard = crate::sync::lock(&s.body);
         let Some(body) = guard.as_mut() else {
             return Poll::Ready(Some(Err(Box::new(Stalled(Duration::ZERO)))));
         };
@@ -134,12 +134,12 @@ where
         if self.shared.expired.load(Ordering::Acquire) {
             return false;
         }
-        let guard = self.shared.body.lock().unwrap_or_else(|e| e.into_inner());
+        let guard = crate::sync::lock(&self.shared.body);
         guard.as_ref().is_some_and(|b| b.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
-        let guard = self.shared.body.lock().unwrap_or_else(|e| e.into_inner());
+        let guard = crate::sync::lock(&self.shared.body);
         guard
             .as_ref()
             .map_or_else(SizeHint::default, |b| b.size_hint())

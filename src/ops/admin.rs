@@ -123,13 +123,12 @@ fn status_json(generation: &Generation) -> String {
         .upstreams()
         .iter()
         .map(|u| {
-            let cfg = config.upstreams.iter().find(|c| c.name == u.name);
             let servers: Vec<_> = u
                 .balancer
                 .backends()
                 .iter()
-                .zip(&u.pools)
-                .map(|(b, p)| {
+                .map(|b| {
+                    let p = &b.pool;
                     let closed: serde_json::Map<String, serde_json::Value> = p
                         .metrics()
                         .closed_counts()
@@ -154,9 +153,9 @@ fn status_json(generation: &Generation) -> String {
                     crate::config::BalanceKind::RoundRobin => "round_robin",
                     crate::config::BalanceKind::IpHash => "ip_hash",
                 },
-                "idle_timeout_s": cfg.map(|c| secs(c.pool.idle_timeout)),
-                "safety_margin_s": cfg.map(|c| secs(c.pool.safety_margin)),
-                "keepalive_timeout_s": cfg.map(|c| secs(c.pool.keepalive_timeout)),
+                "idle_timeout_s": secs(u.config.pool.idle_timeout),
+                "safety_margin_s": secs(u.config.pool.safety_margin),
+                "keepalive_timeout_s": secs(u.config.pool.keepalive_timeout),
                 "servers": servers,
             })
         })

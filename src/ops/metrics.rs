@@ -91,7 +91,7 @@ struct ListenerLabels {
     listener: &'static str,
 }
 
-/// Every metric kaproxy exports (names fixed by SPEC.md).
+/// Every metric kaproxy exports (names as the README's metrics list gives them; dashboards depend on them).
 pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
@@ -108,8 +108,37 @@ pub struct Metrics {
     server_up: Family<ServerUpLabels, Gauge>,
 }
 
-pub const UPSTREAM_ERROR_KINDS: [&str; 4] =
-    ["connect", "reset", "closed_before_response", "timeout"];
+/// What failed upstream: the `kind` label of `kaproxy_upstream_errors_total` and the `cause`
+/// of `kaproxy_upstream_retries_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// Connecting failed or timed out (nothing was sent).
+    Connect = 0,
+    /// The backend reset the connection before a response byte.
+    Reset = 1,
+    /// The backend closed the connection before a response byte.
+    ClosedBeforeResponse = 2,
+    /// No response within `response_timeout` (or no slot within `acquire_timeout`).
+    Timeout = 3,
+}
+
+impl ErrorKind {
+    pub const ALL: [ErrorKind; 4] = [
+        ErrorKind::Connect,
+        ErrorKind::Reset,
+        ErrorKind::ClosedBeforeResponse,
+        ErrorKind::Timeout,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::Connect => "connect",
+            ErrorKind::Reset => "reset",
+            ErrorKind::ClosedBeforeResponse => "closed_before_response",
+            ErrorKind::Timeout => "timeout",
+        }
+    }
+}
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -230,11 +259,11 @@ impl Metrics {
                 })
                 .clone()
         });
-        let errors = UPSTREAM_ERROR_KINDS.map(|kind| {
+        let errors = ErrorKind::ALL.map(|kind| {
             self.errors
                 .get_or_create(&KindLabels {
                     server: server.clone(),
-                    kind,
+                    kind: kind.as_str(),
                 })
                 .clone()
         });
@@ -307,7 +336,7 @@ pub struct ServerMetrics {
     pub idle: Gauge,
     pub up: Gauge,
     closed: [Counter; CloseReason::ALL.len()],
-    errors: [Counter; UPSTREAM_ERROR_KINDS.len()],
+    errors: [Counter; ErrorKind::ALL.len()],
     duration: Histogram,
     retries: Family<CauseLabels, Counter>,
     requests: Family<RequestLabels, Counter>,
@@ -326,17 +355,15 @@ impl ServerMetrics {
             .map(|r| (r.as_str(), self.closed[*r as usize].get()))
     }
 
-    pub fn error(&self, kind: &'static str) {
-        if let Some(i) = UPSTREAM_ERROR_KINDS.iter().position(|k| *k == kind) {
-            self.errors[i].inc();
-        }
+    pub fn error(&self, kind: ErrorKind) {
+        self.errors[kind as usize].inc();
     }
 
-    pub fn retry(&self, cause: &'static str) {
+    pub fn retry(&self, cause: ErrorKind) {
         self.retries
             .get_or_create(&CauseLabels {
                 server: self.server.clone(),
-                cause,
+                cause: cause.as_str(),
             })
             .inc();
     }

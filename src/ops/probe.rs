@@ -17,7 +17,8 @@ use tokio::time::Instant;
 
 use crate::upstream::keep_alive::{KeepAliveHint, KEEP_ALIVE};
 
-/// How long `probe` waits for the backend to close an idle connection (SPEC: about a minute).
+/// How long `probe` waits for the backend to close an idle connection: a little over a
+/// minute, which covers Apache's 5 s default and the 60 s many backends use.
 pub const DEFAULT_MAX_WAIT: Duration = Duration::from_secs(65);
 /// The margin never exceeds the config default, and is never below this.
 const MIN_MARGIN: Duration = Duration::from_millis(100);

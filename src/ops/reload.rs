@@ -18,20 +18,13 @@ use crate::upstream::health::{spawn_active_checks, ActiveChecks};
 /// Starts the active checks of every upstream with `[health]`, on the backends of `proxy`.
 /// They live on [`Control`], not in the generation: an old generation lives as long as any
 /// connection accepted under it, and its probes must stop at reload.
-pub(crate) fn start_health_checks(config: &Config, proxy: &Proxy) -> Vec<ActiveChecks> {
-    config
-        .upstreams
+pub(crate) fn start_health_checks(proxy: &Proxy) -> Vec<ActiveChecks> {
+    proxy
+        .upstreams()
         .iter()
         .filter_map(|u| {
-            let health = u.health.as_ref()?;
-            let upstream = proxy.upstreams().iter().find(|p| p.name == u.name)?;
-            let targets = upstream
-                .balancer
-                .backends()
-                .iter()
-                .cloned()
-                .zip(upstream.pools.iter().map(|p| p.metrics().up.clone()))
-                .collect();
+            let health = u.config.health.as_ref()?;
+            let targets = u.balancer.backends().to_vec();
             Some(spawn_active_checks(&u.name, targets, health))
         })
         .collect()
@@ -80,7 +73,7 @@ impl Control {
     pub fn apply(&self, config: Config) -> Result<(), ReloadError> {
         let old = self.current.load_full();
         let generation = Generation::build(&config, &self.metrics, Some(&old.proxy))?;
-        let checks = start_health_checks(&config, &generation.proxy);
+        let checks = start_health_checks(&generation.proxy);
         let s = &self.started;
         if config.listen.https != s.listen.https
             || config.listen.http != s.listen.http
@@ -96,7 +89,7 @@ impl Control {
         }
         self.current.store(Arc::new(generation));
         // Dropping the old checks aborts their probes.
-        *self.health_checks.lock().unwrap_or_else(|e| e.into_inner()) = checks;
+        *crate::sync::lock(&self.health_checks) = checks;
         info!(upstreams = config.upstreams.len(), "configuration reloaded");
         Ok(())
     }

@@ -13,7 +13,6 @@ mod tunnel;
 pub use forwarded::{strip_hop_by_hop, upstream_request_headers, DownstreamInfo};
 pub use response::{local_response, ProxyBody};
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,9 +23,11 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 use crate::body::{buffer_request, BodyDone, BodyError, RequestBody, UpstreamBody};
-use crate::config::{BufferConfig, Config, ForwardedConfig, RetryConfig};
+use crate::config::{Config, ForwardedConfig, UpstreamConfig};
 use crate::ops::metrics::Metrics;
-use crate::upstream::backend::Backend;
+use crate::upstream::backend::{
+    Backend, BackendHealth, DEFAULT_PASSIVE_COOLDOWN, DEFAULT_PASSIVE_FALL,
+};
 use crate::upstream::balancer::Balancer;
 use crate::upstream::pool::ServerPool;
 
@@ -41,10 +42,8 @@ use tunnel::*;
 pub struct Upstream {
     pub name: String,
     pub balancer: Balancer,
-    pub pools: Vec<Arc<ServerPool>>,
-    retry: RetryConfig,
-    buffers: BufferConfig,
-    response_timeout: Duration,
+    /// The group's configuration as loaded (retry, buffers, timeouts; `/status` reads it).
+    pub config: UpstreamConfig,
 }
 
 /// The request-handling half of a loaded configuration. Swapped whole on reload.
@@ -67,50 +66,41 @@ impl Proxy {
     /// Like [`Proxy::new`], keeping the pools (and their warm connections) of `previous` for
     /// servers that stay in the same upstream with the same pool settings (reload).
     pub fn reusing(cfg: &Config, metrics: Arc<Metrics>, previous: Option<&Proxy>) -> Proxy {
-        let kept = |upstream: &str, addr: SocketAddr, pool_cfg: &crate::config::PoolConfig| {
-            let old = previous?.upstreams.iter().find(|u| u.name == upstream)?;
-            old.pools
-                .iter()
-                .find(|p| p.addr() == addr && p.config() == pool_cfg)
-                .cloned()
-        };
         let upstreams: Vec<Upstream> = cfg
             .upstreams
             .iter()
             .map(|u| {
-                let balancer = Balancer::new(u);
-                // Keep the probes' verdict across a reload (only while probes run to clear it).
-                if u.health.is_some() {
-                    if let Some(old) =
-                        previous.and_then(|p| p.upstreams.iter().find(|o| o.name == u.name))
-                    {
-                        for b in balancer.backends() {
-                            if let Some(ob) =
-                                old.balancer.backends().iter().find(|ob| ob.addr == b.addr)
-                            {
-                                b.health.inherit_active(&ob.health);
-                            }
-                        }
-                    }
-                }
-                let pools = balancer
-                    .backends()
+                let old = previous.and_then(|p| p.upstreams.iter().find(|o| o.name == u.name));
+                let fall = u.health.as_ref().map_or(DEFAULT_PASSIVE_FALL, |h| h.fall);
+                let backends = u
+                    .servers
                     .iter()
-                    .map(|b| {
-                        kept(&u.name, b.addr, &u.pool).unwrap_or_else(|| {
-                            let m = metrics.server(&u.name, b.addr);
-                            m.up.set(1);
-                            ServerPool::new(b.addr, u.pool.clone(), m)
-                        })
+                    .map(|server| {
+                        let old = old.and_then(|o| {
+                            o.balancer.backends().iter().find(|b| b.addr == server.addr)
+                        });
+                        // A server that stays with the same pool settings keeps its pool and
+                        // its warm connections.
+                        let pool = old
+                            .filter(|b| b.pool.config() == &u.pool)
+                            .map(|b| b.pool.clone())
+                            .unwrap_or_else(|| {
+                                let m = metrics.server(&u.name, server.addr);
+                                ServerPool::new(server.addr, u.pool.clone(), m)
+                            });
+                        let health = BackendHealth::new(fall, DEFAULT_PASSIVE_COOLDOWN);
+                        // The probes' verdict survives a reload (only while probes run to
+                        // clear it).
+                        if let (Some(old), Some(_)) = (old, &u.health) {
+                            health.inherit_active(&old.health);
+                        }
+                        Arc::new(Backend::new(server.weight, health, pool))
                     })
                     .collect();
                 Upstream {
                     name: u.name.clone(),
-                    balancer,
-                    pools,
-                    retry: u.retry.clone(),
-                    buffers: u.buffers,
-                    response_timeout: u.pool.response_timeout,
+                    balancer: Balancer::new(u, backends),
+                    config: u.clone(),
                 }
             })
             .collect();
@@ -142,8 +132,8 @@ impl Proxy {
     /// Closes every idle upstream connection (shutdown).
     pub fn close_idle(&self) {
         for u in &self.upstreams {
-            for p in &u.pools {
-                p.close_idle();
+            for b in u.balancer.backends() {
+                b.pool.close_idle();
             }
         }
     }
@@ -193,12 +183,17 @@ impl Proxy {
             let body = RequestBody::new(body, done, self.body_timeout);
             // A slow client never holds an upstream connection this way, and the body can be
             // sent again on a retry.
-            match Box::pin(buffer_request(body, upstream.buffers.request_buffer_bytes)).await {
+            match Box::pin(buffer_request(
+                body,
+                upstream.config.buffers.request_buffer_bytes,
+            ))
+            .await
+            {
                 Ok(body) => body,
                 Err(err) => return client_failed(&err, client_ip, version, log),
             }
         };
-        let resend = Resend::new(&upstream.retry, &parts.method, &uri, &headers, &body);
+        let resend = Resend::new(&upstream.config.retry, &parts.method, &uri, &headers, &body);
         let request = build_request(parts.method, uri, headers, body);
 
         // Phase 3: pick a server, connect, send; fail over and retry (retry.rs).
@@ -206,7 +201,7 @@ impl Proxy {
             // Phase 4: response filter (response.rs); the access log line (log.rs) is written
             // when the body ends.
             Ok(sent) => {
-                let pool = &upstream.pools[sent.server];
+                let pool = &sent.backend.pool;
                 self.respond(sent.response, sent.conn, upstream, pool, log, start)
                     .await
             }
@@ -214,28 +209,10 @@ impl Proxy {
                 Some(fault) => client_failed(fault, client_ip, version, log),
                 None => unreachable!("Failed::Client carries a body error"),
             },
-            Err(Failed::Server(idx, err)) => {
-                server_failed(upstream, &upstream.pools[idx], &err, log)
-            }
+            Err(Failed::Server(backend, err)) => server_failed(upstream, &backend.pool, &err, log),
             Err(Failed::Answer(answer)) => with_log(answer, log),
         }
     }
-}
-
-fn record_failure(backend: &Backend, pool: &ServerPool) {
-    if backend.health.record_failure(Instant::now()) {
-        warn!(server = %backend.addr, "passive health: server marked down after consecutive failures");
-    }
-    pool.metrics()
-        .up
-        .set(backend.health.is_up(Instant::now()) as i64);
-}
-
-fn record_success(backend: &Backend, pool: &ServerPool) {
-    backend.health.record_success();
-    pool.metrics()
-        .up
-        .set(i64::from(backend.health.is_up(Instant::now())));
 }
 
 fn build_request(

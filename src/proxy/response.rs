@@ -54,8 +54,8 @@ impl Proxy {
         let body = conn.attach(body);
         let inner = match read_ahead(
             body,
-            upstream.buffers.response_buffer_bytes,
-            upstream.response_timeout,
+            upstream.config.buffers.response_buffer_bytes,
+            upstream.config.response_timeout,
         )
         .await
         {
@@ -65,7 +65,7 @@ impl Proxy {
                     Some(e) => UpstreamError::from_send(pool.addr(), e),
                     None => UpstreamError::ResponseTimeout {
                         addr: pool.addr(),
-                        timeout: upstream.response_timeout,
+                        timeout: upstream.config.response_timeout,
                     },
                 };
                 pool.metrics().error(err.kind());

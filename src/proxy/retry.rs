@@ -21,17 +21,19 @@ use tracing::warn;
 use crate::body::{BodyError, UpstreamBody};
 use crate::config::RetryConfig;
 use crate::error::UpstreamError;
+use crate::ops::metrics::ErrorKind;
+use crate::upstream::backend::Backend;
 use crate::upstream::pool::{PooledConn, SendFailure, ServerPool};
 
 use super::response::*;
-use super::{build_request, record_failure, record_success, Proxy, Upstream};
+use super::{build_request, Proxy, Upstream};
 
 /// The retry back-off doubles up to this (README, `retry_backoff`: "doubling, capped at 1 s").
 pub(super) const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(1);
 
 /// What is left of a request's connect retries, and the servers already tried.
 pub(super) struct Attempts {
-    pub(super) tried: Vec<usize>,
+    pub(super) tried: Vec<Arc<Backend>>,
     pub(super) retries_left: u32,
     pub(super) backoff: Duration,
 }
@@ -63,15 +65,16 @@ impl Proxy {
         client_ip: IpAddr,
         attempts: &mut Attempts,
         mut connect: F,
-    ) -> Result<(usize, T), Response<ProxyBody>>
+    ) -> Result<(Arc<Backend>, T), Response<ProxyBody>>
     where
         F: FnMut(Arc<ServerPool>) -> Fut,
         Fut: std::future::Future<Output = Result<T, UpstreamError>>,
     {
         loop {
-            let Some(idx) = upstream
+            let Some(backend) = upstream
                 .balancer
                 .pick(client_ip, &attempts.tried, Instant::now())
+                .cloned()
             else {
                 warn!(upstream = %upstream.name, tried = attempts.tried.len(), "every server of the upstream failed; 502");
                 return Err(local_response(
@@ -79,16 +82,19 @@ impl Proxy {
                     "no upstream server could be reached\n",
                 ));
             };
-            match connect(upstream.pools[idx].clone()).await {
-                Ok(conn) => return Ok((idx, conn)),
+            match connect(backend.pool.clone()).await {
+                Ok(conn) => return Ok((backend, conn)),
                 Err(err) if err.is_connect() => {
-                    if !self.connect_failed(upstream, idx, &err, attempts).await {
+                    if !self
+                        .connect_failed(upstream, &backend, &err, attempts)
+                        .await
+                    {
                         return Err(local_response(err.status(), "upstream unavailable\n"));
                     }
                 }
                 Err(err) => {
-                    upstream.pools[idx].metrics().error(err.kind());
-                    warn!(upstream = %upstream.name, server = %upstream.pools[idx].addr(), error = %err,
+                    backend.metrics().error(err.kind());
+                    warn!(upstream = %upstream.name, server = %backend.addr, error = %err,
                         status = err.status().as_u16(), "upstream failed");
                     return Err(local_response(err.status(), "upstream unavailable\n"));
                 }
@@ -96,46 +102,45 @@ impl Proxy {
         }
     }
 
-    /// Books a connect failure on server `idx`; returns whether another server may be tried
+    /// Books a connect failure on `backend`; returns whether another server may be tried
     /// (after the back-off, which it sleeps).
     pub(super) async fn connect_failed(
         &self,
         upstream: &Upstream,
-        idx: usize,
+        backend: &Arc<Backend>,
         err: &UpstreamError,
         attempts: &mut Attempts,
     ) -> bool {
-        let pool = &upstream.pools[idx];
-        pool.metrics().error(err.kind());
-        record_failure(&upstream.balancer.backends()[idx], pool);
-        self.move_on(upstream, idx, err, attempts).await
+        backend.metrics().error(err.kind());
+        backend.record_failure();
+        self.move_on(upstream, backend, err, attempts).await
     }
 
-    /// Server `idx` failed the request (already counted and booked against its health):
+    /// `backend` failed the request (already counted and booked against its health):
     /// returns whether the next server may be tried, within `max_retries`, after the
     /// doubling back-off (which it sleeps). Counted in `kaproxy_upstream_retries_total` with
     /// the failure's kind as cause (`connect` for every connect failure).
     pub(super) async fn move_on(
         &self,
         upstream: &Upstream,
-        idx: usize,
+        backend: &Arc<Backend>,
         err: &UpstreamError,
         attempts: &mut Attempts,
     ) -> bool {
-        let pool = &upstream.pools[idx];
-        attempts.tried.push(idx);
-        if attempts.retries_left == 0 || attempts.tried.len() >= upstream.pools.len() {
-            warn!(upstream = %upstream.name, server = %pool.addr(), error = %err, "upstream failed; no retries or servers left");
+        attempts.tried.push(backend.clone());
+        let servers = upstream.balancer.backends().len();
+        if attempts.retries_left == 0 || attempts.tried.len() >= servers {
+            warn!(upstream = %upstream.name, server = %backend.addr, error = %err, "upstream failed; no retries or servers left");
             return false;
         }
         attempts.retries_left -= 1;
         let cause = if err.is_connect() {
-            "connect"
+            ErrorKind::Connect
         } else {
             err.kind()
         };
-        pool.metrics().retry(cause);
-        warn!(upstream = %upstream.name, server = %pool.addr(), error = %err, backoff = ?attempts.backoff,
+        backend.metrics().retry(cause);
+        warn!(upstream = %upstream.name, server = %backend.addr, error = %err, backoff = ?attempts.backoff,
             "upstream failed; trying the next server");
         tokio::time::sleep(attempts.backoff).await;
         attempts.backoff = (attempts.backoff * 2).min(MAX_RETRY_BACKOFF);
@@ -170,9 +175,9 @@ impl Resend {
     }
 }
 
-/// A response head from server `server`, with the connection its body comes on.
+/// A response head from `backend`, with the connection its body comes on.
 pub(super) struct Sent {
-    pub(super) server: usize,
+    pub(super) backend: Arc<Backend>,
     pub(super) response: Response<Incoming>,
     pub(super) conn: PooledConn,
 }
@@ -182,8 +187,8 @@ pub(super) enum Failed {
     /// The client's request body broke while it streamed upstream (a [`BodyError`] in the
     /// chain): the client's fault. Its upstream connection was closed (reason `error`).
     Client(UpstreamError),
-    /// Server `usize` failed it (already counted and booked against its health).
-    Server(usize, UpstreamError),
+    /// This backend failed it (already counted and booked against its health).
+    Server(Arc<Backend>, UpstreamError),
     /// kaproxy's answer: no server could be picked or reached.
     Answer(Response<ProxyBody>),
 }
@@ -199,22 +204,22 @@ impl Proxy {
         resend: Resend,
     ) -> Result<Sent, Failed> {
         let mut request = Some(request);
-        let mut attempts = Attempts::new(&upstream.retry);
-        let mut fresh_on: Option<usize> = None;
+        let mut attempts = Attempts::new(&upstream.config.retry);
+        let mut fresh_on: Option<Arc<Backend>> = None;
         let mut retried_reused = false;
         loop {
             let fresh = match fresh_on.take() {
-                Some(idx) => match upstream.pools[idx].acquire_fresh().await {
-                    Ok(conn) => Some((idx, conn)),
+                Some(backend) => match backend.pool.acquire_fresh().await {
+                    Ok(conn) => Some((backend, conn)),
                     Err(err) => {
-                        self.connect_failed(upstream, idx, &err, &mut attempts)
+                        self.connect_failed(upstream, &backend, &err, &mut attempts)
                             .await;
                         None
                     }
                 },
                 None => None,
             };
-            let (idx, mut conn) = match fresh {
+            let (backend, mut conn) = match fresh {
                 Some(pair) => pair,
                 None => self
                     .connect(upstream, client_ip, &mut attempts, |p| async move {
@@ -223,17 +228,16 @@ impl Proxy {
                     .await
                     .map_err(Failed::Answer)?,
             };
-            let pool = &upstream.pools[idx];
-            let backend = &upstream.balancer.backends()[idx];
+            let pool = &backend.pool;
             let Some(req) = request.take().or_else(|| resend.request()) else {
                 unreachable!("an attempt is only made with a request to send");
             };
-            let sent = tokio::time::timeout(upstream.response_timeout, conn.send(req)).await;
+            let sent = tokio::time::timeout(upstream.config.response_timeout, conn.send(req)).await;
             let (error, unsent) = match sent {
                 Ok(Ok(response)) => {
-                    record_success(backend, pool);
+                    backend.record_success();
                     return Ok(Sent {
-                        server: idx,
+                        backend,
                         response,
                         conn,
                     });
@@ -241,22 +245,22 @@ impl Proxy {
                 Err(_elapsed) => {
                     let err = UpstreamError::ResponseTimeout {
                         addr: pool.addr(),
-                        timeout: upstream.response_timeout,
+                        timeout: upstream.config.response_timeout,
                     };
                     pool.metrics().error(err.kind());
-                    record_failure(backend, pool);
+                    backend.record_failure();
                     drop(conn);
                     // `retry_on_timeout`: the backend may still be working on it, so only
                     // when the operator asked for it.
-                    if upstream.retry.retry_on_timeout {
+                    if upstream.config.retry.retry_on_timeout {
                         if let Some(req) = resend.request() {
-                            if self.move_on(upstream, idx, &err, &mut attempts).await {
+                            if self.move_on(upstream, &backend, &err, &mut attempts).await {
                                 request = Some(req);
                                 continue;
                             }
                         }
                     }
-                    return Err(Failed::Server(idx, err));
+                    return Err(Failed::Server(backend, err));
                 }
                 Ok(Err(SendFailure { error, unsent })) => (error, unsent),
             };
@@ -273,12 +277,12 @@ impl Proxy {
             // reused. Once, on a fresh connection to the same server, which is not blamed.
             if reused && !retried_reused {
                 let Some(req) = next else {
-                    return Err(Failed::Server(idx, error));
+                    return Err(Failed::Server(backend, error));
                 };
                 pool.metrics().retry(error.kind());
-                warn!(upstream = %upstream.name, server = %pool.addr(), cause = error.kind(), error = %error,
+                warn!(upstream = %upstream.name, server = %pool.addr(), cause = error.kind().as_str(), error = %error,
                     "reused upstream connection failed before responding; retrying on a fresh connection");
-                fresh_on = Some(idx);
+                fresh_on = Some(backend);
                 retried_reused = true;
                 request = Some(req);
                 continue;
@@ -286,15 +290,18 @@ impl Proxy {
             // A fresh connection reset or closed before any response byte (a crashed worker,
             // a backend going down): the server is blamed, the request moves on.
             if !reused {
-                record_failure(backend, pool);
+                backend.record_failure();
             }
             if let Some(req) = next {
-                if self.move_on(upstream, idx, &error, &mut attempts).await {
+                if self
+                    .move_on(upstream, &backend, &error, &mut attempts)
+                    .await
+                {
                     request = Some(req);
                     continue;
                 }
             }
-            return Err(Failed::Server(idx, error));
+            return Err(Failed::Server(backend, error));
         }
     }
 }

@@ -18,7 +18,7 @@ use super::log::*;
 use super::response::*;
 use super::retry::*;
 use super::route::*;
-use super::{build_request, record_success, Proxy, Upstream};
+use super::{build_request, Proxy, Upstream};
 
 pub(super) fn is_upgrade<B>(req: &Request<B>) -> bool {
     req.version() == Version::HTTP_11
@@ -56,8 +56,8 @@ impl Proxy {
             }
         };
         let req = build_request(parts.method, origin_form(&parts.uri), headers, body);
-        let mut attempts = Attempts::new(&upstream.retry);
-        let (idx, mut sender) = match self
+        let mut attempts = Attempts::new(&upstream.config.retry);
+        let (backend, mut sender) = match self
             .connect(upstream, client_ip, &mut attempts, |p| async move {
                 p.tunnel_connect().await
             })
@@ -66,11 +66,12 @@ impl Proxy {
             Ok(pair) => pair,
             Err(resp) => return with_log(resp, log),
         };
-        let pool = &upstream.pools[idx];
-        let sent = tokio::time::timeout(upstream.response_timeout, sender.send_request(req)).await;
+        let pool = &backend.pool;
+        let sent =
+            tokio::time::timeout(upstream.config.response_timeout, sender.send_request(req)).await;
         let mut resp = match sent {
             Ok(Ok(resp)) => {
-                record_success(&upstream.balancer.backends()[idx], pool);
+                backend.record_success();
                 resp
             }
             Ok(Err(e)) => {
@@ -81,7 +82,7 @@ impl Proxy {
             Err(_) => {
                 let err = UpstreamError::ResponseTimeout {
                     addr: pool.addr(),
-                    timeout: upstream.response_timeout,
+                    timeout: upstream.config.response_timeout,
                 };
                 pool.metrics().error(err.kind());
                 return server_failed(upstream, pool, &err, log);

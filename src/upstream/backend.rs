@@ -1,20 +1,88 @@
-//! Owns what kaproxy knows of one backend server: its address and weight, and its health
-//! state — the passive verdict (consecutive failures, cool-down) and the active one (written
-//! by the probes of [`crate::upstream::health`]).
+//! Owns what kaproxy knows of one backend server: its address and weight, its connection
+//! pool (and through it its metrics), and its health state — the passive verdict
+//! (consecutive failures, cool-down) and the active one (written by the probes of
+//! [`crate::upstream::health`]). `kaproxy_server_up` is written here only.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
+use tracing::warn;
 
-/// One upstream server and its health, shared by the balancer, the pool and the health checks.
-#[derive(Debug)]
+use crate::ops::metrics::ServerMetrics;
+use crate::upstream::pool::ServerPool;
+
+/// One upstream server: the balancer hands it out, the proxy sends through its pool and
+/// reports outcomes to it, the health probes write its active verdict.
 pub struct Backend {
     pub addr: SocketAddr,
     /// At least 1.
     pub weight: u32,
     pub health: BackendHealth,
+    pub pool: Arc<ServerPool>,
+}
+
+impl std::fmt::Debug for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Backend")
+            .field("addr", &self.addr)
+            .field("weight", &self.weight)
+            .field("health", &self.health)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Backend {
+    /// A backend sending through `pool` (whose address it takes), up until told otherwise.
+    pub fn new(weight: u32, health: BackendHealth, pool: Arc<ServerPool>) -> Backend {
+        let backend = Backend {
+            addr: pool.addr(),
+            weight: weight.max(1),
+            health,
+            pool,
+        };
+        backend.publish(Instant::now());
+        backend
+    }
+
+    pub fn metrics(&self) -> &Arc<ServerMetrics> {
+        self.pool.metrics()
+    }
+
+    pub fn is_up(&self, now: Instant) -> bool {
+        self.health.is_up(now)
+    }
+
+    /// A request it answered: ends a passive failure streak or cool-down.
+    pub fn record_success(&self) {
+        self.health.record_success();
+        self.publish(Instant::now());
+    }
+
+    /// A failure it caused (connect, reset or close before a response byte, response
+    /// timeout); `fall` of them in a row mark it down for the cool-down.
+    pub fn record_failure(&self) {
+        let now = Instant::now();
+        if self.health.record_failure(now) {
+            warn!(server = %self.addr, "passive health: server marked down after consecutive failures");
+        }
+        self.publish(now);
+    }
+
+    /// The probes' verdict; returns true when it changed.
+    pub fn set_active_up(&self, up: bool) -> bool {
+        let changed = self.health.set_active_up(up);
+        self.publish(Instant::now());
+        changed
+    }
+
+    /// Sets `kaproxy_server_up` from both verdicts, as the balancer sees them now (the
+    /// probes call it after each probe, so a passive cool-down that ended shows).
+    pub fn publish(&self, now: Instant) {
+        self.metrics().up.set(i64::from(self.health.is_up(now)));
+    }
 }
 
 /// How long a server marked down by passive checks is skipped before it is tried again.

@@ -7,9 +7,7 @@ use std::sync::{Arc, Mutex};
 use tokio::time::Instant;
 
 use crate::config::{BalanceKind, UpstreamConfig};
-use crate::upstream::backend::{
-    Backend, BackendHealth, DEFAULT_PASSIVE_COOLDOWN, DEFAULT_PASSIVE_FALL,
-};
+use crate::upstream::backend::Backend;
 
 /// Chooses a backend of one upstream group for each attempt of a request.
 #[derive(Debug)]
@@ -26,19 +24,8 @@ pub struct Balancer {
 }
 
 impl Balancer {
-    pub fn new(cfg: &UpstreamConfig) -> Balancer {
-        let fall = cfg.health.as_ref().map_or(DEFAULT_PASSIVE_FALL, |h| h.fall);
-        let backends: Vec<Arc<Backend>> = cfg
-            .servers
-            .iter()
-            .map(|server| {
-                Arc::new(Backend {
-                    addr: server.addr,
-                    weight: server.weight.max(1),
-                    health: BackendHealth::new(fall, DEFAULT_PASSIVE_COOLDOWN),
-                })
-            })
-            .collect();
+    /// A balancer over `backends` (the servers of `cfg`, in its order) as `cfg` says.
+    pub fn new(cfg: &UpstreamConfig, backends: Vec<Arc<Backend>>) -> Balancer {
         Balancer {
             kind: cfg.balance,
             current_weights: Mutex::new(vec![0; backends.len()]),
@@ -57,11 +44,25 @@ impl Balancer {
         &self.backends
     }
 
-    /// Picks a backend for this downstream client, skipping backends in `tried` (indices into
-    /// [`Self::backends`], already attempted for this request) and down ones. If every untried
-    /// backend is down, picks among the untried ones anyway (fail open): a server that may have
-    /// recovered beats a certain 502. None only when all were tried.
-    pub fn pick(&self, client_ip: IpAddr, tried: &[usize], now: Instant) -> Option<usize> {
+    /// Picks a backend for this downstream client, skipping those in `tried` (already
+    /// attempted for this request) and down ones. If every untried backend is down, picks
+    /// among the untried ones anyway (fail open): a server that may have recovered beats a
+    /// certain 502. None only when all were tried.
+    pub fn pick(
+        &self,
+        client_ip: IpAddr,
+        tried: &[Arc<Backend>],
+        now: Instant,
+    ) -> Option<&Arc<Backend>> {
+        let tried: Vec<usize> = (0..self.backends.len())
+            .filter(|&i| tried.iter().any(|t| Arc::ptr_eq(t, &self.backends[i])))
+            .collect();
+        self.pick_index(client_ip, &tried, now)
+            .map(|i| &self.backends[i])
+    }
+
+    /// [`Self::pick`] by position in [`Self::backends`]: what the selection works on.
+    fn pick_index(&self, client_ip: IpAddr, tried: &[usize], now: Instant) -> Option<usize> {
         let untried = |i: usize| !tried.contains(&i);
         let healthy = |i: usize| untried(i) && self.backends[i].health.is_up(now);
         match self.kind {
@@ -82,10 +83,7 @@ impl Balancer {
     /// backends keep their `current_weight` untouched, as in nginx.
     fn round_robin(&self, eligible: impl Fn(usize) -> bool) -> Option<usize> {
         // The state is plain numbers: a panic elsewhere can't leave it inconsistent.
-        let mut current = self
-            .current_weights
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut current = crate::sync::lock(&self.current_weights);
         let mut total: i64 = 0;
         let mut best: Option<usize> = None;
         for (i, backend) in self.backends.iter().enumerate() {
@@ -217,6 +215,7 @@ fn splitmix64(mut x: u64) -> u64 {
 mod tests {
     use super::*;
     use crate::config::{HealthConfig, PoolConfig, RetryConfig, ServerConfig};
+    use crate::upstream::backend::{BackendHealth, DEFAULT_PASSIVE_COOLDOWN, DEFAULT_PASSIVE_FALL};
     use std::collections::HashMap;
     use std::net::Ipv4Addr;
     use std::time::Duration;
@@ -235,10 +234,31 @@ mod tests {
             pool: PoolConfig::default(),
             retry: RetryConfig::default(),
             buffers: Default::default(),
+            response_timeout: Duration::from_secs(60),
             ip_hash_prefix_v4: 32,
             ip_hash_prefix_v6: 64,
             health: None,
         }
+    }
+
+    /// A balancer over fresh backends for `cfg` (pools that never connect here).
+    fn balancer(cfg: &UpstreamConfig) -> Balancer {
+        let metrics = crate::ops::metrics::Metrics::new();
+        let fall = cfg.health.as_ref().map_or(DEFAULT_PASSIVE_FALL, |h| h.fall);
+        let backends = cfg
+            .servers
+            .iter()
+            .map(|s| {
+                let pool = crate::upstream::pool::ServerPool::new(
+                    s.addr,
+                    cfg.pool.clone(),
+                    metrics.server(&cfg.name, s.addr),
+                );
+                let health = BackendHealth::new(fall, DEFAULT_PASSIVE_COOLDOWN);
+                Arc::new(Backend::new(s.weight, health, pool))
+            })
+            .collect();
+        Balancer::new(cfg, backends)
     }
 
     const A: &str = "127.0.0.1:8081";
@@ -254,7 +274,7 @@ mod tests {
 
     fn picks(balancer: &Balancer, n: usize, tried: &[usize], now: Instant) -> Vec<usize> {
         (0..n)
-            .map(|_| balancer.pick(ANY_IP, tried, now).unwrap())
+            .map(|_| balancer.pick_index(ANY_IP, tried, now).unwrap())
             .collect()
     }
 
@@ -262,13 +282,13 @@ mod tests {
         IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i))
     }
 
-    #[test]
-    fn round_robin_is_nginx_smooth_order() {
+    #[tokio::test]
+    async fn round_robin_is_nginx_smooth_order() {
         // current_weight (a, b, c) after adding weights → pick → after subtracting total 6:
         // (1, 2, 3) → c → (1, 2,-3);  (2, 4, 0) → b → (2,-2, 0);  (3, 0, 3) → a (first of
         // the tie) → (-3, 0, 3);  (-2, 2, 6) → c → (-2, 2, 0);  (-1, 4, 3) → b → (-1,-2, 3);
         // (0, 0, 6) → c → (0, 0, 0), back where it started.
-        let balancer = Balancer::new(&upstream(
+        let balancer = balancer(&upstream(
             BalanceKind::RoundRobin,
             &[(A, 1), (B, 2), (C, 3)],
         ));
@@ -277,9 +297,9 @@ mod tests {
         assert_eq!(picks(&balancer, 6, &[], now), [2, 1, 0, 2, 1, 2]);
     }
 
-    #[test]
-    fn round_robin_holds_weights_over_many_picks() {
-        let balancer = Balancer::new(&upstream(
+    #[tokio::test]
+    async fn round_robin_holds_weights_over_many_picks() {
+        let balancer = balancer(&upstream(
             BalanceKind::RoundRobin,
             &[(A, 1), (B, 2), (C, 3), (D, 5)],
         ));
@@ -290,15 +310,15 @@ mod tests {
         assert_eq!(counts, [1000, 2000, 3000, 5000]);
     }
 
-    #[test]
-    fn round_robin_equal_weights_alternate() {
-        let balancer = Balancer::new(&upstream(BalanceKind::RoundRobin, &[(A, 1), (B, 1)]));
+    #[tokio::test]
+    async fn round_robin_equal_weights_alternate() {
+        let balancer = balancer(&upstream(BalanceKind::RoundRobin, &[(A, 1), (B, 1)]));
         assert_eq!(picks(&balancer, 4, &[], Instant::now()), [0, 1, 0, 1]);
     }
 
-    #[test]
-    fn round_robin_skips_down_backends() {
-        let balancer = Balancer::new(&upstream(
+    #[tokio::test]
+    async fn round_robin_skips_down_backends() {
+        let balancer = balancer(&upstream(
             BalanceKind::RoundRobin,
             &[(A, 1), (B, 2), (C, 3)],
         ));
@@ -319,21 +339,21 @@ mod tests {
         assert_eq!(counts, [100, 200, 300]);
     }
 
-    #[test]
-    fn round_robin_skips_tried_and_returns_none_when_all_tried() {
-        let balancer = Balancer::new(&upstream(
+    #[tokio::test]
+    async fn round_robin_skips_tried_and_returns_none_when_all_tried() {
+        let balancer = balancer(&upstream(
             BalanceKind::RoundRobin,
             &[(A, 1), (B, 2), (C, 3)],
         ));
         let now = Instant::now();
         assert!(picks(&balancer, 50, &[2], now).iter().all(|&i| i != 2));
         assert_eq!(picks(&balancer, 3, &[0, 2], now), [1, 1, 1]);
-        assert_eq!(balancer.pick(ANY_IP, &[0, 1, 2], now), None);
+        assert_eq!(balancer.pick_index(ANY_IP, &[0, 1, 2], now), None);
     }
 
-    #[test]
-    fn round_robin_fails_open_among_untried() {
-        let balancer = Balancer::new(&upstream(
+    #[tokio::test]
+    async fn round_robin_fails_open_among_untried() {
+        let balancer = balancer(&upstream(
             BalanceKind::RoundRobin,
             &[(A, 1), (B, 1), (C, 1)],
         ));
@@ -347,20 +367,20 @@ mod tests {
 
         // B up, A and C down, B already tried: the down ones rather than nothing.
         balancer.backends()[1].health.record_success();
-        let retry = balancer.pick(ANY_IP, &[1], now).unwrap();
+        let retry = balancer.pick_index(ANY_IP, &[1], now).unwrap();
         assert!(retry == 0 || retry == 2);
     }
 
-    #[test]
-    fn empty_upstream_picks_nothing() {
+    #[tokio::test]
+    async fn empty_upstream_picks_nothing() {
         for kind in [BalanceKind::RoundRobin, BalanceKind::IpHash] {
-            let balancer = Balancer::new(&upstream(kind, &[]));
-            assert_eq!(balancer.pick(ANY_IP, &[], Instant::now()), None);
+            let balancer = balancer(&upstream(kind, &[]));
+            assert_eq!(balancer.pick_index(ANY_IP, &[], Instant::now()), None);
         }
     }
 
-    #[test]
-    fn fall_comes_from_health_config() {
+    #[tokio::test]
+    async fn fall_comes_from_health_config() {
         let mut cfg = upstream(BalanceKind::RoundRobin, &[(A, 1)]);
         cfg.health = Some(HealthConfig {
             path: "/".to_string(),
@@ -369,43 +389,51 @@ mod tests {
             rise: 2,
             fall: 1,
         });
-        let balancer = Balancer::new(&cfg);
-        assert!(balancer.backends()[0].health.record_failure(Instant::now()));
+        let with_fall_1 = balancer(&cfg);
+        assert!(with_fall_1.backends()[0]
+            .health
+            .record_failure(Instant::now()));
 
-        let balancer = Balancer::new(&upstream(BalanceKind::RoundRobin, &[(A, 1)]));
-        let health = &balancer.backends()[0].health;
+        let by_default = balancer(&upstream(BalanceKind::RoundRobin, &[(A, 1)]));
+        let health = &by_default.backends()[0].health;
         let now = Instant::now();
         let marked = (1..=DEFAULT_PASSIVE_FALL).find(|_| health.record_failure(now));
         assert_eq!(marked, Some(DEFAULT_PASSIVE_FALL));
     }
 
-    #[test]
-    fn ip_hash_is_the_same_across_balancers() {
+    #[tokio::test]
+    async fn ip_hash_is_the_same_across_balancers() {
         let cfg = upstream(BalanceKind::IpHash, &[(A, 1), (B, 1), (C, 1), (D, 1)]);
-        let first = Balancer::new(&cfg);
-        let second = Balancer::new(&cfg);
+        let first = balancer(&cfg);
+        let second = balancer(&cfg);
         let now = Instant::now();
         for i in 0..1000 {
             let ip = client(i * 7919);
-            assert_eq!(first.pick(ip, &[], now), second.pick(ip, &[], now));
-            assert_eq!(first.pick(ip, &[], now), first.pick(ip, &[], now));
+            assert_eq!(
+                first.pick_index(ip, &[], now),
+                second.pick_index(ip, &[], now)
+            );
+            assert_eq!(
+                first.pick_index(ip, &[], now),
+                first.pick_index(ip, &[], now)
+            );
         }
     }
 
-    #[test]
-    fn ip_hash_is_pinned() {
+    #[tokio::test]
+    async fn ip_hash_is_pinned() {
         // Guards the hash itself: these must not change between releases, or every instance
         // of a mixed-version fleet sends clients to different backends.
         assert_eq!(fnv1a(b""), 0xcbf2_9ce4_8422_2325);
         assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
         assert_eq!(splitmix64(0), 0xe220_a839_7b1d_cdaf);
-        let balancer = Balancer::new(&upstream(
+        let balancer = balancer(&upstream(
             BalanceKind::IpHash,
             &[(A, 1), (B, 1), (C, 1), (D, 1)],
         ));
         let now = Instant::now();
         let mapped: Vec<usize> = (0..16)
-            .map(|i| balancer.pick(client(i), &[], now).unwrap())
+            .map(|i| balancer.pick_index(client(i), &[], now).unwrap())
             .collect();
         assert_eq!(mapped, PINNED_MAPPING);
     }
@@ -414,14 +442,14 @@ mod tests {
     /// independent Python implementation of the same hash.
     const PINNED_MAPPING: [usize; 16] = [1, 1, 2, 3, 2, 2, 1, 1, 2, 1, 1, 3, 3, 2, 3, 3];
 
-    #[test]
-    fn ip_hash_prefix_groups_clients() {
+    #[tokio::test]
+    async fn ip_hash_prefix_groups_clients() {
         let mut cfg = upstream(BalanceKind::IpHash, &[(A, 1), (B, 1), (C, 1), (D, 1)]);
         cfg.ip_hash_prefix_v4 = 24;
         cfg.ip_hash_prefix_v6 = 48;
-        let balancer = Balancer::new(&cfg);
+        let balancer = balancer(&cfg);
         let now = Instant::now();
-        let pick = |ip: &str| balancer.pick(ip.parse().unwrap(), &[], now);
+        let pick = |ip: &str| balancer.pick_index(ip.parse().unwrap(), &[], now);
         assert_eq!(pick("10.0.0.1"), pick("10.0.0.200"));
         assert_eq!(pick("10.0.0.1"), pick("::ffff:10.0.0.77"));
         assert_eq!(pick("2001:db8:1::1"), pick("2001:db8:1:ffff::2"));
@@ -431,29 +459,29 @@ mod tests {
         assert_eq!(servers.len(), 4);
     }
 
-    #[test]
-    fn ip_hash_whole_address_by_default() {
-        let balancer = Balancer::new(&upstream(
+    #[tokio::test]
+    async fn ip_hash_whole_address_by_default() {
+        let balancer = balancer(&upstream(
             BalanceKind::IpHash,
             &[(A, 1), (B, 1), (C, 1), (D, 1)],
         ));
         let now = Instant::now();
         let servers: std::collections::HashSet<_> = (0..64)
-            .map(|i| balancer.pick(client(i), &[], now))
+            .map(|i| balancer.pick_index(client(i), &[], now))
             .collect();
         assert_eq!(servers.len(), 4, "prefix 32: neighbours spread");
     }
 
-    #[test]
-    fn ip_hash_removing_a_server_remaps_only_its_clients() {
-        let four = Balancer::new(&upstream(
+    #[tokio::test]
+    async fn ip_hash_removing_a_server_remaps_only_its_clients() {
+        let four = balancer(&upstream(
             BalanceKind::IpHash,
             &[(A, 1), (B, 1), (C, 1), (D, 1)],
         ));
-        let three = Balancer::new(&upstream(BalanceKind::IpHash, &[(A, 1), (B, 1), (D, 1)]));
+        let three = balancer(&upstream(BalanceKind::IpHash, &[(A, 1), (B, 1), (D, 1)]));
         let now = Instant::now();
         let addr = |balancer: &Balancer, ip| {
-            let i = balancer.pick(ip, &[], now).unwrap();
+            let i = balancer.pick_index(ip, &[], now).unwrap();
             balancer.backends()[i].addr
         };
         let removed: SocketAddr = C.parse().unwrap();
@@ -471,10 +499,10 @@ mod tests {
         assert!((2000..3000).contains(&moved), "{moved} clients were on C");
     }
 
-    #[test]
-    fn ip_hash_distribution_follows_weights() {
+    #[tokio::test]
+    async fn ip_hash_distribution_follows_weights() {
         let weights = [1, 1, 2, 4];
-        let balancer = Balancer::new(&upstream(
+        let balancer = balancer(&upstream(
             BalanceKind::IpHash,
             &[
                 (A, weights[0]),
@@ -488,7 +516,7 @@ mod tests {
         let n = 10_000;
         for i in 0..n {
             *counts
-                .entry(balancer.pick(client(i), &[], now).unwrap())
+                .entry(balancer.pick_index(client(i), &[], now).unwrap())
                 .or_default() += 1;
         }
         for (i, weight) in weights.iter().enumerate() {
@@ -501,25 +529,25 @@ mod tests {
         }
     }
 
-    #[test]
-    fn ip_hash_down_or_tried_server_moves_its_clients_and_they_come_back() {
-        let balancer = Balancer::new(&upstream(
+    #[tokio::test]
+    async fn ip_hash_down_or_tried_server_moves_its_clients_and_they_come_back() {
+        let balancer = balancer(&upstream(
             BalanceKind::IpHash,
             &[(A, 1), (B, 1), (C, 1), (D, 1)],
         ));
         let now = Instant::now();
         let before: Vec<usize> = (0..2000)
-            .map(|i| balancer.pick(client(i), &[], now).unwrap())
+            .map(|i| balancer.pick_index(client(i), &[], now).unwrap())
             .collect();
 
         // A tried server moves each of its clients to the same place a down one does.
         let tried: Vec<usize> = (0..2000)
-            .map(|i| balancer.pick(client(i), &[2], now).unwrap())
+            .map(|i| balancer.pick_index(client(i), &[2], now).unwrap())
             .collect();
 
         mark_down(&balancer, 2, now);
         for (i, &was) in before.iter().enumerate() {
-            let now_on = balancer.pick(client(i as u32), &[], now).unwrap();
+            let now_on = balancer.pick_index(client(i as u32), &[], now).unwrap();
             if was == 2 {
                 assert_ne!(now_on, 2);
             } else {
@@ -530,11 +558,11 @@ mod tests {
 
         // Fail open: with C the only untried server, its clients still reach it.
         let c_client = client(before.iter().position(|&s| s == 2).unwrap() as u32);
-        assert_eq!(balancer.pick(c_client, &[0, 1, 3], now), Some(2));
+        assert_eq!(balancer.pick_index(c_client, &[0, 1, 3], now), Some(2));
 
         balancer.backends()[2].health.record_success();
         let after: Vec<usize> = (0..2000)
-            .map(|i| balancer.pick(client(i), &[], now).unwrap())
+            .map(|i| balancer.pick_index(client(i), &[], now).unwrap())
             .collect();
         assert_eq!(before, after);
 
@@ -542,7 +570,7 @@ mod tests {
         mark_down(&balancer, 2, now);
         let later = now + DEFAULT_PASSIVE_COOLDOWN;
         let after: Vec<usize> = (0..2000)
-            .map(|i| balancer.pick(client(i), &[], later).unwrap())
+            .map(|i| balancer.pick_index(client(i), &[], later).unwrap())
             .collect();
         assert_eq!(before, after);
     }

@@ -22,7 +22,6 @@ use http::header::{CONNECTION, HOST, USER_AGENT};
 use http::{HeaderValue, Method, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
-use prometheus_client::metrics::gauge::Gauge;
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior};
@@ -100,7 +99,7 @@ impl Drop for ActiveChecks {
 /// an error): probing it would mark every server down.
 pub fn spawn_active_checks(
     upstream: &str,
-    targets: Vec<(Arc<Backend>, Gauge)>,
+    targets: Vec<Arc<Backend>>,
     cfg: &HealthConfig,
 ) -> ActiveChecks {
     let mut checks = ActiveChecks {
@@ -116,14 +115,13 @@ pub fn spawn_active_checks(
     };
     let upstream: Arc<str> = Arc::from(upstream);
     let count = targets.len();
-    for (index, (backend, up_gauge)) in targets.into_iter().enumerate() {
+    for (index, backend) in targets.into_iter().enumerate() {
         let probe = Probe {
             upstream: upstream.clone(),
             host: HeaderValue::from_str(&backend.addr.to_string())
                 .expect("a socket address is a valid header value"),
             path: path.clone(),
             backend,
-            up_gauge,
             interval: cfg.interval,
             timeout: cfg.timeout,
             streak: ProbeStreak::new(cfg.rise, cfg.fall, true),
@@ -194,7 +192,6 @@ impl ProbeStreak {
 struct Probe {
     upstream: Arc<str>,
     backend: Arc<Backend>,
-    up_gauge: Gauge,
     /// `Host` of every probe: the server's address.
     host: HeaderValue,
     path: Uri,
@@ -218,20 +215,19 @@ impl Probe {
             }
             match (self.streak.record(result.is_ok()), &result) {
                 (Some(false), Err(reason)) => {
-                    self.backend.health.set_active_up(false);
+                    self.backend.set_active_up(false);
                     warn!(upstream = %self.upstream, %server, %reason, fall = self.streak.fall,
                         "active health: server marked down after consecutive failed probes");
                 }
                 (Some(true), Ok(status)) => {
-                    self.backend.health.set_active_up(true);
+                    self.backend.set_active_up(true);
                     info!(upstream = %self.upstream, %server, status = status.as_u16(),
                         rise = self.streak.rise,
                         "active health: server marked up after consecutive successful probes");
                 }
                 _ => {}
             }
-            let up = self.backend.health.is_up(Instant::now());
-            self.up_gauge.set(i64::from(up));
+            self.backend.publish(Instant::now());
         }
     }
 
@@ -295,7 +291,10 @@ mod tests {
     use std::net::SocketAddr;
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
+    use crate::config::PoolConfig;
     use crate::upstream::backend::{BackendHealth, DEFAULT_PASSIVE_COOLDOWN, DEFAULT_PASSIVE_FALL};
+    use crate::upstream::pool::ServerPool;
+    use prometheus_client::metrics::gauge::Gauge;
     use std::sync::Mutex;
 
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -379,22 +378,16 @@ mod tests {
     }
 
     fn backend(addr: SocketAddr) -> Arc<Backend> {
-        Arc::new(Backend {
-            addr,
-            weight: 1,
-            health: BackendHealth::new(DEFAULT_PASSIVE_FALL, DEFAULT_PASSIVE_COOLDOWN),
-        })
+        let metrics = crate::ops::metrics::Metrics::new();
+        let pool = ServerPool::new(addr, PoolConfig::default(), metrics.server("web", addr));
+        let health = BackendHealth::new(DEFAULT_PASSIVE_FALL, DEFAULT_PASSIVE_COOLDOWN);
+        Arc::new(Backend::new(1, health, pool))
     }
 
     fn spawn_one(addr: SocketAddr, path: &str) -> (Arc<Backend>, Gauge, ActiveChecks) {
         let backend = backend(addr);
-        let gauge = Gauge::default();
-        gauge.set(1);
-        let checks = spawn_active_checks(
-            "web",
-            vec![(backend.clone(), gauge.clone())],
-            &health_config(path),
-        );
+        let gauge = backend.metrics().up.clone();
+        let checks = spawn_active_checks("web", vec![backend.clone()], &health_config(path));
         (backend, gauge, checks)
     }
 

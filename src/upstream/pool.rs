@@ -1,7 +1,7 @@
 //! Owns the keep-alive-aware upstream connection pool: one [`ServerPool`] per backend, whose
 //! idle connections always expire on kaproxy's side before the backend's keep-alive timer fires.
 //!
-//! The rule (SPEC.md): a pooled connection's idle deadline is the earliest of
+//! The rule (README, "How the upstream pool keeps the promise"): a pooled connection's idle deadline is the earliest of
 //! `last_used + idle_timeout`, `last_used + (keep-alive timeout − safety_margin)` where the
 //! keep-alive timeout is the one the backend last advertised in `Keep-Alive: timeout=N` (else
 //! the configured `keepalive_timeout`), and `born + max_lifetime`. A connection past its
@@ -65,6 +65,8 @@ pub struct ServerPool {
     /// Told when a connection goes back to idle, for requests waiting at
     /// `max_connections_per_server` (idle connections hold their slot).
     returned: Notify,
+    /// Requests waiting in [`ServerPool::wait_for_slot`] now.
+    waiting: std::sync::atomic::AtomicUsize,
     sweeper: Mutex<Option<AbortHandle>>,
     metrics: Arc<ServerMetrics>,
 }
@@ -80,11 +82,12 @@ impl ServerPool {
             next_id: AtomicU64::new(1),
             sweep: Arc::new(Notify::new()),
             returned: Notify::new(),
+            waiting: std::sync::atomic::AtomicUsize::new(0),
             sweeper: Mutex::new(None),
             metrics,
         });
         let task = tokio::spawn(sweep_loop(Arc::downgrade(&pool), pool.sweep.clone()));
-        *pool.sweeper.lock().unwrap() = Some(task.abort_handle());
+        *crate::sync::lock(&pool.sweeper) = Some(task.abort_handle());
         pool
     }
 
@@ -105,9 +108,14 @@ impl ServerPool {
         self.cfg.max_connections_per_server - self.permits.available_permits()
     }
 
+    /// Requests waiting for a slot at `max_connections_per_server` now.
+    pub fn waiting_for_slot(&self) -> usize {
+        self.waiting.load(Ordering::Relaxed)
+    }
+
     /// Number of idle pooled connections.
     pub fn idle_count(&self) -> usize {
-        self.idle.lock().unwrap().len()
+        crate::sync::lock(&self.idle).len()
     }
 
     /// The keep-alive timeout the backend advertised last, if any.
@@ -169,7 +177,7 @@ impl ServerPool {
     fn take_idle(&self, now: Instant) -> Option<Conn> {
         loop {
             let conn = {
-                let mut idle = self.idle.lock().unwrap();
+                let mut idle = crate::sync::lock(&self.idle);
                 let conn = idle.pop();
                 self.metrics.idle.set(idle.len() as i64);
                 conn?
@@ -235,6 +243,15 @@ impl ServerPool {
     /// At `max_connections_per_server`: waits up to `acquire_timeout` for a free slot or for a
     /// connection coming back idle, whichever is first.
     async fn wait_for_slot(self: &Arc<Self>) -> Result<Slot, UpstreamError> {
+        /// Counts this request in `waiting` for as long as it waits.
+        struct Waiting<'a>(&'a std::sync::atomic::AtomicUsize);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        let _waiting = Waiting(&self.waiting);
         let deadline = Instant::now() + self.cfg.acquire_timeout;
         loop {
             let returned = self.returned.notified();
@@ -294,7 +311,7 @@ impl ServerPool {
             self.close(conn, reason);
             return;
         }
-        let mut idle = self.idle.lock().unwrap();
+        let mut idle = crate::sync::lock(&self.idle);
         if idle.len() >= self.cfg.max_idle_per_server {
             drop(idle);
             self.close(conn, CloseReason::Idle);
@@ -344,7 +361,7 @@ impl ServerPool {
 
     /// Closes dead and expired idle connections; returns the next deadline to wake at.
     fn sweep_idle(&self, now: Instant) -> Option<Instant> {
-        let all = std::mem::take(&mut *self.idle.lock().unwrap());
+        let all = std::mem::take(&mut *crate::sync::lock(&self.idle));
         let mut keep = Vec::with_capacity(all.len());
         let mut doomed = Vec::new();
         let mut next: Option<Instant> = None;
@@ -362,7 +379,7 @@ impl ServerPool {
             }
         }
         {
-            let mut idle = self.idle.lock().unwrap();
+            let mut idle = crate::sync::lock(&self.idle);
             // Connections released while we swept were pushed meanwhile; keep LIFO order
             // (older first).
             keep.append(&mut idle);
@@ -381,7 +398,7 @@ impl ServerPool {
 
     /// Closes every idle connection (shutdown).
     pub fn close_idle(&self) {
-        let all = std::mem::take(&mut *self.idle.lock().unwrap());
+        let all = std::mem::take(&mut *crate::sync::lock(&self.idle));
         self.metrics.idle.set(0);
         for conn in all {
             self.close(conn, CloseReason::Idle);
@@ -391,7 +408,7 @@ impl ServerPool {
 
 impl Drop for ServerPool {
     fn drop(&mut self) {
-        if let Some(task) = self.sweeper.lock().unwrap().take() {
+        if let Some(task) = crate::sync::lock(&self.sweeper).take() {
             task.abort();
         }
     }
@@ -870,7 +887,10 @@ mod tests {
                 (conn.map(|c| c.is_reused()), started.elapsed())
             })
         };
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        wait_until("the second request waits for the slot", || {
+            pool.waiting_for_slot() == 1
+        })
+        .await;
         held.release();
         let (reused, waited) = waiter.await.unwrap();
         assert!(
