@@ -33,6 +33,11 @@
 //! Development tooling (`kaproxy demo`'s backends, the delay relay, the Apache launcher of the
 //! tests and the bench) is the workspace crate `kaproxy-testkit` (`testkit/`), not this library.
 //!
+//! Words: the client side is *downstream*, the backend side *upstream*; one backend server is a
+//! *backend* ([`upstream::backend::Backend`], its [`upstream::pool::Pool`], its
+//! [`ops::metrics::BackendMetrics`]). "server" stays only where the configuration and the
+//! metrics name it for operators (`servers = [...]`, the `server` label).
+//!
 //! `cargo test --test it layout` checks that no module imports from a layer above its own
 //! (`upstream` never names `proxy` or `downstream`, `proxy` never names `downstream`,
 //! `ops::metrics` names nothing of ours); a module cycle shows up there too, as one of its

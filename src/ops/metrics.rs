@@ -246,7 +246,7 @@ impl Metrics {
     }
 
     /// Pre-resolved handles for one backend, so the hot path never builds label strings.
-    pub fn server(&self, upstream: &str, addr: SocketAddr) -> Arc<ServerMetrics> {
+    pub fn server(&self, upstream: &str, addr: SocketAddr) -> Arc<BackendMetrics> {
         let server = addr.to_string();
         let s = ServerLabels {
             server: server.clone(),
@@ -267,7 +267,7 @@ impl Metrics {
                 })
                 .clone()
         });
-        Arc::new(ServerMetrics {
+        Arc::new(BackendMetrics {
             upstream: upstream.to_string(),
             server: server.clone(),
             opened: self.opened.get_or_create(&s).clone(),
@@ -328,7 +328,7 @@ impl Metrics {
 const STATUS_SLOTS: usize = 600;
 
 /// Metric handles of one backend.
-pub struct ServerMetrics {
+pub struct BackendMetrics {
     pub upstream: String,
     pub server: String,
     pub opened: Counter,
@@ -343,7 +343,7 @@ pub struct ServerMetrics {
     statuses: Box<[OnceLock<Counter>]>,
 }
 
-impl ServerMetrics {
+impl BackendMetrics {
     pub fn closed(&self, reason: CloseReason) {
         self.closed[reason as usize].inc();
     }

@@ -29,7 +29,7 @@ use crate::upstream::backend::{
     Backend, BackendHealth, DEFAULT_PASSIVE_COOLDOWN, DEFAULT_PASSIVE_FALL,
 };
 use crate::upstream::balancer::Balancer;
-use crate::upstream::pool::ServerPool;
+use crate::upstream::pool::Pool;
 
 use forwarded::*;
 use log::*;
@@ -86,7 +86,7 @@ impl Proxy {
                             .map(|b| b.pool.clone())
                             .unwrap_or_else(|| {
                                 let m = metrics.server(&u.name, server.addr);
-                                ServerPool::new(server.addr, u.pool.clone(), m)
+                                Pool::new(server.addr, u.pool.clone(), m)
                             });
                         let health = BackendHealth::new(fall, DEFAULT_PASSIVE_COOLDOWN);
                         // The probes' verdict survives a reload (only while probes run to

@@ -19,7 +19,7 @@ use tracing::{info, warn};
 use crate::body::{BodyError, Collected};
 use crate::error::UpstreamError;
 use crate::ops::metrics::CloseReason;
-use crate::upstream::pool::{PooledBody, PooledConn, ServerPool};
+use crate::upstream::pool::{Pool, PooledBody, PooledConn};
 
 use super::forwarded::*;
 use super::log::*;
@@ -34,7 +34,7 @@ impl Proxy {
         resp: Response<Incoming>,
         mut conn: PooledConn,
         upstream: &Upstream,
-        pool: &ServerPool,
+        pool: &Pool,
         mut log: Option<Box<AccessRecord>>,
         start: Instant,
     ) -> Response<ProxyBody> {
@@ -155,7 +155,7 @@ pub(super) fn client_failed(
 /// error): counted as an answer of that server, logged with its cause, access-logged.
 pub(super) fn server_failed(
     upstream: &Upstream,
-    pool: &ServerPool,
+    pool: &Pool,
     err: &UpstreamError,
     log: Option<Box<AccessRecord>>,
 ) -> Response<ProxyBody> {

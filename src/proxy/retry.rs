@@ -23,7 +23,7 @@ use crate::config::RetryConfig;
 use crate::error::UpstreamError;
 use crate::ops::metrics::ErrorKind;
 use crate::upstream::backend::Backend;
-use crate::upstream::pool::{PooledConn, SendFailure, ServerPool};
+use crate::upstream::pool::{Pool, PooledConn, SendFailure};
 
 use super::response::*;
 use super::{build_request, Proxy, Upstream};
@@ -67,7 +67,7 @@ impl Proxy {
         mut connect: F,
     ) -> Result<(Arc<Backend>, T), Response<ProxyBody>>
     where
-        F: FnMut(Arc<ServerPool>) -> Fut,
+        F: FnMut(Arc<Pool>) -> Fut,
         Fut: std::future::Future<Output = Result<T, UpstreamError>>,
     {
         loop {

@@ -11,7 +11,7 @@ use hyper::client::conn::http1::SendRequest;
 
 use crate::body::{BodyDone, RequestBody, UpstreamBody};
 use crate::error::UpstreamError;
-use crate::upstream::pool::ServerPool;
+use crate::upstream::pool::Pool;
 
 use super::forwarded::*;
 use super::log::*;
@@ -119,7 +119,7 @@ impl Proxy {
     }
 }
 
-impl ServerPool {
+impl Pool {
     /// A dedicated, never pooled, upgrade-capable connection for a tunnel.
     pub(super) async fn tunnel_connect(&self) -> Result<SendRequest<UpstreamBody>, UpstreamError> {
         let addr = self.addr();

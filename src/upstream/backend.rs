@@ -11,8 +11,8 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tracing::warn;
 
-use crate::ops::metrics::ServerMetrics;
-use crate::upstream::pool::ServerPool;
+use crate::ops::metrics::BackendMetrics;
+use crate::upstream::pool::Pool;
 
 /// One upstream server: the balancer hands it out, the proxy sends through its pool and
 /// reports outcomes to it, the health probes write its active verdict.
@@ -21,7 +21,7 @@ pub struct Backend {
     /// At least 1.
     pub weight: u32,
     pub health: BackendHealth,
-    pub pool: Arc<ServerPool>,
+    pub pool: Arc<Pool>,
 }
 
 impl std::fmt::Debug for Backend {
@@ -36,7 +36,7 @@ impl std::fmt::Debug for Backend {
 
 impl Backend {
     /// A backend sending through `pool` (whose address it takes), up until told otherwise.
-    pub fn new(weight: u32, health: BackendHealth, pool: Arc<ServerPool>) -> Backend {
+    pub fn new(weight: u32, health: BackendHealth, pool: Arc<Pool>) -> Backend {
         let backend = Backend {
             addr: pool.addr(),
             weight: weight.max(1),
@@ -47,7 +47,7 @@ impl Backend {
         backend
     }
 
-    pub fn metrics(&self) -> &Arc<ServerMetrics> {
+    pub fn metrics(&self) -> &Arc<BackendMetrics> {
         self.pool.metrics()
     }
 

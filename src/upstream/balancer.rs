@@ -249,7 +249,7 @@ mod tests {
             .servers
             .iter()
             .map(|s| {
-                let pool = crate::upstream::pool::ServerPool::new(
+                let pool = crate::upstream::pool::Pool::new(
                     s.addr,
                     cfg.pool.clone(),
                     metrics.server(&cfg.name, s.addr),

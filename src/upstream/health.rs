@@ -293,7 +293,7 @@ mod tests {
 
     use crate::config::PoolConfig;
     use crate::upstream::backend::{BackendHealth, DEFAULT_PASSIVE_COOLDOWN, DEFAULT_PASSIVE_FALL};
-    use crate::upstream::pool::ServerPool;
+    use crate::upstream::pool::Pool;
     use prometheus_client::metrics::gauge::Gauge;
     use std::sync::Mutex;
 
@@ -379,7 +379,7 @@ mod tests {
 
     fn backend(addr: SocketAddr) -> Arc<Backend> {
         let metrics = crate::ops::metrics::Metrics::new();
-        let pool = ServerPool::new(addr, PoolConfig::default(), metrics.server("web", addr));
+        let pool = Pool::new(addr, PoolConfig::default(), metrics.server("web", addr));
         let health = BackendHealth::new(DEFAULT_PASSIVE_FALL, DEFAULT_PASSIVE_COOLDOWN);
         Arc::new(Backend::new(1, health, pool))
     }

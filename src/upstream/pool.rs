@@ -1,4 +1,4 @@
-//! Owns the keep-alive-aware upstream connection pool: one [`ServerPool`] per backend, whose
+//! Owns the keep-alive-aware upstream connection pool: one [`Pool`] per backend, whose
 //! idle connections always expire on kaproxy's side before the backend's keep-alive timer fires.
 //!
 //! The rule (README, "How the upstream pool keeps the promise"): a pooled connection's idle deadline is the earliest of
@@ -29,7 +29,7 @@ use tracing::{debug, warn};
 use crate::body::UpstreamBody;
 use crate::config::PoolConfig;
 use crate::error::UpstreamError;
-use crate::ops::metrics::{CloseReason, ServerMetrics};
+use crate::ops::metrics::{BackendMetrics, CloseReason};
 use crate::upstream::keep_alive::{has_connection_close, KeepAliveHint, KEEP_ALIVE};
 
 /// One live HTTP/1.1 connection to a backend and what kaproxy knows of it.
@@ -53,7 +53,7 @@ impl Conn {
 }
 
 /// The pool of connections to one backend address.
-pub struct ServerPool {
+pub struct Pool {
     addr: SocketAddr,
     cfg: PoolConfig,
     idle: Mutex<Vec<Conn>>,
@@ -65,15 +65,15 @@ pub struct ServerPool {
     /// Told when a connection goes back to idle, for requests waiting at
     /// `max_connections_per_server` (idle connections hold their slot).
     returned: Notify,
-    /// Requests waiting in [`ServerPool::wait_for_slot`] now.
+    /// Requests waiting in [`Pool::wait_for_slot`] now.
     waiting: std::sync::atomic::AtomicUsize,
     sweeper: Mutex<Option<AbortHandle>>,
-    metrics: Arc<ServerMetrics>,
+    metrics: Arc<BackendMetrics>,
 }
 
-impl ServerPool {
-    pub fn new(addr: SocketAddr, cfg: PoolConfig, metrics: Arc<ServerMetrics>) -> Arc<Self> {
-        let pool = Arc::new(ServerPool {
+impl Pool {
+    pub fn new(addr: SocketAddr, cfg: PoolConfig, metrics: Arc<BackendMetrics>) -> Arc<Self> {
+        let pool = Arc::new(Pool {
             addr,
             permits: Arc::new(Semaphore::new(cfg.max_connections_per_server)),
             cfg,
@@ -99,7 +99,7 @@ impl ServerPool {
         &self.cfg
     }
 
-    pub fn metrics(&self) -> &Arc<ServerMetrics> {
+    pub fn metrics(&self) -> &Arc<BackendMetrics> {
         &self.metrics
     }
 
@@ -406,7 +406,7 @@ impl ServerPool {
     }
 }
 
-impl Drop for ServerPool {
+impl Drop for Pool {
     fn drop(&mut self) {
         if let Some(task) = crate::sync::lock(&self.sweeper).take() {
             task.abort();
@@ -416,7 +416,7 @@ impl Drop for ServerPool {
 
 /// Wakes at the earliest idle deadline (or when told the pool changed) and sweeps. Holds the
 /// pool only while sweeping, so dropping the pool ends the task.
-async fn sweep_loop(pool: Weak<ServerPool>, notify: Arc<Notify>) {
+async fn sweep_loop(pool: Weak<Pool>, notify: Arc<Notify>) {
     loop {
         let next = match pool.upgrade() {
             Some(strong) => strong.sweep_idle(Instant::now()),
@@ -448,11 +448,11 @@ enum Slot {
     Idle(PooledConn),
 }
 
-/// A connection checked out of a [`ServerPool`]. Dropped without being released, it is closed
+/// A connection checked out of a [`Pool`]. Dropped without being released, it is closed
 /// with reason `error`.
 pub struct PooledConn {
     conn: Option<Conn>,
-    pool: Arc<ServerPool>,
+    pool: Arc<Pool>,
     reused: bool,
     retire: Option<CloseReason>,
 }
@@ -465,7 +465,7 @@ pub struct SendFailure {
 }
 
 impl PooledConn {
-    fn new(conn: Conn, pool: Arc<ServerPool>, reused: bool) -> Self {
+    fn new(conn: Conn, pool: Arc<Pool>, reused: bool) -> Self {
         PooledConn {
             conn: Some(conn),
             pool,
@@ -646,10 +646,10 @@ mod tests {
         PoolConfig::default()
     }
 
-    fn pool(cfg: PoolConfig) -> Arc<ServerPool> {
+    fn pool(cfg: PoolConfig) -> Arc<Pool> {
         let metrics = crate::ops::metrics::Metrics::new();
         let addr: SocketAddr = "127.0.0.1:9".parse().unwrap();
-        ServerPool::new(addr, cfg, metrics.server("web", addr))
+        Pool::new(addr, cfg, metrics.server("web", addr))
     }
 
     #[tokio::test(start_paused = true)]
@@ -729,17 +729,14 @@ mod tests {
             .expect("demo backend")
     }
 
-    fn real_pool(
-        addr: SocketAddr,
-        cfg: PoolConfig,
-    ) -> (Arc<ServerPool>, crate::ops::metrics::Metrics) {
+    fn real_pool(addr: SocketAddr, cfg: PoolConfig) -> (Arc<Pool>, crate::ops::metrics::Metrics) {
         let metrics = crate::ops::metrics::Metrics::new();
-        let pool = ServerPool::new(addr, cfg, metrics.server("web", addr));
+        let pool = Pool::new(addr, cfg, metrics.server("web", addr));
         (pool, metrics)
     }
 
     /// One GET through the pool; the body is read to the end so the connection is released.
-    async fn get(pool: &Arc<ServerPool>) -> Result<bool, UpstreamError> {
+    async fn get(pool: &Arc<Pool>) -> Result<bool, UpstreamError> {
         let mut conn = pool.acquire().await?;
         let reused = conn.is_reused();
         let mut req = Request::new(UpstreamBody::Empty);
