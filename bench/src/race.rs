@@ -28,10 +28,6 @@ use crate::conn::{Connector, HttpVersion, RequestTemplate, Target, TlsOptions};
 use crate::load::{self, LoadPlan};
 use crate::stats::Report;
 
-/// What the NAIVE mode's pool believes: connections stay good for 10 s (9 s idle), while the
-/// backend closes them after 1 s — the misconfiguration behind the incident.
-const NAIVE_KEEPALIVE: Duration = Duration::from_secs(10);
-const NAIVE_IDLE: Duration = Duration::from_secs(9);
 /// How long the DEFAULT config claims the backend keeps connections: deliberately wrong, so
 /// that only the backend's `Keep-Alive: timeout=N` header can save the run.
 const DEFAULT_MODE_TOML_POOL: &str = "keepalive_timeout = \"30s\"\nidle_timeout = \"20s\"";
@@ -316,11 +312,7 @@ fn race_config(mode: Mode, servers: &[SocketAddr]) -> anyhow::Result<Config> {
     if mode == Mode::Naive {
         // The hidden test-only switches: what `kaproxy check` refuses in a file.
         for upstream in &mut config.upstreams {
-            upstream.pool.keepalive_timeout = NAIVE_KEEPALIVE;
-            upstream.pool.idle_timeout = NAIVE_IDLE;
-            upstream.pool.safety_margin = Duration::ZERO;
-            upstream.pool.learn_keep_alive = false;
-            upstream.retry.retry_idempotent = false;
+            upstream.make_naive(false);
         }
     }
     Ok(config)
@@ -642,7 +634,7 @@ mod tests {
         let servers = ["127.0.0.1:1".parse().unwrap()];
         let naive = race_config(Mode::Naive, &servers).unwrap();
         let pool = &naive.upstreams[0].pool;
-        assert_eq!(pool.idle_timeout, NAIVE_IDLE);
+        assert_eq!(pool.idle_timeout, kaproxy::config::NAIVE_IDLE_TIMEOUT);
         assert!(!pool.learn_keep_alive);
         assert!(!naive.upstreams[0].retry.retry_idempotent);
         let default = race_config(Mode::Default, &servers).unwrap();

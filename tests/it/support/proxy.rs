@@ -71,12 +71,7 @@ impl TestConfig {
     /// a pool that trusts connections for 9 s, never learns the backend's `Keep-Alive` and
     /// retries nothing unless `retry_idempotent`.
     pub fn naive_pool(&mut self, retry_idempotent: bool) -> &mut Self {
-        let upstream = self.upstream();
-        upstream.pool.keepalive_timeout = std::time::Duration::from_secs(10);
-        upstream.pool.idle_timeout = std::time::Duration::from_secs(9);
-        upstream.pool.safety_margin = std::time::Duration::ZERO;
-        upstream.pool.learn_keep_alive = false;
-        upstream.retry.retry_idempotent = retry_idempotent;
+        self.upstream().make_naive(retry_idempotent);
         self
     }
 
