@@ -21,7 +21,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use bytes::{Buf, Bytes};
 use http::header::{self, HeaderValue};
 use http::{Request, StatusCode};
@@ -30,7 +29,6 @@ use http_body_util::Either;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -40,8 +38,7 @@ use tracing::debug;
 use crate::body::BodyDone;
 use crate::config::DownstreamConfig;
 use crate::downstream::send_watch::SendWatch;
-use crate::downstream::Generation;
-use crate::proxy::DownstreamInfo;
+use crate::downstream::ConnContext;
 
 /// How long a closing connection keeps reading (and discarding) what the client still sends,
 /// so that a request racing the close gets a FIN rather than an RST (Apache's lingering close
@@ -531,18 +528,18 @@ impl Drop for LingeringTcp {
 /// registers as one that may be closed to make room at `max_connections` (HTTP/2 connections
 /// never are).
 #[allow(clippy::too_many_arguments)]
-pub async fn serve<I>(
-    io: I,
-    http2: bool,
-    info: DownstreamInfo,
-    current: Arc<ArcSwap<Generation>>,
-    cfg: Arc<DownstreamConfig>,
-    mut shutdown: watch::Receiver<bool>,
-    waiting: Gauge,
-    limit: crate::downstream::limit::ListenerLimit,
-) where
+pub async fn serve<I>(io: I, http2: bool, ctx: ConnContext)
+where
     I: AsyncRead + AsyncWrite + WaitReadable + Unpin + Send + 'static,
 {
+    let ConnContext {
+        info,
+        current,
+        cfg,
+        mut shutdown,
+        waiting,
+        limit,
+    } = ctx;
     let state = ConnState::new();
     let svc_state = state.clone();
     let svc_cfg = cfg.clone();

@@ -15,7 +15,7 @@ use tracing::{debug, error, warn};
 use crate::downstream::limit::{AcceptErrors, ListenerLimit, Slot};
 
 use crate::downstream::conn::{self, LingeringTcp};
-use crate::downstream::Generation;
+use crate::downstream::{ConnContext, Generation};
 use crate::proxy::DownstreamInfo;
 
 /// Pending connections the kernel queues for us (nginx's default backlog is 511; kaproxy
@@ -131,7 +131,13 @@ pub async fn accept_loop(
                 kind,
                 proxy_protocol,
             };
-            handle(stream, on, current, shutdown, gauges.waiting.clone(), limit).await;
+            let listening = Listening {
+                current,
+                shutdown,
+                waiting: gauges.waiting.clone(),
+                limit,
+            };
+            handle(stream, on, listening).await;
             gauges.open.dec();
             drop::<Slot>(slot);
             drop(done);
@@ -147,17 +153,18 @@ struct Accepted {
     proxy_protocol: bool,
 }
 
-async fn handle(
-    mut stream: TcpStream,
-    on: Accepted,
+/// The listener's handles each of its connections gets a clone of.
+struct Listening {
     current: Arc<ArcSwap<Generation>>,
     shutdown: watch::Receiver<bool>,
     waiting: Gauge,
     limit: ListenerLimit,
-) {
+}
+
+async fn handle(mut stream: TcpStream, on: Accepted, listening: Listening) {
     // Connection-level settings (timeouts, TLS) are those current at accept; every request
     // then routes with the configuration current when it arrives.
-    let generation = current.load_full();
+    let generation = listening.current.load_full();
     let cfg = generation.downstream.clone();
     let Accepted {
         mut peer,
@@ -190,42 +197,31 @@ async fn handle(
         let _ = sock.set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(idle));
     }
     let io = LingeringTcp::new(stream).with_send_timeout(cfg.send_timeout);
-    let info = DownstreamInfo::new(peer, local, kind == Kind::Https);
+    let ctx = ConnContext {
+        info: DownstreamInfo::new(peer, local, kind == Kind::Https),
+        current: listening.current,
+        cfg,
+        shutdown: listening.shutdown,
+        waiting: listening.waiting,
+        limit: listening.limit,
+    };
     // Each branch is boxed, so a connection's task holds the state of its own protocol only
     // (the TLS handshake state made every plain connection's task 9 KiB; now ~0.5 KiB + serve).
     match kind {
-        Kind::Http => {
-            Box::pin(conn::serve(
-                io, false, info, current, cfg, shutdown, waiting, limit,
-            ))
-            .await
-        }
+        Kind::Http => Box::pin(conn::serve(io, false, ctx)).await,
         Kind::Https => {
             let Some(tls) = generation.tls.clone() else {
                 return;
             };
             drop(generation);
-            Box::pin(serve_tls(
-                io, tls, info, current, cfg, shutdown, waiting, limit,
-            ))
-            .await;
+            Box::pin(serve_tls(io, tls, ctx)).await;
         }
     }
 }
 
 /// TLS handshake (bounded by `header_timeout`), then HTTP/2 or HTTP/1.1 as ALPN decided.
-#[allow(clippy::too_many_arguments)]
-async fn serve_tls(
-    io: LingeringTcp,
-    tls: Arc<rustls::ServerConfig>,
-    info: DownstreamInfo,
-    current: Arc<ArcSwap<Generation>>,
-    cfg: Arc<crate::config::DownstreamConfig>,
-    shutdown: watch::Receiver<bool>,
-    waiting: Gauge,
-    limit: ListenerLimit,
-) {
-    let peer = info.peer;
+async fn serve_tls(io: LingeringTcp, tls: Arc<rustls::ServerConfig>, ctx: ConnContext) {
+    let (peer, cfg) = (ctx.info.peer, ctx.cfg.clone());
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let tls_stream = match tokio::time::timeout(cfg.header_timeout, acceptor.accept(io)).await {
         Ok(Ok(s)) => s,
@@ -239,8 +235,5 @@ async fn serve_tls(
         }
     };
     let http2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
-    conn::serve(
-        tls_stream, http2, info, current, cfg, shutdown, waiting, limit,
-    )
-    .await;
+    conn::serve(tls_stream, http2, ctx).await;
 }

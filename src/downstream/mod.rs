@@ -11,10 +11,15 @@ pub mod tls;
 
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
+use prometheus_client::metrics::gauge::Gauge;
+use tokio::sync::watch;
+
 use crate::config::{Config, DownstreamConfig};
+use crate::downstream::limit::ListenerLimit;
 use crate::downstream::tls::TlsError;
 use crate::ops::metrics::Metrics;
-use crate::proxy::Proxy;
+use crate::proxy::{DownstreamInfo, Proxy};
 
 /// Everything a downstream connection needs from one loaded configuration. A connection keeps
 /// the generation it was accepted under; a reload swaps in a new one for new connections.
@@ -44,4 +49,22 @@ impl Generation {
             tls,
         })
     }
+}
+
+/// What one downstream connection carries from accept to serve: who the client is, the
+/// settings it was accepted under, and its listener's shared handles.
+pub struct ConnContext {
+    /// The client address (socket or PROXY header) and the listener's.
+    pub info: DownstreamInfo,
+    /// The configuration generation current now: each request routes with the one current
+    /// when it arrives (reload).
+    pub current: Arc<ArcSwap<Generation>>,
+    /// The connection-level settings current at accept (timeouts, limits).
+    pub cfg: Arc<DownstreamConfig>,
+    /// Flips to true when the server shuts down.
+    pub shutdown: watch::Receiver<bool>,
+    /// `kaproxy_downstream_connections_waiting` of the listener (parked connections).
+    pub waiting: Gauge,
+    /// The listener's view of the connection cap, where a parked connection registers.
+    pub limit: ListenerLimit,
 }
