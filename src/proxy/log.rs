@@ -6,10 +6,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 use tracing::info;
 
-use http::{Method, Response};
+use http::Method;
 use tokio::time::Instant;
-
-use super::response::*;
 
 /// One access log line, written when the response body is finished (or abandoned).
 #[derive(Debug)]
@@ -41,18 +39,6 @@ impl Default for AccessRecord {
             start: Instant::now(),
         }
     }
-}
-
-/// Attaches the access log record to a response kaproxy made itself, so errors are logged too.
-pub(super) fn with_log(
-    mut resp: Response<ProxyBody>,
-    log: Option<Box<AccessRecord>>,
-) -> Response<ProxyBody> {
-    if let Some(mut log) = log {
-        log.status = resp.status().as_u16();
-        resp.body_mut().log = Some(log);
-    }
-    resp
 }
 
 impl AccessRecord {

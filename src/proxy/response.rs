@@ -169,6 +169,18 @@ pub(super) fn server_failed(
     with_log(local_response(status, text), log)
 }
 
+/// Attaches the access log record to a response kaproxy made itself, so errors are logged too.
+pub(super) fn with_log(
+    mut resp: Response<ProxyBody>,
+    log: Option<Box<AccessRecord>>,
+) -> Response<ProxyBody> {
+    if let Some(mut log) = log {
+        log.status = resp.status().as_u16();
+        resp.body_mut().log = Some(log);
+    }
+    resp
+}
+
 /// A response kaproxy makes itself (errors).
 pub fn local_response(status: StatusCode, text: &'static str) -> Response<ProxyBody> {
     let mut resp = Response::new(ProxyBody {

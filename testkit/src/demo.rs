@@ -176,6 +176,18 @@ impl DemoBackend {
         })
     }
 
+    /// A backend with default settings named `name` on a free loopback port (it answers with
+    /// `X-Backend: name`); panics if it cannot start, as a test would.
+    pub async fn named(name: &str) -> DemoBackend {
+        let cfg = DemoBackendConfig {
+            name: name.to_string(),
+            ..DemoBackendConfig::default()
+        };
+        DemoBackend::start(SocketAddr::from(([127, 0, 0, 1], 0)), cfg)
+            .await
+            .expect("start demo backend")
+    }
+
     /// Starts `n` backends on free loopback ports, named `{cfg.name}-1` … `{cfg.name}-n`.
     pub async fn start_many(n: usize, cfg: DemoBackendConfig) -> std::io::Result<Vec<DemoBackend>> {
         let mut backends = Vec::with_capacity(n);

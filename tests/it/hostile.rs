@@ -8,7 +8,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use kaproxy_testkit::demo::{DemoBackend, DemoBackendConfig};
+use kaproxy_testkit::demo::DemoBackend;
 use kaproxy_testkit::poll_until;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -689,15 +689,7 @@ async fn host_header_rules() {
 // ---------------------------------------------------------------------------------------------
 
 async fn demo_named(name: &str) -> DemoBackend {
-    DemoBackend::start(
-        SocketAddr::from(([127, 0, 0, 1], 0)),
-        DemoBackendConfig {
-            name: name.to_string(),
-            ..DemoBackendConfig::default()
-        },
-    )
-    .await
-    .expect("start demo backend")
+    DemoBackend::named(name).await
 }
 
 const RETRY_KEYS: &str = "balance = \"round_robin\"\nmax_retries = 2\nretry_backoff = \"10ms\"";

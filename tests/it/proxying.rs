@@ -8,7 +8,7 @@ use bytes::Bytes;
 use http::{StatusCode, Version};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use kaproxy_testkit::demo::{DemoBackend, DemoBackendConfig};
+use kaproxy_testkit::demo::DemoBackend;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::support::client::{
@@ -21,15 +21,7 @@ const EXCHANGE_BOUND: Duration = Duration::from_secs(10);
 
 /// A demo backend named `name` (answers with `X-Backend: name` and echoes `X-Seen-*`).
 async fn demo(name: &str) -> DemoBackend {
-    DemoBackend::start(
-        SocketAddr::from(([127, 0, 0, 1], 0)),
-        DemoBackendConfig {
-            name: name.to_string(),
-            ..DemoBackendConfig::default()
-        },
-    )
-    .await
-    .expect("start demo backend")
+    DemoBackend::named(name).await
 }
 
 /// Two upstreams, `alpha` and `beta`, and routes where order matters: the host+path route
