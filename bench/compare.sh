@@ -4,6 +4,7 @@
 #
 #   bench/compare.sh [--rounds N] [--duration SECONDS] [--out FILE] [--no-install]
 #                    [--only h1,h1tls,newconn,h2,big,idle]
+#   KAPROXY_BIN=path/to/kaproxy bench/compare.sh ...   runs that build instead of this tree's
 #
 # Layout on the 2-core machine: every proxy is pinned to CPU 0 with one worker (kaproxy
 # `[runtime] worker_threads = 1`, nginx `worker_processes 1`, HAProxy `nbthread 1`); the
@@ -78,7 +79,8 @@ fi
 
 log "building kaproxy and kaproxy-bench (release)"
 (cd "$ROOT" && cargo build --release -q -p kaproxy -p kaproxy-bench)
-KAPROXY="$ROOT/target/release/kaproxy"
+# KAPROXY_BIN runs another kaproxy build (say, an older commit's) in the same scenarios.
+KAPROXY="${KAPROXY_BIN:-$ROOT/target/release/kaproxy}"
 BENCH="$ROOT/target/release/kaproxy-bench"
 
 WORK=$(mktemp -d /tmp/kaproxy-compare.XXXXXX)
