@@ -1011,6 +1011,18 @@ rise = 0
     }
 
     #[test]
+    fn timeline_lists_the_client_deadlines() {
+        let src = "[listen]\nhttp = \"127.0.0.1:8080\"\n[downstream]\nbody_timeout = \"5s\"\nmax_connections = 500\n[upstreams.web]\nservers = [\"127.0.0.1:8081\"]\nrequest_buffer_bytes = 1000\n";
+        let text = parse(src).unwrap().timeline().to_string();
+        assert!(row(&text, "body_timeout").contains("5s"), "{text}");
+        assert!(row(&text, "send_timeout").contains("60s"), "{text}");
+        assert!(row(&text, "max_connections").contains("500"), "{text}");
+        assert!(row(&text, "web buffers").contains("1000 / 64KiB"), "{text}");
+        let auto = parse(MINIMAL).unwrap().timeline().to_string();
+        assert!(row(&auto, "max_connections").contains("auto"), "{auto}");
+    }
+
+    #[test]
     fn timeline_marks_broken_orderings() {
         let c = parse(MINIMAL).unwrap();
         assert!(!c.timeline().has_errors());

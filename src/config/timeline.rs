@@ -79,6 +79,7 @@ impl Config {
     /// The keep-alive timeline of this config, downstream first, then each upstream.
     pub fn timeline(&self) -> Timeline {
         let mut sections = vec![downstream_section(&self.downstream)];
+        sections.push(deadlines_section(&self.downstream, &self.upstreams));
         sections.extend(self.upstreams.iter().map(upstream_section));
         if let Some(demo) = &self.demo {
             let backends: Vec<String> = demo.backends.iter().map(|a| a.to_string()).collect();
@@ -147,6 +148,65 @@ pub(super) fn downstream_section(d: &DownstreamConfig) -> Section {
     ];
     let title = "downstream: clients (and any front load balancer) reuse, kaproxy accepts".into();
     Section { title, rows }
+}
+
+/// The deadlines a slow or hostile client meets (README, "Hostile clients"), and what each
+/// upstream group buffers so that such a client never holds a backend connection.
+pub(super) fn deadlines_section(d: &DownstreamConfig, upstreams: &[UpstreamConfig]) -> Section {
+    let cap = if d.max_connections == 0 {
+        Row::info(
+            "max_connections",
+            "auto",
+            "derived at start from the open-file limit; the longest-idle are closed at the cap",
+        )
+    } else {
+        Row::info(
+            "max_connections",
+            d.max_connections.to_string(),
+            "the longest-idle keep-alive connections are closed at the cap",
+        )
+    };
+    let mut rows = vec![
+        Row::info(
+            "header_timeout",
+            human(d.header_timeout),
+            "a partial request head: 408; a silent new connection: closed",
+        ),
+        Row::info(
+            "body_timeout",
+            human(d.body_timeout),
+            "between two reads of a request body: 408, or the connection closed",
+        ),
+        Row::info(
+            "send_timeout",
+            human(d.send_timeout),
+            "a write (or an HTTP/2 window) without progress: connection closed / stream cut",
+        ),
+        cap,
+    ];
+    for u in upstreams {
+        let b = &u.buffers;
+        rows.push(Row::info(
+            &format!("{} buffers request / response", u.name),
+            format!(
+                "{} / {}",
+                kib(b.request_buffer_bytes),
+                kib(b.response_buffer_bytes)
+            ),
+            "bytes read whole before a backend is involved / read ahead from it",
+        ));
+    }
+    let title = "client deadlines: no slow or hostile client holds a backend connection".into();
+    Section { title, rows }
+}
+
+/// A byte count as the config's readers think of it: whole KiB as "64KiB".
+fn kib(bytes: usize) -> String {
+    if bytes >= 1024 && bytes % 1024 == 0 {
+        format!("{}KiB", bytes / 1024)
+    } else {
+        bytes.to_string()
+    }
 }
 
 pub(super) fn upstream_section(u: &UpstreamConfig) -> Section {

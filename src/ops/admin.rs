@@ -165,6 +165,8 @@ fn status_json(generation: &Generation) -> String {
             "idle_timeout_s": secs(ds.idle_timeout),
             "front_idle_timeout_s": secs(ds.front_idle_timeout),
             "header_timeout_s": secs(ds.header_timeout),
+            "body_timeout_s": secs(ds.body_timeout),
+            "send_timeout_s": secs(ds.send_timeout),
         },
         "upstreams": upstreams,
     });
