@@ -32,31 +32,95 @@ use crate::error::UpstreamError;
 use crate::ops::metrics::{BackendMetrics, CloseReason};
 use crate::upstream::keep_alive::{has_connection_close, KeepAliveHint, KEEP_ALIVE};
 
-/// One live HTTP/1.1 connection to a backend and what kaproxy knows of it.
-struct Conn {
-    id: u64,
-    sender: SendRequest<UpstreamBody>,
-    born: Instant,
-    last_used: Instant,
-    requests: u32,
-    /// Requests the backend still accepts on it (`Keep-Alive: max=` of the last response).
-    remaining: Option<u32>,
-    /// Set by the connection task when hyper's connection ends (peer EOF, error, or our close).
-    ended: Arc<AtomicBool>,
-    _permit: OwnedSemaphorePermit,
+/// What the pool needs of a live connection: whether its peer has closed it (as hyper-util's
+/// pool needs `is_open`). Everything else the pool decides from its own clock.
+pub trait Connection: Send + Sync + 'static {
+    fn is_closed(&self) -> bool;
 }
 
-impl Conn {
+/// How a pool opens a connection to its backend: [`Http1`] for real traffic; the pool's unit
+/// tests use fakes, so its deadlines run under paused time.
+pub trait Connector: Send + Sync + Sized + 'static {
+    type Conn: Connection;
+    /// Opens connection `id` for `pool` (its address, its settings); a connector that watches
+    /// the connection may tell the pool when it ends ([`Pool::connection_ended`]).
+    fn connect(
+        &self,
+        pool: &Arc<Pool<Self>>,
+        id: u64,
+    ) -> impl std::future::Future<Output = Result<Self::Conn, UpstreamError>> + Send;
+}
+
+/// The real connector: TCP (`connect_timeout`, TCP_NODELAY, keepalive) and hyper's HTTP/1.1
+/// client handshake; the connection's task keeps reading while it idles, so a backend's FIN
+/// is seen at once.
+pub struct Http1;
+
+/// A live HTTP/1.1 connection: hyper's sender, and whether its task has ended.
+pub struct Http1Conn {
+    sender: SendRequest<UpstreamBody>,
+    /// Set by the connection task when hyper's connection ends (peer EOF, error, or our close).
+    ended: Arc<AtomicBool>,
+}
+
+impl Connection for Http1Conn {
     fn is_closed(&self) -> bool {
         self.ended.load(Ordering::Acquire) || self.sender.is_closed()
     }
 }
 
+impl Connector for Http1 {
+    type Conn = Http1Conn;
+
+    async fn connect(&self, pool: &Arc<Pool<Self>>, id: u64) -> Result<Http1Conn, UpstreamError> {
+        let addr = pool.addr;
+        let stream = pool.dial().await?;
+        let (sender, connection) = hyper::client::conn::http1::Builder::new()
+            .handshake::<_, UpstreamBody>(TokioIo::new(stream))
+            .await
+            .map_err(|source| UpstreamError::Handshake { addr, source })?;
+        let ended = Arc::new(AtomicBool::new(false));
+        let watch = ended.clone();
+        let weak = Arc::downgrade(pool);
+        // The connection task reads while the connection is idle, so a backend's FIN ends it
+        // at once; the sweep then drops the dead connection before anyone can take it.
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                debug!(server = %addr, conn = id, error = %e, "pool: upstream connection ended with error");
+            }
+            watch.store(true, Ordering::Release);
+            if let Some(pool) = weak.upgrade() {
+                pool.connection_ended();
+            }
+        });
+        Ok(Http1Conn { sender, ended })
+    }
+}
+
+/// One pooled connection and what kaproxy knows of it.
+struct Entry<T> {
+    id: u64,
+    conn: T,
+    born: Instant,
+    last_used: Instant,
+    requests: u32,
+    /// Requests the backend still accepts on it (`Keep-Alive: max=` of the last response).
+    remaining: Option<u32>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl<T: Connection> Entry<T> {
+    fn is_closed(&self) -> bool {
+        self.conn.is_closed()
+    }
+}
+
 /// The pool of connections to one backend address.
-pub struct Pool {
+pub struct Pool<C: Connector = Http1> {
+    connector: C,
     addr: SocketAddr,
     cfg: PoolConfig,
-    idle: Mutex<Vec<Conn>>,
+    idle: Mutex<Vec<Entry<C::Conn>>>,
     permits: Arc<Semaphore>,
     /// The backend's advertised keep-alive timeout in ms (0: none learned yet).
     learned_timeout_ms: AtomicU64,
@@ -71,9 +135,23 @@ pub struct Pool {
     metrics: Arc<BackendMetrics>,
 }
 
-impl Pool {
+impl Pool<Http1> {
+    /// A pool of real HTTP/1.1 connections; needs a tokio runtime (it starts its sweep task).
     pub fn new(addr: SocketAddr, cfg: PoolConfig, metrics: Arc<BackendMetrics>) -> Arc<Self> {
+        Pool::with_connector(addr, cfg, metrics, Http1)
+    }
+}
+
+impl<C: Connector> Pool<C> {
+    /// A pool that opens its connections with `connector`.
+    pub fn with_connector(
+        addr: SocketAddr,
+        cfg: PoolConfig,
+        metrics: Arc<BackendMetrics>,
+        connector: C,
+    ) -> Arc<Self> {
         let pool = Arc::new(Pool {
+            connector,
             addr,
             permits: Arc::new(Semaphore::new(cfg.max_connections_per_server)),
             cfg,
@@ -101,6 +179,11 @@ impl Pool {
 
     pub fn metrics(&self) -> &Arc<BackendMetrics> {
         &self.metrics
+    }
+
+    /// A connection's own watcher saw it end: the sweep drops it before anyone takes it.
+    pub fn connection_ended(&self) {
+        self.sweep.notify_one();
     }
 
     /// Number of open connections (idle and busy).
@@ -154,7 +237,7 @@ impl Pool {
     }
 
     /// A reusable idle connection if there is one, else a new connection.
-    pub async fn acquire(self: &Arc<Self>) -> Result<PooledConn, UpstreamError> {
+    pub async fn acquire(self: &Arc<Self>) -> Result<PooledConn<C>, UpstreamError> {
         if let Some(conn) = self.take_idle(Instant::now()) {
             self.metrics.reused.inc();
             debug!(server = %self.addr, conn = conn.id, age_ms = conn.born.elapsed().as_millis() as u64,
@@ -168,13 +251,13 @@ impl Pool {
     }
 
     /// Always a new connection (the retry after a reused connection failed).
-    pub async fn acquire_fresh(self: &Arc<Self>) -> Result<PooledConn, UpstreamError> {
+    pub async fn acquire_fresh(self: &Arc<Self>) -> Result<PooledConn<C>, UpstreamError> {
         Box::pin(self.connect()).await
     }
 
     /// Pops the most recently used idle connection that is still safe to reuse, closing the
     /// ones found dead or expired on the way.
-    fn take_idle(&self, now: Instant) -> Option<Conn> {
+    fn take_idle(&self, now: Instant) -> Option<Entry<C::Conn>> {
         loop {
             let conn = {
                 let mut idle = crate::sync::lock(&self.idle);
@@ -195,7 +278,7 @@ impl Pool {
         }
     }
 
-    async fn connect(self: &Arc<Self>) -> Result<PooledConn, UpstreamError> {
+    async fn connect(self: &Arc<Self>) -> Result<PooledConn<C>, UpstreamError> {
         let addr = self.addr;
         let permit = match self.permits.clone().try_acquire_owned() {
             Ok(permit) => permit,
@@ -204,45 +287,26 @@ impl Pool {
                 Slot::Idle(conn) => return Ok(conn),
             },
         };
-        let stream = self.dial().await?;
-        let (sender, connection) = hyper::client::conn::http1::Builder::new()
-            .handshake::<_, UpstreamBody>(TokioIo::new(stream))
-            .await
-            .map_err(|source| UpstreamError::Handshake { addr, source })?;
-        let ended = Arc::new(AtomicBool::new(false));
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let watch = ended.clone();
-        let pool = Arc::downgrade(self);
-        // The connection task reads while the connection is idle, so a backend's FIN ends it
-        // at once; the sweep then drops the dead connection before anyone can take it.
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                debug!(server = %addr, conn = id, error = %e, "pool: upstream connection ended with error");
-            }
-            watch.store(true, Ordering::Release);
-            if let Some(pool) = pool.upgrade() {
-                pool.sweep.notify_one();
-            }
-        });
+        let conn = self.connector.connect(self, id).await?;
         self.metrics.opened.inc();
         let now = Instant::now();
         debug!(server = %addr, conn = id, "pool: opened new connection");
-        let conn = Conn {
+        let entry = Entry {
             id,
-            sender,
+            conn,
             born: now,
             last_used: now,
             requests: 0,
             remaining: None,
-            ended,
             _permit: permit,
         };
-        Ok(PooledConn::new(conn, self.clone(), false))
+        Ok(PooledConn::new(entry, self.clone(), false))
     }
 
     /// At `max_connections_per_server`: waits up to `acquire_timeout` for a free slot or for a
     /// connection coming back idle, whichever is first.
-    async fn wait_for_slot(self: &Arc<Self>) -> Result<Slot, UpstreamError> {
+    async fn wait_for_slot(self: &Arc<Self>) -> Result<Slot<C>, UpstreamError> {
         /// Counts this request in `waiting` for as long as it waits.
         struct Waiting<'a>(&'a std::sync::atomic::AtomicUsize);
         impl Drop for Waiting<'_> {
@@ -291,7 +355,7 @@ impl Pool {
     }
 
     /// Takes back a connection whose response finished cleanly.
-    fn release(&self, mut conn: Conn, retire: Option<CloseReason>) {
+    fn release(&self, mut conn: Entry<C::Conn>, retire: Option<CloseReason>) {
         let now = Instant::now();
         conn.last_used = now;
         let reason = retire.or_else(|| {
@@ -330,12 +394,12 @@ impl Pool {
         }
     }
 
-    fn close(&self, conn: Conn, reason: CloseReason) {
+    fn close(&self, conn: Entry<C::Conn>, reason: CloseReason) {
         self.metrics.closed(reason);
         debug!(server = %self.addr, conn = conn.id, reason = reason.as_str(),
             age_ms = conn.born.elapsed().as_millis() as u64, requests = conn.requests,
             "pool: closing upstream connection");
-        // Dropping the sender lets hyper's connection task shut the socket down (FIN).
+        // Dropping it closes it (for Http1: hyper's connection task shuts the socket down, FIN).
         drop(conn);
     }
 
@@ -406,7 +470,7 @@ impl Pool {
     }
 }
 
-impl Drop for Pool {
+impl<C: Connector> Drop for Pool<C> {
     fn drop(&mut self) {
         if let Some(task) = crate::sync::lock(&self.sweeper).take() {
             task.abort();
@@ -416,7 +480,7 @@ impl Drop for Pool {
 
 /// Wakes at the earliest idle deadline (or when told the pool changed) and sweeps. Holds the
 /// pool only while sweeping, so dropping the pool ends the task.
-async fn sweep_loop(pool: Weak<Pool>, notify: Arc<Notify>) {
+async fn sweep_loop<C: Connector>(pool: Weak<Pool<C>>, notify: Arc<Notify>) {
     loop {
         let next = match pool.upgrade() {
             Some(strong) => strong.sweep_idle(Instant::now()),
@@ -443,16 +507,16 @@ fn set_socket_options(stream: &TcpStream, keepalive: Option<Duration>) {
 }
 
 /// What a request waiting at `max_connections_per_server` gets.
-enum Slot {
+enum Slot<C: Connector> {
     New(OwnedSemaphorePermit),
-    Idle(PooledConn),
+    Idle(PooledConn<C>),
 }
 
 /// A connection checked out of a [`Pool`]. Dropped without being released, it is closed
 /// with reason `error`.
-pub struct PooledConn {
-    conn: Option<Conn>,
-    pool: Arc<Pool>,
+pub struct PooledConn<C: Connector = Http1> {
+    conn: Option<Entry<C::Conn>>,
+    pool: Arc<Pool<C>>,
     reused: bool,
     retire: Option<CloseReason>,
 }
@@ -464,8 +528,8 @@ pub struct SendFailure {
     pub unsent: Option<Request<UpstreamBody>>,
 }
 
-impl PooledConn {
-    fn new(conn: Conn, pool: Arc<Pool>, reused: bool) -> Self {
+impl<C: Connector> PooledConn<C> {
+    fn new(conn: Entry<C::Conn>, pool: Arc<Pool<C>>, reused: bool) -> Self {
         PooledConn {
             conn: Some(conn),
             pool,
@@ -483,7 +547,7 @@ impl PooledConn {
         self.pool.addr
     }
 
-    fn conn(&self) -> &Conn {
+    fn conn(&self) -> &Entry<C::Conn> {
         self.conn.as_ref().expect("conn present until release")
     }
 
@@ -491,37 +555,6 @@ impl PooledConn {
     pub fn age_and_requests(&self) -> (Duration, u32) {
         let c = self.conn();
         (c.born.elapsed(), c.requests)
-    }
-
-    /// Sends one request and waits for the response head, learning the backend's keep-alive
-    /// settings from it. The caller bounds the wait with `response_timeout`.
-    pub async fn send(
-        &mut self,
-        req: Request<UpstreamBody>,
-    ) -> Result<Response<Incoming>, SendFailure> {
-        let addr = self.pool.addr;
-        let conn = self.conn.as_mut().expect("conn present until release");
-        if let Err(e) = conn.sender.ready().await {
-            self.retire = Some(CloseReason::ServerClose);
-            return Err(SendFailure {
-                error: UpstreamError::from_send(addr, e),
-                unsent: Some(req),
-            });
-        }
-        conn.requests += 1;
-        match conn.sender.try_send_request(req).await {
-            Ok(resp) => {
-                self.observe(resp.headers());
-                Ok(resp)
-            }
-            Err(mut e) => {
-                let unsent = e.take_message();
-                Err(SendFailure {
-                    error: UpstreamError::from_send(addr, e.into_error()),
-                    unsent,
-                })
-            }
-        }
     }
 
     fn observe(&mut self, headers: &HeaderMap) {
@@ -556,6 +589,39 @@ impl PooledConn {
             self.pool.release(conn, self.retire);
         }
     }
+}
+
+impl PooledConn<Http1> {
+    /// Sends one request and waits for the response head, learning the backend's keep-alive
+    /// settings from it. The caller bounds the wait with `response_timeout`.
+    pub async fn send(
+        &mut self,
+        req: Request<UpstreamBody>,
+    ) -> Result<Response<Incoming>, SendFailure> {
+        let addr = self.pool.addr;
+        let conn = self.conn.as_mut().expect("conn present until release");
+        if let Err(e) = conn.conn.sender.ready().await {
+            self.retire = Some(CloseReason::ServerClose);
+            return Err(SendFailure {
+                error: UpstreamError::from_send(addr, e),
+                unsent: Some(req),
+            });
+        }
+        conn.requests += 1;
+        match conn.conn.sender.try_send_request(req).await {
+            Ok(resp) => {
+                self.observe(resp.headers());
+                Ok(resp)
+            }
+            Err(mut e) => {
+                let unsent = e.take_message();
+                Err(SendFailure {
+                    error: UpstreamError::from_send(addr, e.into_error()),
+                    unsent,
+                })
+            }
+        }
+    }
 
     /// Wraps a response body so that the connection returns to the pool when the body ends.
     pub fn attach(self, body: Incoming) -> PooledBody {
@@ -566,7 +632,7 @@ impl PooledConn {
     }
 }
 
-impl Drop for PooledConn {
+impl<C: Connector> Drop for PooledConn<C> {
     fn drop(&mut self) {
         if let Some(conn) = self.conn.take() {
             self.pool
@@ -650,6 +716,120 @@ mod tests {
         let metrics = crate::ops::metrics::Metrics::new();
         let addr: SocketAddr = "127.0.0.1:9".parse().unwrap();
         Pool::new(addr, cfg, metrics.server("web", addr))
+    }
+
+    /// A connection the test closes by hand (the backend's FIN).
+    struct FakeConn(Arc<AtomicBool>);
+
+    impl Connection for FakeConn {
+        fn is_closed(&self) -> bool {
+            self.0.load(Ordering::Acquire)
+        }
+    }
+
+    /// Opens fake connections and keeps each one's "peer closed" switch.
+    #[derive(Default)]
+    struct FakeConnector {
+        opened: Mutex<Vec<Arc<AtomicBool>>>,
+    }
+
+    impl Connector for FakeConnector {
+        type Conn = FakeConn;
+
+        async fn connect(
+            &self,
+            _pool: &Arc<Pool<Self>>,
+            _id: u64,
+        ) -> Result<FakeConn, UpstreamError> {
+            let closed = Arc::new(AtomicBool::new(false));
+            crate::sync::lock(&self.opened).push(closed.clone());
+            Ok(FakeConn(closed))
+        }
+    }
+
+    fn fake_pool(cfg: PoolConfig) -> (Arc<Pool<FakeConnector>>, crate::ops::metrics::Metrics) {
+        let metrics = crate::ops::metrics::Metrics::new();
+        let addr: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let pool = Pool::with_connector(
+            addr,
+            cfg,
+            metrics.server("web", addr),
+            FakeConnector::default(),
+        );
+        (pool, metrics)
+    }
+
+    fn opened(pool: &Pool<FakeConnector>) -> usize {
+        crate::sync::lock(&pool.connector.opened).len()
+    }
+
+    /// Lets the sweep task run after a time advance.
+    async fn settle() {
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_connection_is_reused_within_its_deadline_and_swept_after_it() {
+        let (pool, metrics) = fake_pool(cfg()); // idle_timeout 4 s < 5 s - 500 ms
+        pool.acquire().await.unwrap().release();
+        tokio::time::advance(Duration::from_millis(3900)).await;
+        let again = pool.acquire().await.unwrap();
+        assert!(again.is_reused(), "3.9 s idle < 4 s: reused");
+        again.release();
+        tokio::time::advance(Duration::from_millis(4001)).await;
+        settle().await;
+        assert_eq!(pool.idle_count(), 0, "the sweep closed it at its deadline");
+        assert_eq!(closed(&metrics, "idle"), 1);
+        assert!(!pool.acquire().await.unwrap().is_reused());
+        assert_eq!(opened(&pool), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_whose_peer_closed_is_never_handed_out() {
+        let (pool, metrics) = fake_pool(cfg());
+        pool.acquire().await.unwrap().release();
+        crate::sync::lock(&pool.connector.opened)[0].store(true, Ordering::Release);
+        let conn = pool.acquire().await.unwrap();
+        assert!(!conn.is_reused());
+        assert_eq!(closed(&metrics, "server_close"), 1);
+        assert_eq!(opened(&pool), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_learned_keep_alive_timeout_shortens_the_deadline() {
+        let (pool, metrics) = fake_pool(cfg());
+        pool.learn(&KeepAliveHint {
+            timeout: Some(Duration::from_secs(1)),
+            max: None,
+        });
+        pool.acquire().await.unwrap().release();
+        tokio::time::advance(Duration::from_millis(499)).await;
+        let conn = pool.acquire().await.unwrap();
+        assert!(conn.is_reused(), "499 ms < 1 s - 500 ms");
+        conn.release();
+        tokio::time::advance(Duration::from_millis(501)).await;
+        assert!(!pool.acquire().await.unwrap().is_reused());
+        assert_eq!(closed(&metrics, "learned_timeout"), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn surplus_idle_connections_and_old_ones_are_closed_on_release() {
+        let mut c = cfg();
+        c.max_idle_per_server = 1;
+        c.max_lifetime = Duration::from_secs(10);
+        let (pool, metrics) = fake_pool(c);
+        let (a, b) = (pool.acquire().await.unwrap(), pool.acquire().await.unwrap());
+        a.release();
+        b.release();
+        assert_eq!(pool.idle_count(), 1);
+        assert_eq!(closed(&metrics, "idle"), 1, "the surplus one");
+        let old = pool.acquire().await.unwrap();
+        tokio::time::advance(Duration::from_secs(11)).await;
+        old.release();
+        assert_eq!(closed(&metrics, "lifetime"), 1);
+        assert_eq!(pool.idle_count(), 0);
     }
 
     #[tokio::test(start_paused = true)]
