@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use kaproxy::config::{Config, LogConfig, LogFormat};
+use kaproxy::config::{Config, LogColor, LogConfig, LogFormat};
 use kaproxy_testkit::demo::{DemoBackend, DemoBackendConfig};
 
 /// The configuration `kaproxy demo` serves: the repository's default config, built in.
@@ -141,10 +141,19 @@ fn init_tracing(log: &LogConfig) {
     if !log.access_log {
         filter = filter.add_directive("kaproxy::access=off".parse().expect("valid directive"));
     }
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    // stderr, as daemons and containers log (nginx's `error_log stderr`); stdout is left to
+    // command output such as `kaproxy check`. Colour only on a terminal unless told.
+    let color = match log.color {
+        LogColor::Always => true,
+        LogColor::Never => false,
+        LogColor::Auto => std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match log.format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().with_ansi(false).init(),
+        LogFormat::Text => builder.with_ansi(color).init(),
     }
 }
 

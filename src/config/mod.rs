@@ -122,6 +122,8 @@ const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(5);
 const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
 /// HAProxy's default `rise 2`.
 const DEFAULT_HEALTH_RISE: u32 = 2;
+/// nginx's `fail_timeout` default (10 s): how long passive health keeps a failing server out.
+pub const DEFAULT_PASSIVE_COOLDOWN: Duration = Duration::from_secs(10);
 /// HAProxy's default `fall 3`.
 const DEFAULT_HEALTH_FALL: u32 = 3;
 /// Envoy's conventional admin port, on loopback only.
@@ -312,6 +314,10 @@ pub struct HealthConfig {
     pub timeout: Duration,
     pub rise: u32,
     pub fall: u32,
+    /// How long `fall` consecutive request failures keep a server out of rotation before one
+    /// request is let through again (nginx's `fail_timeout`).
+    #[serde(with = "humantime_serde")]
+    pub passive_cooldown: Duration,
 }
 
 /// A route's `host`, lowercased.
@@ -358,13 +364,25 @@ pub enum LogFormat {
     Json,
 }
 
-/// `[log]`. `level` is passed to tracing's `EnvFilter` as written.
+/// When log lines carry ANSI colour.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogColor {
+    /// Only when stderr is a terminal: never in a file, journald or a pipe.
+    Auto,
+    Always,
+    Never,
+}
+
+/// `[log]`. `level` is passed to tracing's `EnvFilter` as written. Logs go to stderr.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LogConfig {
     pub level: String,
     pub format: LogFormat,
     pub access_log: bool,
+    /// ANSI colour for the text format (the JSON format is never coloured).
+    pub color: LogColor,
 }
 
 /// `[demo]`: built-in demo backends, for development only.
@@ -454,6 +472,7 @@ impl Default for HealthConfig {
             timeout: DEFAULT_HEALTH_TIMEOUT,
             rise: DEFAULT_HEALTH_RISE,
             fall: DEFAULT_HEALTH_FALL,
+            passive_cooldown: DEFAULT_PASSIVE_COOLDOWN,
         }
     }
 }
@@ -481,6 +500,7 @@ impl Default for LogConfig {
             level: DEFAULT_LOG_LEVEL.into(),
             format: LogFormat::Text,
             access_log: true,
+            color: LogColor::Auto,
         }
     }
 }

@@ -132,6 +132,7 @@ pub(super) fn validate_upstream(u: &UpstreamConfig, out: &mut Vec<Problem>) {
         positive(out, &key("timeout"), health.timeout);
         at_least_one(out, &key("rise"), health.rise.into());
         at_least_one(out, &key("fall"), health.fall.into());
+        positive(out, &key("passive_cooldown"), health.passive_cooldown);
     }
 }
 

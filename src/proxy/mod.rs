@@ -72,6 +72,10 @@ impl Proxy {
             .map(|u| {
                 let old = previous.and_then(|p| p.upstreams.iter().find(|o| o.name == u.name));
                 let fall = u.health.as_ref().map_or(DEFAULT_PASSIVE_FALL, |h| h.fall);
+                let cooldown = u
+                    .health
+                    .as_ref()
+                    .map_or(DEFAULT_PASSIVE_COOLDOWN, |h| h.passive_cooldown);
                 let backends = u
                     .servers
                     .iter()
@@ -88,7 +92,7 @@ impl Proxy {
                                 let m = metrics.server(&u.name, server.addr);
                                 Pool::new(server.addr, u.pool.clone(), m)
                             });
-                        let health = BackendHealth::new(fall, DEFAULT_PASSIVE_COOLDOWN);
+                        let health = BackendHealth::new(fall, cooldown);
                         // The probes' verdict survives a reload (only while probes run to
                         // clear it).
                         if let (Some(old), Some(_)) = (old, &u.health) {
@@ -227,4 +231,31 @@ fn build_request(
     *req.version_mut() = Version::HTTP_11;
     *req.headers_mut() = headers;
     req
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn passive_cooldown_comes_from_the_health_table() {
+        let src =
+            "[listen]\nhttp = \"127.0.0.1:0\"\n[upstreams.web]\nservers = [\"127.0.0.1:9\"]\n\
+                   [upstreams.web.health]\nfall = 1\npassive_cooldown = \"2s\"\n";
+        let cfg = Config::from_toml_str(src, std::path::Path::new("t.toml")).unwrap();
+        let proxy = Proxy::new(&cfg, Arc::new(Metrics::new()));
+        let backend = &proxy.upstreams()[0].balancer.backends()[0];
+        backend.record_failure();
+        assert!(
+            !backend.is_up(Instant::now()),
+            "fall = 1: down after one failure"
+        );
+        tokio::time::advance(Duration::from_millis(1999)).await;
+        assert!(!backend.is_up(Instant::now()), "still cooling down");
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(
+            backend.is_up(Instant::now()),
+            "tried again after passive_cooldown"
+        );
+    }
 }

@@ -85,9 +85,9 @@ impl Backend {
     }
 }
 
-/// How long a server marked down by passive checks is skipped before it is tried again.
-/// nginx's `fail_timeout` default (10 s).
-pub const DEFAULT_PASSIVE_COOLDOWN: Duration = Duration::from_secs(10);
+/// How long a server marked down by passive checks is skipped before it is tried again, when
+/// `[health] passive_cooldown` does not say (nginx's `fail_timeout` default).
+pub use crate::config::DEFAULT_PASSIVE_COOLDOWN;
 
 /// Consecutive connect/response failures that mark a server down when `[health]` sets no
 /// `fall`. Matches the `fall` default of `[upstreams.*.health]`.

@@ -388,6 +388,7 @@ mod tests {
             timeout: Duration::from_secs(1),
             rise: 2,
             fall: 1,
+            ..HealthConfig::default()
         });
         let with_fall_1 = balancer(&cfg);
         assert!(with_fall_1.backends()[0]

@@ -374,6 +374,7 @@ mod tests {
             timeout: Duration::from_millis(200),
             rise: 2,
             fall: 3,
+            ..HealthConfig::default()
         }
     }
 

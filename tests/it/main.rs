@@ -7,6 +7,7 @@ mod flood;
 mod harness;
 mod hostile;
 mod layout;
+mod logs;
 mod ops;
 mod parking;
 mod probe_apache;
