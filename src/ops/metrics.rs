@@ -14,7 +14,7 @@ use prometheus_client::registry::Registry;
 /// `kaproxy_upstream_connections_closed_total`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CloseReason {
-    /// Idle past `idle_timeout`, or surplus beyond `max_idle_per_server`.
+    /// Idle past `idle_timeout` (or closed idle at shutdown).
     Idle = 0,
     /// Idle past the backend's keep-alive timeout minus `safety_margin`.
     LearnedTimeout = 1,
@@ -26,16 +26,20 @@ pub enum CloseReason {
     ServerClose = 4,
     /// A transport or protocol error, or a response body abandoned half way.
     Error = 5,
+    /// Came back idle while `max_idle_per_server` were idle already: more connections than
+    /// steady traffic needs (a burst), not an expiry.
+    Surplus = 6,
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 6] = [
+    pub const ALL: [CloseReason; 7] = [
         CloseReason::Idle,
         CloseReason::LearnedTimeout,
         CloseReason::Lifetime,
         CloseReason::MaxRequests,
         CloseReason::ServerClose,
         CloseReason::Error,
+        CloseReason::Surplus,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -46,6 +50,7 @@ impl CloseReason {
             CloseReason::MaxRequests => "max_requests",
             CloseReason::ServerClose => "server_close",
             CloseReason::Error => "error",
+            CloseReason::Surplus => "surplus",
         }
     }
 }

@@ -378,7 +378,7 @@ impl<C: Connector> Pool<C> {
         let mut idle = crate::sync::lock(&self.idle);
         if idle.len() >= self.cfg.max_idle_per_server {
             drop(idle);
-            self.close(conn, CloseReason::Idle);
+            self.close(conn, CloseReason::Surplus);
             return;
         }
         let was_empty = idle.is_empty();
@@ -824,7 +824,8 @@ mod tests {
         a.release();
         b.release();
         assert_eq!(pool.idle_count(), 1);
-        assert_eq!(closed(&metrics, "idle"), 1, "the surplus one");
+        assert_eq!(closed(&metrics, "surplus"), 1, "the surplus one");
+        assert_eq!(closed(&metrics, "idle"), 0, "not an expiry");
         let old = pool.acquire().await.unwrap();
         tokio::time::advance(Duration::from_secs(11)).await;
         old.release();

@@ -292,6 +292,7 @@ async fn status_json_shows_servers_health_pool_and_learned_keepalive_timeout() {
         "max_requests",
         "server_close",
         "error",
+        "surplus",
     ] {
         assert_eq!(closed.get(reason), Some(&0.into()), "{reason}: {ctx}");
     }
