@@ -206,7 +206,7 @@ pub struct DownstreamConfig {
     #[serde(with = "humantime_serde")]
     pub body_timeout: Duration,
     /// The longest a write to the client, or an HTTP/2 stream's flow-control window, may make
-    /// no progress: then the stream is reset or the connection closed.
+    /// no progress: then the connection is closed (and the upstream connection behind it).
     #[serde(with = "humantime_serde")]
     pub send_timeout: Duration,
     /// Open client connections at most; 0 = derived from the open-file limit at start.
