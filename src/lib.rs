@@ -22,7 +22,8 @@
 //!   probes), [`upstream::pool`] (the keep-alive-aware pool) and [`upstream::keep_alive`] (the
 //!   backend's `Keep-Alive` header).
 //! - [`ops`]: what an operator runs and reads: [`ops::metrics`] (receives, imports nothing of
-//!   ours), [`ops::admin`] (`/metrics`, `/status`, the status page), [`ops::reload`] (SIGHUP
+//!   ours), [`ops::admin`] (`/metrics`, `/status`, the status page), [`ops::history`]
+//!   (the page's bounded history, `/history`), [`ops::reload`] (SIGHUP
 //!   and `POST /reload`), [`ops::probe`] (`kaproxy probe`).
 //! - [`server`]: the running proxy: builds a generation, binds, spawns, drains.
 //! - [`config`]: TOML → validated, typed [`config::Config`]; the keep-alive timeline of `check`.
@@ -54,4 +55,4 @@ pub mod server;
 pub mod sync;
 pub mod upstream;
 
-pub use server::Server;
+pub use server::{Server, ServerOptions};

@@ -157,8 +157,31 @@ fn init_tracing(log: &LogConfig) {
     }
 }
 
+/// The environment variable that sets how often the status page's history samples the
+/// metrics, in milliseconds (default 5000).
+const HISTORY_INTERVAL_ENV: &str = "KAPROXY_HISTORY_INTERVAL_MS";
+
+/// Options that are not configuration keys (those are fixed by the product spec): from the
+/// environment.
+fn server_options() -> anyhow::Result<kaproxy::ServerOptions> {
+    let mut options = kaproxy::ServerOptions::default();
+    if let Ok(ms) = std::env::var(HISTORY_INTERVAL_ENV) {
+        let ms: u64 = ms
+            .trim()
+            .parse()
+            .ok()
+            .filter(|ms| *ms >= 10)
+            .with_context(|| {
+                format!("{HISTORY_INTERVAL_ENV}={ms:?}: want milliseconds, at least 10")
+            })?;
+        options.history_interval = std::time::Duration::from_millis(ms);
+    }
+    Ok(options)
+}
+
 fn serve(config: Config, demo: bool) -> anyhow::Result<()> {
     init_tracing(&config.log);
+    let options = server_options()?;
     raise_open_file_limit();
     // One worker: tokio's current-thread scheduler, which skips the work-stealing machinery.
     let mut runtime = match config.runtime.worker_threads {
@@ -178,7 +201,7 @@ fn serve(config: Config, demo: bool) -> anyhow::Result<()> {
         .context("cannot start the tokio runtime")?;
     let result = runtime.block_on(async move {
         let demo_backends = start_demo_backends(config.demo.as_ref()).await?;
-        let server = kaproxy::Server::start(config).await?;
+        let server = kaproxy::Server::start_with(config, options).await?;
         tokio::spawn(release_memory_every_second());
         if demo {
             print_demo_help(&server);

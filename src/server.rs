@@ -15,6 +15,7 @@ use crate::config::Config;
 use crate::downstream::listener::{self, Kind};
 use crate::downstream::tls::TlsError;
 use crate::downstream::Generation;
+use crate::ops::history::History;
 use crate::ops::metrics::Metrics;
 use crate::ops::reload::{start_health_checks, Control, ReloadError};
 
@@ -29,6 +30,23 @@ pub enum StartError {
     },
     #[error(transparent)]
     Tls(#[from] TlsError),
+}
+
+/// How a [`Server`] runs beyond its [`Config`] (which holds only the product's configuration
+/// keys): set by the binary from its environment, by tests directly.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    /// How often the status page's history samples the metrics (`KAPROXY_HISTORY_INTERVAL_MS`
+    /// for the binary; default 5 s, [`crate::ops::history::SAMPLES`] samples kept).
+    pub history_interval: Duration,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        ServerOptions {
+            history_interval: crate::ops::history::DEFAULT_INTERVAL,
+        }
+    }
 }
 
 /// A running kaproxy.
@@ -48,6 +66,11 @@ impl Server {
     /// Starts serving `config` (already validated): listeners, admin endpoint. (`[demo]`
     /// backends are the binary's to start, before this.)
     pub async fn start(config: Config) -> Result<Server, StartError> {
+        Self::start_with(config, ServerOptions::default()).await
+    }
+
+    /// [`Server::start`] with `options`.
+    pub async fn start_with(config: Config, options: ServerOptions) -> Result<Server, StartError> {
         let metrics = Arc::new(Metrics::new());
         let generation = Generation::build(&config, &metrics, None)?;
         let health_checks = start_health_checks(&generation.proxy);
@@ -115,11 +138,16 @@ impl Server {
                     addr,
                     source,
                 })?;
-                info!(addr = %local, "admin listening (/ status page, /metrics, /healthz, /status, POST /reload)");
+                info!(addr = %local, "admin listening (/ status page, /metrics, /healthz, /status, /history, POST /reload)");
+                let history = History::new(options.history_interval);
+                tasks.push(tokio::spawn(
+                    history.clone().run(current.clone(), shutdown_rx.clone()),
+                ));
                 tasks.push(tokio::spawn(crate::ops::admin::serve(
                     l,
                     metrics.clone(),
                     control.clone(),
+                    history,
                     shutdown_rx.clone(),
                 )));
                 Some(local)

@@ -1,5 +1,5 @@
 //! Owns the admin listener: `/` (status page), `/metrics` (Prometheus text), `/healthz`,
-//! `/status` (JSON) and `POST /reload`.
+//! `/status` (JSON), `/history` (JSON) and `POST /reload`.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -16,11 +16,12 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::downstream::Generation;
+use crate::ops::history::History;
 use crate::ops::metrics::Metrics;
 use crate::ops::reload::Control;
 
 /// The status page: self-contained (no external assets); it fetches `/status` and draws each
-/// hop's keep-alive timeline.
+/// hop's keep-alive timeline, and `/history` for its charts.
 const STATUS_PAGE: &str = include_str!("status_page.html");
 
 /// Serves admin requests until shutdown.
@@ -28,6 +29,7 @@ pub async fn serve(
     listener: TcpListener,
     metrics: Arc<Metrics>,
     control: Arc<Control>,
+    history: Arc<History>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut errors = crate::downstream::limit::AcceptErrors::new("admin");
@@ -52,11 +54,13 @@ pub async fn serve(
         };
         let metrics = metrics.clone();
         let control = control.clone();
+        let history = history.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req: Request<Incoming>| {
                 let metrics = metrics.clone();
                 let control = control.clone();
-                async move { Ok::<_, Infallible>(answer(req, &metrics, &control).await) }
+                let history = history.clone();
+                async move { Ok::<_, Infallible>(answer(req, &metrics, &control, &history).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -70,6 +74,7 @@ async fn answer(
     req: Request<Incoming>,
     metrics: &Metrics,
     control: &Control,
+    history: &History,
 ) -> Response<Full<Bytes>> {
     match (req.method(), req.uri().path()) {
         (&Method::POST, "/reload") => match control.reload().await {
@@ -99,6 +104,7 @@ async fn answer(
             "application/json",
             status_json(&control.generation()),
         ),
+        (_, "/history") => text(StatusCode::OK, "application/json", history.json()),
         _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
     }
 }

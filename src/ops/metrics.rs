@@ -297,6 +297,7 @@ impl Metrics {
             retries: self.retries.clone(),
             requests: self.requests.clone(),
             statuses: (0..STATUS_SLOTS).map(|_| OnceLock::new()).collect(),
+            retries_total: Counter::default(),
         })
     }
 
@@ -346,6 +347,9 @@ pub struct BackendMetrics {
     retries: Family<CauseLabels, Counter>,
     requests: Family<RequestLabels, Counter>,
     statuses: Box<[OnceLock<Counter>]>,
+    /// All retries of this server, whatever the cause (read by the status history; the
+    /// labelled family is what `/metrics` exports).
+    retries_total: Counter,
 }
 
 impl BackendMetrics {
@@ -365,6 +369,7 @@ impl BackendMetrics {
     }
 
     pub fn retry(&self, cause: ErrorKind) {
+        self.retries_total.inc();
         self.retries
             .get_or_create(&CauseLabels {
                 server: self.server.clone(),
@@ -392,5 +397,56 @@ impl BackendMetrics {
                     .clone()
             })
             .inc();
+    }
+}
+
+/// Read accessors for sampling (the status history): they read counters and take no lock the
+/// request path takes, except the histogram's own read lock, as a `/metrics` scrape does.
+impl BackendMetrics {
+    /// Requests answered so far by status class: `[1xx, 2xx, 3xx, 4xx, 5xx]`.
+    pub fn status_class_counts(&self) -> [u64; 5] {
+        let mut out = [0; 5];
+        for (status, slot) in self.statuses.iter().enumerate() {
+            if let Some(c) = slot.get() {
+                out[(status / 100).clamp(1, 5) - 1] += c.get();
+            }
+        }
+        out
+    }
+
+    /// Errors so far, by kind (in [`ErrorKind::ALL`] order).
+    pub fn error_counts(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        ErrorKind::ALL
+            .iter()
+            .map(|k| (k.as_str(), self.errors[*k as usize].get()))
+    }
+
+    /// Retries so far, all causes.
+    pub fn retries_count(&self) -> u64 {
+        self.retries_total.get()
+    }
+
+    /// The request-duration histogram so far: `(upper bound in seconds, cumulative count)`
+    /// per bucket, the last bound `f64::INFINITY`. Read through the text encoding, the only
+    /// public reader prometheus-client has.
+    pub fn duration_buckets(&self) -> Vec<(f64, u64)> {
+        let mut registry = Registry::default();
+        registry.register("d", "", self.duration.clone());
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry)
+            .expect("writing to a String cannot fail");
+        text.lines()
+            .filter_map(|line| {
+                let rest = line.strip_prefix("d_bucket{le=\"")?;
+                let (le, rest) = rest.split_once("\"}")?;
+                let bound = if le == "+Inf" {
+                    f64::INFINITY
+                } else {
+                    le.parse().ok()?
+                };
+                let count = rest.split_whitespace().next()?.parse().ok()?;
+                Some((bound, count))
+            })
+            .collect()
     }
 }

@@ -13,6 +13,7 @@ const RULES: &[(&str, &[&str])] = &[
             "crate::downstream",
             "crate::server",
             "crate::ops::admin",
+            "crate::ops::history",
             "crate::ops::reload",
         ],
     ),
@@ -22,12 +23,18 @@ const RULES: &[(&str, &[&str])] = &[
             "crate::downstream",
             "crate::server",
             "crate::ops::admin",
+            "crate::ops::history",
             "crate::ops::reload",
         ],
     ),
     (
         "src/downstream",
-        &["crate::server", "crate::ops::admin", "crate::ops::reload"],
+        &[
+            "crate::server",
+            "crate::ops::admin",
+            "crate::ops::history",
+            "crate::ops::reload",
+        ],
     ),
     ("src/ops/metrics.rs", &["crate::"]),
     (

@@ -1,6 +1,6 @@
 //! What an operator reads from the admin listener: `/metrics` after known traffic, `/status`
-//! JSON, the status page as headless Chromium renders it, and active health checks taking a
-//! stopped server out of rotation and back.
+//! JSON, the status page as headless Chromium renders it (with its `/history` charts), and
+//! active health checks taking a stopped server out of rotation and back.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -589,5 +589,161 @@ async fn active_health_marks_a_stopped_server_down_and_up_again() {
     assert!(seen_b > 0, "b gets traffic again after it is marked up");
     drop(client);
     drop(b);
+    proxy.shutdown().await;
+}
+
+/// `/history` fetched over HTTP and parsed.
+async fn history(addr: SocketAddr) -> serde_json::Value {
+    let resp = admin_get(addr, "/history").await;
+    serde_json::from_slice(&resp.body)
+        .unwrap_or_else(|e| panic!("/history is not JSON ({e}): {}", resp.body_text()))
+}
+
+/// Events over the whole window of a `/history` series: a rate series times each sample's
+/// interval (`dt_s`), nulls skipped.
+fn window_count(h: &serde_json::Value, series: &serde_json::Value) -> f64 {
+    let dt = h["dt_s"].as_array().expect("dt_s");
+    let values = series
+        .as_array()
+        .unwrap_or_else(|| panic!("not a series: {series}"));
+    assert_eq!(values.len(), dt.len(), "series not aligned with dt_s: {h}");
+    values
+        .iter()
+        .zip(dt)
+        .filter_map(|(v, dt)| Some(v.as_f64()? * dt.as_f64()?))
+        .sum()
+}
+
+/// The `<svg data-chart="{chart}">` of upstream `upstream` (of one server, or the upstream's
+/// own when `server` is None) in `dom`, and the `<path>` series drawn in it.
+fn chart_tags(
+    dom: &str,
+    chart: &str,
+    upstream: &str,
+    server: Option<&str>,
+) -> (chromium::Tag, Vec<chromium::Tag>) {
+    let tags = chromium::tags(dom);
+    let at = tags
+        .iter()
+        .position(|t| {
+            t.name == "svg"
+                && t.attr("data-chart") == Some(chart)
+                && t.attr("data-upstream") == Some(upstream)
+                && t.attr("data-server") == server
+        })
+        .unwrap_or_else(|| {
+            panic!("no <svg data-chart={chart:?}> for {upstream} {server:?} in\n{dom}")
+        });
+    let paths = tags[at + 1..]
+        .iter()
+        .take_while(|t| t.name != "svg")
+        .filter(|t| t.name == "path")
+        .cloned()
+        .collect();
+    (tags[at].clone(), paths)
+}
+
+#[tokio::test]
+async fn status_page_charts_show_the_rates_of_the_traffic_sent() {
+    if !chromium::require_chromium() {
+        return;
+    }
+    // 40 requests: 30 answered 200, 10 answered 404 by the backend itself.
+    const OK: usize = 30;
+    const NOT_FOUND: usize = 10;
+    let backend = DemoBackend::named("charts").await;
+    let server = backend.addr().to_string();
+    let proxy = crate::support::proxy::test_config(&upstream_toml("web", &[&backend], ""))
+        .start_with(kaproxy::ServerOptions {
+            history_interval: Duration::from_millis(500),
+        })
+        .await;
+    let admin_addr = proxy.server.admin_addr().expect("admin listener");
+
+    let mut client = KeepAliveClient::new(proxy.http(), None);
+    for i in 0..OK + NOT_FOUND {
+        let path = if i % 4 == 3 { "/status/404" } else { "/" };
+        let resp = client.send(&Request::get(path)).await.expect("request");
+        assert_eq!(resp.status, if i % 4 == 3 { 404 } else { 200 }, "{path}");
+    }
+
+    // Every request shows up in the sampled history, as rates over the samples that cover it.
+    let mut last = None;
+    let counted = poll_until(Duration::from_secs(10), async || {
+        let h = last.insert(history(admin_addr).await);
+        let Some(web) = h["upstreams"].as_array().and_then(|u| u.first()) else {
+            return false;
+        };
+        let rates = &web["requests_per_s"];
+        (window_count(h, &rates["2xx"]) - OK as f64).abs() < 0.01
+            && (window_count(h, &rates["4xx"]) - NOT_FOUND as f64).abs() < 0.01
+    })
+    .await;
+    let last = last.expect("fetched at least once");
+    assert!(
+        counted,
+        "/history does not show {OK} 2xx and {NOT_FOUND} 4xx: {last:#}"
+    );
+    let web = &last["upstreams"][0];
+    assert_eq!(web["name"], "web", "{last:#}");
+    assert_eq!(web["servers"][0]["addr"], server.as_str(), "{last:#}");
+    let some = |series: &serde_json::Value| {
+        series
+            .as_array()
+            .is_some_and(|v| v.iter().any(|x| x.as_f64().is_some_and(|x| x > 0.0)))
+    };
+    assert!(some(&web["p99_s"]), "no p99 latency: {last:#}");
+    assert!(
+        some(&web["reuse_ratio"]),
+        "no reuse on one keep-alive client: {last:#}"
+    );
+    assert!(!some(&web["retries"]), "retries without failures: {last:#}");
+
+    let shots = tempfile::Builder::new()
+        .prefix("kaproxy-shot-")
+        .tempdir()
+        .expect("temp dir");
+    let png = shots.path().join("status-history.png");
+    let dom = render_status_page(admin_addr, Some(&png)).await;
+
+    // The charts of the upstream and of its one server draw the same traffic, as numbers.
+    for who in [None, Some(server.as_str())] {
+        let (requests, series) = chart_tags(&dom, "requests", "web", who);
+        assert!(requests.number("data-max") > 0.0, "{requests:?}");
+        assert_eq!(
+            requests.number("data-count").round(),
+            (OK + NOT_FOUND) as f64,
+            "{requests:?}"
+        );
+        let class = |name: &str| {
+            series
+                .iter()
+                .find(|t| t.attr("data-series") == Some(name))
+                .unwrap_or_else(|| panic!("no {name} series in {series:#?}"))
+        };
+        assert!(class("4xx").number("data-max") > 0.0, "{series:#?}");
+        assert_eq!(class("4xx").number("data-count").round(), NOT_FOUND as f64);
+        assert_eq!(class("2xx").number("data-count").round(), OK as f64);
+        assert_eq!(class("5xx").number("data-count"), 0.0);
+        let (latency, _) = chart_tags(&dom, "latency", "web", who);
+        assert!(latency.number("data-max") > 0.0, "{latency:?}");
+        let (reuse, _) = chart_tags(&dom, "reuse", "web", who);
+        assert!(
+            reuse.number("data-max") > 0.0 && reuse.number("data-max") <= 1.0,
+            "{reuse:?}"
+        );
+        let (errors, _) = chart_tags(&dom, "errors", "web", who);
+        assert_eq!(errors.number("data-count"), 0.0, "{errors:?}");
+    }
+
+    let bytes = std::fs::read(&png).unwrap_or_else(|e| panic!("no screenshot {png:?}: {e}"));
+    eprintln!("status page with charts: {} bytes", bytes.len());
+    assert_eq!(chromium::png_size(&bytes), Some((900, 1000)));
+    assert!(
+        bytes.len() > 15_000,
+        "screenshot of {} bytes looks blank",
+        bytes.len()
+    );
+    drop(client);
     proxy.shutdown().await;
 }

@@ -76,7 +76,12 @@ impl TestConfig {
     }
 
     pub async fn start(self) -> TestProxy {
-        let server = kaproxy::Server::start(self.config)
+        self.start_with(kaproxy::ServerOptions::default()).await
+    }
+
+    /// [`TestConfig::start`] with options that are not configuration keys.
+    pub async fn start_with(self, options: kaproxy::ServerOptions) -> TestProxy {
+        let server = kaproxy::Server::start_with(self.config, options)
             .await
             .unwrap_or_else(|e| panic!("kaproxy did not start: {e:?}"));
         TestProxy {
