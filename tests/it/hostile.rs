@@ -790,16 +790,27 @@ async fn post_written_to_a_resetting_server_gets_502_and_is_not_retried() {
     proxy.shutdown().await;
 }
 
-#[tokio::test]
-async fn retry_on_timeout_moves_a_get_from_a_silent_server_to_the_next() {
+/// A silent backend and a good one behind kaproxy with response_timeout 300 ms and
+/// `retry_on_timeout` as given; the good one is returned so it lives as long as the test.
+async fn silent_and_good(
+    retry_on_timeout: bool,
+) -> (RawBackend, DemoBackend, TestProxy, KeepAliveClient) {
     let silent = RawBackend::start(RawBehaviour::Silent).await;
     let good = demo_named("good").await;
     let proxy = proxy(
         &[silent.addr(), good.addr()],
-        &format!("{RETRY_KEYS}\nresponse_timeout = \"300ms\"\nretry_on_timeout = true"),
+        &format!(
+            "{RETRY_KEYS}\nresponse_timeout = \"300ms\"\nretry_on_timeout = {retry_on_timeout}"
+        ),
     )
     .await;
-    let mut client = KeepAliveClient::new(proxy.http(), None).with_timeout(Duration::from_secs(5));
+    let client = KeepAliveClient::new(proxy.http(), None).with_timeout(Duration::from_secs(5));
+    (silent, good, proxy, client)
+}
+
+#[tokio::test]
+async fn retry_on_timeout_moves_a_get_from_a_silent_server_to_the_next() {
+    let (silent, _good, proxy, mut client) = silent_and_good(true).await;
     let mut failures = Vec::new();
     for i in 0..6 {
         match client.send(&Request::get("/")).await {
@@ -829,14 +840,7 @@ async fn retry_on_timeout_moves_a_get_from_a_silent_server_to_the_next() {
 
 #[tokio::test]
 async fn without_retry_on_timeout_a_silent_server_gives_504() {
-    let silent = RawBackend::start(RawBehaviour::Silent).await;
-    let good = demo_named("good").await;
-    let proxy = proxy(
-        &[silent.addr(), good.addr()],
-        &format!("{RETRY_KEYS}\nresponse_timeout = \"300ms\"\nretry_on_timeout = false"),
-    )
-    .await;
-    let mut client = KeepAliveClient::new(proxy.http(), None).with_timeout(Duration::from_secs(5));
+    let (silent, _good, proxy, mut client) = silent_and_good(false).await;
     let mut statuses = Vec::new();
     // Round robin over two servers: one of the two GETs goes to the silent one.
     for i in 0..2 {
