@@ -22,7 +22,7 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use crate::body::{buffer_request, BodyDone, BodyError, RequestBody, UpstreamBody};
+use crate::body::{buffer_request, BodyDone, RequestBody, UpstreamBody};
 use crate::config::{Config, ForwardedConfig, UpstreamConfig};
 use crate::ops::metrics::Metrics;
 use crate::upstream::backend::{
@@ -209,7 +209,7 @@ impl Proxy {
                 self.respond(sent.response, sent.conn, upstream, pool, log, start)
                     .await
             }
-            Err(Failed::Client(err)) => match BodyError::in_chain(&err) {
+            Err(Failed::Client(err)) => match err.body_error() {
                 Some(fault) => client_failed(fault, client_ip, version, log),
                 None => unreachable!("Failed::Client carries a body error"),
             },

@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 use crate::body::{BodyError, Collected};
-use crate::error::UpstreamError;
+use crate::error::RequestError;
 use crate::ops::metrics::CloseReason;
 use crate::upstream::pool::{Pool, PooledBody, PooledConn};
 
@@ -62,13 +62,13 @@ impl Proxy {
             Ok(inner) => inner,
             Err(err) => {
                 let err = match err {
-                    Some(e) => UpstreamError::from_send(pool.addr(), e),
-                    None => UpstreamError::ResponseTimeout {
+                    Some(e) => RequestError::from_send(pool.addr(), e),
+                    None => RequestError::ResponseTimeout {
                         addr: pool.addr(),
                         timeout: upstream.config.response_timeout,
                     },
                 };
-                pool.metrics().error(err.kind());
+                err.count_in(pool.metrics());
                 return server_failed(upstream, pool, &err, log);
             }
         };
@@ -156,14 +156,14 @@ pub(super) fn client_failed(
 pub(super) fn server_failed(
     upstream: &Upstream,
     pool: &Pool,
-    err: &UpstreamError,
+    err: &RequestError,
     log: Option<Box<AccessRecord>>,
 ) -> Response<ProxyBody> {
     let status = err.status();
     pool.metrics().request(status.as_u16());
     warn!(upstream = %upstream.name, server = %pool.addr(), error = %err, status = status.as_u16(), "upstream failed");
     let text = match err {
-        UpstreamError::ResponseTimeout { .. } => "upstream timed out\n",
+        RequestError::ResponseTimeout { .. } => "upstream timed out\n",
         _ => "upstream failed\n",
     };
     with_log(local_response(status, text), log)

@@ -7,7 +7,10 @@
 //! can be sent again (empty or buffered whole) with `retry_idempotent`. A failed *reused*
 //! connection is retried once on a fresh connection to the same server, which is not blamed;
 //! a connect failure, or a reset or close on a *fresh* connection, blames the server and moves
-//! on to the next one within `max_retries`, with a doubling back-off.
+//! on to the next one within `max_retries`, with a doubling back-off. Each failure says its
+//! part of the rule ([`crate::error::Retry`]): a connect failure allows any method, a reset or
+//! close a request that can be sent again, a response timeout only with `retry_on_timeout`,
+//! and a client's broken body nothing.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -18,9 +21,9 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 use tracing::warn;
 
-use crate::body::{BodyError, UpstreamBody};
+use crate::body::UpstreamBody;
 use crate::config::RetryConfig;
-use crate::error::UpstreamError;
+use crate::error::{RequestError, Retry, Side};
 use crate::ops::metrics::ErrorKind;
 use crate::upstream::backend::Backend;
 use crate::upstream::pool::{Pool, PooledConn, SendFailure};
@@ -68,7 +71,7 @@ impl Proxy {
     ) -> Result<(Arc<Backend>, T), Response<ProxyBody>>
     where
         F: FnMut(Arc<Pool>) -> Fut,
-        Fut: std::future::Future<Output = Result<T, UpstreamError>>,
+        Fut: std::future::Future<Output = Result<T, RequestError>>,
     {
         loop {
             let Some(backend) = upstream
@@ -84,7 +87,7 @@ impl Proxy {
             };
             match connect(backend.pool.clone()).await {
                 Ok(conn) => return Ok((backend, conn)),
-                Err(err) if err.is_connect() => {
+                Err(err) if err.retry() == Retry::AnyMethod => {
                     if !self
                         .connect_failed(upstream, &backend, &err, attempts)
                         .await
@@ -93,7 +96,7 @@ impl Proxy {
                     }
                 }
                 Err(err) => {
-                    backend.metrics().error(err.kind());
+                    err.count_in(backend.metrics());
                     warn!(upstream = %upstream.name, server = %backend.addr, error = %err,
                         status = err.status().as_u16(), "upstream failed");
                     return Err(local_response(err.status(), "upstream unavailable\n"));
@@ -108,10 +111,10 @@ impl Proxy {
         &self,
         upstream: &Upstream,
         backend: &Arc<Backend>,
-        err: &UpstreamError,
+        err: &RequestError,
         attempts: &mut Attempts,
     ) -> bool {
-        backend.metrics().error(err.kind());
+        err.count_in(backend.metrics());
         backend.record_failure();
         self.move_on(upstream, backend, err, attempts).await
     }
@@ -124,7 +127,7 @@ impl Proxy {
         &self,
         upstream: &Upstream,
         backend: &Arc<Backend>,
-        err: &UpstreamError,
+        err: &RequestError,
         attempts: &mut Attempts,
     ) -> bool {
         attempts.tried.push(backend.clone());
@@ -133,12 +136,13 @@ impl Proxy {
             warn!(upstream = %upstream.name, server = %backend.addr, error = %err, "upstream failed; no retries or servers left");
             return false;
         }
-        attempts.retries_left -= 1;
-        let cause = if err.is_connect() {
-            ErrorKind::Connect
-        } else {
-            err.kind()
+        // Every connect failure (refused, timed out, handshake) is cause `connect`.
+        let cause = match (err.retry(), err.kind()) {
+            (Retry::AnyMethod, _) => ErrorKind::Connect,
+            (_, Some(kind)) => kind,
+            (_, None) => return false,
         };
+        attempts.retries_left -= 1;
         backend.metrics().retry(cause);
         warn!(upstream = %upstream.name, server = %backend.addr, error = %err, backoff = ?attempts.backoff,
             "upstream failed; trying the next server");
@@ -184,11 +188,11 @@ pub(super) struct Sent {
 
 /// Why no response came back.
 pub(super) enum Failed {
-    /// The client's request body broke while it streamed upstream (a [`BodyError`] in the
+    /// The client's request body broke while it streamed upstream (`Side::Downstream`; a body error in the
     /// chain): the client's fault. Its upstream connection was closed (reason `error`).
-    Client(UpstreamError),
+    Client(RequestError),
     /// This backend failed it (already counted and booked against its health).
-    Server(Arc<Backend>, UpstreamError),
+    Server(Arc<Backend>, RequestError),
     /// kaproxy's answer: no server could be picked or reached.
     Answer(Response<ProxyBody>),
 }
@@ -243,44 +247,41 @@ impl Proxy {
                     });
                 }
                 Err(_elapsed) => {
-                    let err = UpstreamError::ResponseTimeout {
+                    let timeout = upstream.config.response_timeout;
+                    let err = RequestError::ResponseTimeout {
                         addr: pool.addr(),
-                        timeout: upstream.config.response_timeout,
+                        timeout,
                     };
-                    pool.metrics().error(err.kind());
-                    backend.record_failure();
-                    drop(conn);
-                    // `retry_on_timeout`: the backend may still be working on it, so only
-                    // when the operator asked for it.
-                    if upstream.config.retry.retry_on_timeout {
-                        if let Some(req) = resend.request() {
-                            if self.move_on(upstream, &backend, &err, &mut attempts).await {
-                                request = Some(req);
-                                continue;
-                            }
-                        }
-                    }
-                    return Err(Failed::Server(backend, err));
+                    (err, None)
                 }
                 Ok(Err(SendFailure { error, unsent })) => (error, unsent),
             };
-            if BodyError::in_chain(&error).is_some() {
-                // Dropping the connection closes it (reason `error`); the backend is not blamed.
-                drop(conn);
+            let reused = conn.is_reused();
+            // Dropping the connection closes it (reason `error`).
+            drop(conn);
+            if error.side() == Side::Downstream {
+                // The client's body broke on its way upstream: the backend is not blamed.
                 return Err(Failed::Client(error));
             }
-            pool.metrics().error(error.kind());
-            let reused = conn.is_reused();
-            drop(conn);
-            let next = unsent.or_else(|| resend.request());
+            error.count_in(pool.metrics());
+            // The request again, if this failure allows it (the rule in the module doc).
+            let next = match error.retry() {
+                Retry::Never => None,
+                Retry::AnyMethod | Retry::IfResendable => unsent.or_else(|| resend.request()),
+                Retry::IfTimeoutsRetried if upstream.config.retry.retry_on_timeout => {
+                    resend.request()
+                }
+                Retry::IfTimeoutsRetried => None,
+            };
             // The keep-alive race: a pooled connection the backend closed just as it was
             // reused. Once, on a fresh connection to the same server, which is not blamed.
-            if reused && !retried_reused {
+            if reused && !retried_reused && error.retry() == Retry::IfResendable {
                 let Some(req) = next else {
                     return Err(Failed::Server(backend, error));
                 };
-                pool.metrics().retry(error.kind());
-                warn!(upstream = %upstream.name, server = %pool.addr(), cause = error.kind().as_str(), error = %error,
+                let cause = error.kind().unwrap_or(ErrorKind::ClosedBeforeResponse);
+                pool.metrics().retry(cause);
+                warn!(upstream = %upstream.name, server = %pool.addr(), cause = cause.as_str(), error = %error,
                     "reused upstream connection failed before responding; retrying on a fresh connection");
                 fresh_on = Some(backend);
                 retried_reused = true;
@@ -288,8 +289,9 @@ impl Proxy {
                 continue;
             }
             // A fresh connection reset or closed before any response byte (a crashed worker,
-            // a backend going down): the server is blamed, the request moves on.
-            if !reused {
+            // a backend going down), or a response timeout: the server is blamed, and the
+            // request moves on if it may.
+            if !reused || error.retry() == Retry::IfTimeoutsRetried {
                 backend.record_failure();
             }
             if let Some(req) = next {

@@ -10,7 +10,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 
 use crate::body::{BodyDone, RequestBody, UpstreamBody};
-use crate::error::UpstreamError;
+use crate::error::RequestError;
 use crate::upstream::pool::Pool;
 
 use super::forwarded::*;
@@ -75,16 +75,16 @@ impl Proxy {
                 resp
             }
             Ok(Err(e)) => {
-                let err = UpstreamError::from_send(pool.addr(), e);
-                pool.metrics().error(err.kind());
+                let err = RequestError::from_send(pool.addr(), e);
+                err.count_in(pool.metrics());
                 return server_failed(upstream, pool, &err, log);
             }
             Err(_) => {
-                let err = UpstreamError::ResponseTimeout {
+                let err = RequestError::ResponseTimeout {
                     addr: pool.addr(),
                     timeout: upstream.config.response_timeout,
                 };
-                pool.metrics().error(err.kind());
+                err.count_in(pool.metrics());
                 return server_failed(upstream, pool, &err, log);
             }
         };
@@ -121,13 +121,13 @@ impl Proxy {
 
 impl Pool {
     /// A dedicated, never pooled, upgrade-capable connection for a tunnel.
-    pub(super) async fn tunnel_connect(&self) -> Result<SendRequest<UpstreamBody>, UpstreamError> {
+    pub(super) async fn tunnel_connect(&self) -> Result<SendRequest<UpstreamBody>, RequestError> {
         let addr = self.addr();
         let stream = self.dial().await?;
         let (sender, conn) = hyper::client::conn::http1::Builder::new()
             .handshake::<_, UpstreamBody>(hyper_util::rt::TokioIo::new(stream))
             .await
-            .map_err(|source| UpstreamError::Handshake { addr, source })?;
+            .map_err(|source| RequestError::Handshake { addr, source })?;
         tokio::spawn(conn.with_upgrades());
         Ok(sender)
     }

@@ -28,7 +28,7 @@ use tracing::{debug, warn};
 
 use crate::body::UpstreamBody;
 use crate::config::PoolConfig;
-use crate::error::UpstreamError;
+use crate::error::RequestError;
 use crate::ops::metrics::{BackendMetrics, CloseReason};
 use crate::upstream::keep_alive::{has_connection_close, KeepAliveHint, KEEP_ALIVE};
 
@@ -48,7 +48,7 @@ pub trait Connector: Send + Sync + Sized + 'static {
         &self,
         pool: &Arc<Pool<Self>>,
         id: u64,
-    ) -> impl std::future::Future<Output = Result<Self::Conn, UpstreamError>> + Send;
+    ) -> impl std::future::Future<Output = Result<Self::Conn, RequestError>> + Send;
 }
 
 /// The real connector: TCP (`connect_timeout`, TCP_NODELAY, keepalive) and hyper's HTTP/1.1
@@ -72,13 +72,13 @@ impl Connection for Http1Conn {
 impl Connector for Http1 {
     type Conn = Http1Conn;
 
-    async fn connect(&self, pool: &Arc<Pool<Self>>, id: u64) -> Result<Http1Conn, UpstreamError> {
+    async fn connect(&self, pool: &Arc<Pool<Self>>, id: u64) -> Result<Http1Conn, RequestError> {
         let addr = pool.addr;
         let stream = pool.dial().await?;
         let (sender, connection) = hyper::client::conn::http1::Builder::new()
             .handshake::<_, UpstreamBody>(TokioIo::new(stream))
             .await
-            .map_err(|source| UpstreamError::Handshake { addr, source })?;
+            .map_err(|source| RequestError::Handshake { addr, source })?;
         let ended = Arc::new(AtomicBool::new(false));
         let watch = ended.clone();
         let weak = Arc::downgrade(pool);
@@ -237,7 +237,7 @@ impl<C: Connector> Pool<C> {
     }
 
     /// A reusable idle connection if there is one, else a new connection.
-    pub async fn acquire(self: &Arc<Self>) -> Result<PooledConn<C>, UpstreamError> {
+    pub async fn acquire(self: &Arc<Self>) -> Result<PooledConn<C>, RequestError> {
         if let Some(conn) = self.take_idle(Instant::now()) {
             self.metrics.reused.inc();
             debug!(server = %self.addr, conn = conn.id, age_ms = conn.born.elapsed().as_millis() as u64,
@@ -251,7 +251,7 @@ impl<C: Connector> Pool<C> {
     }
 
     /// Always a new connection (the retry after a reused connection failed).
-    pub async fn acquire_fresh(self: &Arc<Self>) -> Result<PooledConn<C>, UpstreamError> {
+    pub async fn acquire_fresh(self: &Arc<Self>) -> Result<PooledConn<C>, RequestError> {
         Box::pin(self.connect()).await
     }
 
@@ -278,7 +278,7 @@ impl<C: Connector> Pool<C> {
         }
     }
 
-    async fn connect(self: &Arc<Self>) -> Result<PooledConn<C>, UpstreamError> {
+    async fn connect(self: &Arc<Self>) -> Result<PooledConn<C>, RequestError> {
         let addr = self.addr;
         let permit = match self.permits.clone().try_acquire_owned() {
             Ok(permit) => permit,
@@ -306,7 +306,7 @@ impl<C: Connector> Pool<C> {
 
     /// At `max_connections_per_server`: waits up to `acquire_timeout` for a free slot or for a
     /// connection coming back idle, whichever is first.
-    async fn wait_for_slot(self: &Arc<Self>) -> Result<Slot<C>, UpstreamError> {
+    async fn wait_for_slot(self: &Arc<Self>) -> Result<Slot<C>, RequestError> {
         /// Counts this request in `waiting` for as long as it waits.
         struct Waiting<'a>(&'a std::sync::atomic::AtomicUsize);
         impl Drop for Waiting<'_> {
@@ -330,7 +330,7 @@ impl<C: Connector> Pool<C> {
                     }
                 }
                 _ = tokio::time::sleep_until(deadline) => {
-                    return Err(UpstreamError::AcquireTimeout {
+                    return Err(RequestError::AcquireTimeout {
                         addr: self.addr,
                         timeout: self.cfg.acquire_timeout,
                     });
@@ -341,15 +341,15 @@ impl<C: Connector> Pool<C> {
 
     /// A new TCP connection to the backend, bounded by `connect_timeout`, with TCP_NODELAY
     /// and the configured TCP keepalive.
-    pub(crate) async fn dial(&self) -> Result<TcpStream, UpstreamError> {
+    pub(crate) async fn dial(&self) -> Result<TcpStream, RequestError> {
         let addr = self.addr;
         let stream = tokio::time::timeout(self.cfg.connect_timeout, TcpStream::connect(addr))
             .await
-            .map_err(|_| UpstreamError::ConnectTimeout {
+            .map_err(|_| RequestError::ConnectTimeout {
                 addr,
                 timeout: self.cfg.connect_timeout,
             })?
-            .map_err(|source| UpstreamError::Connect { addr, source })?;
+            .map_err(|source| RequestError::Connect { addr, source })?;
         set_socket_options(&stream, self.cfg.tcp_keepalive);
         Ok(stream)
     }
@@ -523,7 +523,7 @@ pub struct PooledConn<C: Connector = Http1> {
 
 /// A send that failed before any response arrived.
 pub struct SendFailure {
-    pub error: UpstreamError,
+    pub error: RequestError,
     /// The request, when hyper gave it back unsent: safe to send again whatever the method.
     pub unsent: Option<Request<UpstreamBody>>,
 }
@@ -603,7 +603,7 @@ impl PooledConn<Http1> {
         if let Err(e) = conn.conn.sender.ready().await {
             self.retire = Some(CloseReason::ServerClose);
             return Err(SendFailure {
-                error: UpstreamError::from_send(addr, e),
+                error: RequestError::from_send(addr, e),
                 unsent: Some(req),
             });
         }
@@ -616,7 +616,7 @@ impl PooledConn<Http1> {
             Err(mut e) => {
                 let unsent = e.take_message();
                 Err(SendFailure {
-                    error: UpstreamError::from_send(addr, e.into_error()),
+                    error: RequestError::from_send(addr, e.into_error()),
                     unsent,
                 })
             }
@@ -740,7 +740,7 @@ mod tests {
             &self,
             _pool: &Arc<Pool<Self>>,
             _id: u64,
-        ) -> Result<FakeConn, UpstreamError> {
+        ) -> Result<FakeConn, RequestError> {
             let closed = Arc::new(AtomicBool::new(false));
             crate::sync::lock(&self.opened).push(closed.clone());
             Ok(FakeConn(closed))
@@ -917,7 +917,7 @@ mod tests {
     }
 
     /// One GET through the pool; the body is read to the end so the connection is released.
-    async fn get(pool: &Arc<Pool>) -> Result<bool, UpstreamError> {
+    async fn get(pool: &Arc<Pool>) -> Result<bool, RequestError> {
         let mut conn = pool.acquire().await?;
         let reused = conn.is_reused();
         let mut req = Request::new(UpstreamBody::Empty);
