@@ -17,8 +17,12 @@ pub enum ProxyHeaderError {
     Io(#[from] io::Error),
     #[error("the connection does not start with a PROXY protocol v1 or v2 header")]
     Missing,
-    #[error("malformed PROXY protocol header: {0}")]
-    Malformed(String),
+    #[error("malformed PROXY protocol v1 header: {0}")]
+    MalformedV1(#[source] ppp::v1::BinaryParseError),
+    #[error("malformed PROXY protocol v2 header: {0}")]
+    MalformedV2(#[source] ppp::v2::ParseError),
+    #[error("malformed PROXY protocol v1 header: longer than {PROXY_V1_MAX} bytes")]
+    V1TooLong,
 }
 
 /// Reads exactly one PROXY protocol v1 or v2 header (nothing past it, so TLS or HTTP bytes
@@ -38,8 +42,8 @@ pub async fn read_proxy_header<R: tokio::io::AsyncRead + Unpin>(
         let start = buf.len();
         buf.resize(start + len, 0);
         stream.read_exact(&mut buf[start..]).await?;
-        let header = ppp::v2::Header::try_from(buf.as_slice())
-            .map_err(|e| ProxyHeaderError::Malformed(e.to_string()))?;
+        let header =
+            ppp::v2::Header::try_from(buf.as_slice()).map_err(ProxyHeaderError::MalformedV2)?;
         if header.command == ppp::v2::Command::Local {
             return Ok(None);
         }
@@ -59,15 +63,13 @@ pub async fn read_proxy_header<R: tokio::io::AsyncRead + Unpin>(
     // v1: read up to CRLF, a byte at a time, so that nothing after the header is consumed.
     while !buf.ends_with(b"\r\n") {
         if buf.len() >= PROXY_V1_MAX {
-            return Err(ProxyHeaderError::Malformed(
-                "v1 header longer than 107 bytes".into(),
-            ));
+            return Err(ProxyHeaderError::V1TooLong);
         }
         let byte = stream.read_u8().await?;
         buf.push(byte);
     }
-    let header = ppp::v1::Header::try_from(buf.as_slice())
-        .map_err(|e| ProxyHeaderError::Malformed(e.to_string()))?;
+    let header =
+        ppp::v1::Header::try_from(buf.as_slice()).map_err(ProxyHeaderError::MalformedV1)?;
     Ok(match header.addresses {
         ppp::v1::Addresses::Tcp4(a) => Some(SocketAddr::from((a.source_address, a.source_port))),
         ppp::v1::Addresses::Tcp6(a) => Some(SocketAddr::from((a.source_address, a.source_port))),

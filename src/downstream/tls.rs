@@ -39,7 +39,7 @@ pub enum TlsError {
         source: std::io::Error,
     },
     #[error("cannot generate development certificate: {0}")]
-    Generate(String),
+    Generate(#[source] rcgen::Error),
     #[error("TLS configuration: {0}")]
     Rustls(#[from] rustls::Error),
 }
@@ -116,7 +116,7 @@ pub fn ensure_dev_cert(cert: &Path, key: &Path) -> Result<(), TlsError> {
         "127.0.0.1".to_string(),
         "::1".to_string(),
     ])
-    .map_err(|e| TlsError::Generate(e.to_string()))?;
+    .map_err(TlsError::Generate)?;
     for (path, contents) in [
         (cert, generated.cert.pem()),
         (key, generated.key_pair.serialize_pem()),

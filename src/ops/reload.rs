@@ -40,7 +40,7 @@ pub enum ReloadError {
     #[error(transparent)]
     Tls(#[from] TlsError),
     #[error("configuration loader failed: {0}")]
-    Loader(String),
+    Loader(#[from] tokio::task::JoinError),
 }
 
 /// Swaps configuration generations at run time (SIGHUP, `POST /reload`).
@@ -63,9 +63,7 @@ impl Control {
     /// the old one. An invalid file or certificate changes nothing.
     pub async fn reload(&self) -> Result<(), ReloadError> {
         let path = self.source.clone().ok_or(ReloadError::NoSource)?;
-        let config = tokio::task::spawn_blocking(move || Config::load(&path))
-            .await
-            .map_err(|e| ReloadError::Loader(e.to_string()))??;
+        let config = tokio::task::spawn_blocking(move || Config::load(&path)).await??;
         self.apply(config)
     }
 
