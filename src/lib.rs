@@ -19,7 +19,8 @@
 //!   response, access log. The only module that sees both sides.
 //! - [`upstream`]: the backend side. [`upstream::backend`] (a server and its health state),
 //!   [`upstream::balancer`] (round-robin, ip-hash; no I/O), [`upstream::health`] (active
-//!   probes), [`upstream::pool`] (the keep-alive-aware pool) and [`upstream::keep_alive`] (the
+//!   probes), [`upstream::pool`] (the keep-alive-aware pool, generic over a connector),
+//!   [`upstream::connect`] (dialing; hyper's HTTP/1.1 connector) and [`upstream::keep_alive`] (the
 //!   backend's `Keep-Alive` header).
 //! - [`ops`]: what an operator runs and reads: [`ops::metrics`] (receives, imports nothing of
 //!   ours), [`ops::admin`] (`/metrics`, `/status`, the status page), [`ops::history`]

@@ -4,6 +4,7 @@
 
 pub mod backend;
 pub mod balancer;
+pub mod connect;
 pub mod health;
 pub mod keep_alive;
 pub mod pool;

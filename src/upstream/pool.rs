@@ -9,7 +9,7 @@
 //! out; a sweep task closes expired idle connections so that kaproxy, not the backend, closes.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -18,9 +18,6 @@ use bytes::Bytes;
 use http::{HeaderMap, Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper::client::conn::http1::SendRequest;
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
@@ -30,72 +27,8 @@ use crate::body::UpstreamBody;
 use crate::config::PoolConfig;
 use crate::error::RequestError;
 use crate::ops::metrics::{BackendMetrics, CloseReason};
+use crate::upstream::connect::{Connection, Connector, Http1};
 use crate::upstream::keep_alive::{has_connection_close, KeepAliveHint, KEEP_ALIVE};
-
-/// What the pool needs of a live connection: whether its peer has closed it (as hyper-util's
-/// pool needs `is_open`). Everything else the pool decides from its own clock.
-pub trait Connection: Send + Sync + 'static {
-    fn is_closed(&self) -> bool;
-}
-
-/// How a pool opens a connection to its backend: [`Http1`] for real traffic; the pool's unit
-/// tests use fakes, so its deadlines run under paused time.
-pub trait Connector: Send + Sync + Sized + 'static {
-    type Conn: Connection;
-    /// Opens connection `id` for `pool` (its address, its settings); a connector that watches
-    /// the connection may tell the pool when it ends ([`Pool::connection_ended`]).
-    fn connect(
-        &self,
-        pool: &Arc<Pool<Self>>,
-        id: u64,
-    ) -> impl std::future::Future<Output = Result<Self::Conn, RequestError>> + Send;
-}
-
-/// The real connector: TCP (`connect_timeout`, TCP_NODELAY, keepalive) and hyper's HTTP/1.1
-/// client handshake; the connection's task keeps reading while it idles, so a backend's FIN
-/// is seen at once.
-pub struct Http1;
-
-/// A live HTTP/1.1 connection: hyper's sender, and whether its task has ended.
-pub struct Http1Conn {
-    sender: SendRequest<UpstreamBody>,
-    /// Set by the connection task when hyper's connection ends (peer EOF, error, or our close).
-    ended: Arc<AtomicBool>,
-}
-
-impl Connection for Http1Conn {
-    fn is_closed(&self) -> bool {
-        self.ended.load(Ordering::Acquire) || self.sender.is_closed()
-    }
-}
-
-impl Connector for Http1 {
-    type Conn = Http1Conn;
-
-    async fn connect(&self, pool: &Arc<Pool<Self>>, id: u64) -> Result<Http1Conn, RequestError> {
-        let addr = pool.addr;
-        let stream = pool.dial().await?;
-        let (sender, connection) = hyper::client::conn::http1::Builder::new()
-            .handshake::<_, UpstreamBody>(TokioIo::new(stream))
-            .await
-            .map_err(|source| RequestError::Handshake { addr, source })?;
-        let ended = Arc::new(AtomicBool::new(false));
-        let watch = ended.clone();
-        let weak = Arc::downgrade(pool);
-        // The connection task reads while the connection is idle, so a backend's FIN ends it
-        // at once; the sweep then drops the dead connection before anyone can take it.
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                debug!(server = %addr, conn = id, error = %e, "pool: upstream connection ended with error");
-            }
-            watch.store(true, Ordering::Release);
-            if let Some(pool) = weak.upgrade() {
-                pool.connection_ended();
-            }
-        });
-        Ok(Http1Conn { sender, ended })
-    }
-}
 
 /// One pooled connection and what kaproxy knows of it.
 struct Entry<T> {
@@ -179,11 +112,6 @@ impl<C: Connector> Pool<C> {
 
     pub fn metrics(&self) -> &Arc<BackendMetrics> {
         &self.metrics
-    }
-
-    /// A connection's own watcher saw it end: the sweep drops it before anyone takes it.
-    pub fn connection_ended(&self) {
-        self.sweep.notify_one();
     }
 
     /// Number of open connections (idle and busy).
@@ -288,7 +216,8 @@ impl<C: Connector> Pool<C> {
             },
         };
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let conn = self.connector.connect(self, id).await?;
+        let ended = Arc::downgrade(&self.sweep);
+        let conn = self.connector.connect(addr, &self.cfg, id, ended).await?;
         self.metrics.opened.inc();
         let now = Instant::now();
         debug!(server = %addr, conn = id, "pool: opened new connection");
@@ -337,21 +266,6 @@ impl<C: Connector> Pool<C> {
                 }
             }
         }
-    }
-
-    /// A new TCP connection to the backend, bounded by `connect_timeout`, with TCP_NODELAY
-    /// and the configured TCP keepalive.
-    pub(crate) async fn dial(&self) -> Result<TcpStream, RequestError> {
-        let addr = self.addr;
-        let stream = tokio::time::timeout(self.cfg.connect_timeout, TcpStream::connect(addr))
-            .await
-            .map_err(|_| RequestError::ConnectTimeout {
-                addr,
-                timeout: self.cfg.connect_timeout,
-            })?
-            .map_err(|source| RequestError::Connect { addr, source })?;
-        set_socket_options(&stream, self.cfg.tcp_keepalive);
-        Ok(stream)
     }
 
     /// Takes back a connection whose response finished cleanly.
@@ -495,14 +409,6 @@ async fn sweep_loop<C: Connector>(pool: Weak<Pool<C>>, notify: Arc<Notify>) {
             }
             None => notify.notified().await,
         }
-    }
-}
-
-fn set_socket_options(stream: &TcpStream, keepalive: Option<Duration>) {
-    let _ = stream.set_nodelay(true);
-    if let Some(idle) = keepalive {
-        let sock = socket2::SockRef::from(stream);
-        let _ = sock.set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(idle));
     }
 }
 
@@ -707,6 +613,7 @@ impl Drop for PooledBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::AtomicBool;
 
     fn cfg() -> PoolConfig {
         PoolConfig::default()
@@ -738,8 +645,10 @@ mod tests {
 
         async fn connect(
             &self,
-            _pool: &Arc<Pool<Self>>,
+            _addr: SocketAddr,
+            _cfg: &PoolConfig,
             _id: u64,
+            _ended: std::sync::Weak<Notify>,
         ) -> Result<FakeConn, RequestError> {
             let closed = Arc::new(AtomicBool::new(false));
             crate::sync::lock(&self.opened).push(closed.clone());
