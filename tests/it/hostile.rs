@@ -132,6 +132,32 @@ async fn assert_nothing_held(proxy: &TestProxy, server: &str, what: &str) {
     );
 }
 
+/// The upstream connection of `what` (started at `started`) is closed with reason `error`
+/// within send_timeout plus the timer slack.
+async fn assert_upstream_cut_within_send_timeout(
+    proxy: &TestProxy,
+    server: &str,
+    started: Instant,
+    what: &str,
+) {
+    let (m, closed) = proxy
+        .wait_metrics(SEND_TIMEOUT + TIMER_SLACK + Duration::from_secs(2), |m| {
+            closed_with(m, server, "error") >= 1.0
+        })
+        .await;
+    let took = started.elapsed();
+    assert!(
+        closed,
+        "the upstream connection of the {what} is closed with reason error\n{}",
+        report(&m)
+    );
+    assert!(
+        took < SEND_TIMEOUT + TIMER_SLACK,
+        "closed within send_timeout (1 s) + slack, not after {took:?}\n{}",
+        report(&m)
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // 1. Send stall
 // ---------------------------------------------------------------------------------------------
@@ -147,22 +173,7 @@ async fn h2_zero_window_on_a_large_response_frees_the_upstream_connection_within
 
     normal_get_succeeds(&proxy, "while an HTTP/2 stream stalls on a zero window").await;
 
-    let (m, closed) = proxy
-        .wait_metrics(SEND_TIMEOUT + TIMER_SLACK + Duration::from_secs(2), |m| {
-            closed_with(m, &server, "error") >= 1.0
-        })
-        .await;
-    let took = started.elapsed();
-    assert!(
-        closed,
-        "the upstream connection of the stalled stream is closed with reason error\n{}",
-        report(&m)
-    );
-    assert!(
-        took < SEND_TIMEOUT + TIMER_SLACK,
-        "closed within send_timeout (1 s) + slack, not after {took:?}\n{}",
-        report(&m)
-    );
+    assert_upstream_cut_within_send_timeout(&proxy, &server, started, "stalled stream").await;
     let end = stream.end(RAW_BOUND).await;
     assert!(
         matches!(end, StreamEnd::Reset(_)),
@@ -249,22 +260,7 @@ async fn http1_client_that_never_reads_is_cut_after_send_timeout() {
 
     normal_get_succeeds(&proxy, "while a client does not read its response").await;
 
-    let (m, closed) = proxy
-        .wait_metrics(SEND_TIMEOUT + TIMER_SLACK + Duration::from_secs(2), |m| {
-            closed_with(m, &server, "error") >= 1.0
-        })
-        .await;
-    let took = started.elapsed();
-    assert!(
-        closed,
-        "the upstream connection of the unread response is closed with reason error\n{}",
-        report(&m)
-    );
-    assert!(
-        took < SEND_TIMEOUT + TIMER_SLACK,
-        "closed within send_timeout (1 s) + slack, not after {took:?}\n{}",
-        report(&m)
-    );
+    assert_upstream_cut_within_send_timeout(&proxy, &server, started, "unread response").await;
     // kaproxy closed the client connection too: draining what the kernels buffered ends in EOF
     // (or a reset), short of the whole response.
     let (read, end) = drain(&mut stream, RAW_BOUND).await;

@@ -368,6 +368,26 @@ pub struct BulkBackend {
     task: JoinHandle<()>,
 }
 
+/// Accepts on `listener` until the returned task is aborted, serving each connection with
+/// `serve` on a task of its own (aborted with it). Bounded by the test that drops it.
+fn accept_each<F, Fut>(listener: TcpListener, mut serve: F) -> tokio::task::JoinHandle<()>
+where
+    F: FnMut(TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    tokio::spawn(async move {
+        let mut conns = JoinSet::new();
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            };
+            while conns.try_join_next().is_some() {}
+            conns.spawn(serve(stream));
+        }
+    })
+}
+
 impl BulkBackend {
     pub async fn start(name: &str) -> BulkBackend {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -375,44 +395,35 @@ impl BulkBackend {
         let requests = Arc::new(AtomicUsize::new(0));
         let name: Arc<str> = name.into();
         let count = requests.clone();
-        let task = tokio::spawn(async move {
-            let mut conns = JoinSet::new();
-            // Bounded by the test: aborted (with every connection) when dropped.
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    continue;
-                };
-                while conns.try_join_next().is_some() {}
-                let name = name.clone();
-                let count = count.clone();
-                conns.spawn(async move {
-                    let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                        let name = name.clone();
-                        count.fetch_add(1, Ordering::Relaxed);
-                        async move {
-                            let path = req.uri().path().to_string();
-                            let _ = req.into_body().collect().await;
-                            let body = match path
-                                .strip_prefix("/bytes/")
-                                .and_then(|n| n.parse::<usize>().ok())
-                            {
-                                Some(n) => Bytes::from(vec![b'x'; n]),
-                                None => Bytes::from(format!("hello from {name}\n")),
-                            };
-                            let resp = http::Response::builder()
-                                .status(200)
-                                .header("x-backend", name.as_ref())
-                                .header("content-length", body.len())
-                                .body(Full::new(body))
-                                .expect("response");
-                            Ok::<_, std::convert::Infallible>(resp)
-                        }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
+        let task = accept_each(listener, move |stream| {
+            let name = name.clone();
+            let count = count.clone();
+            async move {
+                let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let name = name.clone();
+                    count.fetch_add(1, Ordering::Relaxed);
+                    async move {
+                        let path = req.uri().path().to_string();
+                        let _ = req.into_body().collect().await;
+                        let body = match path
+                            .strip_prefix("/bytes/")
+                            .and_then(|n| n.parse::<usize>().ok())
+                        {
+                            Some(n) => Bytes::from(vec![b'x'; n]),
+                            None => Bytes::from(format!("hello from {name}\n")),
+                        };
+                        let resp = http::Response::builder()
+                            .status(200)
+                            .header("x-backend", name.as_ref())
+                            .header("content-length", body.len())
+                            .body(Full::new(body))
+                            .expect("response");
+                        Ok::<_, std::convert::Infallible>(resp)
+                    }
                 });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
             }
         });
         BulkBackend {
@@ -484,18 +495,9 @@ impl RawBackend {
         let addr = listener.local_addr().expect("local addr");
         let stats: Arc<RawStats> = Arc::default();
         let shared = stats.clone();
-        let task = tokio::spawn(async move {
-            let mut conns = JoinSet::new();
-            // Bounded by the test: aborted (with every connection) when dropped.
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    continue;
-                };
-                while conns.try_join_next().is_some() {}
-                shared.connections.fetch_add(1, Ordering::Relaxed);
-                conns.spawn(raw_connection(stream, behaviour.clone(), shared.clone()));
-            }
+        let task = accept_each(listener, move |stream| {
+            shared.connections.fetch_add(1, Ordering::Relaxed);
+            raw_connection(stream, behaviour.clone(), shared.clone())
         });
         RawBackend { addr, stats, task }
     }
