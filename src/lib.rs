@@ -55,5 +55,6 @@ pub mod proxy;
 pub mod server;
 pub mod sync;
 pub mod upstream;
+pub mod workers;
 
 pub use server::{Server, ServerOptions};

@@ -181,20 +181,24 @@ fn server_options() -> anyhow::Result<kaproxy::ServerOptions> {
 
 fn serve(config: Config, demo: bool) -> anyhow::Result<()> {
     init_tracing(&config.log);
-    let options = server_options()?;
+    let mut options = server_options()?;
     raise_open_file_limit();
-    // One worker: tokio's current-thread scheduler, which skips the work-stealing machinery.
-    let mut runtime = match config.runtime.worker_threads {
-        1 => tokio::runtime::Builder::new_current_thread(),
-        n => {
-            let mut b = tokio::runtime::Builder::new_multi_thread();
-            if n > 0 {
-                b.worker_threads(n);
-            }
-            b
-        }
+    // Workers (README, "Workers"): with one, everything runs on this thread's current-thread
+    // runtime; with more, each worker is a thread with its own current-thread runtime and
+    // listeners, and this thread's runtime keeps the admin listener, the history, the health
+    // probes, the signals and the `[demo]` backends.
+    let n = kaproxy::workers::count(config.runtime.worker_threads);
+    let workers = match n {
+        1 => None,
+        n => Some(
+            kaproxy::workers::Workers::start(n, std::sync::Arc::new(release_memory_when_idle))
+                .context("cannot start the worker threads")?,
+        ),
     };
-    let runtime = runtime
+    if let Some(w) = &workers {
+        options.workers = w.handles();
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .on_thread_park(release_memory_when_idle)
         .build()
@@ -216,6 +220,9 @@ fn serve(config: Config, demo: bool) -> anyhow::Result<()> {
     });
     // Lingering closes and demo tasks must not hold the exit.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    if let Some(w) = workers {
+        w.stop();
+    }
     result
 }
 

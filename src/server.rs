@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use tokio::runtime::Handle;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
@@ -39,12 +40,18 @@ pub struct ServerOptions {
     /// How often the status page's history samples the metrics (`KAPROXY_HISTORY_INTERVAL_MS`
     /// for the binary; default 5 s, [`crate::ops::history::SAMPLES`] samples kept).
     pub history_interval: Duration,
+    /// The worker runtimes that accept and serve connections, each with its own listeners
+    /// and pools ([`crate::workers::Workers`]); empty: the runtime calling
+    /// [`Server::start_with`] is the one worker. The admin listener, the history and the
+    /// health probes run on the calling runtime either way.
+    pub workers: Arc<[Handle]>,
 }
 
 impl Default for ServerOptions {
     fn default() -> Self {
         ServerOptions {
             history_interval: crate::ops::history::DEFAULT_INTERVAL,
+            workers: Arc::new([]),
         }
     }
 }
@@ -72,7 +79,11 @@ impl Server {
     /// [`Server::start`] with `options`.
     pub async fn start_with(config: Config, options: ServerOptions) -> Result<Server, StartError> {
         let metrics = Arc::new(Metrics::new());
-        let generation = Generation::build(&config, &metrics, None)?;
+        let workers: Arc<[Handle]> = match options.workers.len() {
+            0 => Arc::new([Handle::current()]),
+            _ => options.workers.clone(),
+        };
+        let generation = Generation::build(&config, &metrics, &workers, None)?;
         let health_checks = start_health_checks(&generation.proxy);
         let current = Arc::new(ArcSwap::from_pointee(generation));
         let (shutdown, shutdown_rx) = watch::channel(false);
@@ -85,8 +96,8 @@ impl Server {
             started: config.clone(),
             health_checks: Mutex::new(health_checks),
         });
-        let bound = |what: &'static str, addr: SocketAddr| {
-            listener::bind(addr).map_err(|source| StartError::Bind { what, addr, source })
+        let bind_error = |what: &'static str, addr: SocketAddr| {
+            move |source| StartError::Bind { what, addr, source }
         };
         let (max_connections, derived_from) =
             crate::downstream::limit::effective_max_connections(config.downstream.max_connections);
@@ -105,43 +116,42 @@ impl Server {
             (1, Kind::Http, config.listen.http),
         ] {
             let Some(addr) = addr else { continue };
-            let l = bound(kind.label(), addr)?;
-            let local = l.local_addr().map_err(|source| StartError::Bind {
-                what: kind.label(),
-                addr,
-                source,
-            })?;
-            info!(listener = kind.label(), addr = %local, "listening");
+            let what = kind.label();
+            let sockets = listener::bind_for_workers(addr, workers.len())
+                .map_err(bind_error(what, addr))?;
+            let local = sockets[0].local_addr().map_err(bind_error(what, addr))?;
+            info!(listener = what, addr = %local, workers = workers.len(), "listening");
             addrs[slot] = Some(local);
-            tasks.push(tokio::spawn(listener::accept_loop(
-                l,
-                kind,
-                current.clone(),
-                shutdown_rx.clone(),
-                done_tx.clone(),
-                listener::Gauges {
-                    open: metrics.downstream_connections(kind.label()),
-                    waiting: metrics.downstream_connections_waiting(kind.label()),
-                },
-                config.listen.proxy_protocol,
-                crate::downstream::limit::ListenerLimit::new(
-                    limiter.clone(),
-                    metrics.downstream_connections_shed(kind.label()),
-                ),
-            )));
+            let shed = metrics.downstream_connections_shed(what);
+            for (socket, worker) in sockets.into_iter().zip(workers.iter()) {
+                // Registered with the worker's reactor, accepted and served on its thread.
+                let l = {
+                    let _on_worker = worker.enter();
+                    tokio::net::TcpListener::from_std(socket).map_err(bind_error(what, addr))?
+                };
+                tasks.push(worker.spawn(listener::accept_loop(
+                    l,
+                    kind,
+                    current.clone(),
+                    shutdown_rx.clone(),
+                    done_tx.clone(),
+                    listener::Gauges {
+                        open: metrics.downstream_connections(what),
+                        waiting: metrics.downstream_connections_waiting(what),
+                    },
+                    config.listen.proxy_protocol,
+                    crate::downstream::limit::ListenerLimit::new(limiter.clone(), shed.clone()),
+                )));
+            }
         }
         let admin = match config.admin.listen {
             Some(addr) => {
-                let l = bound("admin", addr)?;
-                let local = l.local_addr().map_err(|source| StartError::Bind {
-                    what: "admin",
-                    addr,
-                    source,
-                })?;
+                let l = listener::bind(addr).map_err(bind_error("admin", addr))?;
+                let local = l.local_addr().map_err(bind_error("admin", addr))?;
                 info!(addr = %local, "admin listening (/ status page, /metrics, /healthz, /status, /history, POST /reload)");
                 let history = History::new(options.history_interval);
                 tasks.push(tokio::spawn(
-                    history.clone().run(current.clone(), shutdown_rx.clone()),
+                    history.clone().start(current.clone(), shutdown_rx.clone()),
                 ));
                 tasks.push(tokio::spawn(crate::ops::admin::serve(
                     l,

@@ -22,18 +22,40 @@ use crate::proxy::DownstreamInfo;
 /// aims at bursts of TLS handshakes).
 const LISTEN_BACKLOG: i32 = 4096;
 
-/// Binds a listening socket with SO_REUSEADDR (quick restarts) and a deep backlog.
+/// Binds a listening socket with SO_REUSEADDR (quick restarts) and a deep backlog, in the
+/// current tokio runtime.
 pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    TcpListener::from_std(bind_std(addr, false)?)
+}
+
+/// Binds `workers` listening sockets on the same address, each for one worker's runtime to
+/// register: with more than one, `SO_REUSEPORT`, so that the kernel spreads new connections
+/// over them (nginx's `listen ... reuseport`). Port 0 picks one port for all of them.
+pub fn bind_for_workers(addr: SocketAddr, workers: usize) -> io::Result<Vec<std::net::TcpListener>> {
+    let reuse_port = workers > 1;
+    let first = bind_std(addr, reuse_port)?;
+    let addr = first.local_addr()?;
+    let mut all = vec![first];
+    for _ in 1..workers {
+        all.push(bind_std(addr, reuse_port)?);
+    }
+    Ok(all)
+}
+
+fn bind_std(addr: SocketAddr, reuse_port: bool) -> io::Result<std::net::TcpListener> {
     let domain = socket2::Domain::for_address(addr);
     let socket = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
     socket.set_reuse_address(true)?;
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
     if addr.is_ipv6() {
         socket.set_only_v6(false).ok();
     }
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(LISTEN_BACKLOG)?;
-    TcpListener::from_std(socket.into())
+    Ok(socket.into())
 }
 
 /// Which kind of listener an accept loop serves.

@@ -36,6 +36,7 @@ impl Generation {
     pub fn build(
         config: &Config,
         metrics: &Arc<Metrics>,
+        workers: &Arc<[tokio::runtime::Handle]>,
         previous: Option<&Proxy>,
     ) -> Result<Generation, TlsError> {
         let tls = match config.listen.https {
@@ -44,7 +45,7 @@ impl Generation {
         };
         Ok(Generation {
             config: Arc::new(config.clone()),
-            proxy: Arc::new(Proxy::reusing(config, metrics.clone(), previous)),
+            proxy: Arc::new(Proxy::reusing(config, metrics.clone(), workers, previous)),
             downstream: Arc::new(config.downstream.clone()),
             tls,
         })

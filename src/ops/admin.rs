@@ -134,21 +134,20 @@ fn status_json(generation: &Generation) -> String {
                 .backends()
                 .iter()
                 .map(|b| {
-                    let p = &b.pool;
-                    let closed: serde_json::Map<String, serde_json::Value> = p
+                    let closed: serde_json::Map<String, serde_json::Value> = b
                         .metrics()
                         .closed_counts()
                         .map(|(reason, n)| (reason.to_string(), n.into()))
                         .collect();
-                    let idle = p.idle_count();
+                    let idle = b.idle_count();
                     json!({
                         "addr": b.addr.to_string(),
                         "weight": b.weight,
                         "up": b.health.is_up(now),
                         "idle_connections": idle,
-                        "busy_connections": p.open_count().saturating_sub(idle),
-                        "learned_keepalive_timeout_s": p.learned_timeout().map(secs),
-                        "effective_keepalive_timeout_s": secs(p.effective_keepalive()),
+                        "busy_connections": b.open_count().saturating_sub(idle),
+                        "learned_keepalive_timeout_s": b.learned_timeout().map(secs),
+                        "effective_keepalive_timeout_s": secs(b.effective_keepalive()),
                         "closed": closed,
                     })
                 })

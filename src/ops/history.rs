@@ -177,13 +177,25 @@ impl History {
         })
     }
 
-    /// Samples the servers of the current generation every interval until shutdown.
-    pub async fn run(
+    /// Samples the servers of the current generation every interval until shutdown, from a
+    /// baseline taken now (so that a request served before the task first runs is counted).
+    pub fn start(
+        self: Arc<Self>,
+        current: Arc<arc_swap::ArcSwap<Generation>>,
+        shutdown: watch::Receiver<bool>,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        self.sample(&current.load());
+        self.run(current, shutdown)
+    }
+
+    async fn run(
         self: Arc<Self>,
         current: Arc<arc_swap::ArcSwap<Generation>>,
         mut shutdown: watch::Receiver<bool>,
     ) {
-        let mut ticker = tokio::time::interval(self.interval);
+        // The baseline was taken by `start`; the first tick is one interval on.
+        let mut ticker =
+            tokio::time::interval_at(Instant::now() + self.interval, self.interval);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -211,7 +223,7 @@ impl History {
             let mut names = Vec::new();
             for b in u.balancer.backends() {
                 let key = (u.name.clone(), b.addr.to_string());
-                let counts = Counts::read(b.pool.metrics());
+                let counts = Counts::read(b.metrics());
                 if let (Some(secs), Some(before)) = (secs, ring.last.get(&key)) {
                     let delta = counts.since(before);
                     sum.get_or_insert_with(Counts::default).add(&delta);

@@ -70,7 +70,8 @@ impl Control {
     /// Swaps in an already validated configuration.
     pub fn apply(&self, config: Config) -> Result<(), ReloadError> {
         let old = self.current.load_full();
-        let generation = Generation::build(&config, &self.metrics, Some(&old.proxy))?;
+        let workers = old.proxy.workers().clone();
+        let generation = Generation::build(&config, &self.metrics, &workers, Some(&old.proxy))?;
         let checks = start_health_checks(&generation.proxy);
         let s = &self.started;
         if config.listen.https != s.listen.https

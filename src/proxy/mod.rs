@@ -19,6 +19,7 @@ use std::time::Duration;
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
 use hyper::body::Incoming;
+use tokio::runtime::Handle;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
@@ -29,7 +30,8 @@ use crate::upstream::backend::{
     Backend, BackendHealth, DEFAULT_PASSIVE_COOLDOWN, DEFAULT_PASSIVE_FALL,
 };
 use crate::upstream::balancer::Balancer;
-use crate::upstream::pool::Pool;
+use crate::upstream::backend::per_worker;
+use crate::upstream::pool::{Learned, Pool};
 
 use forwarded::*;
 use log::*;
@@ -54,18 +56,26 @@ pub struct Proxy {
     access_log: bool,
     /// `[downstream] body_timeout`: the longest gap between two reads of a request body.
     body_timeout: Duration,
+    /// The workers' runtimes, one pool per backend on each (see [`crate::workers`]).
+    workers: Arc<[Handle]>,
 }
 
 impl Proxy {
-    /// Builds balancers and pools from a validated config. Must run inside a tokio runtime
-    /// (each pool starts its sweep task).
+    /// Builds balancers and pools from a validated config, with one worker: the current tokio
+    /// runtime (each pool starts its sweep task there).
     pub fn new(cfg: &Config, metrics: Arc<Metrics>) -> Proxy {
-        Self::reusing(cfg, metrics, None)
+        Self::reusing(cfg, metrics, &[Handle::current()].into(), None)
     }
 
-    /// Like [`Proxy::new`], keeping the pools (and their warm connections) of `previous` for
-    /// servers that stay in the same upstream with the same pool settings (reload).
-    pub fn reusing(cfg: &Config, metrics: Arc<Metrics>, previous: Option<&Proxy>) -> Proxy {
+    /// Builds balancers and one pool per backend on each of `workers`, keeping the pools
+    /// (and their warm connections) of `previous` for servers that stay in the same upstream
+    /// with the same pool settings (reload).
+    pub fn reusing(
+        cfg: &Config,
+        metrics: Arc<Metrics>,
+        workers: &Arc<[Handle]>,
+        previous: Option<&Proxy>,
+    ) -> Proxy {
         let upstreams: Vec<Upstream> = cfg
             .upstreams
             .iter()
@@ -85,12 +95,26 @@ impl Proxy {
                         });
                         // A server that stays with the same pool settings keeps its pool and
                         // its warm connections.
-                        let pool = old
-                            .filter(|b| b.pool.config() == &u.pool)
-                            .map(|b| b.pool.clone())
+                        let pools = old
+                            .filter(|b| b.pool_config() == &u.pool)
+                            .filter(|b| b.pools().len() == workers.len())
+                            .map(|b| b.pools().to_vec())
                             .unwrap_or_else(|| {
                                 let m = metrics.server(&u.name, server.addr);
-                                Pool::new(server.addr, u.pool.clone(), m)
+                                let learned = Arc::new(Learned::default());
+                                let share = per_worker(&u.pool, workers.len());
+                                workers
+                                    .iter()
+                                    .map(|rt| {
+                                        Pool::for_worker(
+                                            server.addr,
+                                            share.clone(),
+                                            m.clone(),
+                                            learned.clone(),
+                                            rt,
+                                        )
+                                    })
+                                    .collect()
                             });
                         let health = BackendHealth::new(fall, cooldown);
                         // The probes' verdict survives a reload (only while probes run to
@@ -98,7 +122,12 @@ impl Proxy {
                         if let (Some(old), Some(_)) = (old, &u.health) {
                             health.inherit_active(&old.health);
                         }
-                        Arc::new(Backend::new(server.weight, health, pool))
+                        Arc::new(Backend::with_pools(
+                            server.weight,
+                            health,
+                            u.pool.clone(),
+                            pools,
+                        ))
                     })
                     .collect();
                 Upstream {
@@ -126,7 +155,13 @@ impl Proxy {
             forwarded: cfg.forwarded.clone(),
             access_log: cfg.log.access_log,
             body_timeout: cfg.downstream.body_timeout,
+            workers: workers.clone(),
         }
+    }
+
+    /// The workers' runtimes this proxy's pools live on.
+    pub fn workers(&self) -> &Arc<[Handle]> {
+        &self.workers
     }
 
     pub fn upstreams(&self) -> &[Upstream] {
@@ -137,7 +172,7 @@ impl Proxy {
     pub fn close_idle(&self) {
         for u in &self.upstreams {
             for b in u.balancer.backends() {
-                b.pool.close_idle();
+                b.close_idle();
             }
         }
     }
@@ -205,7 +240,7 @@ impl Proxy {
             // Phase 4: response filter (response.rs); the access log line (log.rs) is written
             // when the body ends.
             Ok(sent) => {
-                let pool = &sent.backend.pool;
+                let pool = sent.backend.pool();
                 self.respond(sent.response, sent.conn, upstream, pool, log, start)
                     .await
             }
@@ -213,7 +248,7 @@ impl Proxy {
                 Some(fault) => client_failed(fault, client_ip, version, log),
                 None => unreachable!("Failed::Client carries a body error"),
             },
-            Err(Failed::Server(backend, err)) => server_failed(upstream, &backend.pool, &err, log),
+            Err(Failed::Server(backend, err)) => server_failed(upstream, backend.pool(), &err, log),
             Err(Failed::Answer(answer)) => with_log(answer, log),
         }
     }

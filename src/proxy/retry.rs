@@ -85,7 +85,7 @@ impl Proxy {
                     "no upstream server could be reached\n",
                 ));
             };
-            match connect(backend.pool.clone()).await {
+            match connect(backend.pool().clone()).await {
                 Ok(conn) => return Ok((backend, conn)),
                 Err(err) if err.retry() == Retry::AnyMethod => {
                     if !self
@@ -213,7 +213,7 @@ impl Proxy {
         let mut retried_reused = false;
         loop {
             let fresh = match fresh_on.take() {
-                Some(backend) => match backend.pool.acquire_fresh().await {
+                Some(backend) => match backend.pool().acquire_fresh().await {
                     Ok(conn) => Some((backend, conn)),
                     Err(err) => {
                         self.connect_failed(upstream, &backend, &err, &mut attempts)
@@ -232,7 +232,7 @@ impl Proxy {
                     .await
                     .map_err(Failed::Answer)?,
             };
-            let pool = &backend.pool;
+            let pool = backend.pool();
             let Some(req) = request.take().or_else(|| resend.request()) else {
                 unreachable!("an attempt is only made with a request to send");
             };

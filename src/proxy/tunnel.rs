@@ -66,7 +66,7 @@ impl Proxy {
             Ok(pair) => pair,
             Err(resp) => return with_log(resp, log),
         };
-        let pool = &backend.pool;
+        let pool = backend.pool();
         let sent =
             tokio::time::timeout(upstream.config.response_timeout, sender.send_request(req)).await;
         let mut resp = match sent {

@@ -1,5 +1,6 @@
 //! Owns what kaproxy knows of one backend server: its address and weight, its connection
-//! pool (and through it its metrics), and its health state — the passive verdict
+//! pools (one per worker, see [`crate::workers`]; through them its metrics), and its health
+//! state — the passive verdict
 //! (consecutive failures, cool-down) and the active one (written by the probes of
 //! [`crate::upstream::health`]). `kaproxy_server_up` is written here only.
 
@@ -11,17 +12,22 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tracing::warn;
 
+use crate::config::PoolConfig;
 use crate::ops::metrics::BackendMetrics;
 use crate::upstream::pool::Pool;
 
-/// One upstream server: the balancer hands it out, the proxy sends through its pool and
-/// reports outcomes to it, the health probes write its active verdict.
+/// One upstream server: the balancer hands it out, the proxy sends through the pool of the
+/// worker it runs on and reports outcomes to it, the health probes write its active verdict.
 pub struct Backend {
     pub addr: SocketAddr,
     /// At least 1.
     pub weight: u32,
     pub health: BackendHealth,
-    pub pool: Arc<Pool>,
+    /// One pool per worker, in worker order (nginx keeps its keepalive cache per worker too);
+    /// they share what they learn of the backend and its metrics.
+    pools: Box<[Arc<Pool>]>,
+    /// The group's pool settings as configured (each worker's pool has its share).
+    config: PoolConfig,
 }
 
 impl std::fmt::Debug for Backend {
@@ -35,20 +41,76 @@ impl std::fmt::Debug for Backend {
 }
 
 impl Backend {
-    /// A backend sending through `pool` (whose address it takes), up until told otherwise.
+    /// A backend sending through one `pool` (whose address and settings it takes), up until
+    /// told otherwise.
     pub fn new(weight: u32, health: BackendHealth, pool: Arc<Pool>) -> Backend {
+        let config = pool.config().clone();
+        Backend::with_pools(weight, health, config, vec![pool])
+    }
+
+    /// A backend with one pool per worker (at least one), configured as `config` says.
+    pub fn with_pools(
+        weight: u32,
+        health: BackendHealth,
+        config: PoolConfig,
+        pools: Vec<Arc<Pool>>,
+    ) -> Backend {
+        assert!(!pools.is_empty(), "a backend has at least one pool");
         let backend = Backend {
-            addr: pool.addr(),
+            addr: pools[0].addr(),
             weight: weight.max(1),
             health,
-            pool,
+            pools: pools.into(),
+            config,
         };
         backend.publish(Instant::now());
         backend
     }
 
+    /// The pool of the worker the caller runs on.
+    pub fn pool(&self) -> &Arc<Pool> {
+        &self.pools[crate::workers::index() % self.pools.len()]
+    }
+
+    /// Every worker's pool.
+    pub fn pools(&self) -> &[Arc<Pool>] {
+        &self.pools
+    }
+
+    /// The pool settings as configured for the group.
+    pub fn pool_config(&self) -> &PoolConfig {
+        &self.config
+    }
+
     pub fn metrics(&self) -> &Arc<BackendMetrics> {
-        self.pool.metrics()
+        self.pools[0].metrics()
+    }
+
+    /// Idle connections in all workers' pools.
+    pub fn idle_count(&self) -> usize {
+        self.pools.iter().map(|p| p.idle_count()).sum()
+    }
+
+    /// Open connections (idle and busy) in all workers' pools.
+    pub fn open_count(&self) -> usize {
+        self.pools.iter().map(|p| p.open_count()).sum()
+    }
+
+    /// The keep-alive timeout the backend advertised last (shared by the workers' pools).
+    pub fn learned_timeout(&self) -> Option<Duration> {
+        self.pools[0].learned_timeout()
+    }
+
+    /// The backend's keep-alive timeout as kaproxy believes it now.
+    pub fn effective_keepalive(&self) -> Duration {
+        self.pools[0].effective_keepalive()
+    }
+
+    /// Closes every idle connection of every worker (shutdown).
+    pub fn close_idle(&self) {
+        for p in self.pools.iter() {
+            p.close_idle();
+        }
     }
 
     pub fn is_up(&self, now: Instant) -> bool {
@@ -340,5 +402,16 @@ mod tests {
         health.set_active_up(false);
         reloaded.inherit_active(&health);
         assert!(!reloaded.is_up(Instant::now()));
+    }
+}
+
+/// One worker's share of `cfg` among `workers`: `max_connections_per_server` and
+/// `max_idle_per_server` divided, rounded up (README, "Workers"); the rest as configured.
+pub fn per_worker(cfg: &PoolConfig, workers: usize) -> PoolConfig {
+    let share = |n: usize| n.div_ceil(workers.max(1)).max(1);
+    PoolConfig {
+        max_connections_per_server: share(cfg.max_connections_per_server),
+        max_idle_per_server: share(cfg.max_idle_per_server).min(share(cfg.max_connections_per_server)),
+        ..cfg.clone()
     }
 }

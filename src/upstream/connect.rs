@@ -1,42 +1,52 @@
 //! Owns how kaproxy connects to a backend: the TCP dial (connect timeout, TCP_NODELAY,
-//! keepalive) and [`Http1`], the pool's real connector (hyper's HTTP/1.1 handshake and the task
-//! that keeps reading while the connection idles, so a backend's FIN is seen at once).
+//! keepalive) and [`Http1`], the pool's real connector — hyper's HTTP/1.1 client connection,
+//! driven by the task of the request that uses it (no task or channel hop per request), and
+//! checked without blocking before it is reused.
 
+use std::future::{poll_fn, Future};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Weak};
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use hyper::client::conn::http1::SendRequest;
+use hyper::client::conn::http1::{Connection as HyperConn, SendRequest};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
-use tokio::sync::Notify;
 use tracing::debug;
 
 use crate::body::UpstreamBody;
 use crate::config::PoolConfig;
 use crate::error::RequestError;
 
-/// What the pool needs of a live connection: whether its peer has closed it (as hyper-util's
-/// pool needs `is_open`). Everything else the pool decides from its own clock.
-pub trait Connection: Send + Sync + 'static {
-    fn is_closed(&self) -> bool;
+/// What the pool needs of a live connection: whether its peer has closed it, checked without
+/// blocking (as hyper-util's pool needs `is_open`). Everything else the pool decides from its
+/// own clock.
+pub trait Connection: Send + 'static {
+    /// True when the peer closed the connection or sent something no response was asked for
+    /// (README, "How the upstream pool keeps the promise": checked at checkout and release).
+    fn is_closed(&mut self) -> bool;
+    /// True when the connection would take a new request now (its last exchange is done).
+    fn is_idle(&mut self) -> bool {
+        true
+    }
+    /// Finishes what the connection still does for the last exchange (see [`Http1Conn`]);
+    /// true when it is then idle.
+    fn settle(&mut self) -> impl Future<Output = bool> + Send {
+        std::future::ready(true)
+    }
 }
 
 /// How a pool opens a connection to its backend: [`Http1`] for real traffic; the pool's unit
 /// tests use fakes, so its deadlines run under paused time.
 pub trait Connector: Send + Sync + Sized + 'static {
     type Conn: Connection;
-    /// Opens connection `id` to `addr` with the pool's settings; a connector that watches the
-    /// connection notifies `ended` when it ends, so the pool's sweep drops it before anyone
-    /// takes it.
+    /// Opens connection `id` to `addr` with the pool's settings.
     fn connect(
         &self,
         addr: SocketAddr,
         cfg: &PoolConfig,
         id: u64,
-        ended: Weak<Notify>,
-    ) -> impl std::future::Future<Output = Result<Self::Conn, RequestError>> + Send;
+    ) -> impl Future<Output = Result<Self::Conn, RequestError>> + Send;
 }
 
 /// A new TCP connection to the backend at `addr`, bounded by `connect_timeout`, with
@@ -54,20 +64,82 @@ pub async fn dial(addr: SocketAddr, cfg: &PoolConfig) -> Result<TcpStream, Reque
 }
 
 /// The real connector: TCP (`connect_timeout`, TCP_NODELAY, keepalive) and hyper's HTTP/1.1
-/// client handshake; the connection's task keeps reading while it idles, so a backend's FIN
-/// is seen at once.
+/// client handshake.
 pub struct Http1;
 
-/// A live HTTP/1.1 connection: hyper's sender, and whether its task has ended.
+/// A live HTTP/1.1 connection: hyper's sender and its connection state machine, which the
+/// request's own task polls (see [`Driver`]).
 pub struct Http1Conn {
     pub(crate) sender: SendRequest<UpstreamBody>,
-    /// Set by the connection task when hyper's connection ends (peer EOF, error, or our close).
-    ended: Arc<AtomicBool>,
+    pub(crate) driver: Driver,
 }
 
 impl Connection for Http1Conn {
-    fn is_closed(&self) -> bool {
-        self.ended.load(Ordering::Acquire) || self.sender.is_closed()
+    fn is_closed(&mut self) -> bool {
+        // One poll with a waker nobody listens to: an idle hyper connection reads, so a
+        // backend's FIN (or a stray byte, which hyper treats as an error) ends it now.
+        let mut cx = Context::from_waker(Waker::noop());
+        self.driver.poll(&mut cx).is_ready() || self.sender.is_closed()
+    }
+
+    /// hyper's dispatcher is idle: false while it is still writing an earlier request's body
+    /// (a backend that answered early), for example.
+    fn is_idle(&mut self) -> bool {
+        let mut cx = Context::from_waker(Waker::noop());
+        !self.driver.poll(&mut cx).is_ready() && self.sender.is_ready()
+    }
+
+    /// A backend may answer before it has read the whole request body (RFC 9112 §9.5 lets it);
+    /// hyper then still writes the rest of the body, and the connection is idle only after.
+    async fn settle(&mut self) -> bool {
+        let Http1Conn { sender, driver } = self;
+        driver
+            .drive(poll_fn(|cx| sender.poll_ready(cx)))
+            .await
+            .is_ok()
+    }
+}
+
+/// hyper's client connection state machine (it reads and writes the socket), polled inline by
+/// whichever task uses the connection: the request's while it is checked out, nobody while it
+/// idles in the pool (the pool polls it once, without blocking, before reuse).
+pub struct Driver {
+    conn: Option<Pin<Box<HyperConn<TokioIo<TcpStream>, UpstreamBody>>>>,
+    addr: SocketAddr,
+    id: u64,
+}
+
+impl Driver {
+    /// Makes progress on the connection; `Ready` once it has ended (peer close, error, or
+    /// `Connection: close` done), after which the connection is gone.
+    pub(crate) fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let Some(conn) = self.conn.as_mut() else {
+            return Poll::Ready(());
+        };
+        match conn.as_mut().poll(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(result) => {
+                if let Err(e) = result {
+                    debug!(server = %self.addr, conn = self.id, error = %e, "pool: upstream connection ended with error");
+                }
+                // Dropping hyper's connection fails what still waits on it (a response head,
+                // a body), as when its task ended.
+                self.conn = None;
+                Poll::Ready(())
+            }
+        }
+    }
+
+    /// Runs `fut` (a send or a wait for readiness) while driving the connection.
+    pub(crate) async fn drive<F: Future>(&mut self, fut: F) -> F::Output {
+        let mut fut = std::pin::pin!(fut);
+        poll_fn(|cx| {
+            // The connection first: it writes the request and reads what answers it, so that
+            // the send below finds its response in the same poll when it is there.
+            let _ = self.poll(cx);
+            fut.as_mut().poll(cx)
+        })
+        .await
     }
 }
 
@@ -79,28 +151,20 @@ impl Connector for Http1 {
         addr: SocketAddr,
         cfg: &PoolConfig,
         id: u64,
-        ended_notify: Weak<Notify>,
     ) -> Result<Http1Conn, RequestError> {
         let stream = dial(addr, cfg).await?;
-        let (sender, connection) = hyper::client::conn::http1::Builder::new()
+        let (sender, conn) = hyper::client::conn::http1::Builder::new()
             .handshake::<_, UpstreamBody>(TokioIo::new(stream))
             .await
             .map_err(|source| RequestError::Handshake { addr, source })?;
-        let ended = Arc::new(AtomicBool::new(false));
-        let watch = ended.clone();
-        let weak = ended_notify;
-        // The connection task reads while the connection is idle, so a backend's FIN ends it
-        // at once; the sweep then drops the dead connection before anyone can take it.
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                debug!(server = %addr, conn = id, error = %e, "pool: upstream connection ended with error");
-            }
-            watch.store(true, Ordering::Release);
-            if let Some(sweep) = weak.upgrade() {
-                sweep.notify_one();
-            }
-        });
-        Ok(Http1Conn { sender, ended })
+        Ok(Http1Conn {
+            sender,
+            driver: Driver {
+                conn: Some(Box::pin(conn)),
+                addr,
+                id,
+            },
+        })
     }
 }
 

@@ -27,7 +27,7 @@ use crate::body::UpstreamBody;
 use crate::config::PoolConfig;
 use crate::error::RequestError;
 use crate::ops::metrics::{BackendMetrics, CloseReason};
-use crate::upstream::connect::{Connection, Connector, Http1};
+use crate::upstream::connect::{Connection, Connector, Http1, Http1Conn};
 use crate::upstream::keep_alive::{has_connection_close, KeepAliveHint, KEEP_ALIVE};
 
 /// One pooled connection and what kaproxy knows of it.
@@ -43,7 +43,7 @@ struct Entry<T> {
 }
 
 impl<T: Connection> Entry<T> {
-    fn is_closed(&self) -> bool {
+    fn is_closed(&mut self) -> bool {
         self.conn.is_closed()
     }
 }
@@ -55,8 +55,11 @@ pub struct Pool<C: Connector = Http1> {
     cfg: PoolConfig,
     idle: Mutex<Vec<Entry<C::Conn>>>,
     permits: Arc<Semaphore>,
-    /// The backend's advertised keep-alive timeout in ms (0: none learned yet).
-    learned_timeout_ms: AtomicU64,
+    /// What the backend advertised, shared with the other workers' pools to it.
+    learned: Arc<Learned>,
+    /// This pool's share of `kaproxy_upstream_connections_idle` (the gauge sums the pools of
+    /// every worker).
+    published_idle: std::sync::atomic::AtomicI64,
     next_id: AtomicU64,
     sweep: Arc<Notify>,
     /// Told when a connection goes back to idle, for requests waiting at
@@ -68,10 +71,32 @@ pub struct Pool<C: Connector = Http1> {
     metrics: Arc<BackendMetrics>,
 }
 
+/// What kaproxy learned of one backend's keep-alive from its `Keep-Alive` header, shared by
+/// the pools of every worker to that backend (README, "Workers").
+#[derive(Default)]
+pub struct Learned {
+    /// The advertised keep-alive timeout in ms (0: none learned yet).
+    timeout_ms: AtomicU64,
+    /// Wakes every sweep when it changes, since deadlines move with it.
+    changed: Notify,
+}
+
 impl Pool<Http1> {
     /// A pool of real HTTP/1.1 connections; needs a tokio runtime (it starts its sweep task).
     pub fn new(addr: SocketAddr, cfg: PoolConfig, metrics: Arc<BackendMetrics>) -> Arc<Self> {
         Pool::with_connector(addr, cfg, metrics, Http1)
+    }
+
+    /// One worker's pool to a backend: its sweep runs on `runtime` (the worker's, where its
+    /// connections live), and what it learns of the backend is `learned`, shared.
+    pub fn for_worker(
+        addr: SocketAddr,
+        cfg: PoolConfig,
+        metrics: Arc<BackendMetrics>,
+        learned: Arc<Learned>,
+        runtime: &tokio::runtime::Handle,
+    ) -> Arc<Self> {
+        Pool::build(addr, cfg, metrics, Http1, learned, runtime)
     }
 }
 
@@ -83,13 +108,26 @@ impl<C: Connector> Pool<C> {
         metrics: Arc<BackendMetrics>,
         connector: C,
     ) -> Arc<Self> {
+        let runtime = tokio::runtime::Handle::current();
+        Pool::build(addr, cfg, metrics, connector, Arc::default(), &runtime)
+    }
+
+    fn build(
+        addr: SocketAddr,
+        cfg: PoolConfig,
+        metrics: Arc<BackendMetrics>,
+        connector: C,
+        learned: Arc<Learned>,
+        runtime: &tokio::runtime::Handle,
+    ) -> Arc<Self> {
         let pool = Arc::new(Pool {
             connector,
             addr,
             permits: Arc::new(Semaphore::new(cfg.max_connections_per_server)),
             cfg,
             idle: Mutex::new(Vec::new()),
-            learned_timeout_ms: AtomicU64::new(0),
+            learned,
+            published_idle: std::sync::atomic::AtomicI64::new(0),
             next_id: AtomicU64::new(1),
             sweep: Arc::new(Notify::new()),
             returned: Notify::new(),
@@ -97,7 +135,7 @@ impl<C: Connector> Pool<C> {
             sweeper: Mutex::new(None),
             metrics,
         });
-        let task = tokio::spawn(sweep_loop(Arc::downgrade(&pool), pool.sweep.clone()));
+        let task = runtime.spawn(sweep_loop(Arc::downgrade(&pool), pool.sweep.clone()));
         *crate::sync::lock(&pool.sweeper) = Some(task.abort_handle());
         pool
     }
@@ -131,7 +169,7 @@ impl<C: Connector> Pool<C> {
 
     /// The keep-alive timeout the backend advertised last, if any.
     pub fn learned_timeout(&self) -> Option<Duration> {
-        match self.learned_timeout_ms.load(Ordering::Relaxed) {
+        match self.learned.timeout_ms.load(Ordering::Relaxed) {
             0 => None,
             ms => Some(Duration::from_millis(ms)),
         }
@@ -187,10 +225,10 @@ impl<C: Connector> Pool<C> {
     /// ones found dead or expired on the way.
     fn take_idle(&self, now: Instant) -> Option<Entry<C::Conn>> {
         loop {
-            let conn = {
+            let mut conn = {
                 let mut idle = crate::sync::lock(&self.idle);
                 let conn = idle.pop();
-                self.metrics.idle.set(idle.len() as i64);
+                self.publish_idle(idle.len());
                 conn?
             };
             if conn.is_closed() {
@@ -216,8 +254,7 @@ impl<C: Connector> Pool<C> {
             },
         };
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let ended = Arc::downgrade(&self.sweep);
-        let conn = self.connector.connect(addr, &self.cfg, id, ended).await?;
+        let conn = self.connector.connect(addr, &self.cfg, id).await?;
         self.metrics.opened.inc();
         let now = Instant::now();
         debug!(server = %addr, conn = id, "pool: opened new connection");
@@ -275,6 +312,10 @@ impl<C: Connector> Pool<C> {
         let reason = retire.or_else(|| {
             if conn.is_closed() {
                 Some(CloseReason::ServerClose)
+            } else if !conn.conn.is_idle() {
+                // Still busy with this exchange (an early response while the request body
+                // was being written): not safe to hand out.
+                Some(CloseReason::Error)
             } else if conn.requests >= self.cfg.max_requests_per_connection
                 || conn.remaining == Some(0)
             {
@@ -298,7 +339,7 @@ impl<C: Connector> Pool<C> {
         let was_empty = idle.is_empty();
         debug!(server = %self.addr, conn = conn.id, requests = conn.requests, "pool: connection back to idle");
         idle.push(conn);
-        self.metrics.idle.set(idle.len() as i64);
+        self.publish_idle(idle.len());
         drop(idle);
         self.returned.notify_one();
         // Deadlines grow with last use, so the sweeper's next wake-up only moves earlier when
@@ -324,7 +365,7 @@ impl<C: Connector> Pool<C> {
         }
         if let Some(timeout) = hint.timeout {
             let ms = timeout.as_millis().max(1) as u64;
-            let old = self.learned_timeout_ms.swap(ms, Ordering::Relaxed);
+            let old = self.learned.timeout_ms.swap(ms, Ordering::Relaxed);
             if old != ms {
                 if timeout < self.cfg.keepalive_timeout {
                     warn!(server = %self.addr, learned = ?timeout, configured = ?self.cfg.keepalive_timeout,
@@ -332,6 +373,7 @@ impl<C: Connector> Pool<C> {
                 } else {
                     debug!(server = %self.addr, learned = ?timeout, "pool: learned keep-alive timeout");
                 }
+                self.learned.changed.notify_waiters();
                 self.sweep.notify_one();
             }
         }
@@ -343,7 +385,7 @@ impl<C: Connector> Pool<C> {
         let mut keep = Vec::with_capacity(all.len());
         let mut doomed = Vec::new();
         let mut next: Option<Instant> = None;
-        for conn in all {
+        for mut conn in all {
             if conn.is_closed() {
                 doomed.push((conn, CloseReason::ServerClose));
                 continue;
@@ -362,7 +404,7 @@ impl<C: Connector> Pool<C> {
             // (older first).
             keep.append(&mut idle);
             *idle = keep;
-            self.metrics.idle.set(idle.len() as i64);
+            self.publish_idle(idle.len());
             for conn in idle.iter() {
                 let (deadline, _) = self.deadline(conn.born, conn.last_used);
                 next = Some(next.map_or(deadline, |n| n.min(deadline)));
@@ -374,10 +416,16 @@ impl<C: Connector> Pool<C> {
         next
     }
 
+    /// Moves `kaproxy_upstream_connections_idle` by the change in this pool's idle count.
+    fn publish_idle(&self, now: usize) {
+        let old = self.published_idle.swap(now as i64, Ordering::Relaxed);
+        self.metrics.idle.inc_by(now as i64 - old);
+    }
+
     /// Closes every idle connection (shutdown).
     pub fn close_idle(&self) {
         let all = std::mem::take(&mut *crate::sync::lock(&self.idle));
-        self.metrics.idle.set(0);
+        self.publish_idle(0);
         for conn in all {
             self.close(conn, CloseReason::Idle);
         }
@@ -396,18 +444,25 @@ impl<C: Connector> Drop for Pool<C> {
 /// pool only while sweeping, so dropping the pool ends the task.
 async fn sweep_loop<C: Connector>(pool: Weak<Pool<C>>, notify: Arc<Notify>) {
     loop {
-        let next = match pool.upgrade() {
-            Some(strong) => strong.sweep_idle(Instant::now()),
+        let (next, learned) = match pool.upgrade() {
+            Some(strong) => (strong.sweep_idle(Instant::now()), strong.learned.clone()),
             None => return,
         };
+        let relearned = learned.changed.notified();
         match next {
             Some(at) => {
                 tokio::select! {
                     _ = tokio::time::sleep_until(at) => {}
                     _ = notify.notified() => {}
+                    _ = relearned => {}
                 }
             }
-            None => notify.notified().await,
+            None => {
+                tokio::select! {
+                    _ = notify.notified() => {}
+                    _ = relearned => {}
+                }
+            }
         }
     }
 }
@@ -491,22 +546,41 @@ impl<C: Connector> PooledConn<C> {
 
     /// Gives the connection back after its response body ended cleanly.
     pub fn release(mut self) {
-        if let Some(conn) = self.conn.take() {
+        let Some(mut conn) = self.conn.take() else {
+            return;
+        };
+        if self.retire.is_some() || conn.is_closed() || conn.conn.is_idle() {
             self.pool.release(conn, self.retire);
+            return;
         }
+        // Rare: the backend answered before the request body was all written. The rest is
+        // written by a task of its own (the client's task has moved on), for at most
+        // idle_timeout, then the connection is pooled.
+        let pool = self.pool.clone();
+        tokio::spawn(async move {
+            match tokio::time::timeout(pool.cfg.idle_timeout, conn.conn.settle()).await {
+                Ok(true) => pool.release(conn, None),
+                _ => pool.close(conn, CloseReason::Error),
+            }
+        });
     }
 }
 
 impl PooledConn<Http1> {
     /// Sends one request and waits for the response head, learning the backend's keep-alive
-    /// settings from it. The caller bounds the wait with `response_timeout`.
+    /// settings from it. The caller bounds the wait with `response_timeout`. The connection is
+    /// driven by the calling task (see [`crate::upstream::connect::Driver`]).
     pub async fn send(
         &mut self,
         req: Request<UpstreamBody>,
     ) -> Result<Response<Incoming>, SendFailure> {
         let addr = self.pool.addr;
         let conn = self.conn.as_mut().expect("conn present until release");
-        if let Err(e) = conn.conn.sender.ready().await {
+        let Http1Conn { sender, driver } = &mut conn.conn;
+        if let Err(e) = driver
+            .drive(std::future::poll_fn(|cx| sender.poll_ready(cx)))
+            .await
+        {
             self.retire = Some(CloseReason::ServerClose);
             return Err(SendFailure {
                 error: RequestError::from_send(addr, e),
@@ -514,7 +588,8 @@ impl PooledConn<Http1> {
             });
         }
         conn.requests += 1;
-        match conn.conn.sender.try_send_request(req).await {
+        let sent = sender.try_send_request(req);
+        match driver.drive(sent).await {
             Ok(resp) => {
                 self.observe(resp.headers());
                 Ok(resp)
@@ -563,6 +638,10 @@ impl Body for PooledBody {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        // This task drives the connection the body comes from (connect.rs, `Driver`).
+        if let Some(conn) = self.conn.as_mut().and_then(|c| c.conn.as_mut()) {
+            let _ = conn.conn.driver.poll(cx);
+        }
         let res = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
         match stream_end(&res, &self.inner) {
             Some(true) => {
@@ -629,7 +708,7 @@ mod tests {
     struct FakeConn(Arc<AtomicBool>);
 
     impl Connection for FakeConn {
-        fn is_closed(&self) -> bool {
+        fn is_closed(&mut self) -> bool {
             self.0.load(Ordering::Acquire)
         }
     }
@@ -648,7 +727,6 @@ mod tests {
             _addr: SocketAddr,
             _cfg: &PoolConfig,
             _id: u64,
-            _ended: std::sync::Weak<Notify>,
         ) -> Result<FakeConn, RequestError> {
             let closed = Arc::new(AtomicBool::new(false));
             crate::sync::lock(&self.opened).push(closed.clone());
@@ -902,8 +980,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_connection_the_backend_closed_is_never_handed_out() {
-        // A naive pool (deadline 9 s) in front of a backend that closes after 300 ms: the EOF
-        // watch must still keep the dead connection out of use.
+        // A naive pool (deadline 9 s) in front of a backend that closes after 300 ms: the check
+        // at checkout must still keep the dead connection out of use.
         let backend = start_demo(demo(300, StaleReuse::CloseIdle)).await;
         let mut c = cfg();
         c.learn_keep_alive = false;
@@ -916,10 +994,7 @@ mod tests {
             backend.stats().idle_closes == 1
         })
         .await;
-        wait_until("the pool to drop the dead connection", || {
-            pool.idle_count() == 0
-        })
-        .await;
+        assert_eq!(pool.idle_count(), 1, "nobody polls an idle connection");
         assert!(
             !get(&pool).await.unwrap(),
             "a fresh connection, not the dead one"

@@ -656,6 +656,7 @@ async fn status_page_charts_show_the_rates_of_the_traffic_sent() {
     let proxy = crate::support::proxy::test_config(&upstream_toml("web", &[&backend], ""))
         .start_with(kaproxy::ServerOptions {
             history_interval: Duration::from_millis(500),
+            ..Default::default()
         })
         .await;
     let admin_addr = proxy.server.admin_addr().expect("admin listener");
