@@ -20,7 +20,8 @@
 //! - [`upstream`]: the backend side. [`upstream::backend`] (a server and its health state),
 //!   [`upstream::balancer`] (round-robin, ip-hash; no I/O), [`upstream::health`] (active
 //!   probes), [`upstream::pool`] (the keep-alive-aware pool, generic over a connector),
-//!   [`upstream::connect`] (dialing; hyper's HTTP/1.1 connector) and [`upstream::keep_alive`] (the
+//!   [`upstream::connect`] (dialing; hyper's HTTP/1.1 connection, driven by the request's
+//!   task) and [`upstream::keep_alive`] (the
 //!   backend's `Keep-Alive` header).
 //! - [`ops`]: what an operator runs and reads: [`ops::metrics`] (receives, imports nothing of
 //!   ours), [`ops::admin`] (`/metrics`, `/status`, the status page), [`ops::history`]
@@ -29,6 +30,7 @@
 //! - [`server`]: the running proxy: builds a generation, binds, spawns, drains.
 //! - [`config`]: TOML → validated, typed [`config::Config`]; the keep-alive timeline of `check`.
 //! - [`body`]: request bodies in transit (`body_timeout`, buffering) and [`body::BodyError`].
+//! - [`workers`]: the worker threads, one current-thread runtime each, and [`workers::index`].
 //! - [`sync`]: how a lock is taken (a poisoned lock is used as is), one way everywhere.
 //! - [`error`]: typed upstream errors, each knowing its kind and whether it may be retried.
 //!

@@ -37,6 +37,8 @@ const RULES: &[(&str, &[&str])] = &[
         ],
     ),
     ("src/ops/metrics.rs", &["crate::"]),
+    // The worker threads are below everything that runs on them.
+    ("src/workers.rs", &["crate::"]),
     (
         "src/config",
         &[

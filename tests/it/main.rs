@@ -21,3 +21,4 @@ mod support;
 mod tls;
 mod upgrade;
 mod upstream_failures;
+mod workers;
