@@ -2,6 +2,10 @@
 //! [`RequestError`] says what failed (each timeout with its duration, the source error kept),
 //! which [`Side`] caused it, the metrics kind it counts as (only the backend's failures count),
 //! the status the client gets, and how it may be retried ([`Retry`]).
+//!
+//! It also holds [`UpstreamTlsError`], what building upstream TLS or a handshake with a backend
+//! fails with: [`RequestError::Tls`] carries it, and this module names nothing of the upstream
+//! layer (`tests/it/layout.rs`), so it is defined here and re-exported by `upstream::tls`.
 
 use std::io;
 use std::net::SocketAddr;
@@ -10,6 +14,7 @@ use std::time::Duration;
 use http::StatusCode;
 
 use crate::body::BodyError;
+use crate::config::pem::PemError;
 use crate::ops::metrics::{BackendMetrics, ErrorKind};
 
 /// Which side of the proxy caused a failure (Pingora's split).
@@ -77,6 +82,46 @@ pub enum RequestError {
         addr: SocketAddr,
         source: hyper::Error,
     },
+    /// The TLS handshake with the backend failed (`tls = true`): nothing was sent, and
+    /// nothing is ever sent in the clear instead.
+    #[error("TLS to {addr} failed: {source}")]
+    Tls {
+        addr: SocketAddr,
+        source: UpstreamTlsError,
+    },
+}
+
+/// Why upstream TLS could not be set up from `[upstreams.NAME]`'s `tls_*` keys, or why a
+/// handshake with a backend failed. Handshake failures name the server name kaproxy verified
+/// and keep rustls' error as their source.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamTlsError {
+    /// A `tls_ca`, `tls_client_cert` or `tls_client_key` file (the message starts with its path).
+    #[error(transparent)]
+    File(#[from] PemError),
+    /// `tls_client_cert` without `tls_client_key`, or the reverse.
+    #[error("mutual TLS needs both tls_client_cert and tls_client_key")]
+    IncompleteClientIdentity,
+    /// rustls refused the client configuration.
+    #[error("TLS client configuration: {0}")]
+    Config(#[source] rustls::Error),
+    /// The backend's certificate does not chain to a trusted CA.
+    #[error("the backend's certificate is not signed by a trusted CA ({roots}): {source}")]
+    UnknownCa {
+        /// Which roots were used: `tls_ca <path>` or the webpki-roots bundle.
+        roots: String,
+        source: rustls::Error,
+    },
+    /// The certificate is valid, but not for the name kaproxy verifies.
+    #[error("the backend's certificate is not valid for {name} (tls_server_name, else the server's IP): {source}")]
+    NameMismatch { name: String, source: rustls::Error },
+    /// Any other TLS failure: an alert from the backend (e.g. it wants a client certificate),
+    /// an expired certificate, no common protocol version, a backend that does not speak TLS.
+    #[error("TLS handshake as {name} failed: {source}")]
+    Handshake { name: String, source: rustls::Error },
+    /// The connection itself failed during the handshake (reset, or closed by the backend).
+    #[error("TLS handshake as {name} failed: {source}")]
+    Io { name: String, source: io::Error },
 }
 
 impl RequestError {
@@ -97,6 +142,7 @@ impl RequestError {
         Some(match self {
             RequestError::Body(_) | RequestError::BodyStreamed { .. } => return None,
             RequestError::Connect { .. } | RequestError::Handshake { .. } => ErrorKind::Connect,
+            RequestError::Tls { .. } => ErrorKind::Tls,
             RequestError::ConnectTimeout { .. }
             | RequestError::AcquireTimeout { .. }
             | RequestError::ResponseTimeout { .. } => ErrorKind::Timeout,
@@ -118,9 +164,12 @@ impl RequestError {
             RequestError::Body(_)
             | RequestError::BodyStreamed { .. }
             | RequestError::AcquireTimeout { .. } => Retry::Never,
+            // A failed TLS handshake sent nothing either: like a connect failure, any method
+            // moves on to the next server (never again to this one: proxy/retry.rs).
             RequestError::Connect { .. }
             | RequestError::ConnectTimeout { .. }
-            | RequestError::Handshake { .. } => Retry::AnyMethod,
+            | RequestError::Handshake { .. }
+            | RequestError::Tls { .. } => Retry::AnyMethod,
             RequestError::ClosedBeforeResponse { .. } | RequestError::Reset { .. } => {
                 Retry::IfResendable
             }
@@ -188,6 +237,22 @@ mod tests {
         };
         assert_eq!((full.side(), full.retry()), (Side::Internal, Retry::Never));
         assert_eq!(full.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let tls = RequestError::Tls {
+            addr,
+            source: UpstreamTlsError::Io {
+                name: "127.0.0.1".into(),
+                source: io::Error::from(io::ErrorKind::ConnectionReset),
+            },
+        };
+        assert_eq!(tls.side(), Side::Upstream);
+        assert_eq!(tls.kind(), Some(ErrorKind::Tls));
+        assert_eq!(tls.retry(), refused.retry());
+        assert_eq!(tls.status(), StatusCode::BAD_GATEWAY);
+        assert!(
+            tls.to_string()
+                .starts_with("TLS to 127.0.0.1:9 failed: TLS handshake as 127.0.0.1"),
+            "{tls}"
+        );
         let stalled = RequestError::from(BodyError::Timeout(Duration::from_secs(1)));
         assert_eq!((stalled.side(), stalled.kind()), (Side::Downstream, None));
         assert_eq!(

@@ -117,8 +117,8 @@ impl Server {
         ] {
             let Some(addr) = addr else { continue };
             let what = kind.label();
-            let sockets = listener::bind_for_workers(addr, workers.len())
-                .map_err(bind_error(what, addr))?;
+            let sockets =
+                listener::bind_for_workers(addr, workers.len()).map_err(bind_error(what, addr))?;
             let local = sockets[0].local_addr().map_err(bind_error(what, addr))?;
             info!(listener = what, addr = %local, workers = workers.len(), "listening");
             addrs[slot] = Some(local);

@@ -12,9 +12,11 @@
 //!
 //! Files: this one holds the typed structs, their defaults and loading; [`raw`] the file as
 //! written (serde), [`error`] problems with file/line/key, [`validate`] the semantic checks,
-//! [`timeline`] what `kaproxy check` prints.
+//! [`pem`] the PEM files upstream TLS names (read at load time, so a bad file is a problem
+//! with its line), [`timeline`] what `kaproxy check` prints.
 
 mod error;
+pub mod pem;
 mod raw;
 mod timeline;
 mod validate;
@@ -32,6 +34,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ipnet::IpNet;
+use rustls_pki_types::ServerName;
 use serde::Deserialize;
 use toml_edit::ImDocument;
 
@@ -255,6 +258,50 @@ pub struct UpstreamConfig {
     pub ip_hash_prefix_v4: u8,
     pub ip_hash_prefix_v6: u8,
     pub health: Option<HealthConfig>,
+    /// TLS to the backends (`tls = true` and the `tls_*` keys); None: plain HTTP/1.1.
+    pub tls: Option<UpstreamTlsConfig>,
+}
+
+/// The `tls_*` keys of `[upstreams.NAME]` when `tls = true` (README, "TLS to the backends").
+/// Every file named here was read and checked when the config was loaded; `upstream::tls`
+/// builds the rustls client configuration from it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamTlsConfig {
+    /// `tls_ca`: a PEM bundle of the CAs that sign the backends' certificates. None: the
+    /// webpki-roots bundle (Mozilla's CA set, compiled in).
+    pub ca: Option<PathBuf>,
+    /// `tls_server_name`: sent as SNI (when a DNS name) and verified against the certificate.
+    /// None: each server's IP address, verified against an IP SAN, and no SNI.
+    pub server_name: Option<ServerName<'static>>,
+    /// `tls_verify`: false accepts any certificate (logged and shown by `check` as a warning).
+    pub verify: bool,
+    /// `tls_client_cert`: the PEM chain presented for mutual TLS; set with `client_key`.
+    pub client_cert: Option<PathBuf>,
+    /// `tls_client_key`: its PEM private key; set with `client_cert`.
+    pub client_key: Option<PathBuf>,
+    /// `tls_session_resumption`: resume TLS 1.3 / 1.2 sessions to each server.
+    pub session_resumption: bool,
+}
+
+impl UpstreamTlsConfig {
+    /// `tls = true` alone: webpki-roots, each server's IP as the name, verification on, no
+    /// client certificate, resumption on.
+    pub fn new() -> Self {
+        UpstreamTlsConfig {
+            ca: None,
+            server_name: None,
+            verify: true,
+            client_cert: None,
+            client_key: None,
+            session_resumption: true,
+        }
+    }
+}
+
+impl Default for UpstreamTlsConfig {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 /// The pool keys of `[upstreams.NAME]`. `Default` gives the documented defaults.
@@ -550,9 +597,9 @@ pub fn check_str(src: &str, path: &Path) -> CheckReport {
             };
         }
     };
-    let config = raw.into_config(path);
+    let (config, mut problems) = raw.into_config(path);
     let timeline = Some(config.timeline());
-    let mut problems = validate(&config);
+    problems.extend(validate(&config));
     if problems.is_empty() {
         return CheckReport {
             file,

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::*;
@@ -68,6 +68,16 @@ pub(super) struct RawUpstream {
     response_buffer_bytes: usize,
     retry_on_timeout: bool,
     health: Option<HealthConfig>,
+    /// TLS to the backends; the `tls_*` keys below count only with `tls = true`. They are
+    /// Options so that one written with `tls = false` can be reported (see `tls_problems`).
+    tls: bool,
+    tls_ca: Option<PathBuf>,
+    #[serde(deserialize_with = "server_name")]
+    tls_server_name: Option<ServerName<'static>>,
+    tls_verify: Option<bool>,
+    tls_client_cert: Option<PathBuf>,
+    tls_client_key: Option<PathBuf>,
+    tls_session_resumption: Option<bool>,
 }
 
 impl Default for RawUpstream {
@@ -95,12 +105,67 @@ impl Default for RawUpstream {
             response_buffer_bytes: DEFAULT_RESPONSE_BUFFER_BYTES,
             retry_on_timeout: false,
             health: None,
+            tls: false,
+            tls_ca: None,
+            tls_server_name: None,
+            tls_verify: None,
+            tls_client_cert: None,
+            tls_client_key: None,
+            tls_session_resumption: None,
         }
     }
 }
 
 impl RawUpstream {
+    /// The `tls_*` keys written while `tls` is false. nginx ignores `proxy_ssl_*` for an
+    /// `http://` upstream and HAProxy a server's `ca-file` without `ssl`; kaproxy refuses them
+    /// instead (README, "TLS to the backends"): the likely mistake is a forgotten `tls = true`,
+    /// and ignoring it would send the traffic in the clear.
+    fn tls_problems(&self, name: &str) -> Vec<Problem> {
+        if self.tls {
+            return Vec::new();
+        }
+        let written = [
+            ("tls_ca", self.tls_ca.is_some()),
+            ("tls_server_name", self.tls_server_name.is_some()),
+            ("tls_verify", self.tls_verify.is_some()),
+            ("tls_client_cert", self.tls_client_cert.is_some()),
+            ("tls_client_key", self.tls_client_key.is_some()),
+            (
+                "tls_session_resumption",
+                self.tls_session_resumption.is_some(),
+            ),
+        ];
+        written
+            .into_iter()
+            .filter(|(_, set)| *set)
+            .map(|(key, _)| {
+                Problem::new(
+                    format!("upstreams.{name}.{key}"),
+                    "is set but tls = false: nothing would be encrypted",
+                )
+                .fix(format!("set tls = true, or remove {key}"))
+            })
+            .collect()
+    }
+
+    /// `tls = true` and its keys, typed; None for `tls = false`.
+    fn tls_config(&self) -> Option<UpstreamTlsConfig> {
+        let default = UpstreamTlsConfig::new();
+        self.tls.then(|| UpstreamTlsConfig {
+            ca: self.tls_ca.clone(),
+            server_name: self.tls_server_name.clone(),
+            verify: self.tls_verify.unwrap_or(default.verify),
+            client_cert: self.tls_client_cert.clone(),
+            client_key: self.tls_client_key.clone(),
+            session_resumption: self
+                .tls_session_resumption
+                .unwrap_or(default.session_resumption),
+        })
+    }
+
     pub(super) fn into_upstream(self, name: String) -> UpstreamConfig {
+        let tls = self.tls_config();
         UpstreamConfig {
             name,
             balance: self.balance,
@@ -134,29 +199,38 @@ impl RawUpstream {
             ip_hash_prefix_v4: self.ip_hash_prefix_v4,
             ip_hash_prefix_v6: self.ip_hash_prefix_v6,
             health: self.health,
+            tls,
         }
     }
 }
 
 impl RawConfig {
-    pub(super) fn into_config(self, path: &Path) -> Config {
-        Config {
+    /// The typed config, and the problems only the file as written shows (a `tls_*` key with
+    /// `tls = false`); keys set, lines not yet, as [`validate`]'s.
+    pub(super) fn into_config(self, path: &Path) -> (Config, Vec<Problem>) {
+        let mut problems = Vec::new();
+        let upstreams = self
+            .upstreams
+            .into_iter()
+            .map(|(name, raw)| {
+                problems.extend(raw.tls_problems(&name));
+                raw.into_upstream(name)
+            })
+            .collect();
+        let config = Config {
             source: Some(path.to_path_buf()),
             listen: self.listen,
             tls: self.tls,
             downstream: self.downstream,
             forwarded: self.forwarded,
-            upstreams: self
-                .upstreams
-                .into_iter()
-                .map(|(name, raw)| raw.into_upstream(name))
-                .collect(),
+            upstreams,
             routes: self.routes,
             admin: self.admin,
             runtime: self.runtime,
             log: self.log,
             demo: self.demo,
-        }
+        };
+        (config, problems)
     }
 }
 
@@ -288,6 +362,20 @@ pub(super) fn ip_nets<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<IpNet>, D::
         .into_iter()
         .map(|n| n.0)
         .collect())
+}
+
+/// `tls_server_name`: a DNS name or an IP address, as rustls verifies it (RFC 6125 names; an
+/// IP is checked against the certificate's IP SANs and never sent as SNI, RFC 6066 §3).
+pub(super) fn server_name<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<ServerName<'static>>, D::Error> {
+    parse_str(d, |s| {
+        ServerName::try_from(s.to_string()).map(Some).map_err(|_| {
+            format!(
+                r#"expected a DNS name or an IP address such as "backend.internal" (no port), got {s:?}"#
+            )
+        })
+    })
 }
 
 /// A duration where "0s" means off.

@@ -456,3 +456,238 @@ fn fixes_suggest_round_values() {
         ["4.5s", "500ms", "75s"]
     );
 }
+
+// ---- Upstream TLS (README, "TLS to the backends") ----
+
+/// `[upstreams.web]` with `tls = true` (line 7) and `extra` from line 8 on.
+fn with_tls(extra: &str) -> String {
+    with_upstream(&format!("tls = true\n{extra}"))
+}
+
+fn pki() -> kaproxy_testkit::pki::TestPki {
+    kaproxy_testkit::pki::TestPki::generate().expect("test PKI")
+}
+
+#[test]
+fn upstream_tls_is_off_by_default_and_tls_true_alone_takes_the_defaults() {
+    assert_eq!(parse(MINIMAL).unwrap().upstreams[0].tls, None);
+    let tls = parse(&with_tls("")).unwrap().upstreams[0].tls.clone();
+    assert_eq!(tls, Some(UpstreamTlsConfig::new()));
+    let tls = tls.unwrap();
+    assert_eq!((tls.ca, tls.server_name), (None, None));
+    assert!(tls.verify && tls.session_resumption);
+    assert_eq!((tls.client_cert, tls.client_key), (None, None));
+}
+
+#[test]
+fn upstream_tls_keys_parse_into_the_typed_config() {
+    let pki = pki();
+    let src = with_tls(&format!(
+        "tls_ca = \"{}\"\ntls_server_name = \"backend.test\"\ntls_verify = true\n\
+         tls_client_cert = \"{}\"\ntls_client_key = \"{}\"\ntls_session_resumption = false\n",
+        pki.ca_cert.display(),
+        pki.client_cert.display(),
+        pki.client_key.display()
+    ));
+    let tls = parse(&src).unwrap().upstreams[0].tls.clone().unwrap();
+    assert_eq!(
+        tls,
+        UpstreamTlsConfig {
+            ca: Some(pki.ca_cert.clone()),
+            server_name: Some(ServerName::try_from("backend.test").unwrap()),
+            verify: true,
+            client_cert: Some(pki.client_cert.clone()),
+            client_key: Some(pki.client_key.clone()),
+            session_resumption: false,
+        }
+    );
+    // An IP is a name too (verified against an IP SAN).
+    let src = with_tls("tls_server_name = \"10.0.0.5\"\n");
+    let tls = parse(&src).unwrap().upstreams[0].tls.clone().unwrap();
+    assert!(matches!(tls.server_name, Some(ServerName::IpAddress(_))));
+}
+
+#[test]
+fn a_bad_tls_server_name_names_key_and_line() {
+    for bad in ["backend.test:443", "", "not a name"] {
+        let p = problems(&with_tls(&format!("tls_server_name = \"{bad}\"\n")));
+        assert_eq!(
+            (p[0].line, p[0].key.as_str()),
+            (Some(8), "upstreams.web.tls_server_name"),
+            "{bad:?}"
+        );
+        assert!(
+            p[0].message
+                .contains("expected a DNS name or an IP address"),
+            "{}",
+            p[0]
+        );
+    }
+}
+
+#[test]
+fn tls_files_are_read_at_load_time_and_a_bad_one_names_key_and_line() {
+    let pki = pki();
+    let garbage = pki.dir().join("garbage.pem");
+    std::fs::write(&garbage, "not PEM at all\n").unwrap();
+    let missing = pki.dir().join("missing.pem");
+
+    let p = problems(&with_tls(&format!("tls_ca = \"{}\"\n", missing.display())));
+    assert_eq!(
+        (p[0].line, p[0].key.as_str()),
+        (Some(8), "upstreams.web.tls_ca")
+    );
+    let text = p[0].to_string();
+    assert!(
+        text.starts_with(&format!(
+            "config.toml:8: upstreams.web.tls_ca: {}: cannot read",
+            missing.display()
+        )),
+        "{text}"
+    );
+
+    let p = problems(&with_tls(&format!("tls_ca = \"{}\"\n", garbage.display())));
+    assert_eq!(p[0].key, "upstreams.web.tls_ca");
+    assert!(p[0].message.contains("no PEM certificate"), "{}", p[0]);
+
+    let p = problems(&with_tls(&format!(
+        "tls_ca = \"{}\"\n",
+        pki.dir().display()
+    )));
+    assert!(p[0].message.ends_with("not a regular file"), "{}", p[0]);
+
+    // A private key is no CA bundle.
+    let p = problems(&with_tls(&format!(
+        "tls_ca = \"{}\"\n",
+        pki.client_key.display()
+    )));
+    assert_eq!(p[0].key, "upstreams.web.tls_ca");
+
+    let identity = |cert: &Path, key: &Path| {
+        with_tls(&format!(
+            "tls_client_cert = \"{}\"\ntls_client_key = \"{}\"\n",
+            cert.display(),
+            key.display()
+        ))
+    };
+    let p = problems(&identity(&garbage, &pki.client_key));
+    assert_eq!(
+        (p[0].line, p[0].key.as_str()),
+        (Some(8), "upstreams.web.tls_client_cert")
+    );
+    let p = problems(&identity(&pki.client_cert, &garbage));
+    assert_eq!(
+        (p[0].line, p[0].key.as_str()),
+        (Some(9), "upstreams.web.tls_client_key")
+    );
+    assert!(
+        p[0].message.contains("no usable PEM private key"),
+        "{}",
+        p[0]
+    );
+    let p = problems(&identity(&pki.client_cert, &pki.server_key));
+    assert_eq!(
+        (p[0].line, p[0].key.as_str()),
+        (Some(9), "upstreams.web.tls_client_key")
+    );
+    assert!(p[0].message.contains("does not match"), "{}", p[0]);
+    assert!(parse(&identity(&pki.client_cert, &pki.client_key)).is_ok());
+}
+
+#[test]
+fn mutual_tls_needs_both_the_client_cert_and_its_key() {
+    let pki = pki();
+    let p = problems(&with_tls(&format!(
+        "tls_client_cert = \"{}\"\n",
+        pki.client_cert.display()
+    )));
+    assert_eq!(
+        (p.len(), p[0].line, p[0].key.as_str()),
+        (1, Some(8), "upstreams.web.tls_client_cert")
+    );
+    assert!(p[0].message.contains("without tls_client_key"), "{}", p[0]);
+    let p = problems(&with_tls(&format!(
+        "tls_client_key = \"{}\"\n",
+        pki.client_key.display()
+    )));
+    assert_eq!(p[0].key, "upstreams.web.tls_client_key");
+}
+
+#[test]
+fn tls_keys_with_tls_false_are_refused() {
+    let src = with_upstream("tls_server_name = \"backend.test\"\ntls_verify = false\n");
+    let p = problems(&src);
+    let got: Vec<(Option<usize>, &str)> = p.iter().map(|p| (p.line, p.key.as_str())).collect();
+    assert_eq!(
+        got,
+        [
+            (Some(7), "upstreams.web.tls_server_name"),
+            (Some(8), "upstreams.web.tls_verify"),
+        ]
+    );
+    assert_eq!(
+        p[0].to_string(),
+        "config.toml:7: upstreams.web.tls_server_name: is set but tls = false: nothing would be \
+         encrypted; set tls = true, or remove tls_server_name"
+    );
+    // Written as false, tls is no problem by itself.
+    assert!(parse(&with_upstream("tls = false\n")).is_ok());
+}
+
+#[test]
+fn timeline_shows_upstream_tls_and_warns_when_unverified() {
+    let text = parse(MINIMAL).unwrap().timeline().to_string();
+    assert!(row(&text, "tls ").contains("off"), "{text}");
+
+    let pki = pki();
+    let src = with_tls(&format!(
+        "tls_ca = \"{}\"\ntls_server_name = \"backend.test\"\n\
+         tls_client_cert = \"{}\"\ntls_client_key = \"{}\"\n",
+        pki.ca_cert.display(),
+        pki.client_cert.display(),
+        pki.client_key.display()
+    ));
+    let text = parse(&src).unwrap().timeline().to_string();
+    let line = row(&text, "tls ");
+    for part in [
+        "on",
+        &format!("CA {}", pki.ca_cert.display()),
+        "name backend.test (SNI)",
+        "verify on",
+        &format!("mTLS {}", pki.client_cert.display()),
+        "resumption on",
+    ] {
+        assert!(line.contains(part), "no {part:?} in {line}");
+    }
+    assert!(!text.contains("tls_verify"), "{text}");
+    let text = parse(&with_tls("")).unwrap().timeline().to_string();
+    assert!(
+        row(&text, "tls ").contains("CA webpki-roots (built in), name each server's IP (no SNI)"),
+        "{text}"
+    );
+
+    let src = with_tls("tls_verify = false\ntls_session_resumption = false\n");
+    let report = check_str(&src, Path::new("config.toml"));
+    assert!(
+        report.is_ok(),
+        "tls_verify = false is allowed, with a warning"
+    );
+    let timeline = report.timeline.as_ref().unwrap();
+    assert!(timeline.has_warnings() && !timeline.has_errors());
+    let text = report.to_string();
+    let line = row(&text, "tls ");
+    assert!(
+        line.contains("no CA check") && line.contains("name each server's IP (no SNI)"),
+        "{line}"
+    );
+    assert!(
+        line.contains("verify OFF") && line.contains("resumption off"),
+        "{line}"
+    );
+    let warn = row(&text, "tls_verify");
+    assert!(
+        warn.contains("WARN") && warn.contains("WARNING: backend certificates are NOT verified"),
+        "{text}"
+    );
+    assert!(text.contains("fix: set tls_verify = true"), "{text}");
+}

@@ -242,7 +242,7 @@ pub(super) fn upstream_section(u: &UpstreamConfig) -> Section {
         );
         max_row.verdict(Verdict::Warn, note, Some(fix))
     };
-    let rows = vec![
+    let mut rows = vec![
         Row::info("kaproxy idle_timeout", human(idle), ""),
         Row::info(
             "+ safety_margin",
@@ -263,7 +263,53 @@ pub(super) fn upstream_section(u: &UpstreamConfig) -> Section {
             "",
         ),
     ];
+    rows.extend(tls_rows(u.tls.as_ref()));
     Section { title, rows }
+}
+
+/// The upstream TLS line of `check` (README, "TLS to the backends"), and a WARN line when
+/// certificates are not verified.
+pub(super) fn tls_rows(tls: Option<&UpstreamTlsConfig>) -> Vec<Row> {
+    let Some(tls) = tls else {
+        return vec![Row::info("tls", "off", "plain HTTP/1.1 to the backends")];
+    };
+    let ca = match &tls.ca {
+        _ if !tls.verify => "no CA check".to_string(),
+        Some(path) => format!("CA {}", path.display()),
+        None => "CA webpki-roots (built in)".to_string(),
+    };
+    let name = match &tls.server_name {
+        Some(name @ ServerName::DnsName(_)) => format!("name {} (SNI)", name.to_str()),
+        Some(name) => format!("name {} (no SNI)", name.to_str()),
+        None => "name each server's IP (no SNI)".to_string(),
+    };
+    let verify = if tls.verify {
+        "verify on"
+    } else {
+        "verify OFF"
+    };
+    let mtls = match &tls.client_cert {
+        Some(cert) => format!("mTLS {}", cert.display()),
+        None => "mTLS off".to_string(),
+    };
+    let resumption = if tls.session_resumption {
+        "resumption on"
+    } else {
+        "resumption off"
+    };
+    let mut rows = vec![Row::info(
+        "tls",
+        "on",
+        format!("{ca}, {name}, {verify}, {mtls}, {resumption}"),
+    )];
+    if !tls.verify {
+        rows.push(Row::info("tls_verify", "false", "").verdict(
+            Verdict::Warn,
+            "WARNING: backend certificates are NOT verified; anyone on the path can impersonate the backends".into(),
+            Some("set tls_verify = true, and tls_ca to the CA that signs the backends' certificates".into()),
+        ));
+    }
+    rows
 }
 
 impl Timeline {

@@ -134,6 +134,63 @@ pub(super) fn validate_upstream(u: &UpstreamConfig, out: &mut Vec<Problem>) {
         at_least_one(out, &key("fall"), health.fall.into());
         positive(out, &key("passive_cooldown"), health.passive_cooldown);
     }
+    if let Some(tls) = &u.tls {
+        validate_upstream_tls(&u.name, tls, out);
+    }
+}
+
+/// The `tls_*` keys of one upstream group: mutual TLS needs both files, and every file named
+/// is read now (README, "TLS to the backends"), so a missing or unusable one stops `run`,
+/// `check` and a reload with its line instead of failing the first handshake.
+pub(super) fn validate_upstream_tls(name: &str, tls: &UpstreamTlsConfig, out: &mut Vec<Problem>) {
+    let key = |k: &str| format!("upstreams.{name}.{k}");
+    if let Some(ca) = &tls.ca {
+        if let Err(e) = pem::read_roots(ca) {
+            out.push(
+                Problem::new(key("tls_ca"), e.to_string())
+                    .fix("point tls_ca at a PEM bundle of the CA certificates that sign the backends' certificates"),
+            );
+        }
+    }
+    match (&tls.client_cert, &tls.client_key) {
+        (Some(cert), Some(key_path)) => {
+            let chain = pem::read_certificates(cert).map_err(|e| {
+                out.push(
+                    Problem::new(key("tls_client_cert"), e.to_string())
+                        .fix("point tls_client_cert at the PEM certificate chain kaproxy presents"),
+                )
+            });
+            let private = pem::read_private_key(key_path).map_err(|e| {
+                out.push(
+                    Problem::new(key("tls_client_key"), e.to_string())
+                        .fix("point tls_client_key at the PEM private key of tls_client_cert"),
+                )
+            });
+            if chain.is_ok() && private.is_ok() {
+                if let Err(e) = pem::read_client_identity(cert, key_path) {
+                    out.push(
+                        Problem::new(key("tls_client_key"), e.to_string())
+                            .fix("use the key that belongs to tls_client_cert"),
+                    );
+                }
+            }
+        }
+        (Some(_), None) => out.push(
+            Problem::new(
+                key("tls_client_cert"),
+                "is set without tls_client_key: mutual TLS needs both",
+            )
+            .fix(r#"set tls_client_key = "client-key.pem", or remove tls_client_cert"#),
+        ),
+        (None, Some(_)) => out.push(
+            Problem::new(
+                key("tls_client_key"),
+                "is set without tls_client_cert: mutual TLS needs both",
+            )
+            .fix(r#"set tls_client_cert = "client.pem", or remove tls_client_key"#),
+        ),
+        (None, None) => {}
+    }
 }
 
 pub(super) fn validate_routes(c: &Config, out: &mut Vec<Problem>) {

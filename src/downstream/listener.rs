@@ -31,7 +31,10 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
 /// Binds `workers` listening sockets on the same address, each for one worker's runtime to
 /// register: with more than one, `SO_REUSEPORT`, so that the kernel spreads new connections
 /// over them (nginx's `listen ... reuseport`). Port 0 picks one port for all of them.
-pub fn bind_for_workers(addr: SocketAddr, workers: usize) -> io::Result<Vec<std::net::TcpListener>> {
+pub fn bind_for_workers(
+    addr: SocketAddr,
+    workers: usize,
+) -> io::Result<Vec<std::net::TcpListener>> {
     let reuse_port = workers > 1;
     let first = bind_std(addr, reuse_port)?;
     let addr = first.local_addr()?;

@@ -6,16 +6,17 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::server::{
     ClientHello, NoServerSessionStorage, ResolvesServerCert, ServerSessionMemoryCache,
 };
 use rustls::sign::CertifiedKey;
-use rustls::{DigitallySignedStruct, SignatureScheme};
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::config::TlsConfig;
+/// The accept-any client verifier lives with the other client-side TLS, in `upstream::tls`
+/// (`tls_verify = false`); named here too for the tools that import it from this module.
+pub use crate::upstream::tls::AnyCertificate;
 
 /// TLS 1.2 session-cache entries kept for resumption (about 4 MiB at most).
 const SESSION_CACHE_ENTRIES: usize = 16 * 1024;
@@ -159,62 +160,5 @@ impl ResolvesServerCert for SniResolver {
             }
         }
         Some(self.default.clone())
-    }
-}
-
-/// A client-side verifier that accepts any server certificate (signatures are still checked).
-/// For tools that measure timing and do not authenticate: `kaproxy probe --tls` and
-/// `kaproxy-bench --insecure`. Never for proxying.
-#[derive(Debug)]
-pub struct AnyCertificate(Arc<rustls::crypto::CryptoProvider>);
-
-impl AnyCertificate {
-    pub fn new(provider: Arc<rustls::crypto::CryptoProvider>) -> Self {
-        AnyCertificate(provider)
-    }
-}
-
-impl ServerCertVerifier for AnyCertificate {
-    fn verify_server_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
     }
 }

@@ -194,8 +194,7 @@ impl History {
         mut shutdown: watch::Receiver<bool>,
     ) {
         // The baseline was taken by `start`; the first tick is one interval on.
-        let mut ticker =
-            tokio::time::interval_at(Instant::now() + self.interval, self.interval);
+        let mut ticker = tokio::time::interval_at(Instant::now() + self.interval, self.interval);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
             tokio::select! {

@@ -106,6 +106,8 @@ pub struct Metrics {
     closed: Family<ReasonLabels, Counter>,
     retries: Family<CauseLabels, Counter>,
     errors: Family<KindLabels, Counter>,
+    tls_handshakes: Family<ServerLabels, Counter>,
+    tls_resumptions: Family<ServerLabels, Counter>,
     pool_idle: Family<ServerLabels, Gauge>,
     downstream: Family<ListenerLabels, Gauge>,
     downstream_waiting: Family<ListenerLabels, Gauge>,
@@ -125,14 +127,17 @@ pub enum ErrorKind {
     ClosedBeforeResponse = 2,
     /// No response within `response_timeout` (or no slot within `acquire_timeout`).
     Timeout = 3,
+    /// The TLS handshake with the backend failed (`tls = true`; nothing was sent).
+    Tls = 4,
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 4] = [
+    pub const ALL: [ErrorKind; 5] = [
         ErrorKind::Connect,
         ErrorKind::Reset,
         ErrorKind::ClosedBeforeResponse,
         ErrorKind::Timeout,
+        ErrorKind::Tls,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -141,6 +146,7 @@ impl ErrorKind {
             ErrorKind::Reset => "reset",
             ErrorKind::ClosedBeforeResponse => "closed_before_response",
             ErrorKind::Timeout => "timeout",
+            ErrorKind::Tls => "tls",
         }
     }
 }
@@ -166,6 +172,8 @@ impl Metrics {
         let closed = Family::<ReasonLabels, Counter>::default();
         let retries = Family::<CauseLabels, Counter>::default();
         let errors = Family::<KindLabels, Counter>::default();
+        let tls_handshakes = Family::<ServerLabels, Counter>::default();
+        let tls_resumptions = Family::<ServerLabels, Counter>::default();
         let pool_idle = Family::<ServerLabels, Gauge>::default();
         let downstream = Family::<ListenerLabels, Gauge>::default();
         let downstream_waiting = Family::<ListenerLabels, Gauge>::default();
@@ -207,6 +215,16 @@ impl Metrics {
             errors.clone(),
         );
         registry.register(
+            "upstream_tls_handshakes",
+            "TLS handshakes completed with a backend (tls = true), resumed ones included",
+            tls_handshakes.clone(),
+        );
+        registry.register(
+            "upstream_tls_resumptions",
+            "TLS handshakes with a backend that resumed an earlier session",
+            tls_resumptions.clone(),
+        );
+        registry.register(
             "pool_idle_connections",
             "Idle upstream connections in the pool",
             pool_idle.clone(),
@@ -242,6 +260,8 @@ impl Metrics {
             closed,
             retries,
             errors,
+            tls_handshakes,
+            tls_resumptions,
             pool_idle,
             downstream,
             downstream_waiting,
@@ -277,6 +297,8 @@ impl Metrics {
             server: server.clone(),
             opened: self.opened.get_or_create(&s).clone(),
             reused: self.reused.get_or_create(&s).clone(),
+            tls_handshakes: self.tls_handshakes.get_or_create(&s).clone(),
+            tls_resumptions: self.tls_resumptions.get_or_create(&s).clone(),
             idle: self.pool_idle.get_or_create(&s).clone(),
             up: self
                 .server_up
@@ -339,6 +361,10 @@ pub struct BackendMetrics {
     pub server: String,
     pub opened: Counter,
     pub reused: Counter,
+    /// `kaproxy_upstream_tls_handshakes_total`: completed TLS handshakes, resumed ones too.
+    pub tls_handshakes: Counter,
+    /// `kaproxy_upstream_tls_resumptions_total`: handshakes that resumed a session.
+    pub tls_resumptions: Counter,
     pub idle: Gauge,
     pub up: Gauge,
     closed: [Counter; CloseReason::ALL.len()],
@@ -362,6 +388,14 @@ impl BackendMetrics {
         CloseReason::ALL
             .iter()
             .map(|r| (r.as_str(), self.closed[*r as usize].get()))
+    }
+
+    /// Counts one completed TLS handshake with this server, and whether it was resumed.
+    pub fn tls_handshake(&self, resumed: bool) {
+        self.tls_handshakes.inc();
+        if resumed {
+            self.tls_resumptions.inc();
+        }
     }
 
     pub fn error(&self, kind: ErrorKind) {
@@ -448,5 +482,29 @@ impl BackendMetrics {
                 Some((bound, count))
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tls_handshakes_resumptions_and_the_tls_error_kind_are_exported_per_server() {
+        let metrics = Metrics::new();
+        let backend = metrics.server("web", "127.0.0.1:8443".parse().unwrap());
+        backend.tls_handshake(false);
+        backend.tls_handshake(true);
+        backend.error(ErrorKind::Tls);
+        let text = metrics.encode();
+        for line in [
+            r#"kaproxy_upstream_tls_handshakes_total{server="127.0.0.1:8443"} 2"#,
+            r#"kaproxy_upstream_tls_resumptions_total{server="127.0.0.1:8443"} 1"#,
+            r#"kaproxy_upstream_errors_total{server="127.0.0.1:8443",kind="tls"} 1"#,
+        ] {
+            assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
+        }
+        let errors: Vec<_> = backend.error_counts().collect();
+        assert_eq!(errors.last(), Some(&("tls", 1)));
     }
 }

@@ -75,6 +75,33 @@ impl ProbeReport {
     pub fn recommendation(&self) -> Option<Recommendation> {
         recommend(self.keepalive_timeout()?)
     }
+
+    /// With `--tls`, the `[upstreams.NAME]` TLS keys for this backend (README, "TLS to the
+    /// backends"): `tls = true`; `tls_server_name` when the target is a DNS name (servers are
+    /// resolved at load, so the default name would be the IP); and `tls_ca` as a comment, as
+    /// the probe accepted the certificate without verifying it.
+    pub fn tls_settings(&self) -> Vec<String> {
+        if !self.tls {
+            return Vec::new();
+        }
+        let host = self
+            .target
+            .rsplit_once(':')
+            .map_or(self.target.as_str(), |(h, _)| h)
+            .trim_matches(['[', ']']);
+        let name = if host.parse::<std::net::IpAddr>().is_ok() {
+            format!(
+                "# tls_server_name = \"...\"   default: the server's IP ({host}), checked against an IP SAN; set the certificate's DNS name if it has none"
+            )
+        } else {
+            format!("tls_server_name = \"{host}\"")
+        };
+        vec![
+            "tls = true".to_string(),
+            name,
+            "# tls_ca = \"ca.pem\"   the CA that signs the backend's certificate (the probe did not verify it); unset: the built-in webpki-roots".to_string(),
+        ]
+    }
 }
 
 /// keepalive_timeout = the backend's, rounded down to 100 ms; safety_margin = a quarter of it,
@@ -147,6 +174,9 @@ impl fmt::Display for ProbeReport {
                 )?;
                 writeln!(f, "  safety_margin = \"{}\"", human(r.safety_margin))?;
                 writeln!(f, "  idle_timeout = \"{}\"", human(r.idle_timeout))?;
+                for line in self.tls_settings() {
+                    writeln!(f, "  {line}")?;
+                }
             }
             None if self.keepalive_timeout().is_some() => {
                 writeln!(
@@ -161,6 +191,12 @@ impl fmt::Display for ProbeReport {
                     "\nno keep-alive timeout observed; keep the defaults and set"
                 )?;
                 writeln!(f, "keepalive_timeout to the backend's documented value")?;
+            }
+        }
+        if self.recommendation().is_none() && self.tls {
+            writeln!(f, "\nrecommended [upstreams.NAME] TLS settings:")?;
+            for line in self.tls_settings() {
+                writeln!(f, "  {line}")?;
             }
         }
         Ok(())
@@ -191,9 +227,9 @@ pub async fn probe(target: &str, tls: bool, max_wait: Duration) -> Result<ProbeR
             .with_safe_default_protocol_versions()
             .map_err(|e| err(e.to_string()))?
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(
-                crate::downstream::tls::AnyCertificate::new(provider),
-            ))
+            .with_custom_certificate_verifier(Arc::new(crate::upstream::tls::AnyCertificate::new(
+                provider,
+            )))
             .with_no_client_auth();
         let tls_stream = tokio_rustls::TlsConnector::from(Arc::new(config))
             .connect(name, stream)
@@ -292,6 +328,63 @@ mod tests {
         assert_eq!(r.idle_timeout, Duration::from_millis(600));
         assert!(r.idle_timeout < r.keepalive_timeout - r.safety_margin);
         assert_eq!(recommend(Duration::from_millis(50)), None);
+    }
+
+    fn tls_report(target: &str, observed_close: Option<Duration>) -> ProbeReport {
+        ProbeReport {
+            target: target.to_string(),
+            tls: true,
+            status: 200,
+            server: None,
+            keep_alive_header: None,
+            hint: KeepAliveHint::default(),
+            connection_close: false,
+            observed_close,
+            waited: Duration::from_secs(65),
+        }
+    }
+
+    #[test]
+    fn with_tls_the_recommendation_names_the_upstream_tls_keys() {
+        let by_name = tls_report("backend.internal:443", Some(Duration::from_secs(5)));
+        let text = by_name.to_string();
+        let settings = text
+            .split_once("recommended [upstreams.NAME] settings:\n")
+            .unwrap_or_else(|| panic!("{text}"))
+            .1;
+        for line in [
+            "  tls = true\n",
+            "  tls_server_name = \"backend.internal\"\n",
+            "  # tls_ca = \"ca.pem\"",
+        ] {
+            assert!(settings.contains(line), "no {line:?} in\n{text}");
+        }
+        // What it prints is a valid [upstreams.NAME] body as is.
+        let toml = format!(
+            "[listen]\nhttp = \"127.0.0.1:0\"\n[upstreams.web]\nservers = [\"127.0.0.1:443\"]\n{settings}"
+        );
+        let config = crate::config::Config::from_toml_str(&toml, std::path::Path::new("p.toml"))
+            .unwrap_or_else(|e| panic!("{e}\n{toml}"));
+        let tls = config.upstreams[0].tls.clone().expect("tls = true");
+        assert_eq!(
+            tls.server_name.map(|n| n.to_str().into_owned()).as_deref(),
+            Some("backend.internal")
+        );
+        // An IP target: the default name is that IP; no keep-alive seen: TLS keys alone.
+        let text = tls_report("10.0.0.5:443", None).to_string();
+        assert!(
+            text.contains("recommended [upstreams.NAME] TLS settings:\n  tls = true\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# tls_server_name = \"...\"   default: the server's IP (10.0.0.5)"),
+            "{text}"
+        );
+        let plain = ProbeReport {
+            tls: false,
+            ..tls_report("10.0.0.5:80", Some(Duration::from_secs(5)))
+        };
+        assert!(!plain.to_string().contains("tls"), "{plain}");
     }
 
     #[tokio::test]

@@ -26,11 +26,11 @@ use tracing::{info, warn};
 use crate::body::{buffer_request, BodyDone, RequestBody, UpstreamBody};
 use crate::config::{Config, ForwardedConfig, UpstreamConfig};
 use crate::ops::metrics::Metrics;
+use crate::upstream::backend::per_worker;
 use crate::upstream::backend::{
     Backend, BackendHealth, DEFAULT_PASSIVE_COOLDOWN, DEFAULT_PASSIVE_FALL,
 };
 use crate::upstream::balancer::Balancer;
-use crate::upstream::backend::per_worker;
 use crate::upstream::pool::{Learned, Pool};
 
 use forwarded::*;

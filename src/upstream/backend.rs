@@ -411,7 +411,8 @@ pub fn per_worker(cfg: &PoolConfig, workers: usize) -> PoolConfig {
     let share = |n: usize| n.div_ceil(workers.max(1)).max(1);
     PoolConfig {
         max_connections_per_server: share(cfg.max_connections_per_server),
-        max_idle_per_server: share(cfg.max_idle_per_server).min(share(cfg.max_connections_per_server)),
+        max_idle_per_server: share(cfg.max_idle_per_server)
+            .min(share(cfg.max_connections_per_server)),
         ..cfg.clone()
     }
 }

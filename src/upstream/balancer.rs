@@ -238,6 +238,7 @@ mod tests {
             ip_hash_prefix_v4: 32,
             ip_hash_prefix_v6: 64,
             health: None,
+            tls: None,
         }
     }
 

@@ -8,3 +8,4 @@ pub mod connect;
 pub mod health;
 pub mod keep_alive;
 pub mod pool;
+pub mod tls;

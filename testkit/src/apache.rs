@@ -1,6 +1,8 @@
 //! Owns the one launcher of a real Apache httpd 2.4 (Debian's `/usr/sbin/apache2`) on loopback
 //! ports, used by the integration tests and `kaproxy-bench race --apache`: the free ports, the
-//! httpd.conf in a temporary ServerRoot, the process group it runs in, start, stop, hard restart.
+//! httpd.conf in a temporary ServerRoot, the process group it runs in, start, stop, hard restart,
+//! and, when asked, TLS with mod_ssl (a certificate, a required client certificate, a session
+//! cache so that sessions resume).
 
 use std::fmt::Write as _;
 use std::net::{SocketAddr, TcpListener};
@@ -77,6 +79,11 @@ pub struct ApacheOptions {
     pub ports: usize,
     /// Apache's `ThreadsPerChild`; up to two children (`MaxRequestWorkers` is twice this).
     pub threads_per_child: u32,
+    /// Serve TLS (mod_ssl) on every port with this PEM certificate chain and key.
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// With `tls`: require a client certificate signed by a CA of this PEM bundle
+    /// (`SSLVerifyClient require`).
+    pub client_ca: Option<PathBuf>,
 }
 
 impl ApacheOptions {
@@ -88,7 +95,23 @@ impl ApacheOptions {
             max_keep_alive_requests: 100,
             ports: 1,
             threads_per_child: 64,
+            tls: None,
+            client_ca: None,
         }
+    }
+
+    /// Serves TLS on every port (`SSLEngine on`) with this PEM certificate chain and key,
+    /// with a shared-memory session cache so that sessions resume.
+    pub fn tls(mut self, cert_pem: impl Into<PathBuf>, key_pem: impl Into<PathBuf>) -> Self {
+        self.tls = Some((cert_pem.into(), key_pem.into()));
+        self
+    }
+
+    /// With [`Self::tls`]: refuses clients without a certificate signed by a CA of this PEM
+    /// bundle (`SSLVerifyClient require`, `SSLCACertificateFile`).
+    pub fn require_client_cert(mut self, ca_pem: impl Into<PathBuf>) -> Self {
+        self.client_ca = Some(ca_pem.into());
+        self
     }
 
     pub fn keep_alive_timeout(mut self, t: Duration) -> Self {
@@ -172,6 +195,11 @@ impl Apache {
     /// Its `X-Backend` name.
     pub fn name(&self) -> &str {
         &self.opts.name
+    }
+
+    /// Whether it serves TLS ([`ApacheOptions::tls`]).
+    pub fn is_tls(&self) -> bool {
+        self.opts.tls.is_some()
     }
 
     /// The content of its error log (for failure messages).
@@ -280,6 +308,12 @@ impl Apache {
     }
 
     fn write_config(&self) -> std::io::Result<PathBuf> {
+        if self.opts.client_ca.is_some() && self.opts.tls.is_none() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "require_client_cert needs tls(cert, key) too",
+            ));
+        }
         let root = self.dir.path();
         let htdocs = root.join("htdocs");
         let run = root.join("run");
@@ -329,6 +363,24 @@ impl Apache {
             "env",
         ] {
             writeln!(conf, "LoadModule {module}_module {m}/mod_{module}.so").unwrap();
+        }
+        if let Some((cert, key)) = &self.opts.tls {
+            // mod_ssl reads the certificate and key in the parent, before it drops to
+            // www-data; the session cache is what lets TLS 1.2 session IDs resume (TLS 1.3
+            // tickets resume with SSLSessionTickets, on by default).
+            for module in ["socache_shmcb", "ssl"] {
+                writeln!(conf, "LoadModule {module}_module {m}/mod_{module}.so").unwrap();
+            }
+            writeln!(conf, "SSLEngine on").unwrap();
+            writeln!(conf, "SSLCertificateFile \"{}\"", cert.display()).unwrap();
+            writeln!(conf, "SSLCertificateKeyFile \"{}\"", key.display()).unwrap();
+            writeln!(conf, "SSLSessionCache \"shmcb:{r}/ssl_scache(512000)\"").unwrap();
+            writeln!(conf, "SSLSessionCacheTimeout 300").unwrap();
+            if let Some(ca) = &self.opts.client_ca {
+                writeln!(conf, "SSLVerifyClient require").unwrap();
+                writeln!(conf, "SSLVerifyDepth 2").unwrap();
+                writeln!(conf, "SSLCACertificateFile \"{}\"", ca.display()).unwrap();
+            }
         }
         if is_root() {
             writeln!(conf, "User www-data\nGroup www-data").unwrap();

@@ -3,7 +3,9 @@
 //!
 //! - [`demo`]: Apache-like HTTP/1.1 backends (`kaproxy demo`'s backends, the tests', the bench's).
 //! - [`relay`]: a TCP relay that delays everything, to widen the keep-alive race on loopback.
-//! - [`apache`]: a real Apache httpd 2.4 on loopback ports, for the tests and `race --apache`.
+//! - [`apache`]: a real Apache httpd 2.4 on loopback ports, for the tests and `race --apache`,
+//!   optionally serving TLS with mod_ssl.
+//! - [`pki`]: a test CA and the server and client certificates it signs, as PEM files.
 //! - [`eventually`]: polling a condition until it holds, bounded.
 //!
 //! It does not depend on the `kaproxy` crate (the kaproxy binary depends on it).
@@ -11,6 +13,7 @@
 
 pub mod apache;
 pub mod demo;
+pub mod pki;
 mod poll;
 pub mod relay;
 

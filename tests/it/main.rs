@@ -21,4 +21,5 @@ mod support;
 mod tls;
 mod upgrade;
 mod upstream_failures;
+mod upstream_tls;
 mod workers;

@@ -1,0 +1,281 @@
+//! Upstream TLS against real Apache httpd 2.4 with mod_ssl (its own config under a temp dir,
+//! a test CA made with rcgen): `UpstreamTls::connect` on a socket dialed here, as the pool's
+//! connector will call it, then a GET over the TLS stream. Verification by IP and by DNS name,
+//! a wrong name, an unknown CA, mutual TLS required by Apache, session resumption, and
+//! `kaproxy probe --tls` naming the TLS keys in its recommendation.
+
+use std::error::Error as _;
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use kaproxy::config::UpstreamTlsConfig;
+use kaproxy::upstream::tls::{rustls_error_in, UpstreamTls, UpstreamTlsError};
+use kaproxy_testkit::apache::{require_apache, Apache, ApacheOptions};
+use kaproxy_testkit::pki::{TestPki, SERVER_DNS_NAME};
+use rustls::pki_types::ServerName;
+use rustls::AlertDescription;
+
+/// Apache serving TLS with the test PKI's server certificate; with `mtls`, it also requires
+/// a client certificate signed by the test CA.
+async fn apache_tls(name: &str, pki: &TestPki, mtls: bool) -> Apache {
+    let mut opts = ApacheOptions::new(name).tls(&pki.server_cert, &pki.server_key);
+    if mtls {
+        opts = opts.require_client_cert(&pki.ca_cert);
+    }
+    Apache::start(opts)
+        .await
+        .expect("start apache with mod_ssl")
+}
+
+fn verified_by(pki: &TestPki) -> UpstreamTlsConfig {
+    UpstreamTlsConfig {
+        ca: Some(pki.ca_cert.clone()),
+        ..UpstreamTlsConfig::new()
+    }
+}
+
+fn named(pki: &TestPki, name: &str) -> UpstreamTlsConfig {
+    UpstreamTlsConfig {
+        server_name: Some(ServerName::try_from(name.to_string()).unwrap()),
+        ..verified_by(pki)
+    }
+}
+
+/// The TLS handshake on a fresh connection to `addr`.
+async fn handshake(
+    tls: &UpstreamTls,
+    addr: SocketAddr,
+) -> Result<(tokio_rustls::client::TlsStream<TcpStream>, bool), UpstreamTlsError> {
+    let tcp = TcpStream::connect(addr)
+        .await
+        .expect("TCP connect to apache");
+    tls.connect(tcp, addr).await
+}
+
+/// A GET / with `Host: host` over the TLS stream: its status, `X-Backend` and body.
+async fn get(
+    stream: tokio_rustls::client::TlsStream<TcpStream>,
+    host: &str,
+) -> Result<(StatusCode, String, String), hyper::Error> {
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream)).await?;
+    let conn = tokio::spawn(conn);
+    let request = Request::get("/")
+        .header(http::header::HOST, host)
+        .body(Empty::new())
+        .unwrap();
+    let response = sender.send_request(request).await?;
+    let status = response.status();
+    let backend = response
+        .headers()
+        .get("x-backend")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    let body = response.into_body().collect().await?.to_bytes();
+    drop(sender);
+    let _ = conn.await;
+    Ok((status, backend, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// Handshake and GET /: the status, or the error of either (a post-handshake alert shows up
+/// in the GET's).
+async fn handshake_and_get(
+    tls: &UpstreamTls,
+    addr: SocketAddr,
+    host: &str,
+) -> Result<StatusCode, String> {
+    let (stream, _) = handshake(tls, addr).await.map_err(|e| e.to_string())?;
+    match get(stream, host).await {
+        Ok((status, _, _)) => Ok(status),
+        Err(e) => Err(match rustls_error_in(&e) {
+            Some(tls) => format!("rustls: {tls}"),
+            None => format!("{e}: {:?}", e.source()),
+        }),
+    }
+}
+
+#[tokio::test]
+async fn upstream_tls_to_apache_verifies_by_ip_and_by_name_and_get_is_answered_200() {
+    if !require_apache() {
+        return;
+    }
+    let pki = TestPki::generate().unwrap();
+    let apache = apache_tls("tls-get", &pki, false).await;
+    let addr = apache.addr();
+    let by_ip = UpstreamTls::new(&verified_by(&pki)).unwrap();
+    let (stream, resumed) = handshake(&by_ip, addr)
+        .await
+        .unwrap_or_else(|e| panic!("handshake: {e}\n{}", apache.error_log()));
+    assert!(!resumed, "a first handshake is a full one");
+    assert_eq!(
+        stream.get_ref().1.alpn_protocol(),
+        Some(&b"http/1.1"[..]),
+        "kaproxy offers http/1.1 only"
+    );
+    let (status, backend, body) = get(stream, "127.0.0.1").await.expect("GET over TLS");
+    assert_eq!(
+        (status, backend.as_str()),
+        (StatusCode::OK, "tls-get"),
+        "{body}"
+    );
+    assert!(body.contains("hello from tls-get"), "{body}");
+
+    // By DNS name: sent as SNI, verified against the certificate's DNS SAN.
+    let by_name = UpstreamTls::new(&named(&pki, SERVER_DNS_NAME)).unwrap();
+    assert_eq!(
+        handshake_and_get(&by_name, addr, SERVER_DNS_NAME).await,
+        Ok(StatusCode::OK),
+        "{}",
+        apache.error_log()
+    );
+}
+
+#[tokio::test]
+async fn upstream_tls_to_apache_with_a_wrong_name_fails_naming_it() {
+    if !require_apache() {
+        return;
+    }
+    let pki = TestPki::generate().unwrap();
+    let apache = apache_tls("tls-wrong-name", &pki, false).await;
+    let tls = UpstreamTls::new(&named(&pki, "wrong.example")).unwrap();
+    let err = handshake(&tls, apache.addr()).await.unwrap_err();
+    assert!(
+        matches!(&err, UpstreamTlsError::NameMismatch { name, .. } if name == "wrong.example"),
+        "{err:?}"
+    );
+    let text = err.to_string();
+    assert!(
+        text.contains("not valid for wrong.example (tls_server_name"),
+        "{text}"
+    );
+    assert!(
+        err.source()
+            .is_some_and(|s| s.downcast_ref::<rustls::Error>().is_some()),
+        "rustls' error is kept as the source: {err:?}"
+    );
+}
+
+#[tokio::test]
+async fn upstream_tls_to_apache_with_an_unknown_ca_fails() {
+    if !require_apache() {
+        return;
+    }
+    let pki = TestPki::generate().unwrap();
+    let apache = apache_tls("tls-unknown-ca", &pki, false).await;
+    let other_ca = UpstreamTls::new(&UpstreamTlsConfig {
+        ca: Some(pki.other_ca_cert.clone()),
+        ..UpstreamTlsConfig::new()
+    })
+    .unwrap();
+    let built_in_roots = UpstreamTls::new(&UpstreamTlsConfig::new()).unwrap();
+    for (tls, roots) in [
+        (other_ca, pki.other_ca_cert.display().to_string()),
+        (built_in_roots, "webpki-roots".to_string()),
+    ] {
+        let err = handshake(&tls, apache.addr()).await.unwrap_err();
+        assert!(matches!(err, UpstreamTlsError::UnknownCa { .. }), "{err:?}");
+        let text = err.to_string();
+        assert!(
+            text.contains("not signed by a trusted CA") && text.contains(&roots),
+            "{text}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn upstream_tls_to_apache_requiring_a_client_cert_works_with_it_and_is_refused_without() {
+    if !require_apache() {
+        return;
+    }
+    let pki = TestPki::generate().unwrap();
+    let apache = apache_tls("tls-mtls", &pki, true).await;
+    let with_cert = UpstreamTls::new(&UpstreamTlsConfig {
+        client_cert: Some(pki.client_cert.clone()),
+        client_key: Some(pki.client_key.clone()),
+        ..verified_by(&pki)
+    })
+    .unwrap();
+    assert_eq!(
+        handshake_and_get(&with_cert, apache.addr(), "127.0.0.1").await,
+        Ok(StatusCode::OK),
+        "{}",
+        apache.error_log()
+    );
+    // Without: under TLS 1.3 Apache's refusal is an alert after the client's side of the
+    // handshake, so it comes with the first read; no response either way.
+    let without = UpstreamTls::new(&verified_by(&pki)).unwrap();
+    let refused = handshake_and_get(&without, apache.addr(), "127.0.0.1")
+        .await
+        .expect_err("Apache answered a client without a certificate");
+    let alert = rustls::Error::AlertReceived(AlertDescription::CertificateRequired);
+    assert_eq!(refused, format!("rustls: {alert}"));
+}
+
+#[tokio::test]
+async fn upstream_tls_to_apache_resumes_the_session_on_the_second_handshake() {
+    if !require_apache() {
+        return;
+    }
+    let pki = TestPki::generate().unwrap();
+    let apache = apache_tls("tls-resume", &pki, false).await;
+    let addr = apache.addr();
+    let resumption_on = UpstreamTls::new(&verified_by(&pki)).unwrap();
+    let resumption_off = UpstreamTls::new(&UpstreamTlsConfig {
+        session_resumption: false,
+        ..verified_by(&pki)
+    })
+    .unwrap();
+    for (tls, second_resumed) in [(resumption_on, true), (resumption_off, false)] {
+        let mut resumed = Vec::new();
+        for _ in 0..2 {
+            let (stream, r) = handshake(&tls, addr)
+                .await
+                .unwrap_or_else(|e| panic!("handshake: {e}\n{}", apache.error_log()));
+            resumed.push(r);
+            // The exchange reads Apache's session tickets, sent after its handshake.
+            let (status, _, _) = get(stream, "127.0.0.1").await.expect("GET over TLS");
+            assert_eq!(status, StatusCode::OK);
+        }
+        assert_eq!(
+            resumed,
+            [false, second_resumed],
+            "resumed per handshake, resumption {}",
+            if second_resumed { "on" } else { "off" }
+        );
+    }
+}
+
+#[tokio::test]
+async fn upstream_tls_probe_of_apache_over_tls_recommends_the_tls_keys() {
+    if !require_apache() {
+        return;
+    }
+    let pki = TestPki::generate().unwrap();
+    let apache = apache_tls("tls-probe", &pki, false).await;
+    let report = kaproxy::ops::probe::probe(
+        &apache.addr().to_string(),
+        true,
+        std::time::Duration::from_secs(10),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("probe --tls: {e}\n{}", apache.error_log()));
+    let text = report.to_string();
+    assert_eq!(report.status, 200, "{text}");
+    assert!(report.recommendation().is_some(), "{text}");
+    let settings = text
+        .split_once("recommended [upstreams.NAME] settings:\n")
+        .unwrap_or_else(|| panic!("{text}"))
+        .1;
+    assert!(settings.contains("\n  tls = true\n"), "{text}");
+    assert!(
+        settings.contains("# tls_server_name = \"...\"   default: the server's IP (127.0.0.1)"),
+        "{text}"
+    );
+    assert!(settings.contains("# tls_ca = \"ca.pem\""), "{text}");
+}
