@@ -46,7 +46,10 @@ enum Command {
 
 /// mimalloc, because it gives freed pages back to the system (see [`release_memory_every_second`]):
 /// with glibc's malloc the buffers of a burst of connections that then sit idle (parked)
-/// stay in RSS for good.
+/// stay in RSS for good. The `system-alloc` feature leaves the system allocator in place, so that
+/// heaptrack sees every allocation (bench/allocs.sh); the `mi_collect` calls below then find
+/// mimalloc's heaps empty and allocate nothing.
+#[cfg(not(feature = "system-alloc"))]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
