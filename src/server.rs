@@ -14,8 +14,8 @@ use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::downstream::listener::{self, Kind};
-use crate::downstream::tls::TlsError;
 use crate::downstream::Generation;
+use crate::downstream::GenerationError;
 use crate::ops::history::History;
 use crate::ops::metrics::Metrics;
 use crate::ops::reload::{start_health_checks, Control, ReloadError};
@@ -30,7 +30,7 @@ pub enum StartError {
         source: io::Error,
     },
     #[error(transparent)]
-    Tls(#[from] TlsError),
+    Generation(#[from] GenerationError),
 }
 
 /// How a [`Server`] runs beyond its [`Config`] (which holds only the product's configuration

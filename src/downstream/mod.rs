@@ -19,7 +19,17 @@ use crate::config::{Config, DownstreamConfig};
 use crate::downstream::limit::ListenerLimit;
 use crate::downstream::tls::TlsError;
 use crate::ops::metrics::Metrics;
-use crate::proxy::{DownstreamInfo, Proxy};
+use crate::proxy::{DownstreamInfo, Proxy, ProxyError};
+
+/// Why a configuration could not be put to work (at start; at reload the old one keeps
+/// serving): its certificates, or its upstreams' TLS files.
+#[derive(Debug, thiserror::Error)]
+pub enum GenerationError {
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error(transparent)]
+    Proxy(#[from] ProxyError),
+}
 
 /// Everything a downstream connection needs from one loaded configuration. A connection keeps
 /// the generation it was accepted under; a reload swaps in a new one for new connections.
@@ -38,14 +48,16 @@ impl Generation {
         metrics: &Arc<Metrics>,
         workers: &Arc<[tokio::runtime::Handle]>,
         previous: Option<&Proxy>,
-    ) -> Result<Generation, TlsError> {
+    ) -> Result<Generation, GenerationError> {
         let tls = match config.listen.https {
             Some(_) => Some(crate::downstream::tls::server_config(&config.tls)?),
             None => None,
         };
+        let proxy = Proxy::reusing(config, metrics.clone(), workers, previous)?;
+        crate::upstream::tls::warn_unverified(&config.upstreams);
         Ok(Generation {
             config: Arc::new(config.clone()),
-            proxy: Arc::new(Proxy::reusing(config, metrics.clone(), workers, previous)),
+            proxy: Arc::new(proxy),
             downstream: Arc::new(config.downstream.clone()),
             tls,
         })

@@ -9,8 +9,8 @@ use arc_swap::ArcSwap;
 use tracing::{info, warn};
 
 use crate::config::{Config, ConfigError};
-use crate::downstream::tls::TlsError;
 use crate::downstream::Generation;
+use crate::downstream::GenerationError;
 use crate::ops::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::upstream::health::{spawn_active_checks, ActiveChecks};
@@ -38,7 +38,7 @@ pub enum ReloadError {
     #[error("{0}")]
     Config(#[from] ConfigError),
     #[error(transparent)]
-    Tls(#[from] TlsError),
+    Generation(#[from] GenerationError),
     #[error("configuration loader failed: {0}")]
     Loader(#[from] tokio::task::JoinError),
 }

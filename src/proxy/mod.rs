@@ -32,6 +32,7 @@ use crate::upstream::backend::{
 };
 use crate::upstream::balancer::Balancer;
 use crate::upstream::pool::{Learned, Pool};
+use crate::upstream::tls::{UpstreamTls, UpstreamTlsError};
 
 use forwarded::*;
 use log::*;
@@ -39,6 +40,16 @@ use response::*;
 use retry::*;
 use route::*;
 use tunnel::*;
+
+/// Why a configuration's proxy could not be built (a reload keeps the old one).
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("upstream {upstream}: {source}")]
+    Tls {
+        upstream: String,
+        source: UpstreamTlsError,
+    },
+}
 
 /// One named upstream group: its balancer and one pool per backend (same index).
 pub struct Upstream {
@@ -63,24 +74,34 @@ pub struct Proxy {
 impl Proxy {
     /// Builds balancers and pools from a validated config, with one worker: the current tokio
     /// runtime (each pool starts its sweep task there).
-    pub fn new(cfg: &Config, metrics: Arc<Metrics>) -> Proxy {
+    pub fn new(cfg: &Config, metrics: Arc<Metrics>) -> Result<Proxy, ProxyError> {
         Self::reusing(cfg, metrics, &[Handle::current()].into(), None)
     }
 
     /// Builds balancers and one pool per backend on each of `workers`, keeping the pools
     /// (and their warm connections) of `previous` for servers that stay in the same upstream
-    /// with the same pool settings (reload).
+    /// with the same pool and TLS settings (reload; their TLS files are read again and apply
+    /// to the connections they open from now on).
     pub fn reusing(
         cfg: &Config,
         metrics: Arc<Metrics>,
         workers: &Arc<[Handle]>,
         previous: Option<&Proxy>,
-    ) -> Proxy {
-        let upstreams: Vec<Upstream> = cfg
+    ) -> Result<Proxy, ProxyError> {
+        let upstreams = cfg
             .upstreams
             .iter()
             .map(|u| {
-                let old = previous.and_then(|p| p.upstreams.iter().find(|o| o.name == u.name));
+                let tls = match &u.tls {
+                    Some(t) => Some(UpstreamTls::new(t).map_err(|source| ProxyError::Tls {
+                        upstream: u.name.clone(),
+                        source,
+                    })?),
+                    None => None,
+                };
+                let old = previous
+                    .and_then(|p| p.upstreams.iter().find(|o| o.name == u.name))
+                    .filter(|o| o.config.tls == u.tls);
                 let fall = u.health.as_ref().map_or(DEFAULT_PASSIVE_FALL, |h| h.fall);
                 let cooldown = u
                     .health
@@ -98,7 +119,12 @@ impl Proxy {
                         let pools = old
                             .filter(|b| b.pool_config() == &u.pool)
                             .filter(|b| b.pools().len() == workers.len())
-                            .map(|b| b.pools().to_vec())
+                            .map(|b| {
+                                for p in b.pools() {
+                                    p.connector().set_tls(tls.clone());
+                                }
+                                b.pools().to_vec()
+                            })
                             .unwrap_or_else(|| {
                                 let m = metrics.server(&u.name, server.addr);
                                 let learned = Arc::new(Learned::default());
@@ -110,6 +136,7 @@ impl Proxy {
                                             server.addr,
                                             share.clone(),
                                             m.clone(),
+                                            tls.clone(),
                                             learned.clone(),
                                             rt,
                                         )
@@ -130,13 +157,13 @@ impl Proxy {
                         ))
                     })
                     .collect();
-                Upstream {
+                Ok(Upstream {
                     name: u.name.clone(),
                     balancer: Balancer::new(u, backends),
                     config: u.clone(),
-                }
+                })
             })
-            .collect();
+            .collect::<Result<Vec<Upstream>, ProxyError>>()?;
         let routes = cfg
             .routes
             .iter()
@@ -149,14 +176,14 @@ impl Proxy {
                 })
             })
             .collect();
-        Proxy {
+        Ok(Proxy {
             upstreams,
             routes,
             forwarded: cfg.forwarded.clone(),
             access_log: cfg.log.access_log,
             body_timeout: cfg.downstream.body_timeout,
             workers: workers.clone(),
-        }
+        })
     }
 
     /// The workers' runtimes this proxy's pools live on.
@@ -278,7 +305,7 @@ mod tests {
             "[listen]\nhttp = \"127.0.0.1:0\"\n[upstreams.web]\nservers = [\"127.0.0.1:9\"]\n\
                    [upstreams.web.health]\nfall = 1\npassive_cooldown = \"2s\"\n";
         let cfg = Config::from_toml_str(src, std::path::Path::new("t.toml")).unwrap();
-        let proxy = Proxy::new(&cfg, Arc::new(Metrics::new()));
+        let proxy = Proxy::new(&cfg, Arc::new(Metrics::new())).unwrap();
         let backend = &proxy.upstreams()[0].balancer.backends()[0];
         backend.record_failure();
         assert!(

@@ -123,7 +123,7 @@ impl Pool {
     /// A dedicated, never pooled, upgrade-capable connection for a tunnel.
     pub(super) async fn tunnel_connect(&self) -> Result<SendRequest<UpstreamBody>, RequestError> {
         let addr = self.addr();
-        let stream = crate::upstream::connect::dial(self.addr(), self.config()).await?;
+        let stream = self.connector().open(addr, self.config()).await?;
         let (sender, conn) = hyper::client::conn::http1::Builder::new()
             .handshake::<_, UpstreamBody>(hyper_util::rt::TokioIo::new(stream))
             .await

@@ -1,22 +1,30 @@
 //! Owns how kaproxy connects to a backend: the TCP dial (connect timeout, TCP_NODELAY,
-//! keepalive) and [`Http1`], the pool's real connector — hyper's HTTP/1.1 client connection,
-//! driven by the task of the request that uses it (no task or channel hop per request), and
-//! checked without blocking before it is reused.
+//! keepalive), TLS on top when the group says `tls = true` ([`UpstreamStream`]), and
+//! [`Http1`], the pool's real connector — hyper's HTTP/1.1 client connection, driven by the
+//! task of the request that uses it (no task or channel hop per request), and checked without
+//! blocking before it is reused.
 
 use std::future::{poll_fn, Future};
+use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
+use arc_swap::ArcSwapOption;
 use hyper::client::conn::http1::{Connection as HyperConn, SendRequest};
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
 use tracing::debug;
 
 use crate::body::UpstreamBody;
 use crate::config::PoolConfig;
 use crate::error::RequestError;
+use crate::ops::metrics::BackendMetrics;
+use crate::upstream::tls::UpstreamTls;
 
 /// What the pool needs of a live connection: whether its peer has closed it, checked without
 /// blocking (as hyper-util's pool needs `is_open`). Everything else the pool decides from its
@@ -34,6 +42,8 @@ pub trait Connection: Send + 'static {
     fn settle(&mut self) -> impl Future<Output = bool> + Send {
         std::future::ready(true)
     }
+    /// Called as the pool closes it, just before it is dropped (which closes the socket).
+    fn close(&mut self) {}
 }
 
 /// How a pool opens a connection to its backend: [`Http1`] for real traffic; the pool's unit
@@ -63,9 +73,148 @@ pub async fn dial(addr: SocketAddr, cfg: &PoolConfig) -> Result<TcpStream, Reque
     Ok(stream)
 }
 
-/// The real connector: TCP (`connect_timeout`, TCP_NODELAY, keepalive) and hyper's HTTP/1.1
-/// client handshake.
-pub struct Http1;
+/// A connection to a backend: plain TCP, or TLS over it (`tls = true`).
+pub enum UpstreamStream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl UpstreamStream {
+    /// Queues TLS `close_notify` (RFC 8446 §6.1) and writes it if the socket takes it now,
+    /// without waiting: the connection is being dropped, and a FIN follows either way.
+    fn send_close_notify(&mut self) {
+        let UpstreamStream::Tls(tls) = self else {
+            return;
+        };
+        let (tcp, conn) = tls.get_mut();
+        conn.send_close_notify();
+        struct NonBlocking<'a>(&'a TcpStream);
+        impl io::Write for NonBlocking<'_> {
+            fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+                self.0.try_write(buf)
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        while conn.wants_write() {
+            if conn.write_tls(&mut NonBlocking(tcp)).is_err() {
+                break;
+            }
+        }
+    }
+}
+
+impl AsyncRead for UpstreamStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for UpstreamStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            UpstreamStream::Plain(s) => s.is_write_vectored(),
+            UpstreamStream::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_flush(cx),
+            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// The real connector: TCP (`connect_timeout`, TCP_NODELAY, keepalive), TLS when the group
+/// has it, and hyper's HTTP/1.1 client handshake.
+pub struct Http1 {
+    /// The group's TLS client side; swapped on reload, so that changed certificate files
+    /// apply to new connections while warm ones stay.
+    tls: ArcSwapOption<UpstreamTls>,
+    /// Where TLS handshakes and resumptions are counted.
+    metrics: Arc<BackendMetrics>,
+}
+
+impl Http1 {
+    pub fn new(tls: Option<UpstreamTls>, metrics: Arc<BackendMetrics>) -> Http1 {
+        Http1 {
+            tls: ArcSwapOption::from(tls.map(Arc::new)),
+            metrics,
+        }
+    }
+
+    /// Uses `tls` for connections opened from now on (reload).
+    pub fn set_tls(&self, tls: Option<UpstreamTls>) {
+        self.tls.store(tls.map(Arc::new));
+    }
+
+    /// A new connection to `addr`: TCP, then TLS when configured, both within
+    /// `connect_timeout`. A failed handshake is [`RequestError::Tls`], never a fallback to
+    /// plain text.
+    pub async fn open(
+        &self,
+        addr: SocketAddr,
+        cfg: &PoolConfig,
+    ) -> Result<UpstreamStream, RequestError> {
+        let tls = self.tls.load_full();
+        let open = async {
+            let tcp = dial(addr, cfg).await?;
+            let Some(tls) = tls else {
+                return Ok(UpstreamStream::Plain(tcp));
+            };
+            let (stream, resumed) = tls
+                .connect(tcp, addr)
+                .await
+                .map_err(|source| RequestError::Tls { addr, source })?;
+            self.metrics.tls_handshake(resumed);
+            Ok(UpstreamStream::Tls(Box::new(stream)))
+        };
+        tokio::time::timeout(cfg.connect_timeout, open)
+            .await
+            .map_err(|_| RequestError::ConnectTimeout {
+                addr,
+                timeout: cfg.connect_timeout,
+            })?
+    }
+}
 
 /// A live HTTP/1.1 connection: hyper's sender and its connection state machine, which the
 /// request's own task polls (see [`Driver`]).
@@ -89,6 +238,14 @@ impl Connection for Http1Conn {
         !self.driver.poll(&mut cx).is_ready() && self.sender.is_ready()
     }
 
+    fn close(&mut self) {
+        if let Some(conn) = self.driver.conn.take() {
+            // Pin<Box<_>> of an Unpin connection: its parts can be taken back.
+            let mut io = Pin::into_inner(conn).into_parts().io.into_inner();
+            io.send_close_notify();
+        }
+    }
+
     /// A backend may answer before it has read the whole request body (RFC 9112 §9.5 lets it);
     /// hyper then still writes the rest of the body, and the connection is idle only after.
     async fn settle(&mut self) -> bool {
@@ -104,7 +261,7 @@ impl Connection for Http1Conn {
 /// whichever task uses the connection: the request's while it is checked out, nobody while it
 /// idles in the pool (the pool polls it once, without blocking, before reuse).
 pub struct Driver {
-    conn: Option<Pin<Box<HyperConn<TokioIo<TcpStream>, UpstreamBody>>>>,
+    conn: Option<Pin<Box<HyperConn<TokioIo<UpstreamStream>, UpstreamBody>>>>,
     addr: SocketAddr,
     id: u64,
 }
@@ -152,7 +309,7 @@ impl Connector for Http1 {
         cfg: &PoolConfig,
         id: u64,
     ) -> Result<Http1Conn, RequestError> {
-        let stream = dial(addr, cfg).await?;
+        let stream = self.open(addr, cfg).await?;
         let (sender, conn) = hyper::client::conn::http1::Builder::new()
             .handshake::<_, UpstreamBody>(TokioIo::new(stream))
             .await
@@ -173,5 +330,94 @@ fn set_socket_options(stream: &TcpStream, keepalive: Option<Duration>) {
     if let Some(idle) = keepalive {
         let sock = socket2::SockRef::from(stream);
         let _ = sock.set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(idle));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::UpstreamTlsConfig;
+    use kaproxy_testkit::pki::TestPki;
+    use rustls_pki_types::pem::PemObject;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A TLS backend on 127.0.0.1:0 that answers one request and then reports how its client
+    /// ended the connection: `Ok` for a clean `close_notify`, else the read error.
+    async fn tls_backend(pki: &TestPki) -> (SocketAddr, oneshot::Receiver<io::Result<()>>) {
+        let chain: Vec<_> = rustls_pki_types::CertificateDer::pem_file_iter(&pki.server_cert)
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        let key = rustls_pki_types::PrivateKeyDer::from_pem_file(&pki.server_key).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (ended, ended_rx) = oneshot::channel();
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut tls = acceptor.accept(tcp).await.unwrap();
+            let mut head = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = tls.read(&mut buf).await.unwrap();
+                assert!(n > 0, "request head");
+                head.extend_from_slice(&buf[..n]);
+            }
+            tls.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                .await
+                .unwrap();
+            tls.flush().await.unwrap();
+            // tokio-rustls reads a TCP FIN without close_notify as UnexpectedEof.
+            let mut rest = Vec::new();
+            let _ = ended.send(tls.read_to_end(&mut rest).await.map(|_| ()));
+        });
+        (addr, ended_rx)
+    }
+
+    use tokio::sync::oneshot;
+
+    #[tokio::test]
+    async fn a_tls_connection_closed_by_the_pool_sends_close_notify() {
+        let pki = TestPki::generate().unwrap();
+        let (addr, ended) = tls_backend(&pki).await;
+        let tls = UpstreamTls::new(&UpstreamTlsConfig {
+            ca: Some(pki.ca_cert.clone()),
+            ..UpstreamTlsConfig::new()
+        })
+        .unwrap();
+        let metrics = crate::ops::metrics::Metrics::new();
+        let connector = Http1::new(Some(tls), metrics.server("web", addr));
+        let mut conn = connector
+            .connect(addr, &PoolConfig::default(), 1)
+            .await
+            .expect("TLS connection");
+        let mut req = http::Request::new(UpstreamBody::Empty);
+        req.headers_mut()
+            .insert(http::header::HOST, http::HeaderValue::from_static("b"));
+        let Http1Conn { sender, driver } = &mut conn;
+        driver
+            .drive(poll_fn(|cx| sender.poll_ready(cx)))
+            .await
+            .unwrap();
+        let resp = driver.drive(sender.send_request(req)).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert!(!conn.is_closed());
+        conn.close();
+        drop(conn);
+        let how = tokio::time::timeout(Duration::from_secs(5), ended)
+            .await
+            .expect("the backend saw the end")
+            .unwrap();
+        assert!(
+            how.is_ok(),
+            "the backend got close_notify, not a bare FIN: {how:?}"
+        );
     }
 }

@@ -22,7 +22,6 @@ use http::header::{CONNECTION, HOST, USER_AGENT};
 use http::{HeaderValue, Method, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior};
 use tracing::{debug, error, info, warn};
@@ -48,7 +47,7 @@ const PROBE_USER_AGENT: &str = "kaproxy-health";
 #[derive(Debug, thiserror::Error)]
 pub enum CheckError {
     #[error("connect failed: {0}")]
-    Connect(std::io::Error),
+    Connect(crate::error::RequestError),
     #[error("HTTP exchange failed: {0}")]
     Http(#[from] hyper::Error),
     #[error("answered {0}")]
@@ -242,11 +241,14 @@ impl Probe {
     }
 
     async fn exchange(&self) -> Result<StatusCode, CheckError> {
-        let stream = TcpStream::connect(self.backend.addr)
+        // Opened as the traffic's connections are (TLS included, README "TLS to the
+        // backends"), bounded by the probe's timeout.
+        let pool = self.backend.pool();
+        let stream = pool
+            .connector()
+            .open(self.backend.addr, pool.config())
             .await
             .map_err(CheckError::Connect)?;
-        // Best effort: the request is one small write anyway.
-        let _ = stream.set_nodelay(true);
         let (mut sender, conn) =
             hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream)).await?;
         let mut request = Request::new(Empty::new());

@@ -29,6 +29,7 @@ use crate::error::RequestError;
 use crate::ops::metrics::{BackendMetrics, CloseReason};
 use crate::upstream::connect::{Connection, Connector, Http1, Http1Conn};
 use crate::upstream::keep_alive::{has_connection_close, KeepAliveHint, KEEP_ALIVE};
+use crate::upstream::tls::UpstreamTls;
 
 /// One pooled connection and what kaproxy knows of it.
 struct Entry<T> {
@@ -84,7 +85,8 @@ pub struct Learned {
 impl Pool<Http1> {
     /// A pool of real HTTP/1.1 connections; needs a tokio runtime (it starts its sweep task).
     pub fn new(addr: SocketAddr, cfg: PoolConfig, metrics: Arc<BackendMetrics>) -> Arc<Self> {
-        Pool::with_connector(addr, cfg, metrics, Http1)
+        let connector = Http1::new(None, metrics.clone());
+        Pool::with_connector(addr, cfg, metrics, connector)
     }
 
     /// One worker's pool to a backend: its sweep runs on `runtime` (the worker's, where its
@@ -93,10 +95,18 @@ impl Pool<Http1> {
         addr: SocketAddr,
         cfg: PoolConfig,
         metrics: Arc<BackendMetrics>,
+        tls: Option<UpstreamTls>,
         learned: Arc<Learned>,
         runtime: &tokio::runtime::Handle,
     ) -> Arc<Self> {
-        Pool::build(addr, cfg, metrics, Http1, learned, runtime)
+        let connector = Http1::new(tls, metrics.clone());
+        Pool::build(addr, cfg, metrics, connector, learned, runtime)
+    }
+
+    /// How this pool opens connections (the tunnel and the health probes open theirs the same
+    /// way, TLS included).
+    pub fn connector(&self) -> &Http1 {
+        &self.connector
     }
 }
 
@@ -349,12 +359,13 @@ impl<C: Connector> Pool<C> {
         }
     }
 
-    fn close(&self, conn: Entry<C::Conn>, reason: CloseReason) {
+    fn close(&self, mut conn: Entry<C::Conn>, reason: CloseReason) {
         self.metrics.closed(reason);
         debug!(server = %self.addr, conn = conn.id, reason = reason.as_str(),
             age_ms = conn.born.elapsed().as_millis() as u64, requests = conn.requests,
             "pool: closing upstream connection");
-        // Dropping it closes it (for Http1: hyper's connection task shuts the socket down, FIN).
+        // TLS close_notify first; dropping it then closes the socket (FIN).
+        conn.conn.close();
         drop(conn);
     }
 

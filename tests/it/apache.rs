@@ -538,3 +538,85 @@ async fn apache_hard_restart_zombie_pool_costs_no_get() {
     );
     proxy.shutdown().await;
 }
+
+/// The widened race over TLS (`tls = true`, Apache with mod_ssl and the test CA): the same
+/// relay, the same clients; the promise holds unchanged over TLS.
+async fn relayed_tls_apache(
+    name: &str,
+    pki: &kaproxy_testkit::pki::TestPki,
+) -> (Vec<Apache>, DelayRelay) {
+    let apache = Apache::start(
+        ApacheOptions::new(name)
+            .keep_alive_timeout(Duration::from_secs(1))
+            .max_keep_alive_requests(100_000)
+            .tls(&pki.server_cert, &pki.server_key),
+    )
+    .await
+    .expect("start apache with mod_ssl");
+    let relay = DelayRelay::start(apache.addr(), RELAY_DELAY)
+        .await
+        .expect("start relay");
+    (vec![apache], relay)
+}
+
+fn tls_keys(pki: &kaproxy_testkit::pki::TestPki) -> String {
+    format!(
+        "tls = true\ntls_ca = {:?}\n",
+        pki.ca_cert.display().to_string()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apache_over_tls_behind_a_delay_relay_defeats_a_naive_pool() {
+    if !require_apache() {
+        return;
+    }
+    let pki = kaproxy_testkit::pki::TestPki::generate().unwrap();
+    let (_apaches, relay) = relayed_tls_apache("tn1", &pki).await;
+    let mut config = test_config(&upstream_toml(
+        "round_robin",
+        &format!("\"{}\"", relay.addr()),
+        &tls_keys(&pki),
+    ));
+    config.naive_pool(false);
+    let proxy = config.start().await;
+    let race = relay_race(&proxy).await;
+    let errors: usize = race.loads.iter().map(|(_, t)| t.error_count()).sum();
+    eprintln!("naive pool over TLS behind the relay:\n{}", race.summary());
+    assert!(
+        errors > 0,
+        "the naive pool must fail over TLS too, else the TLS race test below proves nothing\n{}",
+        race.summary()
+    );
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apache_over_tls_behind_a_delay_relay_has_no_client_errors() {
+    if !require_apache() {
+        return;
+    }
+    let pki = kaproxy_testkit::pki::TestPki::generate().unwrap();
+    let (apaches, relay) = relayed_tls_apache("td1", &pki).await;
+    // Configured 30 s: only Apache's `Keep-Alive: timeout=1`, read over TLS, tells the truth.
+    let proxy = TestProxy::start(&upstream_toml(
+        "round_robin",
+        &format!("\"{}\"", relay.addr()),
+        &format!(
+            "{}keepalive_timeout = \"30s\"\nidle_timeout = \"20s\"",
+            tls_keys(&pki)
+        ),
+    ))
+    .await;
+    let race = relay_race(&proxy).await;
+    assert_relay_race_clean(&race, &apaches);
+    assert_kaproxy_closed_idle_first(&proxy).await;
+    assert_learned_timeout_closed(&proxy);
+    let m = proxy.metrics();
+    assert!(
+        m.sum("kaproxy_upstream_tls_handshakes_total", &[]) >= 1.0,
+        "{}",
+        m.0
+    );
+    proxy.shutdown().await;
+}

@@ -279,3 +279,174 @@ async fn upstream_tls_probe_of_apache_over_tls_recommends_the_tls_keys() {
     );
     assert!(settings.contains("# tls_ca = \"ca.pem\""), "{text}");
 }
+
+// ---- Through kaproxy: `tls = true` in `[upstreams.NAME]`, the pool's connector doing TLS ----
+
+use crate::support::client::{KeepAliveClient, Request as ClientRequest};
+use crate::support::proxy::{test_config, TestProxy, CLOSED_TOTAL};
+
+const HANDSHAKES: &str = "kaproxy_upstream_tls_handshakes_total";
+const RESUMPTIONS: &str = "kaproxy_upstream_tls_resumptions_total";
+const ERRORS: &str = "kaproxy_upstream_errors_total";
+
+fn tls_upstream(apache: &Apache, keys: &str) -> String {
+    format!(
+        "[upstreams.web]\nservers = [\"{}\"]\ntls = true\n{keys}\n",
+        apache.addr()
+    )
+}
+
+fn ca_key(path: &std::path::Path) -> String {
+    format!("tls_ca = {:?}\n", path.display().to_string())
+}
+
+/// `n` GETs on one client connection; their statuses.
+async fn statuses(proxy: &TestProxy, n: usize) -> Vec<u16> {
+    let mut client = KeepAliveClient::new(proxy.http(), None);
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let resp = client
+            .send(&ClientRequest::get("/"))
+            .await
+            .expect("kaproxy answers");
+        out.push(resp.status.as_u16());
+    }
+    out
+}
+
+#[tokio::test]
+async fn kaproxy_reencrypts_to_apache_reuses_the_connection_and_resumes_sessions() {
+    if !require_apache() {
+        return;
+    }
+    let pki = TestPki::generate().unwrap();
+    let apache = apache_tls("tls-proxy", &pki, false).await;
+    // Three requests on one pooled connection, then two on connections of their own.
+    let proxy = TestProxy::start(&tls_upstream(&apache, &ca_key(&pki.ca_cert))).await;
+    assert_eq!(statuses(&proxy, 3).await, vec![200, 200, 200]);
+    let m = proxy.metrics();
+    assert_eq!(m.sum(HANDSHAKES, &[]), 1.0, "{}", m.lines_of(HANDSHAKES));
+    assert_eq!(
+        m.sum("kaproxy_upstream_connections_reused_total", &[]),
+        2.0,
+        "the TLS connection is pooled and reused"
+    );
+    proxy.shutdown().await;
+
+    let proxy = TestProxy::start(&tls_upstream(
+        &apache,
+        &format!("{}max_requests_per_connection = 1\n", ca_key(&pki.ca_cert)),
+    ))
+    .await;
+    assert_eq!(statuses(&proxy, 3).await, vec![200, 200, 200]);
+    let m = proxy.metrics();
+    assert_eq!(m.sum(HANDSHAKES, &[]), 3.0, "{}", m.lines_of(HANDSHAKES));
+    assert!(
+        m.sum(RESUMPTIONS, &[]) >= 2.0,
+        "the 2nd and 3rd handshakes resume the session: {}",
+        m.lines_of(RESUMPTIONS)
+    );
+    assert_eq!(
+        m.sum(CLOSED_TOTAL, &[("reason", "max_requests")]),
+        3.0,
+        "{}",
+        m.lines_of(CLOSED_TOTAL)
+    );
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn kaproxy_answers_502_for_a_backend_it_cannot_verify_and_never_falls_back_to_plain() {
+    if !require_apache() {
+        return;
+    }
+    let pki = TestPki::generate().unwrap();
+    let apache = apache_tls("tls-refuse", &pki, false).await;
+    for (what, keys) in [
+        (
+            "a wrong name",
+            format!("{}tls_server_name = \"wrong.test\"\n", ca_key(&pki.ca_cert)),
+        ),
+        ("an unknown CA", ca_key(&pki.other_ca_cert)),
+    ] {
+        let proxy = TestProxy::start(&tls_upstream(&apache, &keys)).await;
+        // A plain request to Apache's TLS port would be answered 400 by Apache itself.
+        assert_eq!(statuses(&proxy, 1).await, vec![502], "{what}");
+        let m = proxy.metrics();
+        assert!(
+            m.sum(ERRORS, &[("kind", "tls")]) >= 1.0,
+            "{what}: counted as a tls error: {}",
+            m.lines_of(ERRORS)
+        );
+        assert_eq!(m.sum(HANDSHAKES, &[]), 0.0, "{what}");
+        proxy.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn kaproxy_presents_its_client_certificate_to_apache_requiring_one() {
+    if !require_apache() {
+        return;
+    }
+    let pki = TestPki::generate().unwrap();
+    let apache = apache_tls("tls-proxy-mtls", &pki, true).await;
+    let with_cert = format!(
+        "{}tls_client_cert = {:?}\ntls_client_key = {:?}\n",
+        ca_key(&pki.ca_cert),
+        pki.client_cert.display().to_string(),
+        pki.client_key.display().to_string()
+    );
+    let proxy = TestProxy::start(&tls_upstream(&apache, &with_cert)).await;
+    assert_eq!(
+        statuses(&proxy, 2).await,
+        vec![200, 200],
+        "{}",
+        apache.error_log()
+    );
+    proxy.shutdown().await;
+
+    let proxy = TestProxy::start(&tls_upstream(&apache, &ca_key(&pki.ca_cert))).await;
+    assert_eq!(statuses(&proxy, 1).await, vec![502], "refused without one");
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn upstream_tls_files_are_read_again_on_reload_and_a_bad_one_keeps_the_old() {
+    if !require_apache() {
+        return;
+    }
+    let pki = TestPki::generate().unwrap();
+    let apache = apache_tls("tls-reload", &pki, false).await;
+    // The configured CA file starts as the wrong CA, at a path of the test's own.
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("backend-ca.pem");
+    std::fs::copy(&pki.other_ca_cert, &ca).unwrap();
+    let config = test_config(&tls_upstream(&apache, &ca_key(&ca)));
+    let proxy = config.start().await;
+    assert_eq!(statuses(&proxy, 1).await, vec![502], "unknown CA at first");
+
+    // The same configuration, the CA file replaced: a reload reads it again.
+    std::fs::copy(&pki.ca_cert, &ca).unwrap();
+    proxy.server.reload().await.expect("reload");
+    assert_eq!(
+        statuses(&proxy, 1).await,
+        vec![200],
+        "the new CA file applies"
+    );
+
+    // A broken CA file: the reload is refused and the working configuration keeps serving.
+    std::fs::write(&ca, "not a certificate\n").unwrap();
+    let err = proxy
+        .server
+        .reload()
+        .await
+        .expect_err("a bad CA file is refused");
+    let text = err.to_string();
+    assert!(text.contains("tls_ca"), "names the key: {text}");
+    assert_eq!(
+        statuses(&proxy, 2).await,
+        vec![200, 200],
+        "old config serves"
+    );
+    proxy.shutdown().await;
+}
