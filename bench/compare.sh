@@ -809,7 +809,7 @@ SKIP_NOTE=""
 if ran h1up && [ -n "$UP_SKIPPED" ]; then
     SKIP_NOTE="kaproxy was left out of the TLS-to-the-backend rows: $UP_SKIPPED."
 fi
-KAPROXY_BUILT="kaproxy $kaproxy_v$( [ "$kaproxy_dirty" -gt 0 ] && echo " (with uncommitted changes in src/)" ) built with $rustc_v, release profile"
+KAPROXY_BUILT="kaproxy $kaproxy_v$( [ "$kaproxy_dirty" -gt 0 ] && echo " (with uncommitted changes in src/)" || true ) built with $rustc_v, release profile"
 [ -z "${KAPROXY_BIN:-}" ] || KAPROXY_BUILT="kaproxy: \`KAPROXY_BIN=$KAPROXY_BIN\` (kaproxy-bench from $kaproxy_v, $rustc_v)"
 # The configurations of the targets that ran, for the report.
 config_details() {
