@@ -8,11 +8,13 @@ use std::future::{poll_fn, Future};
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
+use futures_util::task::AtomicWaker;
 use hyper::client::conn::http1::{Connection as HyperConn, SendRequest};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -44,6 +46,8 @@ pub trait Connection: Send + 'static {
     }
     /// Called as the pool closes it, just before it is dropped (which closes the socket).
     fn close(&mut self) {}
+    /// Called as it goes back to the pool idle: the task that used it has moved on.
+    fn detach(&mut self) {}
 }
 
 /// How a pool opens a connection to its backend: [`Http1`] for real traffic; the pool's unit
@@ -225,17 +229,19 @@ pub struct Http1Conn {
 
 impl Connection for Http1Conn {
     fn is_closed(&mut self) -> bool {
-        // One poll with a waker nobody listens to: an idle hyper connection reads, so a
-        // backend's FIN (or a stray byte, which hyper treats as an error) ends it now.
-        let mut cx = Context::from_waker(Waker::noop());
-        self.driver.poll(&mut cx).is_ready() || self.sender.is_closed()
+        // An idle hyper connection reads; a backend's FIN (or a stray byte, which hyper treats
+        // as an error) wakes it, and running it now ends it.
+        self.driver.poll_if_woken().is_ready() || self.sender.is_closed()
     }
 
     /// hyper's dispatcher is idle: false while it is still writing an earlier request's body
     /// (a backend that answered early), for example.
     fn is_idle(&mut self) -> bool {
-        let mut cx = Context::from_waker(Waker::noop());
-        !self.driver.poll(&mut cx).is_ready() && self.sender.is_ready()
+        !self.driver.poll_if_woken().is_ready() && self.sender.is_ready()
+    }
+
+    fn detach(&mut self) {
+        self.driver.detach();
     }
 
     fn close(&mut self) {
@@ -259,21 +265,78 @@ impl Connection for Http1Conn {
 
 /// hyper's client connection state machine (it reads and writes the socket), polled inline by
 /// whichever task uses the connection: the request's while it is checked out, nobody while it
-/// idles in the pool (the pool polls it once, without blocking, before reuse).
+/// idles in the pool.
+///
+/// hyper is polled only when something woke it (its socket became readable or writable, a
+/// request or a body was handed to it), as an executor polls a task: it gets a waker of its
+/// own ([`DriverWake`]) that records the wake-up and passes it on to the task using the
+/// connection. So the request's task, woken for anything else, does not run hyper's machine
+/// for nothing, and the check before reuse costs one atomic load unless an event (a FIN, a
+/// stray byte) came in while the connection idled.
 pub struct Driver {
     conn: Option<Pin<Box<HyperConn<TokioIo<UpstreamStream>, UpstreamBody>>>>,
+    wake: Arc<DriverWake>,
+    /// `wake` as a [`Waker`], made once.
+    waker: Waker,
     addr: SocketAddr,
     id: u64,
 }
 
+/// The waker hyper's connection is polled with: sets `woken`, then wakes the task that uses
+/// the connection now, if any.
+struct DriverWake {
+    woken: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl Wake for DriverWake {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        self.task.wake();
+    }
+}
+
 impl Driver {
-    /// Makes progress on the connection; `Ready` once it has ended (peer close, error, or
-    /// `Connection: close` done), after which the connection is gone.
+    fn new(
+        conn: HyperConn<TokioIo<UpstreamStream>, UpstreamBody>,
+        addr: SocketAddr,
+        id: u64,
+    ) -> Self {
+        // Woken from the start: the first poll must run.
+        let wake = Arc::new(DriverWake {
+            woken: AtomicBool::new(true),
+            task: AtomicWaker::new(),
+        });
+        Driver {
+            conn: Some(Box::pin(conn)),
+            waker: Waker::from(wake.clone()),
+            wake,
+            addr,
+            id,
+        }
+    }
+
+    /// Makes progress on the connection for the task of `cx`; `Ready` once it has ended (peer
+    /// close, error, or `Connection: close` done), after which the connection is gone.
     pub(crate) fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        // Registered before the flag is read: a wake-up in between is seen either way.
+        self.wake.task.register(cx.waker());
+        self.poll_if_woken()
+    }
+
+    /// Runs hyper's machine if something woke it since it last ran.
+    fn poll_if_woken(&mut self) -> Poll<()> {
         let Some(conn) = self.conn.as_mut() else {
             return Poll::Ready(());
         };
-        match conn.as_mut().poll(cx) {
+        if !self.wake.woken.swap(false, Ordering::AcqRel) {
+            return Poll::Pending;
+        }
+        match conn.as_mut().poll(&mut Context::from_waker(&self.waker)) {
             Poll::Pending => Poll::Pending,
             Poll::Ready(result) => {
                 if let Err(e) = result {
@@ -285,6 +348,11 @@ impl Driver {
                 Poll::Ready(())
             }
         }
+    }
+
+    /// The connection goes back to the pool: no task is to be woken for it any more.
+    pub(crate) fn detach(&mut self) {
+        drop(self.wake.task.take());
     }
 
     /// Runs `fut` (a send or a wait for readiness) while driving the connection.
@@ -316,11 +384,7 @@ impl Connector for Http1 {
             .map_err(|source| RequestError::Handshake { addr, source })?;
         Ok(Http1Conn {
             sender,
-            driver: Driver {
-                conn: Some(Box::pin(conn)),
-                addr,
-                id,
-            },
+            driver: Driver::new(conn, addr, id),
         })
     }
 }

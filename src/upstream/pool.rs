@@ -347,6 +347,7 @@ impl<C: Connector> Pool<C> {
             return;
         }
         let was_empty = idle.is_empty();
+        conn.conn.detach();
         debug!(server = %self.addr, conn = conn.id, requests = conn.requests, "pool: connection back to idle");
         idle.push(conn);
         self.publish_idle(idle.len());
