@@ -126,6 +126,11 @@ struct EchoUpgradeBackend {
 
 impl EchoUpgradeBackend {
     async fn start() -> EchoUpgradeBackend {
+        Self::start_with(None).await
+    }
+
+    /// Serves TLS with `tls` (for `tls = true` upstreams), else plain HTTP.
+    async fn start_with(tls: Option<tokio_rustls::TlsAcceptor>) -> EchoUpgradeBackend {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind upgrade backend");
@@ -140,7 +145,19 @@ impl EchoUpgradeBackend {
                     Some(_) = connections.join_next(), if !connections.is_empty() => {}
                     accepted = listener.accept() => match accepted {
                         Ok((stream, _)) => {
-                            connections.spawn(Self::serve(stream, log.clone()));
+                            let log = log.clone();
+                            match tls.clone() {
+                                None => {
+                                    connections.spawn(Self::serve(stream, log));
+                                }
+                                Some(acceptor) => {
+                                    connections.spawn(async move {
+                                        if let Ok(stream) = acceptor.accept(stream).await {
+                                            Self::serve(stream, log).await;
+                                        }
+                                    });
+                                }
+                            }
                         }
                         // E.g. EMFILE: back off instead of spinning.
                         Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
@@ -151,7 +168,7 @@ impl EchoUpgradeBackend {
         EchoUpgradeBackend { addr, heads, task }
     }
 
-    async fn serve(mut stream: TcpStream, log: Arc<Mutex<Vec<Head>>>) {
+    async fn serve<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, log: Arc<Mutex<Vec<Head>>>) {
         let Ok((head, early)) = read_head(&mut stream).await else {
             return;
         };
@@ -421,6 +438,51 @@ async fn upgrade_moves_on_to_the_next_server_when_connect_fails() {
         0.0,
         "the refused connects mark the dead server down\n{}",
         m.lines_of("kaproxy_server_up")
+    );
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn upgrade_is_tunnelled_over_tls_to_a_tls_upstream() {
+    use rustls_pki_types::pem::PemObject;
+    let pki = kaproxy_testkit::pki::TestPki::generate().unwrap();
+    let chain: Vec<_> = rustls_pki_types::CertificateDer::pem_file_iter(&pki.server_cert)
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let key = rustls_pki_types::PrivateKeyDer::from_pem_file(&pki.server_key).unwrap();
+    let server = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .unwrap();
+    let backend =
+        EchoUpgradeBackend::start_with(Some(tokio_rustls::TlsAcceptor::from(Arc::new(server))))
+            .await;
+    let proxy = TestProxy::start(&format!(
+        "{}tls = true\ntls_ca = {:?}\n",
+        upstream_toml(&backend),
+        pki.ca_cert.display().to_string()
+    ))
+    .await;
+    let stream = tcp_connect(proxy.http().addr, None).await.expect("connect");
+    exercise_tunnel(stream, "websocket", "").await;
+    let heads = backend.heads();
+    assert_eq!(
+        heads.len(),
+        1,
+        "the backend read the upgrade over TLS: {heads:?}"
+    );
+    assert_backend_saw_upgrade(&heads[0], "websocket");
+    let m = proxy.metrics();
+    assert_eq!(
+        m.sum("kaproxy_upstream_tls_handshakes_total", &[]),
+        1.0,
+        "{}",
+        m.lines_of("kaproxy_upstream_tls_handshakes_total")
     );
     proxy.shutdown().await;
 }

@@ -450,3 +450,91 @@ async fn upstream_tls_files_are_read_again_on_reload_and_a_bad_one_keeps_the_old
     );
     proxy.shutdown().await;
 }
+
+/// Apache with mod_ssl and KeepAliveTimeout 1 s.
+async fn apache_tls_keepalive_1s(name: &str, pki: &TestPki) -> Apache {
+    Apache::start(
+        ApacheOptions::new(name)
+            .tls(&pki.server_cert, &pki.server_key)
+            .keep_alive_timeout(std::time::Duration::from_secs(1)),
+    )
+    .await
+    .expect("start apache with mod_ssl")
+}
+
+#[tokio::test]
+async fn a_tls_connection_apache_closed_while_idle_is_not_reused_and_counts_as_server_close() {
+    if !require_apache() {
+        return;
+    }
+    let pki = TestPki::generate().unwrap();
+    let apache = apache_tls_keepalive_1s("tls-idle-close", &pki).await;
+    // The control pool trusts a connection for 9 s; Apache ends it (close_notify, FIN) after
+    // 1 s. The check before reuse must see that and open a new connection, not fail.
+    let mut config = test_config(&tls_upstream(&apache, &ca_key(&pki.ca_cert)));
+    config.naive_pool(false);
+    let proxy = config.start().await;
+    let mut client = KeepAliveClient::new(proxy.http(), None);
+    let first = client.send(&ClientRequest::get("/")).await.expect("first");
+    assert_eq!(first.status, 200);
+    // Past Apache's KeepAliveTimeout (1 s) with room: Apache has closed its side by now.
+    tokio::time::sleep(std::time::Duration::from_millis(1600)).await;
+    let second = client.send(&ClientRequest::get("/")).await.expect("second");
+    assert_eq!(second.status, 200, "no client-visible error");
+    let m = proxy.metrics();
+    assert_eq!(
+        m.sum(CLOSED_TOTAL, &[("reason", "server_close")]),
+        1.0,
+        "the closed connection was found before reuse: {}",
+        m.lines_of(CLOSED_TOTAL)
+    );
+    assert_eq!(m.sum(HANDSHAKES, &[]), 2.0, "{}", m.lines_of(HANDSHAKES));
+    assert_eq!(
+        m.sum("kaproxy_upstream_retries_total", &[]),
+        0.0,
+        "found at checkout, not by a failed request"
+    );
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn active_health_checks_speak_tls_with_the_traffic_settings() {
+    if !require_apache() {
+        return;
+    }
+    let pki = TestPki::generate().unwrap();
+    let apache = apache_tls("tls-health", &pki, false).await;
+    let health = "[upstreams.web.health]\npath = \"/\"\ninterval = \"200ms\"\ntimeout = \"1s\"\nrise = 1\nfall = 1\n";
+    // Verified with the right CA: the probes handshake and keep the server up.
+    let proxy = TestProxy::start(&format!(
+        "{}{health}",
+        tls_upstream(&apache, &ca_key(&pki.ca_cert))
+    ))
+    .await;
+    let (m, probed) = proxy
+        .wait_metrics(std::time::Duration::from_secs(5), |m| {
+            m.sum(HANDSHAKES, &[]) >= 3.0
+        })
+        .await;
+    assert!(
+        probed,
+        "the probes handshake over TLS: {}",
+        m.lines_of(HANDSHAKES)
+    );
+    assert_eq!(m.sum("kaproxy_server_up", &[]), 1.0, "{}", m.0);
+    proxy.shutdown().await;
+
+    // The wrong CA: the probes fail verification, as requests would, and mark it down.
+    let proxy = TestProxy::start(&format!(
+        "{}{health}",
+        tls_upstream(&apache, &ca_key(&pki.other_ca_cert))
+    ))
+    .await;
+    let (m, down) = proxy
+        .wait_metrics(std::time::Duration::from_secs(5), |m| {
+            m.sum("kaproxy_server_up", &[]) == 0.0
+        })
+        .await;
+    assert!(down, "an unverifiable backend is marked down: {}", m.0);
+    proxy.shutdown().await;
+}
