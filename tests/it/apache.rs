@@ -290,21 +290,29 @@ async fn apache_behind_a_delay_relay_defeats_a_naive_pool() {
         return;
     }
     let (_apaches, relay) = relayed_apache("n1").await;
+    assert_naive_pool_fails_behind(&relay, "").await;
+}
+
+/// The control experiment of the widened race: a pool that trusts connections for 9 s
+/// against Apache's 1 s (`extra`: more keys of the upstream, e.g. TLS) must show client
+/// errors behind the relay, else the relay widens nothing and the clean runs prove nothing.
+async fn assert_naive_pool_fails_behind(relay: &DelayRelay, extra: &str) {
     let mut config = test_config(&upstream_toml(
         "round_robin",
         &format!("\"{}\"", relay.addr()),
-        "",
+        extra,
     ));
-    // The control: trusts connections for 9 s against Apache's 1 s.
     config.naive_pool(false);
     let proxy = config.start().await;
     let race = relay_race(&proxy).await;
     let errors: usize = race.loads.iter().map(|(_, t)| t.error_count()).sum();
-    eprintln!("naive pool behind the relay:\n{}", race.summary());
+    eprintln!(
+        "naive pool behind the relay ({extra:?}):\n{}",
+        race.summary()
+    );
     assert!(
         errors > 0,
-        "the naive pool must fail against Apache behind the relay, else the relay widens \
-         nothing and the tests below prove nothing\n{}",
+        "the naive pool must fail against Apache behind the relay ({extra:?})\n{}",
         race.summary()
     );
     proxy.shutdown().await;
@@ -573,22 +581,7 @@ async fn apache_over_tls_behind_a_delay_relay_defeats_a_naive_pool() {
     }
     let pki = kaproxy_testkit::pki::TestPki::generate().unwrap();
     let (_apaches, relay) = relayed_tls_apache("tn1", &pki).await;
-    let mut config = test_config(&upstream_toml(
-        "round_robin",
-        &format!("\"{}\"", relay.addr()),
-        &tls_keys(&pki),
-    ));
-    config.naive_pool(false);
-    let proxy = config.start().await;
-    let race = relay_race(&proxy).await;
-    let errors: usize = race.loads.iter().map(|(_, t)| t.error_count()).sum();
-    eprintln!("naive pool over TLS behind the relay:\n{}", race.summary());
-    assert!(
-        errors > 0,
-        "the naive pool must fail over TLS too, else the TLS race test below proves nothing\n{}",
-        race.summary()
-    );
-    proxy.shutdown().await;
+    assert_naive_pool_fails_behind(&relay, &tls_keys(&pki)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
