@@ -98,16 +98,8 @@ fi
 WORK=$(mktemp -d /tmp/kaproxy-allocs.XXXXXX)
 chmod 755 "$WORK"
 PIDS=()
-stop_pid() {
-    local pid=$1
-    kill -TERM "$pid" 2>/dev/null || return 0
-    for _ in $(seq 1 100); do
-        kill -0 "$pid" 2>/dev/null || { wait "$pid" 2>/dev/null || true; return 0; }
-        sleep 0.1
-    done
-    kill -KILL "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-}
+# stop_pid: bench/lib.sh.
+. "$HERE/lib.sh"
 forget_pid() {
     local kept=() p
     for p in "${PIDS[@]}"; do [ "$p" = "$1" ] || kept+=("$p"); done
@@ -116,7 +108,7 @@ forget_pid() {
 cleanup() {
     local pid
     # Newest first: kaproxy before the heaptrack script that waits for it.
-    for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do stop_pid "${PIDS[$i]}"; done
+    for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do stop_pid "${PIDS[$i]}" 100; done
     rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -239,10 +231,10 @@ heaptrack_run() {
         sleep "$LOAD_SECONDS"
     fi
 
-    stop_pid "$kp"; forget_pid "$kp"
+    stop_pid "$kp" 100; forget_pid "$kp"
     # heaptrack's script exits once its interpreter has written the data file.
     for _ in $(seq 1 600); do kill -0 "$ht" 2>/dev/null || break; sleep 0.1; done
-    stop_pid "$ht"; forget_pid "$ht"
+    stop_pid "$ht" 100; forget_pid "$ht"
     local data
     data=$(ls "$WORK/ht.$label".* 2>/dev/null | head -n 1)
     [ -n "$data" ] || { echo "heaptrack wrote no data:" >&2; cat "$WORK/heaptrack.$label.log" >&2; exit 1; }
