@@ -1,12 +1,15 @@
-//! Owns the keep-alive-aware upstream connection pool: one [`Pool`] per backend, whose
-//! idle connections always expire on kaproxy's side before the backend's keep-alive timer fires.
+//! Owns the keep-alive-aware upstream connection pool: one [`Pool`] per backend and worker,
+//! whose idle connections always expire on kaproxy's side before the backend's keep-alive
+//! timer fires.
 //!
-//! The rule (README, "How the upstream pool keeps the promise"): a pooled connection's idle deadline is the earliest of
-//! `last_used + idle_timeout`, `last_used + (keep-alive timeout − safety_margin)` where the
-//! keep-alive timeout is the one the backend last advertised in `Keep-Alive: timeout=N` (else
-//! the configured `keepalive_timeout`), and `born + max_lifetime`. A connection past its
-//! deadline, or whose peer already closed it (EOF seen by its connection task), is never handed
-//! out; a sweep task closes expired idle connections so that kaproxy, not the backend, closes.
+//! The rule (README, "How the upstream pool keeps the promise"): a pooled connection's idle
+//! deadline is the earliest of `last_used + idle_timeout`, `last_used + (keep-alive timeout −
+//! safety_margin)` where the keep-alive timeout is the one the backend last advertised in
+//! `Keep-Alive: timeout=N` (else the configured `keepalive_timeout`; shared by the workers'
+//! pools, [`Learned`]), and `born + max_lifetime`. A connection past its deadline, or whose
+//! peer already closed it (checked when it comes back and before it is handed out, see
+//! [`crate::upstream::connect::Connection`]), is never handed out; a sweep task closes expired
+//! idle connections so that kaproxy, not the backend, closes.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
