@@ -125,10 +125,22 @@ pub enum UpstreamTlsError {
 }
 
 impl RequestError {
-    /// Sorts a hyper send error: the client's body, a reset, or a close before a response.
+    /// Sorts a hyper send error: the client's body, the backend refusing the TLS session, a
+    /// reset, or a close before a response.
     pub fn from_send(addr: SocketAddr, source: hyper::Error) -> Self {
         if BodyError::in_chain(&source).is_some() {
             RequestError::BodyStreamed { addr, source }
+        } else if let Some(refusal) = rustls_error_in(&source).filter(|e| is_tls_refusal(e)) {
+            // Under TLS 1.3 a backend checks the client's certificate after kaproxy's side of
+            // the handshake is done (RFC 8446 §4.4.2.4), so its refusal arrives with the first
+            // read: a failed handshake all the same, and the request was never processed.
+            RequestError::Tls {
+                addr,
+                source: UpstreamTlsError::Handshake {
+                    name: addr.ip().to_string(),
+                    source: refusal.clone(),
+                },
+            }
         } else if is_reset(&source) {
             RequestError::Reset { addr, source }
         } else {
@@ -205,6 +217,46 @@ impl RequestError {
             _ => StatusCode::BAD_GATEWAY,
         }
     }
+}
+
+/// An alert by which a TLS peer refuses the session for its certificates (RFC 8446 §6.2).
+fn is_tls_refusal(err: &rustls::Error) -> bool {
+    use rustls::AlertDescription as A;
+    matches!(
+        err,
+        rustls::Error::AlertReceived(
+            A::CertificateRequired
+                | A::BadCertificate
+                | A::UnsupportedCertificate
+                | A::CertificateRevoked
+                | A::CertificateExpired
+                | A::CertificateUnknown
+                | A::UnknownCA
+                | A::AccessDenied
+                | A::HandshakeFailure
+        )
+    )
+}
+
+/// The rustls error in `err`'s source chain, if any: how a TLS failure after the handshake
+/// (an alert, a bad record) is told from a plain reset when it surfaces as an I/O or hyper
+/// error. tokio-rustls wraps it in an `io::Error`, whose `source()` skips the error it wraps,
+/// so that one is looked into with `get_ref`.
+pub fn rustls_error_in<'a>(
+    err: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a rustls::Error> {
+    let mut source = Some(err);
+    while let Some(e) = source {
+        if let Some(tls) = e.downcast_ref::<rustls::Error>() {
+            return Some(tls);
+        }
+        let wrapped = e.downcast_ref::<io::Error>().and_then(io::Error::get_ref);
+        if let Some(tls) = wrapped.and_then(|w| w.downcast_ref::<rustls::Error>()) {
+            return Some(tls);
+        }
+        source = e.source();
+    }
+    None
 }
 
 #[cfg(test)]

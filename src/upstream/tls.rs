@@ -179,26 +179,7 @@ impl UpstreamTls {
     }
 }
 
-/// The rustls error in `err`'s source chain, if any: how a TLS failure after the handshake
-/// (an alert, a bad record) is told from a plain reset when it surfaces as an I/O or hyper
-/// error. tokio-rustls wraps it in an `io::Error`, whose `source()` skips the error it wraps,
-/// so that one is looked into with `get_ref`.
-pub fn rustls_error_in<'a>(
-    err: &'a (dyn std::error::Error + 'static),
-) -> Option<&'a rustls::Error> {
-    let mut source = Some(err);
-    while let Some(e) = source {
-        if let Some(tls) = e.downcast_ref::<rustls::Error>() {
-            return Some(tls);
-        }
-        let wrapped = e.downcast_ref::<io::Error>().and_then(io::Error::get_ref);
-        if let Some(tls) = wrapped.and_then(|w| w.downcast_ref::<rustls::Error>()) {
-            return Some(tls);
-        }
-        source = e.source();
-    }
-    None
-}
+pub use crate::error::rustls_error_in;
 
 /// Logs a loud warning for every upstream group with `tls_verify = false` (start and reload
 /// call it; `check` shows the same as a WARN row). Returns the names of those groups.

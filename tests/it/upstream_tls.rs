@@ -407,6 +407,20 @@ async fn kaproxy_presents_its_client_certificate_to_apache_requiring_one() {
 
     let proxy = TestProxy::start(&tls_upstream(&apache, &ca_key(&pki.ca_cert))).await;
     assert_eq!(statuses(&proxy, 1).await, vec![502], "refused without one");
+    // Under TLS 1.3 the refusal comes with the first read, after the handshake: still a
+    // failed handshake (kind `tls`), not a reset or a close of the backend.
+    let m = proxy.metrics();
+    assert!(
+        m.sum(ERRORS, &[("kind", "tls")]) >= 1.0,
+        "counted as tls: {}",
+        m.lines_of(ERRORS)
+    );
+    assert_eq!(
+        m.sum(ERRORS, &[("kind", "reset")]) + m.sum(ERRORS, &[("kind", "closed_before_response")]),
+        0.0,
+        "{}",
+        m.lines_of(ERRORS)
+    );
     proxy.shutdown().await;
 }
 
