@@ -47,7 +47,7 @@ pub enum ProxyError {
     #[error("upstream {upstream}: {source}")]
     Tls {
         upstream: String,
-        source: UpstreamTlsError,
+        source: Box<UpstreamTlsError>,
     },
 }
 
@@ -95,7 +95,7 @@ impl Proxy {
                 let tls = match &u.tls {
                     Some(t) => Some(UpstreamTls::new(t).map_err(|source| ProxyError::Tls {
                         upstream: u.name.clone(),
-                        source,
+                        source: Box::new(source),
                     })?),
                     None => None,
                 };

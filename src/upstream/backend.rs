@@ -274,6 +274,18 @@ impl BackendHealth {
     }
 }
 
+/// One worker's share of `cfg` among `workers`: `max_connections_per_server` and
+/// `max_idle_per_server` divided, rounded up (README, "Workers"); the rest as configured.
+pub fn per_worker(cfg: &PoolConfig, workers: usize) -> PoolConfig {
+    let share = |n: usize| n.div_ceil(workers.max(1)).max(1);
+    PoolConfig {
+        max_connections_per_server: share(cfg.max_connections_per_server),
+        max_idle_per_server: share(cfg.max_idle_per_server)
+            .min(share(cfg.max_connections_per_server)),
+        ..cfg.clone()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -402,17 +414,5 @@ mod tests {
         health.set_active_up(false);
         reloaded.inherit_active(&health);
         assert!(!reloaded.is_up(Instant::now()));
-    }
-}
-
-/// One worker's share of `cfg` among `workers`: `max_connections_per_server` and
-/// `max_idle_per_server` divided, rounded up (README, "Workers"); the rest as configured.
-pub fn per_worker(cfg: &PoolConfig, workers: usize) -> PoolConfig {
-    let share = |n: usize| n.div_ceil(workers.max(1)).max(1);
-    PoolConfig {
-        max_connections_per_server: share(cfg.max_connections_per_server),
-        max_idle_per_server: share(cfg.max_idle_per_server)
-            .min(share(cfg.max_connections_per_server)),
-        ..cfg.clone()
     }
 }

@@ -274,13 +274,16 @@ impl Connection for Http1Conn {
 /// for nothing, and the check before reuse costs one atomic load unless an event (a FIN, a
 /// stray byte) came in while the connection idled.
 pub struct Driver {
-    conn: Option<Pin<Box<HyperConn<TokioIo<UpstreamStream>, UpstreamBody>>>>,
+    conn: Option<Pin<Box<HyperHttp1>>>,
     wake: Arc<DriverWake>,
     /// `wake` as a [`Waker`], made once.
     waker: Waker,
     addr: SocketAddr,
     id: u64,
 }
+
+/// hyper's HTTP/1.1 client connection over a backend stream.
+type HyperHttp1 = HyperConn<TokioIo<UpstreamStream>, UpstreamBody>;
 
 /// The waker hyper's connection is polled with: sets `woken`, then wakes the task that uses
 /// the connection now, if any.
