@@ -31,18 +31,19 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
 /// Binds `workers` listening sockets on the same address, each for one worker's runtime to
 /// register: with more than one, `SO_REUSEPORT`, so that the kernel spreads new connections
 /// over them (nginx's `listen ... reuseport`). Port 0 picks one port for all of them.
+///
+/// An address in use is an error, as with one worker: the address is first bound once
+/// without `SO_REUSEPORT` (which fails while any socket listens there, `SO_REUSEPORT` or
+/// not), so a second kaproxy started by the same user does not silently share the port.
 pub fn bind_for_workers(
     addr: SocketAddr,
     workers: usize,
 ) -> io::Result<Vec<std::net::TcpListener>> {
-    let reuse_port = workers > 1;
-    let first = bind_std(addr, reuse_port)?;
-    let addr = first.local_addr()?;
-    let mut all = vec![first];
-    for _ in 1..workers {
-        all.push(bind_std(addr, reuse_port)?);
+    if workers <= 1 {
+        return Ok(vec![bind_std(addr, false)?]);
     }
-    Ok(all)
+    let addr = bind_std(addr, false)?.local_addr()?;
+    (0..workers).map(|_| bind_std(addr, true)).collect()
 }
 
 fn bind_std(addr: SocketAddr, reuse_port: bool) -> io::Result<std::net::TcpListener> {

@@ -136,3 +136,38 @@ fn zero_means_one_worker_per_available_core() {
     assert_eq!(kaproxy::workers::count(0), cores);
     assert_eq!(kaproxy::workers::count(3), 3);
 }
+
+#[tokio::test]
+async fn a_second_server_on_the_same_address_fails_to_bind_with_workers_too() {
+    let workers = Workers::start(WORKERS, Arc::new(|| {})).expect("worker threads");
+    let backend = DemoBackend::named("w").await;
+    let first = test_config(&upstream_toml(&backend))
+        .start_with(kaproxy::ServerOptions {
+            workers: workers.handles(),
+            ..Default::default()
+        })
+        .await;
+    let taken = first.server.http_addr().expect("http listener");
+    // The same address again, with workers (SO_REUSEPORT): refused, not shared.
+    let mut again = test_config(&upstream_toml(&backend));
+    again.config.listen.http = Some(taken);
+    again.config.listen.https = None;
+    again.config.admin.listen = None;
+    let second = kaproxy::Server::start_with(
+        again.config,
+        kaproxy::ServerOptions {
+            workers: workers.handles(),
+            ..Default::default()
+        },
+    )
+    .await;
+    match second {
+        Err(kaproxy::server::StartError::Bind { addr, .. }) => assert_eq!(addr, taken),
+        Err(e) => panic!("expected a bind error for {taken}, got {e}"),
+        Ok(_) => panic!("a second server bound {taken} next to the first"),
+    }
+    first.shutdown().await;
+    tokio::task::spawn_blocking(move || workers.stop())
+        .await
+        .expect("workers stop");
+}
