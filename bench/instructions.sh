@@ -40,10 +40,12 @@ fi
 [ ${#BINS[@]} -gt 0 ] || BINS=("$TARGET/release/kaproxy")
 BENCH="$TARGET/release/kaproxy-bench"
 
+# stop_pid: bench/lib.sh.
+. "$HERE/lib.sh"
 WORK=$(mktemp -d /tmp/kaproxy-instructions.XXXXXX)
 PIDS=()
 cleanup() {
-    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+    for pid in "${PIDS[@]}"; do stop_pid "$pid"; done
     rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -106,9 +108,8 @@ instructions() {
     PIDS+=($pid)
     for _ in $(seq 1 150); do curl -s -o /dev/null "http://127.0.0.1:$port/small" && break; sleep 0.2; done
     "$BENCH" -c16 -n "$n" "http://127.0.0.1:$port/small" >/dev/null 2>&1
-    kill -QUIT "$pid" 2>/dev/null || true
-    kill -TERM "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
+    # Under valgrind, exiting (and writing the profile) takes a while.
+    stop_pid "$pid" 300
     awk '/^(summary|totals):/ { print $2; exit }' "$out"
 }
 

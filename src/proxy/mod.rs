@@ -26,12 +26,11 @@ use tracing::{info, warn};
 use crate::body::{buffer_request, BodyDone, RequestBody, UpstreamBody};
 use crate::config::{Config, ForwardedConfig, UpstreamConfig};
 use crate::ops::metrics::Metrics;
-use crate::upstream::backend::per_worker;
+use crate::upstream::backend::worker_pools;
 use crate::upstream::backend::{
     Backend, BackendHealth, DEFAULT_PASSIVE_COOLDOWN, DEFAULT_PASSIVE_FALL,
 };
 use crate::upstream::balancer::Balancer;
-use crate::upstream::pool::{Learned, Pool};
 use crate::upstream::tls::{UpstreamTls, UpstreamTlsError};
 
 use forwarded::*;
@@ -119,29 +118,10 @@ impl Proxy {
                         let pools = old
                             .filter(|b| b.pool_config() == &u.pool)
                             .filter(|b| b.pools().len() == workers.len())
-                            .map(|b| {
-                                for p in b.pools() {
-                                    p.connector().set_tls(tls.clone());
-                                }
-                                b.pools().to_vec()
-                            })
+                            .map(|b| b.keep_pools(tls.clone()))
                             .unwrap_or_else(|| {
                                 let m = metrics.server(&u.name, server.addr);
-                                let learned = Arc::new(Learned::default());
-                                let share = per_worker(&u.pool, workers.len());
-                                workers
-                                    .iter()
-                                    .map(|rt| {
-                                        Pool::for_worker(
-                                            server.addr,
-                                            share.clone(),
-                                            m.clone(),
-                                            tls.clone(),
-                                            learned.clone(),
-                                            rt,
-                                        )
-                                    })
-                                    .collect()
+                                worker_pools(server.addr, &u.pool, m, tls.clone(), workers)
                             });
                         let health = BackendHealth::new(fall, cooldown);
                         // The probes' verdict survives a reload (only while probes run to

@@ -14,7 +14,8 @@ use tracing::warn;
 
 use crate::config::PoolConfig;
 use crate::ops::metrics::BackendMetrics;
-use crate::upstream::pool::Pool;
+use crate::upstream::pool::{Learned, Pool};
+use crate::upstream::tls::UpstreamTls;
 
 /// One upstream server: the balancer hands it out, the proxy sends through the pool of the
 /// worker it runs on and reports outcomes to it, the health probes write its active verdict.
@@ -104,6 +105,15 @@ impl Backend {
     /// The backend's keep-alive timeout as kaproxy believes it now.
     pub fn effective_keepalive(&self) -> Duration {
         self.pools[0].effective_keepalive()
+    }
+
+    /// Every worker's pool, kept for a new configuration (reload): warm connections stay,
+    /// new ones are opened with `tls` (its files read again).
+    pub fn keep_pools(&self, tls: Option<UpstreamTls>) -> Vec<Arc<Pool>> {
+        for p in self.pools.iter() {
+            p.connector().set_tls(tls.clone());
+        }
+        self.pools.to_vec()
     }
 
     /// Closes every idle connection of every worker (shutdown).
@@ -274,9 +284,29 @@ impl BackendHealth {
     }
 }
 
+/// One pool to the backend at `addr` on each of `workers`, each with its share of `cfg`, all
+/// sharing `metrics`, `tls` and what they learn of the backend.
+pub fn worker_pools(
+    addr: SocketAddr,
+    cfg: &PoolConfig,
+    metrics: Arc<BackendMetrics>,
+    tls: Option<UpstreamTls>,
+    workers: &[tokio::runtime::Handle],
+) -> Vec<Arc<Pool>> {
+    let learned = Arc::new(Learned::default());
+    let share = per_worker(cfg, workers.len());
+    workers
+        .iter()
+        .map(|rt| {
+            let (metrics, tls, learned) = (metrics.clone(), tls.clone(), learned.clone());
+            Pool::for_worker(addr, share.clone(), metrics, tls, learned, rt)
+        })
+        .collect()
+}
+
 /// One worker's share of `cfg` among `workers`: `max_connections_per_server` and
 /// `max_idle_per_server` divided, rounded up (README, "Workers"); the rest as configured.
-pub fn per_worker(cfg: &PoolConfig, workers: usize) -> PoolConfig {
+fn per_worker(cfg: &PoolConfig, workers: usize) -> PoolConfig {
     let share = |n: usize| n.div_ceil(workers.max(1)).max(1);
     PoolConfig {
         max_connections_per_server: share(cfg.max_connections_per_server),

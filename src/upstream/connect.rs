@@ -65,7 +65,7 @@ pub trait Connector: Send + Sync + Sized + 'static {
 
 /// A new TCP connection to the backend at `addr`, bounded by `connect_timeout`, with
 /// TCP_NODELAY and the configured TCP keepalive.
-pub async fn dial(addr: SocketAddr, cfg: &PoolConfig) -> Result<TcpStream, RequestError> {
+async fn dial(addr: SocketAddr, cfg: &PoolConfig) -> Result<TcpStream, RequestError> {
     let stream = tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(addr))
         .await
         .map_err(|_| RequestError::ConnectTimeout {

@@ -319,16 +319,26 @@ impl<C: Connector> Pool<C> {
     }
 
     /// Takes back a connection whose response finished cleanly.
-    fn release(&self, mut conn: Entry<C::Conn>, retire: Option<CloseReason>) {
+    fn release(self: &Arc<Self>, mut conn: Entry<C::Conn>, retire: Option<CloseReason>) {
+        let closed = retire.is_none() && conn.is_closed();
+        if retire.is_none() && !closed && !conn.conn.is_idle() {
+            // Rare: the backend answered before the request body was all written. The rest
+            // is written by a task of its own (the client's task has moved on), for at most
+            // idle_timeout; then the connection comes back here.
+            let pool = self.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(pool.cfg.idle_timeout, conn.conn.settle()).await {
+                    Ok(true) => pool.release(conn, None),
+                    _ => pool.close(conn, CloseReason::Error),
+                }
+            });
+            return;
+        }
         let now = Instant::now();
         conn.last_used = now;
         let reason = retire.or_else(|| {
-            if conn.is_closed() {
+            if closed {
                 Some(CloseReason::ServerClose)
-            } else if !conn.conn.is_idle() {
-                // Still busy with this exchange (an early response while the request body
-                // was being written): not safe to hand out.
-                Some(CloseReason::Error)
             } else if conn.requests >= self.cfg.max_requests_per_connection
                 || conn.remaining == Some(0)
             {
@@ -561,23 +571,9 @@ impl<C: Connector> PooledConn<C> {
 
     /// Gives the connection back after its response body ended cleanly.
     pub fn release(mut self) {
-        let Some(mut conn) = self.conn.take() else {
-            return;
-        };
-        if self.retire.is_some() || conn.is_closed() || conn.conn.is_idle() {
+        if let Some(conn) = self.conn.take() {
             self.pool.release(conn, self.retire);
-            return;
         }
-        // Rare: the backend answered before the request body was all written. The rest is
-        // written by a task of its own (the client's task has moved on), for at most
-        // idle_timeout, then the connection is pooled.
-        let pool = self.pool.clone();
-        tokio::spawn(async move {
-            match tokio::time::timeout(pool.cfg.idle_timeout, conn.conn.settle()).await {
-                Ok(true) => pool.release(conn, None),
-                _ => pool.close(conn, CloseReason::Error),
-            }
-        });
     }
 }
 
