@@ -2,7 +2,8 @@
 //! ports, used by the integration tests and `kaproxy-bench race --apache`: the free ports, the
 //! httpd.conf in a temporary ServerRoot, the process group it runs in, start, stop, hard restart,
 //! and, when asked, TLS with mod_ssl (a certificate, a required client certificate, a session
-//! cache so that sessions resume).
+//! cache so that sessions resume), the prefork MPM with a fixed number of workers (as with
+//! mod_php), and large files of deterministic pseudo-random content to download and checksum.
 
 use std::fmt::Write as _;
 use std::net::{SocketAddr, TcpListener};
@@ -30,6 +31,8 @@ pub const START_ATTEMPTS: usize = 3;
 pub const SLOW_BODY_LEN: usize = 300;
 /// The env var that turns a missing Apache from a skip into a failure (CI sets it).
 pub const REQUIRE_APACHE_ENV: &str = "KAPROXY_REQUIRE_APACHE";
+/// Apache's `Timeout` unless [`ApacheOptions::timeout`] says otherwise.
+pub const DEFAULT_TIMEOUT_SECS: u64 = 30;
 
 /// True when Apache's binary and module directory are there.
 pub fn apache_installed() -> bool {
@@ -84,6 +87,16 @@ pub struct ApacheOptions {
     /// With `tls`: require a client certificate signed by a CA of this PEM bundle
     /// (`SSLVerifyClient require`).
     pub client_ca: Option<PathBuf>,
+    /// `Some(n)`: the prefork MPM with exactly `n` single-threaded children
+    /// (`MaxRequestWorkers n`), as with mod_php; `threads_per_child` is then unused.
+    /// `None` (the default): mpm_event with `threads_per_child`.
+    pub prefork_workers: Option<u32>,
+    /// Apache's `Timeout` (whole seconds, at least 1): how long a read from or a write to a
+    /// client may wait. Default 30 s (Debian's apache2.conf says 300).
+    pub timeout: Duration,
+    /// Files written into htdocs besides the built-in ones: (name, length in bytes), each with
+    /// the content of [`file_content`] (see [`ApacheOptions::file`]).
+    pub files: Vec<(String, u64)>,
 }
 
 impl ApacheOptions {
@@ -97,7 +110,37 @@ impl ApacheOptions {
             threads_per_child: 64,
             tls: None,
             client_ca: None,
+            prefork_workers: None,
+            timeout: Duration::from_secs(DEFAULT_TIMEOUT_SECS),
+            files: Vec::new(),
         }
+    }
+
+    /// The prefork MPM (`LoadModule mpm_prefork_module`, as Debian runs Apache with mod_php)
+    /// with exactly `max_request_workers` children, all started at once and kept:
+    /// `StartServers`, `MaxSpareServers`, `ServerLimit` and `MaxRequestWorkers` are all
+    /// `max_request_workers` (at least 1), `MinSpareServers 1`, `MaxConnectionsPerChild 0`.
+    /// Each child serves one connection at a time, keep-alive included; connections beyond
+    /// that wait in the listen backlog.
+    pub fn prefork(mut self, max_request_workers: u32) -> Self {
+        self.prefork_workers = Some(max_request_workers.max(1));
+        self
+    }
+
+    /// Apache's `Timeout`, in whole seconds (rounded down, at least 1 s).
+    pub fn timeout(mut self, t: Duration) -> Self {
+        self.timeout = t;
+        self
+    }
+
+    /// Puts `htdocs/NAME` of `len` bytes, the content of [`file_content`], so that a client
+    /// can download `GET /NAME` and compare [`file_digest`]`(len)` with a [`Digest`] of what it
+    /// received. `name` is a plain file name (no `/`). Apache serves it for GET and HEAD, and
+    /// for POST too: the core handler reads (and discards) the whole request body before it
+    /// answers with the file, as a script that reads its input would.
+    pub fn file(mut self, name: &str, len: u64) -> Self {
+        self.files.push((name.to_string(), len));
+        self
     }
 
     /// Serves TLS on every port (`SSLEngine on`) with this PEM certificate chain and key,
@@ -141,7 +184,8 @@ impl ApacheOptions {
 /// for overlapping requests: `GET /slow.txt` (300 bytes trickled by mod_ratelimit at 1 KiB/s,
 /// about 200 ms) and `POST /echo-slow` (the echo, trickled the same way). Every response
 /// carries `X-Backend`, `X-Seen-Forwarded-For`, `X-Seen-X-Foo`, `X-Seen-Proxy-Connection`,
-/// `X-Seen-Connection` (what it received, via mod_headers).
+/// `X-Seen-Connection` (what it received, via mod_headers). The files of
+/// [`ApacheOptions::file`] are served at `/NAME` (GET, and POST with the body read whole).
 ///
 /// Only loopback, only this launcher's processes: the instance runs in its own process group,
 /// which is what `stop`, `hard_restart` and drop signal.
@@ -200,6 +244,11 @@ impl Apache {
     /// Whether it serves TLS ([`ApacheOptions::tls`]).
     pub fn is_tls(&self) -> bool {
         self.opts.tls.is_some()
+    }
+
+    /// Its DocumentRoot (where [`ApacheOptions::file`] files are).
+    pub fn htdocs(&self) -> PathBuf {
+        self.dir.path().join("htdocs")
     }
 
     /// The content of its error log (for failure messages).
@@ -324,6 +373,20 @@ impl Apache {
             format!("<html><body>hello from {}</body></html>\n", self.opts.name),
         )?;
         std::fs::write(htdocs.join("slow.txt"), [b's'; SLOW_BODY_LEN])?;
+        for (name, len) in &self.opts.files {
+            if name.is_empty() || name.contains('/') || name.starts_with('.') {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!("file name {name:?}: a plain file name is expected"),
+                ));
+            }
+            let path = htdocs.join(name);
+            // A hard restart writes the config again; the file is already there.
+            if std::fs::metadata(&path).map(|m| m.len()).ok() != Some(*len) {
+                write_file_content(&path, *len)?;
+            }
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644))?;
+        }
         // Apache's children run as www-data when started by root and must read these.
         for (path, mode) in [
             (root.to_path_buf(), 0o755),
@@ -352,8 +415,12 @@ impl Apache {
         writeln!(conf, "DefaultRuntimeDir \"{r}/run\"").unwrap();
         writeln!(conf, "ErrorLog \"{r}/error.log\"").unwrap();
         writeln!(conf, "LogLevel warn").unwrap();
+        let mpm = match self.opts.prefork_workers {
+            Some(_) => "mpm_prefork",
+            None => "mpm_event",
+        };
         for module in [
-            "mpm_event",
+            mpm,
             "authz_core",
             "headers",
             "mime",
@@ -385,16 +452,37 @@ impl Apache {
         if is_root() {
             writeln!(conf, "User www-data\nGroup www-data").unwrap();
         }
-        let threads = self.opts.threads_per_child;
-        write!(
-            conf,
-            r#"StartServers 1
+        match self.opts.prefork_workers {
+            None => {
+                let threads = self.opts.threads_per_child;
+                write!(
+                    conf,
+                    r#"StartServers 1
 ServerLimit 2
 ThreadsPerChild {threads}
 MaxRequestWorkers {workers}
 MinSpareThreads 16
 MaxSpareThreads {workers}
-Timeout 30
+"#,
+                    workers = threads * 2,
+                )
+                .unwrap();
+            }
+            Some(n) => write!(
+                conf,
+                r#"StartServers {n}
+MinSpareServers 1
+MaxSpareServers {n}
+ServerLimit {n}
+MaxRequestWorkers {n}
+MaxConnectionsPerChild 0
+"#
+            )
+            .unwrap(),
+        }
+        write!(
+            conf,
+            r#"Timeout {timeout}
 KeepAlive On
 KeepAliveTimeout {keep_alive_timeout}
 MaxKeepAliveRequests {max}
@@ -422,7 +510,7 @@ Header always set X-Seen-Connection "expr=%{{req:Connection}}"
     SetEnv rate-limit 1
 </Location>
 "#,
-            workers = threads * 2,
+            timeout = self.opts.timeout.as_secs().max(1),
             max = self.opts.max_keep_alive_requests,
             name = self.opts.name,
         )
@@ -438,6 +526,112 @@ impl Drop for Apache {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Fills `buf` with bytes `offset..offset + buf.len()` of the content every
+/// [`ApacheOptions::file`] has: a pseudo-random stream (SplitMix64 of the 8-byte block index,
+/// little-endian) that depends on the offset only, so any range can be checked on its own and
+/// files of different lengths share their prefix.
+pub fn fill_file_content(offset: u64, buf: &mut [u8]) {
+    let mut pos = offset;
+    let mut i = 0;
+    while i < buf.len() {
+        let block = splitmix64(pos / 8).to_le_bytes();
+        let start = (pos % 8) as usize;
+        let n = (8 - start).min(buf.len() - i);
+        buf[i..i + n].copy_from_slice(&block[start..start + n]);
+        i += n;
+        pos += n as u64;
+    }
+}
+
+/// The first `len` bytes of the content of [`ApacheOptions::file`] files.
+pub fn file_content(len: usize) -> Vec<u8> {
+    let mut buf = vec![0; len];
+    fill_file_content(0, &mut buf);
+    buf
+}
+
+/// The [`Digest`] of a whole [`ApacheOptions::file`] file of `len` bytes.
+pub fn file_digest(len: u64) -> u64 {
+    let mut digest = Digest::new();
+    let mut buf = vec![0; CONTENT_CHUNK];
+    let mut offset = 0;
+    while offset < len {
+        let n = (len - offset).min(CONTENT_CHUNK as u64) as usize;
+        fill_file_content(offset, &mut buf[..n]);
+        digest.update(&buf[..n]);
+        offset += n as u64;
+    }
+    digest.finish()
+}
+
+/// A streaming FNV-1a 64-bit digest of downloaded bytes, to compare with [`file_digest`]
+/// (a checksum against corruption and truncation, not a cryptographic hash).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Digest {
+    state: u64,
+    len: u64,
+}
+
+impl Digest {
+    pub fn new() -> Self {
+        Digest {
+            state: 0xcbf2_9ce4_8422_2325,
+            len: 0,
+        }
+    }
+
+    pub fn update(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.state ^= u64::from(b);
+            self.state = self.state.wrapping_mul(0x0100_0000_01b3);
+        }
+        self.len += bytes.len() as u64;
+    }
+
+    /// How many bytes went in.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn finish(&self) -> u64 {
+        self.state
+    }
+}
+
+impl Default for Digest {
+    fn default() -> Self {
+        Digest::new()
+    }
+}
+
+/// Chunk in which file content is generated and written.
+const CONTENT_CHUNK: usize = 1 << 20;
+
+fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+fn write_file_content(path: &Path, len: u64) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
+    let mut buf = vec![0; CONTENT_CHUNK];
+    let mut offset = 0;
+    while offset < len {
+        let n = (len - offset).min(CONTENT_CHUNK as u64) as usize;
+        fill_file_content(offset, &mut buf[..n]);
+        out.write_all(&buf[..n])?;
+        offset += n as u64;
+    }
+    out.flush()
 }
 
 /// Sends a signal to the process group led by `pgid` (a group this launcher created).
@@ -462,4 +656,77 @@ fn is_root() -> bool {
 /// A loopback port that was free a moment ago.
 fn free_port() -> std::io::Result<SocketAddr> {
     TcpListener::bind("127.0.0.1:0")?.local_addr()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[test]
+    fn file_content_depends_on_the_offset_only() {
+        let whole = file_content(1000);
+        let mut part = vec![0; 101];
+        fill_file_content(333, &mut part);
+        assert_eq!(&whole[333..434], &part[..]);
+        assert_eq!(&file_content(10)[..], &whole[..10]);
+        // Not a constant pattern.
+        assert!(whole.windows(8).any(|w| w != &whole[..8]));
+        let mut d = Digest::new();
+        d.update(&whole[..500]);
+        d.update(&whole[500..]);
+        assert_eq!(d.finish(), file_digest(1000));
+        assert_eq!(d.len(), 1000);
+        assert_ne!(file_digest(1000), file_digest(999));
+    }
+
+    /// One request on a fresh connection (`Connection: close`); returns the head and the body.
+    async fn request(addr: SocketAddr, req: &[u8]) -> (String, Vec<u8>) {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(req).await.unwrap();
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).await.unwrap();
+        let end = out.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+        let head = String::from_utf8_lossy(&out[..end]).to_string();
+        (head, out[end + 4..].to_vec())
+    }
+
+    #[tokio::test]
+    async fn prefork_serves_a_file_for_get_and_post() {
+        if !require_apache() {
+            return;
+        }
+        const LEN: u64 = 300_001;
+        let apache = Apache::start(
+            ApacheOptions::new("prefork")
+                .prefork(2)
+                .timeout(Duration::from_secs(5))
+                .file("f.bin", LEN),
+        )
+        .await
+        .expect("apache starts");
+        let conf = std::fs::read_to_string(apache.dir.path().join("httpd.conf")).unwrap();
+        assert!(conf.contains("mod_mpm_prefork.so") && conf.contains("MaxRequestWorkers 2"));
+        assert!(!conf.contains("ThreadsPerChild") && conf.contains("Timeout 5\n"));
+        let (head, body) = request(
+            apache.addr(),
+            b"GET /f.bin HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        let mut d = Digest::new();
+        d.update(&body);
+        assert_eq!((d.len(), d.finish()), (LEN, file_digest(LEN)));
+        // POST: the body is read whole before the file is sent.
+        let mut post = b"POST /f.bin HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
+                         Content-Length: 100000\r\n\r\n"
+            .to_vec();
+        post.extend(std::iter::repeat_n(b'p', 100_000));
+        let (head, body) = request(apache.addr(), &post).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert_eq!(body.len() as u64, LEN);
+        // The default stays mpm_event.
+        let opts = ApacheOptions::new("event");
+        assert_eq!((opts.prefork_workers, opts.files.len()), (None, 0));
+    }
 }
