@@ -169,7 +169,7 @@ impl Connector {
     }
 }
 
-fn client_tls_config(
+pub(crate) fn client_tls_config(
     version: HttpVersion,
     opts: &TlsOptions,
 ) -> anyhow::Result<rustls::ClientConfig> {

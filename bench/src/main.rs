@@ -1,6 +1,7 @@
-//! kaproxy-bench: the load generator (`kaproxy-bench [OPTIONS] URL`) and the keep-alive race
-//! reproducer (`kaproxy-bench race`). This file only parses arguments and prints; the work is
-//! in the modules.
+//! kaproxy-bench: the load generator (`kaproxy-bench [OPTIONS] URL`), the keep-alive race
+//! reproducer (`kaproxy-bench race`), slow clients against a proxy (`kaproxy-bench slow`) and a
+//! real Apache for scripts (`kaproxy-bench apache`). This file only parses arguments and
+//! prints; the work is in the modules.
 //!
 //! # Layout
 //!
@@ -10,16 +11,21 @@
 //! - [`classify`]: error classes (connect refused, reset, closed before response, timeout).
 //! - [`stats`]: HDR latency histogram, status classes, the report (text and JSON).
 //! - [`race`]: `kaproxy-bench race`, naive pool vs kaproxy against Apache-like backends.
+//! - [`slow`]: `kaproxy-bench slow`, slow uploaders, slow readers and stalled HTTP/2 streams
+//!   beside a legitimate client (issue 16).
+//! - [`apache`]: `kaproxy-bench apache`, one testkit Apache (e.g. prefork) until SIGTERM.
 //!
 //! The backends `race` runs against (demo backends, the delay relay, real Apache) come from
 //! `kaproxy-testkit`.
 #![forbid(unsafe_code)]
 
+mod apache;
 mod args;
 mod classify;
 mod conn;
 mod load;
 mod race;
+mod slow;
 mod stats;
 
 use std::io::IsTerminal;
@@ -57,6 +63,12 @@ struct Cli {
 enum Command {
     /// Reproduce the keep-alive race on loopback: a naive pool vs kaproxy's, side by side.
     Race(race::RaceArgs),
+    /// Slow uploaders, slow readers and stalled HTTP/2 streams against a proxy, beside a
+    /// legitimate client whose answers within 1 s are counted (issue 16).
+    Slow(Box<slow::SlowArgs>),
+    /// Run a real Apache httpd (testkit's launcher, e.g. --prefork 8) on loopback until
+    /// SIGTERM, writing its address to --addr-file (for bench/slowclients.sh).
+    Apache(apache::ApacheArgs),
 }
 
 #[derive(Args, Debug)]
@@ -132,6 +144,8 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Some(Command::Slow(args)) => runtime.block_on(slow::run(*args)),
+        Some(Command::Apache(args)) => runtime.block_on(apache::run(args)),
         None => runtime.block_on(load_command(cli.load)),
     }
 }
@@ -262,6 +276,17 @@ mod tests {
         assert_eq!(cli.load.duration, Some(Duration::from_secs(2)));
         let cli = Cli::try_parse_from(["kaproxy-bench", "race", "--requests", "100"]).unwrap();
         assert!(matches!(cli.command, Some(Command::Race(_))));
+        let cli = Cli::try_parse_from([
+            "kaproxy-bench",
+            "slow",
+            "--h2-conns",
+            "2",
+            "--h2-url",
+            "https://127.0.0.1:8443/u",
+            "http://127.0.0.1:8080",
+        ])
+        .unwrap();
+        assert!(matches!(cli.command, Some(Command::Slow(_))));
         assert!(Cli::try_parse_from(["kaproxy-bench"]).is_err());
     }
 }
