@@ -29,7 +29,9 @@
 //!   and `POST /reload`), [`ops::probe`] (`kaproxy probe`).
 //! - [`server`]: the running proxy: builds a generation, binds, spawns, drains.
 //! - [`config`]: TOML → validated, typed [`config::Config`]; the keep-alive timeline of `check`.
-//! - [`body`]: request bodies in transit (`body_timeout`, buffering) and [`body::BodyError`].
+//! - [`body`]: bodies in transit: request bodies (`body_timeout`, the size cap, read whole
+//!   or streamed), the memory budget ([`body::budget`]), temporary files ([`body::spill`]),
+//!   responses read as fast as the backend sends them ([`body::relay`]); [`body::BodyError`].
 //! - [`workers`]: the worker threads, one current-thread runtime each, and [`workers::index`].
 //! - [`sync`]: how a lock is taken (a poisoned lock is used as is), one way everywhere.
 //! - [`error`]: typed upstream errors, each knowing its kind and whether it may be retried.

@@ -1,8 +1,18 @@
-//! Owns the bodies on their way through kaproxy: the downstream request body with its
-//! `body_timeout`, the buffering of a small request body before an upstream connection is
-//! taken (`request_buffer_bytes`), the read-ahead of a small response so its upstream
-//! connection goes back to the pool at once (`response_buffer_bytes`), and [`BodyError`],
-//! which says that a broken request body is the client's fault, never the backend's.
+//! Owns the bodies on their way through kaproxy (README, "Buffering"): the downstream request
+//! body with its `body_timeout` and `max_request_body_bytes`, a request body read whole before
+//! an upstream connection is taken (in memory up to `request_buffer_bytes`, then in a
+//! temporary file: [`read_whole`]), or its first part when it streams ([`buffer_request`]),
+//! and [`BodyError`], which says that a broken request body is never the backend's fault.
+//!
+//! Beside it: [`budget`] (the memory every body buffer of the process shares), [`spill`] (the
+//! temporary files) and [`relay`] (a response read as fast as the backend sends it).
+
+pub mod budget;
+pub mod relay;
+pub mod spill;
+
+pub use budget::{Buffering, Memory};
+pub use spill::{SpillError, SpillFile};
 
 use std::future::Future;
 use std::pin::Pin;
@@ -20,8 +30,8 @@ use tokio::time::{Instant, Sleep};
 /// it tells the downstream connection that its request has been read in full.
 pub type BodyDone = Arc<dyn Send + Sync>;
 
-/// Why a downstream request body could not be read. Always the client's fault: answered
-/// 400/408 and never counted against a backend (see README, "Hostile clients").
+/// Why a downstream request body could not be read or held. Never the backend's fault:
+/// answered 400/408/413/500 and never counted against a backend (README, "Hostile clients").
 #[derive(Debug, thiserror::Error)]
 pub enum BodyError {
     /// No byte of the body arrived for `body_timeout` (nginx's client_body_timeout): 408.
@@ -30,6 +40,13 @@ pub enum BodyError {
     /// Bad framing (a broken chunk size or line), or the client went away mid-body: 400.
     #[error("request body: {0}")]
     Malformed(#[source] hyper::Error),
+    /// More than `max_request_body_bytes` (nginx's client_max_body_size): 413.
+    #[error("request body larger than max_request_body_bytes ({0} bytes)")]
+    TooLarge(u64),
+    /// kaproxy could not keep the body in a temporary file (disk full, directory gone): 500,
+    /// as nginx answers when it cannot write its client_body_temp_path.
+    #[error("request body: {0}")]
+    Spill(#[from] SpillError),
 }
 
 impl BodyError {
@@ -38,6 +55,8 @@ impl BodyError {
         match self {
             BodyError::Timeout(_) => http::StatusCode::REQUEST_TIMEOUT,
             BodyError::Malformed(_) => http::StatusCode::BAD_REQUEST,
+            BodyError::TooLarge(_) => http::StatusCode::PAYLOAD_TOO_LARGE,
+            BodyError::Spill(_) => http::StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -56,11 +75,15 @@ impl BodyError {
 }
 
 /// A downstream request body on its way upstream: fails with [`BodyError::Timeout`] when the
-/// client sends nothing for `body_timeout`, and drops its `done` guard at its end.
+/// client sends nothing for `body_timeout`, with [`BodyError::TooLarge`] past `max` bytes,
+/// and drops its `done` guard at its end.
 pub struct RequestBody {
     inner: Incoming,
     done: Option<BodyDone>,
     timeout: Duration,
+    /// `max_request_body_bytes`, and how much has arrived.
+    max: Option<u64>,
+    read: u64,
     /// Armed at the first read that finds nothing; boxed because most bodies never wait.
     deadline: Option<Pin<Box<Sleep>>>,
     /// Data arrived since the deadline was last set: the next wait starts a new gap.
@@ -68,11 +91,18 @@ pub struct RequestBody {
 }
 
 impl RequestBody {
-    pub fn new(inner: Incoming, done: Option<BodyDone>, timeout: Duration) -> Self {
+    pub fn new(
+        inner: Incoming,
+        done: Option<BodyDone>,
+        timeout: Duration,
+        max: Option<u64>,
+    ) -> Self {
         RequestBody {
             inner,
             done,
             timeout,
+            max,
+            read: 0,
             deadline: None,
             progressed: false,
         }
@@ -113,6 +143,13 @@ impl Body for RequestBody {
             }
             Poll::Ready(Some(Ok(frame))) => {
                 this.progressed = true;
+                if let (Some(max), Some(data)) = (this.max, frame.data_ref()) {
+                    this.read += data.len() as u64;
+                    if this.read > max {
+                        this.done = None;
+                        return Poll::Ready(Some(Err(BodyError::TooLarge(max))));
+                    }
+                }
                 if this.inner.is_end_stream() {
                     this.done = None;
                 }
@@ -138,24 +175,43 @@ impl Body for RequestBody {
     }
 }
 
-/// The body kaproxy sends upstream: nothing, a buffered body (which a retry can send again),
-/// or a body streaming from the client after the part already buffered.
+/// The body kaproxy sends upstream: nothing, a body read whole (in memory or in a temporary
+/// file; a retry can send it again), or a body streaming from the client after the part
+/// already read.
 pub enum UpstreamBody {
     Empty,
-    Full(Option<Bytes>),
+    /// Whole, in memory; its share of the budget is held while any copy of it lives.
+    Full {
+        data: Option<Bytes>,
+        held: Option<Arc<Memory>>,
+    },
+    /// Whole, in a temporary file, read back a chunk at a time.
+    File(spill::FileReader),
     Stream {
-        prefix: Option<Bytes>,
+        /// What was read before it had to stream, with its share of the budget.
+        prefix: Option<(Bytes, Memory)>,
         rest: RequestBody,
     },
 }
 
 impl UpstreamBody {
-    /// A body that can be built again for a retry: empty or wholly buffered.
+    /// A body that can be built again for a retry: empty or read whole.
     pub fn replay(&self) -> Option<UpstreamBody> {
         match self {
             UpstreamBody::Empty => Some(UpstreamBody::Empty),
-            UpstreamBody::Full(b) => Some(UpstreamBody::Full(b.clone())),
+            UpstreamBody::Full { data, held } => Some(UpstreamBody::Full {
+                data: data.clone(),
+                held: held.clone(),
+            }),
+            UpstreamBody::File(reader) => Some(UpstreamBody::File(reader.replay(0))),
             UpstreamBody::Stream { .. } => None,
+        }
+    }
+
+    fn full(data: Bytes, held: Memory) -> UpstreamBody {
+        UpstreamBody::Full {
+            data: Some(data),
+            held: Some(Arc::new(held)),
         }
     }
 }
@@ -170,9 +226,10 @@ impl Body for UpstreamBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.get_mut() {
             UpstreamBody::Empty => Poll::Ready(None),
-            UpstreamBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            UpstreamBody::Full { data, .. } => Poll::Ready(data.take().map(|b| Ok(Frame::data(b)))),
+            UpstreamBody::File(reader) => Pin::new(reader).poll_frame(cx),
             UpstreamBody::Stream { prefix, rest } => match prefix.take() {
-                Some(b) => Poll::Ready(Some(Ok(Frame::data(b)))),
+                Some((b, _held)) => Poll::Ready(Some(Ok(Frame::data(b)))),
                 None => Pin::new(rest).poll_frame(cx),
             },
         }
@@ -181,7 +238,8 @@ impl Body for UpstreamBody {
     fn is_end_stream(&self) -> bool {
         match self {
             UpstreamBody::Empty => true,
-            UpstreamBody::Full(b) => b.is_none(),
+            UpstreamBody::Full { data, .. } => data.is_none(),
+            UpstreamBody::File(reader) => reader.is_end_stream(),
             UpstreamBody::Stream { prefix, rest } => prefix.is_none() && rest.is_end_stream(),
         }
     }
@@ -189,9 +247,12 @@ impl Body for UpstreamBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             UpstreamBody::Empty => SizeHint::with_exact(0),
-            UpstreamBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            UpstreamBody::Full { data, .. } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |b| b.len() as u64))
+            }
+            UpstreamBody::File(reader) => reader.size_hint(),
             UpstreamBody::Stream { prefix, rest } => {
-                let extra = prefix.as_ref().map_or(0, |b| b.len() as u64);
+                let extra = prefix.as_ref().map_or(0, |(b, _)| b.len() as u64);
                 let inner = rest.size_hint();
                 let mut hint = SizeHint::new();
                 hint.set_lower(inner.lower() + extra);
@@ -204,38 +265,89 @@ impl Body for UpstreamBody {
     }
 }
 
-/// Reads a request body whole when it fits in `limit` bytes, so that a slow upload is
-/// received by kaproxy before any backend is involved (nginx's request buffering). A body
-/// announced larger than `limit`, or found larger while reading, streams after what was read.
+/// Reads a request body whole before any backend is involved (`request_buffering`, nginx's
+/// `proxy_request_buffering on`): in memory up to `memory_max` bytes while the budget has
+/// them, else — or once it grows past that — in a temporary file, until its end. A slow upload
+/// then never holds an upstream connection, and the body can be sent again on a retry.
+/// Trailers of a buffered body are dropped (nginx drops them too).
+pub async fn read_whole(
+    mut body: RequestBody,
+    memory_max: usize,
+    buffering: &Buffering,
+) -> Result<UpstreamBody, BodyError> {
+    let mut held = buffering.memory();
+    let mut read = Collected::default();
+    let mut file: Option<SpillFile> = None;
+    // A body announced larger than its memory share goes to disk from its first byte.
+    if body.size_hint().lower() > memory_max as u64 {
+        file = Some(SpillFile::create(buffering, spill::Direction::Request).await?);
+    }
+    while !body.is_end_stream() {
+        let Some(frame) = body.frame().await else {
+            break;
+        };
+        let Ok(data) = frame?.into_data() else {
+            continue;
+        };
+        if let Some(file) = &mut file {
+            file.append(data).await?;
+            continue;
+        }
+        if read.len + data.len() <= memory_max && held.try_grow(data.len()) {
+            read.push(data);
+            continue;
+        }
+        // Past its memory share, or the budget is spent: what was read goes to the file
+        // first, and its memory is given back.
+        let mut spill = SpillFile::create(buffering, spill::Direction::Request).await?;
+        let so_far = std::mem::take(&mut read).into_bytes();
+        if !so_far.is_empty() {
+            spill.append(so_far).await?;
+        }
+        held.shrink(held.bytes());
+        spill.append(data).await?;
+        file = Some(spill);
+    }
+    Ok(match file {
+        Some(file) => UpstreamBody::File(spill::FileReader::whole(Arc::new(file))),
+        None if read.len == 0 => UpstreamBody::Empty,
+        None => UpstreamBody::full(read.into_bytes(), held),
+    })
+}
+
+/// Reads the first part of a request body that streams (`request_buffering = false`): whole
+/// when it fits in `limit` bytes (and the budget has them), so a small slow upload still never
+/// holds an upstream connection; a body announced larger, or found larger while reading,
+/// streams after what was read.
 pub async fn buffer_request(
     mut body: RequestBody,
     limit: usize,
+    buffering: &Buffering,
 ) -> Result<UpstreamBody, BodyError> {
+    let stream = |prefix: Option<(Bytes, Memory)>, rest| UpstreamBody::Stream { prefix, rest };
     if body.size_hint().lower() > limit as u64 {
-        return Ok(UpstreamBody::Stream {
-            prefix: None,
-            rest: body,
-        });
+        return Ok(stream(None, body));
     }
+    let mut held = buffering.memory();
     let mut read = Collected::default();
     while !body.is_end_stream() {
         match body.frame().await {
             None => break,
             Some(frame) => {
-                // Trailers of a buffered body are dropped (nginx drops them too).
                 if let Ok(data) = frame?.into_data() {
+                    let fits = read.len + data.len() <= limit && held.try_grow(data.len());
+                    if !fits {
+                        held.force_grow(data.len());
+                    }
                     read.push(data);
+                    if !fits {
+                        return Ok(stream(Some((read.into_bytes(), held)), body));
+                    }
                 }
             }
         }
-        if read.len > limit {
-            return Ok(UpstreamBody::Stream {
-                prefix: Some(read.into_bytes()),
-                rest: body,
-            });
-        }
     }
-    Ok(UpstreamBody::Full(Some(read.into_bytes())))
+    Ok(UpstreamBody::full(read.into_bytes(), held))
 }
 
 /// Data frames read so far, kept without copying while there is only one.

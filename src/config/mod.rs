@@ -70,6 +70,17 @@ const DEFAULT_MAX_CONNECTIONS: usize = 0;
 pub const DEFAULT_REQUEST_BUFFER_BYTES: usize = 65_536;
 /// nginx's proxy_buffers 8 × 8 KiB = 64 KiB read ahead from the backend.
 pub const DEFAULT_RESPONSE_BUFFER_BYTES: usize = 65_536;
+/// 1 GiB: Apache's own `LimitRequestBody` default since 2.4.54, so kaproxy refuses no body the
+/// Apache behind it would accept; nginx's 1 MiB `client_max_body_size` breaks ordinary uploads
+/// (photos, videos, backups), and a cap is needed at all because a buffered body takes disk.
+pub const DEFAULT_MAX_REQUEST_BODY_BYTES: u64 = 1 << 30;
+/// nginx's `proxy_max_temp_file_size` 1 GiB: how much of one response may wait on disk for a
+/// slow client before the backend is made to wait instead.
+pub const DEFAULT_MAX_RESPONSE_SPILL_BYTES: u64 = 1 << 30;
+/// 128 MiB for every in-memory body buffer together: 2 048 bodies at the default 64 KiB
+/// buffers; past it bodies go to disk at once (slower, never lost). A fixed figure rather than
+/// a share of RAM, so that what kaproxy may hold does not change with the machine.
+pub const DEFAULT_BUFFER_MEMORY_LIMIT: usize = 128 << 20;
 /// Apache httpd's default KeepAliveTimeout 5 s.
 const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Apache's 5 s minus the 500 ms safety margin, rounded down to whole seconds.
@@ -154,6 +165,8 @@ pub struct Config {
     pub admin: AdminConfig,
     pub runtime: RuntimeConfig,
     pub log: LogConfig,
+    /// `[buffering]`: the memory budget and temp directory of every body buffer.
+    pub buffering: BufferingConfig,
     /// `[demo]`: built-in Apache-like backends started before serving (development only).
     pub demo: Option<DemoConfig>,
 }
@@ -333,12 +346,25 @@ pub struct RetryConfig {
     pub retry_on_timeout: bool,
 }
 
-/// The buffering keys of `[upstreams.NAME]`: how much of a request body is read before an
-/// upstream connection is taken, and how much of a response is read ahead from the backend.
+/// The buffering keys of `[upstreams.NAME]` (README, "Buffering"): whether a request body is
+/// read whole (memory, then a temporary file) before an upstream connection is taken, whether
+/// a response is read as fast as the backend sends it, and the limits of both.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BufferConfig {
+    /// Bytes of one request body kept in memory; past it the body goes to a temporary file
+    /// (or, with `request_buffering = false`, streams).
     pub request_buffer_bytes: usize,
+    /// Bytes of one response kept in memory ahead of the client; past it, a temporary file.
     pub response_buffer_bytes: usize,
+    /// `request_buffering`: the whole body is read before a backend is picked.
+    pub request_buffering: bool,
+    /// `max_request_body_bytes`: larger bodies get 413. None: no limit (`0` in the file).
+    pub max_request_body_bytes: Option<u64>,
+    /// `response_buffering`: responses are read as fast as the backend sends them.
+    pub response_buffering: bool,
+    /// `max_response_spill_bytes`: the most of one response on disk; past it the backend
+    /// waits for the client. 0: responses never go to disk.
+    pub max_response_spill_bytes: u64,
 }
 
 impl Default for BufferConfig {
@@ -346,6 +372,31 @@ impl Default for BufferConfig {
         BufferConfig {
             request_buffer_bytes: DEFAULT_REQUEST_BUFFER_BYTES,
             response_buffer_bytes: DEFAULT_RESPONSE_BUFFER_BYTES,
+            request_buffering: true,
+            max_request_body_bytes: Some(DEFAULT_MAX_REQUEST_BODY_BYTES),
+            response_buffering: true,
+            max_response_spill_bytes: DEFAULT_MAX_RESPONSE_SPILL_BYTES,
+        }
+    }
+}
+
+/// `[buffering]`: what every body buffer of the process shares.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BufferingConfig {
+    /// Bytes of every in-memory body buffer together (requests and responses, HTTP/1 and
+    /// every HTTP/2 stream); past it new bodies go to disk at once.
+    pub memory_limit: usize,
+    /// Where bodies spill. None (`""`): the system's temp dir (`TMPDIR`, else `/tmp`).
+    #[serde(deserialize_with = "optional_dir")]
+    pub temp_dir: Option<PathBuf>,
+}
+
+impl Default for BufferingConfig {
+    fn default() -> Self {
+        BufferingConfig {
+            memory_limit: DEFAULT_BUFFER_MEMORY_LIMIT,
+            temp_dir: None,
         }
     }
 }

@@ -27,6 +27,7 @@ pub(super) struct RawConfig {
     admin: AdminConfig,
     runtime: RuntimeConfig,
     log: LogConfig,
+    buffering: BufferingConfig,
     demo: Option<DemoConfig>,
 }
 
@@ -66,6 +67,10 @@ pub(super) struct RawUpstream {
     ip_hash_prefix_v6: u8,
     request_buffer_bytes: usize,
     response_buffer_bytes: usize,
+    request_buffering: bool,
+    max_request_body_bytes: u64,
+    response_buffering: bool,
+    max_response_spill_bytes: u64,
     retry_on_timeout: bool,
     health: Option<HealthConfig>,
     /// TLS to the backends; the `tls_*` keys below count only with `tls = true`. They are
@@ -103,6 +108,10 @@ impl Default for RawUpstream {
             ip_hash_prefix_v6: DEFAULT_IP_HASH_PREFIX_V6,
             request_buffer_bytes: DEFAULT_REQUEST_BUFFER_BYTES,
             response_buffer_bytes: DEFAULT_RESPONSE_BUFFER_BYTES,
+            request_buffering: true,
+            max_request_body_bytes: DEFAULT_MAX_REQUEST_BODY_BYTES,
+            response_buffering: true,
+            max_response_spill_bytes: DEFAULT_MAX_RESPONSE_SPILL_BYTES,
             retry_on_timeout: false,
             health: None,
             tls: false,
@@ -195,6 +204,11 @@ impl RawUpstream {
             buffers: BufferConfig {
                 request_buffer_bytes: self.request_buffer_bytes,
                 response_buffer_bytes: self.response_buffer_bytes,
+                request_buffering: self.request_buffering,
+                // nginx's `client_max_body_size 0`: no limit.
+                max_request_body_bytes: Some(self.max_request_body_bytes).filter(|&n| n > 0),
+                response_buffering: self.response_buffering,
+                max_response_spill_bytes: self.max_response_spill_bytes,
             },
             ip_hash_prefix_v4: self.ip_hash_prefix_v4,
             ip_hash_prefix_v6: self.ip_hash_prefix_v6,
@@ -228,6 +242,7 @@ impl RawConfig {
             admin: self.admin,
             runtime: self.runtime,
             log: self.log,
+            buffering: self.buffering,
             demo: self.demo,
         };
         (config, problems)
@@ -379,6 +394,12 @@ pub(super) fn server_name<'de, D: Deserializer<'de>>(
 }
 
 /// A duration where "0s" means off.
+/// A directory path; `""` is None (a default applies).
+pub(super) fn optional_dir<'de, D: Deserializer<'de>>(d: D) -> Result<Option<PathBuf>, D::Error> {
+    let s = String::deserialize(d)?;
+    Ok((!s.is_empty()).then(|| PathBuf::from(s)))
+}
+
 pub(super) fn zero_is_none<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
     let duration: Duration = humantime_serde::deserialize(d)?;
     Ok(Some(duration).filter(|d| !d.is_zero()))

@@ -76,6 +76,12 @@ request_buffer_bytes = 65536  # a request body up to this size is read whole bef
 response_buffer_bytes = 65536 # read a response ahead from the backend up to this much, so a small
                               # response frees its upstream connection however slowly the client reads
 retry_on_timeout = false      # an idempotent request that hits response_timeout moves to the next server
+request_buffering = true      # read the whole request body (memory, then a temp file) before a backend
+                              # is picked; false streams it (nginx proxy_request_buffering off)
+max_request_body_bytes = 1073741824  # larger request bodies get 413 (nginx client_max_body_size)
+response_buffering = true     # read the response as fast as the backend sends it (memory, then a temp
+                              # file); text/event-stream and `X-Accel-Buffering: no` pass through
+max_response_spill_bytes = 1073741824   # past this much spilled to disk, back-pressure to the backend
 
 [upstreams.web.health]        # optional active checks; passive checks are always on
 path = "/"
@@ -88,6 +94,10 @@ fall = 3                      # consecutive failures to mark it down
 # host = "api.example.com"    # exact host or "*.example.com"; omit for any
 # path_prefix = "/api"
 # upstream = "web"
+
+[buffering]                   # request and response bodies held for slow clients
+memory_limit = 134217728      # all in-memory body buffers together; past it bodies go to disk at once
+temp_dir = ""                 # where spilled bodies go ("" = the system temp dir); files unlinked at creation
 
 [admin]
 listen = "127.0.0.1:9901"     # /metrics (Prometheus text), /healthz, /status (JSON), / (status page)
@@ -417,9 +427,84 @@ fn timeline_lists_the_client_deadlines() {
     assert!(row(&text, "body_timeout").contains("5s"), "{text}");
     assert!(row(&text, "send_timeout").contains("60s"), "{text}");
     assert!(row(&text, "max_connections").contains("500"), "{text}");
-    assert!(row(&text, "web buffers").contains("1000 / 64KiB"), "{text}");
+    assert!(row(&text, "web request bodies").contains("1000 "), "{text}");
+    assert!(
+        row(&text, "web request bodies").contains("then on disk"),
+        "{text}"
+    );
+    assert!(
+        row(&text, "web request bodies").contains("413 (max_request_body_bytes 1GiB)"),
+        "{text}"
+    );
+    assert!(
+        row(&text, "web responses").contains("then up to 1GiB on disk"),
+        "{text}"
+    );
+    assert!(
+        row(&text, "buffering memory_limit").contains("128MiB"),
+        "{text}"
+    );
     let auto = parse(MINIMAL).unwrap().timeline().to_string();
     assert!(row(&auto, "max_connections").contains("auto"), "{auto}");
+}
+
+#[test]
+fn buffering_keys_parse_with_their_defaults_and_zero_means_no_limit() {
+    let c = parse(MINIMAL).unwrap();
+    let b = &c.upstreams[0].buffers;
+    assert!(b.request_buffering && b.response_buffering);
+    assert_eq!(
+        b.max_request_body_bytes,
+        Some(1 << 30),
+        "Apache's LimitRequestBody default"
+    );
+    assert_eq!(b.max_response_spill_bytes, 1 << 30);
+    assert_eq!(c.buffering.memory_limit, 128 << 20);
+    assert_eq!(c.buffering.temp_dir, None);
+    let dir = tempfile::tempdir().unwrap();
+    let src = format!(
+        "{}request_buffering = false\nresponse_buffering = false\nmax_request_body_bytes = 0\n\
+         max_response_spill_bytes = 0\n[buffering]\nmemory_limit = 1000\ntemp_dir = {:?}\n",
+        MINIMAL,
+        dir.path().display().to_string()
+    );
+    let c = parse(&src).unwrap();
+    let b = &c.upstreams[0].buffers;
+    assert!(!b.request_buffering && !b.response_buffering);
+    assert_eq!(
+        (b.max_request_body_bytes, b.max_response_spill_bytes),
+        (None, 0)
+    );
+    assert_eq!(c.buffering.memory_limit, 1000);
+    assert_eq!(c.buffering.temp_dir.as_deref(), Some(dir.path()));
+    let text = c.timeline().to_string();
+    assert!(
+        row(&text, "web request bodies").contains("then streams"),
+        "{text}"
+    );
+    assert!(
+        row(&text, "web request bodies").contains("no size limit"),
+        "{text}"
+    );
+    assert!(
+        row(&text, "web responses").contains("response_buffering = false"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_temp_dir_that_is_not_a_directory_is_a_problem_with_its_line() {
+    let src = format!("{MINIMAL}[buffering]\ntemp_dir = \"/nonexistent/kaproxy-spill\"\n");
+    let p = problems(&src);
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!(p[0].key, "buffering.temp_dir");
+    assert_eq!(p[0].line, Some(8));
+    assert!(
+        p[0].message
+            .contains("/nonexistent/kaproxy-spill is not a directory"),
+        "{:?}",
+        p[0]
+    );
 }
 
 #[test]

@@ -79,7 +79,11 @@ impl Config {
     /// The keep-alive timeline of this config, downstream first, then each upstream.
     pub fn timeline(&self) -> Timeline {
         let mut sections = vec![downstream_section(&self.downstream)];
-        sections.push(deadlines_section(&self.downstream, &self.upstreams));
+        sections.push(deadlines_section(
+            &self.downstream,
+            &self.upstreams,
+            &self.buffering,
+        ));
         sections.extend(self.upstreams.iter().map(upstream_section));
         if let Some(demo) = &self.demo {
             let backends: Vec<String> = demo.backends.iter().map(|a| a.to_string()).collect();
@@ -152,7 +156,11 @@ pub(super) fn downstream_section(d: &DownstreamConfig) -> Section {
 
 /// The deadlines a slow or hostile client meets (README, "Hostile clients"), and what each
 /// upstream group buffers so that such a client never holds a backend connection.
-pub(super) fn deadlines_section(d: &DownstreamConfig, upstreams: &[UpstreamConfig]) -> Section {
+pub(super) fn deadlines_section(
+    d: &DownstreamConfig,
+    upstreams: &[UpstreamConfig],
+    buffering: &BufferingConfig,
+) -> Section {
     let cap = if d.max_connections == 0 {
         Row::info(
             "max_connections",
@@ -185,24 +193,84 @@ pub(super) fn deadlines_section(d: &DownstreamConfig, upstreams: &[UpstreamConfi
         cap,
     ];
     for u in upstreams {
-        let b = &u.buffers;
-        rows.push(Row::info(
-            &format!("{} buffers request / response", u.name),
-            format!(
-                "{} / {}",
-                kib(b.request_buffer_bytes),
-                kib(b.response_buffer_bytes)
-            ),
-            "bytes read whole before a backend is involved / read ahead from it",
-        ));
+        rows.extend(buffer_rows(u));
     }
+    let dir = match &buffering.temp_dir {
+        Some(dir) => dir.display().to_string(),
+        None => "the system temp dir".to_string(),
+    };
+    rows.push(Row::info(
+        "buffering memory_limit",
+        bytes(buffering.memory_limit as u64),
+        format!("every in-memory body buffer together; then files in {dir}, unlinked at creation"),
+    ));
     let title = "client deadlines: no slow or hostile client holds a backend connection".into();
     Section { title, rows }
 }
 
 /// A byte count as the config's readers think of it: whole KiB as "64KiB".
+/// What one upstream group buffers (README, "Buffering"): a request body whole before a
+/// backend is involved, a response as fast as the backend sends it, and the limits.
+fn buffer_rows(u: &UpstreamConfig) -> [Row; 2] {
+    let b = &u.buffers;
+    let cap = match b.max_request_body_bytes {
+        Some(max) => format!("larger bodies: 413 (max_request_body_bytes {})", bytes(max)),
+        None => "no size limit (max_request_body_bytes = 0)".to_string(),
+    };
+    let request = if b.request_buffering {
+        Row::info(
+            format!("{} request bodies", u.name),
+            kib(b.request_buffer_bytes),
+            format!("in memory, then on disk: read whole before a backend is picked; {cap}"),
+        )
+    } else {
+        Row::info(
+            format!("{} request bodies", u.name),
+            kib(b.request_buffer_bytes),
+            format!(
+                "in memory, then streams (request_buffering = false: a slow upload holds its \
+                 backend connection); {cap}"
+            ),
+        )
+    };
+    let response = if !b.response_buffering {
+        Row::info(
+            format!("{} responses", u.name),
+            format!("{} read ahead", kib(b.response_buffer_bytes)),
+            "response_buffering = false: a slow reader holds its backend connection",
+        )
+    } else if b.max_response_spill_bytes == 0 {
+        Row::info(
+            format!("{} responses", u.name),
+            kib(b.response_buffer_bytes),
+            "in memory, read as fast as the backend sends; never to disk (max_response_spill_bytes = 0)",
+        )
+    } else {
+        Row::info(
+            format!("{} responses", u.name),
+            kib(b.response_buffer_bytes),
+            format!(
+                "in memory, then up to {} on disk: read as fast as the backend sends; event \
+                 streams pass through",
+                bytes(b.max_response_spill_bytes)
+            ),
+        )
+    };
+    [request, response]
+}
+
+/// A byte count in the largest binary unit that divides it.
+fn bytes(n: u64) -> String {
+    for (unit, name) in [(1u64 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")] {
+        if n >= unit && n.is_multiple_of(unit) {
+            return format!("{}{name}", n / unit);
+        }
+    }
+    n.to_string()
+}
+
 fn kib(bytes: usize) -> String {
-    if bytes >= 1024 && bytes % 1024 == 0 {
+    if bytes >= 1024 && bytes.is_multiple_of(1024) {
         format!("{}KiB", bytes / 1024)
     } else {
         bytes.to_string()

@@ -26,7 +26,24 @@ pub(super) fn validate(c: &Config) -> Vec<Problem> {
         validate_upstream(upstream, &mut out);
     }
     validate_routes(c, &mut out);
+    validate_buffering(&c.buffering, &mut out);
     out
+}
+
+/// `[buffering]`: the temp directory must exist now, so that the first body to spill does
+/// not find out (a directory that disappears later gives that request a 500 and a log line).
+pub(super) fn validate_buffering(b: &BufferingConfig, out: &mut Vec<Problem>) {
+    if let Some(dir) = &b.temp_dir {
+        if !dir.is_dir() {
+            out.push(
+                Problem::new(
+                    "buffering.temp_dir",
+                    format!("{} is not a directory", dir.display()),
+                )
+                .fix(r#"create it, or set temp_dir = "" for the system's temp dir"#),
+            );
+        }
+    }
 }
 
 pub(super) fn validate_downstream(d: &DownstreamConfig, out: &mut Vec<Problem>) {

@@ -124,6 +124,7 @@ fn status_json(generation: &Generation) -> String {
     let secs = |d: std::time::Duration| d.as_secs_f64();
     let config = &generation.config;
     let ds = &config.downstream;
+    let buffering = generation.proxy.buffering();
     let upstreams: Vec<_> = generation
         .proxy
         .upstreams()
@@ -161,6 +162,9 @@ fn status_json(generation: &Generation) -> String {
                 "idle_timeout_s": secs(u.config.pool.idle_timeout),
                 "safety_margin_s": secs(u.config.pool.safety_margin),
                 "keepalive_timeout_s": secs(u.config.pool.keepalive_timeout),
+                "request_buffering": u.config.buffers.request_buffering,
+                "response_buffering": u.config.buffers.response_buffering,
+                "max_request_body_bytes": u.config.buffers.max_request_body_bytes,
                 "servers": servers,
             })
         })
@@ -174,6 +178,12 @@ fn status_json(generation: &Generation) -> String {
             "send_timeout_s": secs(ds.send_timeout),
         },
         "upstreams": upstreams,
+        "buffering": {
+            "memory_bytes": buffering.memory_bytes(),
+            "memory_limit_bytes": buffering.memory_limit(),
+            "disk_bytes": buffering.disk_bytes(),
+            "temp_dir": buffering.dir().display().to_string(),
+        },
     });
     let mut text = serde_json::to_string_pretty(&status).expect("JSON values always serialize");
     text.push('\n');

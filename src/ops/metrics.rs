@@ -96,6 +96,37 @@ struct ListenerLabels {
     listener: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LocationLabels {
+    location: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirectionLabels {
+    direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpstreamLabels {
+    upstream: String,
+}
+
+/// Which way a buffered body goes (the `direction` label of the spill counters).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyDirection {
+    Request = 0,
+    Response = 1,
+}
+
+impl BodyDirection {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BodyDirection::Request => "request",
+            BodyDirection::Response => "response",
+        }
+    }
+}
+
 /// Every metric kaproxy exports (names as the README's metrics list gives them; dashboards depend on them).
 pub struct Metrics {
     registry: Registry,
@@ -113,6 +144,11 @@ pub struct Metrics {
     downstream_waiting: Family<ListenerLabels, Gauge>,
     downstream_shed: Family<ListenerLabels, Counter>,
     server_up: Family<ServerUpLabels, Gauge>,
+    buffer_bytes: Family<LocationLabels, Gauge>,
+    buffer_memory_limit: Gauge,
+    body_spilled: Family<DirectionLabels, Counter>,
+    body_spill_errors: Family<DirectionLabels, Counter>,
+    request_body_too_large: Family<UpstreamLabels, Counter>,
 }
 
 /// What failed upstream: the `kind` label of `kaproxy_upstream_errors_total` and the `cause`
@@ -179,6 +215,11 @@ impl Metrics {
         let downstream_waiting = Family::<ListenerLabels, Gauge>::default();
         let downstream_shed = Family::<ListenerLabels, Counter>::default();
         let server_up = Family::<ServerUpLabels, Gauge>::default();
+        let buffer_bytes = Family::<LocationLabels, Gauge>::default();
+        let buffer_memory_limit = Gauge::default();
+        let body_spilled = Family::<DirectionLabels, Counter>::default();
+        let body_spill_errors = Family::<DirectionLabels, Counter>::default();
+        let request_body_too_large = Family::<UpstreamLabels, Counter>::default();
         registry.register(
             "requests",
             "Requests answered, by upstream, server and status",
@@ -251,6 +292,32 @@ impl Metrics {
             "1 when a backend is considered healthy",
             server_up.clone(),
         );
+        registry.register(
+            "body_buffer_bytes",
+            "Request and response body bytes buffered now, in memory (within [buffering] \
+             memory_limit) and in temporary files on disk",
+            buffer_bytes.clone(),
+        );
+        registry.register(
+            "body_buffer_memory_limit_bytes",
+            "[buffering] memory_limit: the most body bytes held in memory at once",
+            buffer_memory_limit.clone(),
+        );
+        registry.register(
+            "body_spilled",
+            "Bodies that went to a temporary file, by direction (request, response)",
+            body_spilled.clone(),
+        );
+        registry.register(
+            "body_spill_errors",
+            "Temporary files that could not be created or written (disk full, temp_dir gone)",
+            body_spill_errors.clone(),
+        );
+        registry.register(
+            "request_body_too_large",
+            "Requests answered 413: body larger than max_request_body_bytes",
+            request_body_too_large.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -267,7 +334,46 @@ impl Metrics {
             downstream_waiting,
             downstream_shed,
             server_up,
+            buffer_bytes,
+            buffer_memory_limit,
+            body_spilled,
+            body_spill_errors,
+            request_body_too_large,
         }
+    }
+
+    /// The handles of every body buffer (`kaproxy_body_*`).
+    pub fn buffering(&self) -> BufferMetrics {
+        let location = |location| {
+            self.buffer_bytes
+                .get_or_create(&LocationLabels { location })
+                .clone()
+        };
+        let direction = |family: &Family<DirectionLabels, Counter>| {
+            [BodyDirection::Request, BodyDirection::Response].map(|d| {
+                family
+                    .get_or_create(&DirectionLabels {
+                        direction: d.as_str(),
+                    })
+                    .clone()
+            })
+        };
+        BufferMetrics {
+            memory: location("memory"),
+            disk: location("disk"),
+            memory_limit: self.buffer_memory_limit.clone(),
+            spilled: direction(&self.body_spilled),
+            spill_errors: direction(&self.body_spill_errors),
+        }
+    }
+
+    /// The counter of 413 answers of one upstream group.
+    pub fn request_body_too_large(&self, upstream: &str) -> Counter {
+        self.request_body_too_large
+            .get_or_create(&UpstreamLabels {
+                upstream: upstream.to_string(),
+            })
+            .clone()
     }
 
     /// Pre-resolved handles for one backend, so the hot path never builds label strings.
@@ -350,6 +456,35 @@ impl Metrics {
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");
         out
+    }
+}
+
+/// The handles of the body buffers: the memory gauge is also the budget's own counter
+/// (`body::budget`).
+#[derive(Clone)]
+pub struct BufferMetrics {
+    pub memory: Gauge,
+    pub disk: Gauge,
+    pub memory_limit: Gauge,
+    spilled: [Counter; 2],
+    spill_errors: [Counter; 2],
+}
+
+impl BufferMetrics {
+    pub fn spilled(&self, direction: BodyDirection) {
+        self.spilled[direction as usize].inc();
+    }
+
+    pub fn spill_failed(&self, direction: BodyDirection) {
+        self.spill_errors[direction as usize].inc();
+    }
+
+    pub fn spilled_total(&self, direction: BodyDirection) -> u64 {
+        self.spilled[direction as usize].get()
+    }
+
+    pub fn spill_errors_total(&self, direction: BodyDirection) -> u64 {
+        self.spill_errors[direction as usize].get()
     }
 }
 

@@ -16,14 +16,17 @@ pub use response::{local_response, ProxyBody};
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
+use http::{header, HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
 use hyper::body::Incoming;
+use prometheus_client::metrics::counter::Counter;
 use tokio::runtime::Handle;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use crate::body::{buffer_request, BodyDone, RequestBody, UpstreamBody};
+use crate::body::{
+    buffer_request, read_whole, BodyDone, BodyError, Buffering, RequestBody, UpstreamBody,
+};
 use crate::config::{Config, ForwardedConfig, UpstreamConfig};
 use crate::ops::metrics::Metrics;
 use crate::upstream::backend::worker_pools;
@@ -56,6 +59,8 @@ pub struct Upstream {
     pub balancer: Balancer,
     /// The group's configuration as loaded (retry, buffers, timeouts; `/status` reads it).
     pub config: UpstreamConfig,
+    /// `kaproxy_request_body_too_large_total` of this group.
+    too_large: Counter,
 }
 
 /// The request-handling half of a loaded configuration. Swapped whole on reload.
@@ -68,6 +73,8 @@ pub struct Proxy {
     body_timeout: Duration,
     /// The workers' runtimes, one pool per backend on each (see [`crate::workers`]).
     workers: Arc<[Handle]>,
+    /// The memory budget and temp directory of every body buffer (shared across reloads).
+    buffering: Buffering,
 }
 
 impl Proxy {
@@ -141,6 +148,7 @@ impl Proxy {
                     name: u.name.clone(),
                     balancer: Balancer::new(u, backends),
                     config: u.clone(),
+                    too_large: metrics.request_body_too_large(&u.name),
                 })
             })
             .collect::<Result<Vec<Upstream>, ProxyError>>()?;
@@ -156,8 +164,15 @@ impl Proxy {
                 })
             })
             .collect();
+        // One budget for the process: a reload changes its limit, bodies in flight keep
+        // counting in it.
+        let buffering = match previous {
+            Some(p) => p.buffering.reconfigured(&cfg.buffering),
+            None => Buffering::new(&cfg.buffering, metrics.buffering()),
+        };
         Ok(Proxy {
             upstreams,
+            buffering,
             routes,
             forwarded: cfg.forwarded.clone(),
             access_log: cfg.log.access_log,
@@ -173,6 +188,11 @@ impl Proxy {
 
     pub fn upstreams(&self) -> &[Upstream] {
         &self.upstreams
+    }
+
+    /// The body buffers' budget and temp directory (`/status` reads it).
+    pub fn buffering(&self) -> &Buffering {
+        &self.buffering
     }
 
     /// Closes every idle upstream connection (shutdown).
@@ -216,27 +236,44 @@ impl Proxy {
             return Box::pin(self.tunnel(req, ds, upstream, client_ip, host, log)).await;
         }
 
-        // Phase 2: request filter (forwarded.rs); a small body is read whole first.
+        // Phase 2: request filter (forwarded.rs); the body is read whole first (body.rs), so
+        // a slow client never holds an upstream connection and the body can be sent again.
         let (mut parts, body) = req.into_parts();
         let version = parts.version;
         let mut headers = parts.headers;
         upstream_request_headers(&mut headers, ds, &self.forwarded, host.as_ref());
         let uri = origin_form(&parts.uri);
+        let buffers = &upstream.config.buffers;
         let body = if body.is_end_stream() {
             UpstreamBody::Empty
         } else {
+            // Refused by its Content-Length before a byte is read (so a client that sent
+            // `Expect: 100-continue` gets the 413 instead of a 100).
+            if let Some(max) = buffers.max_request_body_bytes {
+                if body.size_hint().lower() > max {
+                    let err = BodyError::TooLarge(max);
+                    return self.body_failed(upstream, &err, client_ip, version, log);
+                }
+            }
             let done = parts.extensions.remove::<BodyDone>();
-            let body = RequestBody::new(body, done, self.body_timeout);
-            // A slow client never holds an upstream connection this way, and the body can be
-            // sent again on a retry.
-            match Box::pin(buffer_request(
+            let body = RequestBody::new(
                 body,
-                upstream.config.buffers.request_buffer_bytes,
-            ))
-            .await
-            {
+                done,
+                self.body_timeout,
+                buffers.max_request_body_bytes,
+            );
+            let limit = buffers.request_buffer_bytes;
+            let read = if buffers.request_buffering {
+                Box::pin(read_whole(body, limit, &self.buffering)).await
+            } else {
+                Box::pin(buffer_request(body, limit, &self.buffering)).await
+            };
+            // hyper answered `Expect: 100-continue` when the body was first read; the backend
+            // gets the body without being asked (as behind nginx).
+            headers.remove(header::EXPECT);
+            match read {
                 Ok(body) => body,
-                Err(err) => return client_failed(&err, client_ip, version, log),
+                Err(err) => return self.body_failed(upstream, &err, client_ip, version, log),
             }
         };
         let resend = Resend::new(&upstream.config.retry, &parts.method, &uri, &headers, &body);
@@ -252,12 +289,30 @@ impl Proxy {
                     .await
             }
             Err(Failed::Client(err)) => match err.body_error() {
-                Some(fault) => client_failed(fault, client_ip, version, log),
+                Some(fault) => self.body_failed(upstream, fault, client_ip, version, log),
                 None => unreachable!("Failed::Client carries a body error"),
             },
             Err(Failed::Server(backend, err)) => server_failed(upstream, backend.pool(), &err, log),
             Err(Failed::Answer(answer)) => with_log(answer, log),
         }
+    }
+}
+
+impl Proxy {
+    /// kaproxy's answer to a request body it could not take (response.rs, `client_failed`),
+    /// with a 413 counted for its upstream group.
+    fn body_failed(
+        &self,
+        upstream: &Upstream,
+        err: &BodyError,
+        client_ip: std::net::IpAddr,
+        version: Version,
+        log: Option<Box<AccessRecord>>,
+    ) -> Response<ProxyBody> {
+        if matches!(err, BodyError::TooLarge(_)) {
+            upstream.too_large.inc();
+        }
+        client_failed(err, client_ip, version, log)
     }
 }
 

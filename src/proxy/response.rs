@@ -1,6 +1,7 @@
 //! Owns the response phase: the response filter (framing per RFC 9112 §6.3, hop-by-hop
-//! headers, the read-ahead of small bodies), kaproxy's own answers (client faults 400/408,
-//! upstream failures 502/503/504), and [`ProxyBody`], the body of every response sent downstream.
+//! headers, a small body read ahead, a larger one handed to a relay, an event stream passed
+//! through), kaproxy's own answers (client faults 400/408/413, upstream failures
+//! 502/503/504), and [`ProxyBody`], the body of every response sent downstream.
 
 use std::net::IpAddr;
 use std::pin::Pin;
@@ -8,15 +9,16 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{self, HeaderValue};
-use http::{Response, StatusCode, Version};
+use http::header::{self, HeaderName, HeaderValue};
+use http::{HeaderMap, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use crate::body::{BodyError, Collected};
+use crate::body::relay::{relay, RelayBody, RelayLimits};
+use crate::body::{BodyError, Buffering, Collected, Memory};
 use crate::error::RequestError;
 use crate::ops::metrics::CloseReason;
 use crate::upstream::pool::{Pool, PooledBody, PooledConn};
@@ -49,13 +51,24 @@ impl Proxy {
             conn.retire_after(CloseReason::Error);
         }
         strip_hop_by_hop(&mut parts.headers);
+        let buffers = &upstream.config.buffers;
+        // A stream that must not be held back passes through as it arrives (nginx: an
+        // `X-Accel-Buffering: no` from the backend, which it does not forward either).
+        let passthrough = !buffers.response_buffering || must_stream(&mut parts.headers);
+        let relay_limits = (!passthrough).then_some(RelayLimits {
+            memory: buffers.response_buffer_bytes,
+            spill: buffers.max_response_spill_bytes,
+            read_timeout: upstream.config.response_timeout,
+        });
         let (age, requests) = conn.age_and_requests();
         let reused = conn.is_reused();
         let body = conn.attach(body);
         let inner = match read_ahead(
             body,
-            upstream.config.buffers.response_buffer_bytes,
+            buffers.response_buffer_bytes,
             upstream.config.response_timeout,
+            &self.buffering,
+            relay_limits,
         )
         .await
         {
@@ -94,20 +107,49 @@ impl Proxy {
     }
 }
 
-/// Reads a small response body whole from the backend (nginx's proxy buffering), so that its
-/// upstream connection goes back to the pool before the client has read a byte. Only a body
-/// whose Content-Length is at most `limit` is read ahead, within `timeout`; a larger or
-/// chunked one streams (and `send_timeout` bounds a client that stops reading it).
-/// `Err(None)` is the timeout, `Err(Some(e))` a broken body.
+/// `X-Accel-Buffering` (nginx's header: a backend's `no` turns buffering off for its response).
+const X_ACCEL_BUFFERING: HeaderName = HeaderName::from_static("x-accel-buffering");
+
+/// Whether a response must reach the client as it arrives, never held in a buffer: server-sent
+/// events (`text/event-stream`), or a backend's `X-Accel-Buffering: no` (which is removed,
+/// as nginx removes it).
+fn must_stream(headers: &mut HeaderMap) -> bool {
+    let accel_no = headers
+        .remove(X_ACCEL_BUFFERING)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"no"));
+    let events = headers.get(header::CONTENT_TYPE).is_some_and(|v| {
+        let v = v.as_bytes();
+        v.len() >= 17 && v[..17].eq_ignore_ascii_case(b"text/event-stream")
+    });
+    accel_no || events
+}
+
+/// Takes the response body off the backend's hands as the configuration says (nginx's
+/// proxy buffering): a body whose Content-Length is at most `limit` (and fits in the memory
+/// budget) is read whole here, within `timeout`, so its upstream connection goes back to the
+/// pool before the client has read a byte; any other body goes to a relay
+/// ([`crate::body::relay`]) when `relay` is given, else streams (and `send_timeout` bounds a
+/// client that stops reading it). `Err(None)` is the timeout, `Err(Some(e))` a broken body.
 pub(super) async fn read_ahead(
     mut body: PooledBody,
     limit: usize,
     timeout: Duration,
+    buffering: &Buffering,
+    relay_limits: Option<RelayLimits>,
 ) -> Result<Inner, Option<hyper::Error>> {
-    match body.size_hint().exact() {
-        Some(n) if n > 0 && n <= limit as u64 && !body.is_end_stream() => {}
-        _ => return Ok(Inner::Upstream(body)),
+    if body.is_end_stream() {
+        return Ok(Inner::Upstream(body));
     }
+    let held = match body.size_hint().exact() {
+        Some(n) if n <= limit as u64 => buffering.try_reserve(n as usize),
+        _ => None,
+    };
+    let Some(held) = held else {
+        return Ok(match relay_limits {
+            Some(limits) => Inner::Relay(relay(body, buffering, limits)),
+            None => Inner::Upstream(body),
+        });
+    };
     let read = tokio::time::timeout(timeout, async {
         let mut read = Collected::default();
         while let Some(frame) = body.frame().await {
@@ -119,7 +161,10 @@ pub(super) async fn read_ahead(
     })
     .await;
     match read {
-        Ok(Ok(bytes)) => Ok(Inner::Local(Full::new(bytes))),
+        Ok(Ok(bytes)) => Ok(Inner::ReadAhead {
+            body: Full::new(bytes),
+            _held: held,
+        }),
         Ok(Err(e)) => Err(Some(e)),
         Err(_) => Err(None),
     }
@@ -134,8 +179,9 @@ pub(super) fn closing(mut resp: Response<ProxyBody>, version: Version) -> Respon
     resp
 }
 
-/// kaproxy's answer when the client's request body failed (timeout, bad framing, gone): the
-/// client's fault, so no backend is counted or blamed for it (README, "Hostile clients").
+/// kaproxy's answer when the client's request body failed (timeout, bad framing, gone, too
+/// large) or could not be kept (no temporary file): never the backend's fault, so no backend
+/// is counted or blamed for it (README, "Hostile clients").
 pub(super) fn client_failed(
     err: &BodyError,
     client: IpAddr,
@@ -143,11 +189,19 @@ pub(super) fn client_failed(
     log: Option<Box<AccessRecord>>,
 ) -> Response<ProxyBody> {
     let status = err.status();
-    info!(client = %client, error = %err, status = status.as_u16(), "request body failed");
     let text = match err {
         BodyError::Timeout(_) => "request body timed out\n",
         BodyError::Malformed(_) => "malformed request body\n",
+        BodyError::TooLarge(_) => "request body too large\n",
+        BodyError::Spill(_) => "the request body could not be buffered\n",
     };
+    match err {
+        BodyError::Spill(e) => {
+            warn!(client = %client, dir = %e.dir.display(), error = %e.source, status = status.as_u16(),
+                "cannot buffer a request body in [buffering] temp_dir; no backend contacted")
+        }
+        _ => info!(client = %client, error = %err, status = status.as_u16(), "request body failed"),
+    }
     with_log(closing(local_response(status, text), version), log)
 }
 
@@ -197,7 +251,15 @@ pub fn local_response(status: StatusCode, text: &'static str) -> Response<ProxyB
 }
 
 pub(super) enum Inner {
+    /// Streaming from its pooled upstream connection.
     Upstream(PooledBody),
+    /// Read whole from the backend, holding its share of the memory budget until sent.
+    ReadAhead {
+        body: Full<Bytes>,
+        _held: Memory,
+    },
+    /// Read from the backend by a relay, as fast as the backend sends it.
+    Relay(RelayBody),
     Tunnel(Incoming),
     Local(Full<Bytes>),
     Empty,
@@ -211,10 +273,15 @@ pub struct ProxyBody {
 }
 
 impl ProxyBody {
-    /// Whether this body streams from a pooled upstream connection (which a client that stops
-    /// reading would hold): the downstream puts such bodies under `send_timeout`.
+    /// Whether this body streams from a pooled upstream connection or a relay (which a client
+    /// that stops reading would hold, with its buffer and temporary file): the downstream
+    /// puts such bodies under `send_timeout`.
     pub fn streams_from_upstream(&self) -> bool {
-        matches!(&self.inner, Inner::Upstream(b) if !b.is_end_stream())
+        match &self.inner {
+            Inner::Upstream(b) => !b.is_end_stream(),
+            Inner::Relay(b) => !b.is_end_stream(),
+            _ => false,
+        }
     }
 
     pub(super) fn empty(log: Option<Box<AccessRecord>>) -> Self {
@@ -237,6 +304,10 @@ impl Body for ProxyBody {
         let this = &mut *self;
         let res = match &mut this.inner {
             Inner::Upstream(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            Inner::ReadAhead { body: b, .. } => {
+                Pin::new(b).poll_frame(cx).map_err(|never| match never {})
+            }
+            Inner::Relay(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
             Inner::Tunnel(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
             Inner::Local(b) => Pin::new(b).poll_frame(cx).map_err(|never| match never {}),
             Inner::Empty => Poll::Ready(None),
@@ -252,6 +323,8 @@ impl Body for ProxyBody {
     fn is_end_stream(&self) -> bool {
         match &self.inner {
             Inner::Upstream(b) => b.is_end_stream(),
+            Inner::ReadAhead { body: b, .. } => b.is_end_stream(),
+            Inner::Relay(b) => b.is_end_stream(),
             Inner::Tunnel(b) => b.is_end_stream(),
             Inner::Local(b) => b.is_end_stream(),
             Inner::Empty => true,
@@ -261,6 +334,8 @@ impl Body for ProxyBody {
     fn size_hint(&self) -> SizeHint {
         match &self.inner {
             Inner::Upstream(b) => b.size_hint(),
+            Inner::ReadAhead { body: b, .. } => b.size_hint(),
+            Inner::Relay(b) => b.size_hint(),
             Inner::Tunnel(b) => b.size_hint(),
             Inner::Local(b) => b.size_hint(),
             Inner::Empty => SizeHint::with_exact(0),

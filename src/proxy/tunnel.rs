@@ -52,7 +52,12 @@ impl Proxy {
             let done = parts.extensions.remove::<BodyDone>();
             UpstreamBody::Stream {
                 prefix: None,
-                rest: RequestBody::new(body, done, self.body_timeout),
+                rest: RequestBody::new(
+                    body,
+                    done,
+                    self.body_timeout,
+                    upstream.config.buffers.max_request_body_bytes,
+                ),
             }
         };
         let req = build_request(parts.method, origin_form(&parts.uri), headers, body);

@@ -3,14 +3,13 @@
 //! once, and shutdown returns; the real binary does the same on SIGTERM and exits 0.
 
 use std::net::SocketAddr;
-use std::path::Path;
-use std::process::Stdio;
 use std::time::Duration;
 
 use kaproxy_testkit::{eventually, poll_until};
 use tokio::time::Instant;
 
 use crate::ops::demo_backend;
+use crate::support::binary::Binary;
 use crate::support::client::{h2_send, KeepAliveClient, Request};
 use crate::support::config_file::ConfigFile;
 use crate::support::proxy::TestProxy;
@@ -151,68 +150,6 @@ async fn shutdown_completes_in_flight_requests_with_connection_close_and_refuses
     );
 }
 
-/// A running `kaproxy` binary, killed (by its pid) if the test ends before it exits.
-struct Binary {
-    child: tokio::process::Child,
-    log: std::path::PathBuf,
-}
-
-impl Binary {
-    fn spawn(config: &Path, log: &Path) -> Binary {
-        let out = std::fs::File::create(log).expect("create log file");
-        let err = out.try_clone().expect("clone log file");
-        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_kaproxy"))
-            .arg("--config")
-            .arg(config)
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .kill_on_drop(true)
-            .spawn()
-            .expect("spawn kaproxy binary");
-        Binary {
-            child,
-            log: log.to_path_buf(),
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// The address of the `listener` the binary logged (JSON log lines), polled (bounded).
-    async fn listening(&mut self, listener: &str) -> SocketAddr {
-        let mut found = None;
-        let logged = poll_until(BOUND, async || {
-            found = self.log().lines().find_map(|line| {
-                let v = serde_json::from_str::<serde_json::Value>(line).ok()?;
-                let fields = v.get("fields").unwrap_or(&v);
-                if fields["message"] == "listening" && fields["listener"] == listener {
-                    fields["addr"].as_str().and_then(|a| a.parse().ok())
-                } else {
-                    None
-                }
-            });
-            if found.is_none() {
-                if let Ok(Some(status)) = self.child.try_wait() {
-                    panic!(
-                        "kaproxy exited with {status} before listening:\n{}",
-                        self.log()
-                    );
-                }
-            }
-            found.is_some()
-        })
-        .await;
-        assert!(
-            logged,
-            "kaproxy did not log its {listener} listener within {BOUND:?}:\n{}",
-            self.log()
-        );
-        found.expect("logged")
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_the_binary_finish_a_slow_request_and_exit_0() {
     let backend = demo_backend("slow", Duration::from_secs(5)).await;
@@ -225,7 +162,7 @@ async fn sigterm_lets_the_binary_finish_a_slow_request_and_exit_0() {
     ));
     file.load();
     let mut kaproxy = Binary::spawn(&file.path, &file.file("kaproxy.log"));
-    let addr = kaproxy.listening("http").await;
+    let addr = kaproxy.addr("listening", Some("http")).await;
 
     let request = tokio::spawn(async move {
         KeepAliveClient::new(crate::support::client::Endpoint::plain(addr), None)

@@ -5,8 +5,6 @@
 //! admin) back off instead of burning a CPU, and serve again once descriptors free up.
 
 use std::net::SocketAddr;
-use std::path::Path;
-use std::process::Stdio;
 use std::time::Duration;
 
 use kaproxy_testkit::poll_until;
@@ -15,6 +13,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::support::backend::RecordingBackend;
+use crate::support::binary::Binary;
 use crate::support::config_file::ConfigFile;
 use crate::support::proxy::{Metrics, TestProxy};
 
@@ -264,85 +263,9 @@ async fn at_the_cap_with_none_idle_the_next_client_waits_for_a_slot_without_spin
     proxy.shutdown().await;
 }
 
-/// A running `kaproxy` binary under `ulimit -n`, killed by its pid when dropped.
-struct Limited {
-    child: tokio::process::Child,
-    log: std::path::PathBuf,
-}
-
-impl Limited {
-    fn spawn(nofile: u32, config: &Path, log: &Path) -> Limited {
-        let out = std::fs::File::create(log).expect("create log file");
-        let err = out.try_clone().expect("clone log file");
-        // `exec`: the shell becomes kaproxy, so the pid is kaproxy's.
-        let child = tokio::process::Command::new("sh")
-            .arg("-c")
-            .arg(format!(
-                "ulimit -n {nofile} && exec \"$0\" run --config \"$1\""
-            ))
-            .arg(env!("CARGO_BIN_EXE_kaproxy"))
-            .arg(config)
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .kill_on_drop(true)
-            .spawn()
-            .expect("spawn kaproxy binary");
-        Limited {
-            child,
-            log: log.to_path_buf(),
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id().expect("kaproxy is running")
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Log lines (JSON) whose message starts with `prefix`.
-    fn messages(&self, prefix: &str) -> Vec<serde_json::Value> {
-        self.log()
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .map(|v| v.get("fields").cloned().unwrap_or(v))
-            .filter(|f| f["message"].as_str().is_some_and(|m| m.starts_with(prefix)))
-            .collect()
-    }
-
-    /// The address the binary logged for a listener (polled, bounded).
-    async fn addr(&mut self, message: &str, listener: Option<&str>) -> SocketAddr {
-        let mut found = None;
-        let logged = poll_until(BOUND, async || {
-            found = self.messages(message).into_iter().find_map(|f| {
-                if listener.is_some_and(|l| f["listener"] != l) {
-                    return None;
-                }
-                f["addr"].as_str().and_then(|a| a.parse().ok())
-            });
-            if found.is_none() {
-                if let Ok(Some(status)) = self.child.try_wait() {
-                    panic!("kaproxy exited with {status}:\n{}", self.log());
-                }
-            }
-            found.is_some()
-        })
-        .await;
-        assert!(logged, "no {message:?} within {BOUND:?}:\n{}", self.log());
-        found.expect("logged")
-    }
-
-    fn open_fds(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
-            .map(|d| d.count())
-            .unwrap_or(0)
-    }
-
-    fn cpu(&self) -> Duration {
-        cpu_of(&format!("/proc/{}/stat", self.pid()))
-    }
+/// The CPU time the binary has used.
+fn cpu(kaproxy: &Binary) -> Duration {
+    cpu_of(&format!("/proc/{}/stat", kaproxy.pid()))
 }
 
 /// A plain GET on a fresh connection, bounded by `within`; the status line or an error.
@@ -379,7 +302,7 @@ async fn out_of_file_descriptors_the_binary_backs_off_instead_of_spinning() {
         ),
     ));
     file.load();
-    let mut kaproxy = Limited::spawn(NOFILE, &file.path, &file.file("kaproxy.log"));
+    let mut kaproxy = Binary::spawn_limited(NOFILE, &file.path, &file.file("kaproxy.log"));
     let http_addr = kaproxy.addr("listening", Some("http")).await;
     let admin_addr = kaproxy.addr("admin listening", None).await;
     let status = fresh_get(http_addr, "/before", BOUND)
@@ -408,9 +331,9 @@ async fn out_of_file_descriptors_the_binary_backs_off_instead_of_spinning() {
     let _admin_client = TcpStream::connect(admin_addr).await.expect("connect admin");
 
     let window = Duration::from_secs(2);
-    let before = kaproxy.cpu();
+    let before = cpu(&kaproxy);
     tokio::time::sleep(window).await;
-    let cpu = kaproxy.cpu() - before;
+    let cpu = cpu(&kaproxy) - before;
     assert!(
         cpu < Duration::from_millis(500),
         "kaproxy used {cpu:?} of CPU in {window:?} out of descriptors: an accept loop spins\n{}",

@@ -42,6 +42,9 @@ const MIB: usize = 1024 * 1024;
 const LONG_POOL: &str = "keepalive_timeout = \"30s\"\nidle_timeout = \"20s\"";
 /// The default `request_buffer_bytes` / `response_buffer_bytes`.
 const BUFFER_BYTES: usize = 64 * 1024;
+/// Bodies stream both ways past their first `BUFFER_BYTES` (nginx's `proxy_request_buffering
+/// off` and `proxy_buffering off`): what the send and body deadlines must still bound.
+const STREAMING: &str = "request_buffering = false\nresponse_buffering = false";
 
 fn label(addr: SocketAddr) -> String {
     addr.to_string()
@@ -163,9 +166,10 @@ async fn assert_upstream_cut_within_send_timeout(
 // ---------------------------------------------------------------------------------------------
 
 #[tokio::test]
-async fn h2_zero_window_on_a_large_response_frees_the_upstream_connection_within_send_timeout() {
+async fn h2_zero_window_on_a_large_streamed_response_frees_the_upstream_connection_within_send_timeout(
+) {
     let backend = BulkBackend::start("bulk").await;
-    let proxy = proxy(&[backend.addr()], "").await;
+    let proxy = proxy(&[backend.addr()], STREAMING).await;
     let server = label(backend.addr());
     let started = Instant::now();
     let mut stream = ZeroWindowStream::get(&proxy.https(&["h2"]), &format!("/bytes/{MIB}")).await;
@@ -244,12 +248,12 @@ async fn h2_zero_window_on_a_small_response_returns_the_upstream_connection_at_o
 }
 
 #[tokio::test]
-async fn http1_client_that_never_reads_is_cut_after_send_timeout() {
+async fn http1_client_that_never_reads_a_streamed_response_is_cut_after_send_timeout() {
     // Larger than every kernel buffer on the way (kaproxy's send buffer grows to 4 MiB on
     // Linux), so that kaproxy's writes to the client really stall.
     const BODY: usize = 16 * MIB;
     let backend = BulkBackend::start("bulk").await;
-    let proxy = proxy(&[backend.addr()], "").await;
+    let proxy = proxy(&[backend.addr()], STREAMING).await;
     let server = label(backend.addr());
     let mut stream = connect_small_rcvbuf(proxy.server.http_addr().unwrap()).await;
     stream
@@ -382,7 +386,7 @@ async fn large_streamed_body_that_stalls_gets_408_and_is_not_blamed_on_the_backe
     // More stalled uploads than the passive-health `fall`, all at once.
     const UPLOADS: usize = DEFAULT_FALL + 1;
     let backend = RecordingBackend::start("up", &[]).await;
-    let proxy = proxy(&[backend.addr()], "").await;
+    let proxy = proxy(&[backend.addr()], STREAMING).await;
     let server = label(backend.addr());
     let addr = proxy.server.http_addr().unwrap();
     let started = Instant::now();
@@ -504,7 +508,7 @@ async fn broken_chunk_after_the_request_buffer_gets_400_and_is_not_blamed_on_the
     const GOOD_CHUNKS: usize = 10;
     const UPLOADS: usize = DEFAULT_FALL + 1;
     let backend = RecordingBackend::start("up", &[]).await;
-    let proxy = proxy(&[backend.addr()], "").await;
+    let proxy = proxy(&[backend.addr()], STREAMING).await;
     let server = label(backend.addr());
     let addr = proxy.server.http_addr().unwrap();
     let mut body = Vec::new();

@@ -238,10 +238,11 @@ async fn answer_before_body_backend() -> (SocketAddr, tokio::task::JoinHandle<()
 #[tokio::test]
 async fn request_body_still_arriving_after_its_response_is_not_cut_by_parking() {
     let (backend, task) = answer_before_body_backend().await;
-    // A streamed body (request_buffer_bytes = 0): a buffered one is read whole before the
-    // backend sees the request, so no response could start before its end.
+    // A streamed body (request_buffering = false, request_buffer_bytes = 0): a buffered one
+    // is read whole before the backend sees the request, so no response could start before
+    // its end.
     let proxy = TestProxy::start(&format!(
-        "[upstreams.web]\nservers = [\"{backend}\"]\nrequest_buffer_bytes = 0\n"
+        "[upstreams.web]\nservers = [\"{backend}\"]\nrequest_buffering = false\nrequest_buffer_bytes = 0\n"
     ))
     .await;
     let addr = proxy.server.http_addr().unwrap();

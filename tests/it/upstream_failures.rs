@@ -285,16 +285,16 @@ struct StaleOutcome {
 /// keep-alive race, made deterministic by [`StaleReuse::DropRequest`]) behind a naive pool
 /// that trusts connections for 9 s and never learns the backend's 1 s.
 async fn stale_reuse(method: Method, body: &'static [u8], retry_idempotent: bool) -> StaleOutcome {
-    let buffer = kaproxy::config::BufferConfig::default().request_buffer_bytes;
-    stale_reuse_buffered(method, body, retry_idempotent, buffer).await
+    stale_reuse_buffered(method, body, retry_idempotent, true).await
 }
 
-/// [`stale_reuse`] with `request_buffer_bytes` set (0: every request body streams).
+/// [`stale_reuse`] with bodies read whole first (`request_buffering`, the default) or
+/// streamed from their first byte (`request_buffering = false`, `request_buffer_bytes = 0`).
 async fn stale_reuse_buffered(
     method: Method,
     body: &'static [u8],
     retry_idempotent: bool,
-    request_buffer_bytes: usize,
+    request_buffering: bool,
 ) -> StaleOutcome {
     let backend = demo(DemoBackendConfig {
         name: "stale".to_string(),
@@ -306,7 +306,11 @@ async fn stale_reuse_buffered(
     let mut config = test_config(&single_upstream(backend.addr(), ""));
     // No deadline saves the connection.
     config.naive_pool(retry_idempotent);
-    config.config.upstreams[0].buffers.request_buffer_bytes = request_buffer_bytes;
+    if !request_buffering {
+        let buffers = &mut config.config.upstreams[0].buffers;
+        buffers.request_buffering = false;
+        buffers.request_buffer_bytes = 0;
+    }
     let proxy = config.start().await;
     let mut client = KeepAliveClient::new(proxy.http(), None);
 
@@ -377,8 +381,8 @@ async fn bodiless_idempotent_request_on_a_dropped_reused_connection_is_retried_f
 async fn sent_request_that_is_not_idempotent_or_streamed_its_body_is_not_retried() {
     let (post, put) = tokio::join!(
         stale_reuse(Method::POST, b"order=42", true),
-        // request_buffer_bytes = 0: the body streamed, so it cannot be sent again.
-        stale_reuse_buffered(Method::PUT, b"replace=1", true, 0),
+        // Streamed from its first byte, so it cannot be sent again.
+        stale_reuse_buffered(Method::PUT, b"replace=1", true, false),
     );
     for (method, outcome) in [("POST", post), ("PUT with a streamed body", put)] {
         assert_eq!(

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod backend;
+pub mod binary;
 pub mod chromium;
 pub mod client;
 pub mod config_file;
