@@ -185,13 +185,18 @@ pub enum UpstreamBody {
         data: Option<Bytes>,
         held: Option<Arc<Memory>>,
     },
-    /// Whole, in a temporary file, read back a chunk at a time.
-    File(spill::FileReader),
-    Stream {
-        /// What was read before it had to stream, with its share of the budget.
-        prefix: Option<(Bytes, Memory)>,
-        rest: RequestBody,
-    },
+    /// Whole, in a temporary file, read back a chunk at a time. Boxed, like `Stream`: the
+    /// body moves with its request several times on the way out, and most bodies are empty
+    /// or small.
+    File(Box<spill::FileReader>),
+    Stream(Box<Streamed>),
+}
+
+/// A request body streaming from the client.
+pub struct Streamed {
+    /// What was read before it had to stream, with its share of the budget.
+    pub prefix: Option<(Bytes, Memory)>,
+    pub rest: RequestBody,
 }
 
 impl UpstreamBody {
@@ -203,8 +208,8 @@ impl UpstreamBody {
                 data: data.clone(),
                 held: held.clone(),
             }),
-            UpstreamBody::File(reader) => Some(UpstreamBody::File(reader.replay(0))),
-            UpstreamBody::Stream { .. } => None,
+            UpstreamBody::File(reader) => Some(UpstreamBody::File(Box::new(reader.replay(0)))),
+            UpstreamBody::Stream(_) => None,
         }
     }
 
@@ -227,10 +232,10 @@ impl Body for UpstreamBody {
         match self.get_mut() {
             UpstreamBody::Empty => Poll::Ready(None),
             UpstreamBody::Full { data, .. } => Poll::Ready(data.take().map(|b| Ok(Frame::data(b)))),
-            UpstreamBody::File(reader) => Pin::new(reader).poll_frame(cx),
-            UpstreamBody::Stream { prefix, rest } => match prefix.take() {
+            UpstreamBody::File(reader) => Pin::new(&mut **reader).poll_frame(cx),
+            UpstreamBody::Stream(s) => match s.prefix.take() {
                 Some((b, _held)) => Poll::Ready(Some(Ok(Frame::data(b)))),
-                None => Pin::new(rest).poll_frame(cx),
+                None => Pin::new(&mut s.rest).poll_frame(cx),
             },
         }
     }
@@ -240,7 +245,7 @@ impl Body for UpstreamBody {
             UpstreamBody::Empty => true,
             UpstreamBody::Full { data, .. } => data.is_none(),
             UpstreamBody::File(reader) => reader.is_end_stream(),
-            UpstreamBody::Stream { prefix, rest } => prefix.is_none() && rest.is_end_stream(),
+            UpstreamBody::Stream(s) => s.prefix.is_none() && s.rest.is_end_stream(),
         }
     }
 
@@ -251,9 +256,9 @@ impl Body for UpstreamBody {
                 SizeHint::with_exact(data.as_ref().map_or(0, |b| b.len() as u64))
             }
             UpstreamBody::File(reader) => reader.size_hint(),
-            UpstreamBody::Stream { prefix, rest } => {
-                let extra = prefix.as_ref().map_or(0, |(b, _)| b.len() as u64);
-                let inner = rest.size_hint();
+            UpstreamBody::Stream(s) => {
+                let extra = s.prefix.as_ref().map_or(0, |(b, _)| b.len() as u64);
+                let inner = s.rest.size_hint();
                 let mut hint = SizeHint::new();
                 hint.set_lower(inner.lower() + extra);
                 if let Some(upper) = inner.upper() {
@@ -309,7 +314,7 @@ pub async fn read_whole(
         file = Some(spill);
     }
     Ok(match file {
-        Some(file) => UpstreamBody::File(spill::FileReader::whole(Arc::new(file))),
+        Some(file) => UpstreamBody::File(Box::new(spill::FileReader::whole(Arc::new(file)))),
         None if read.len == 0 => UpstreamBody::Empty,
         None => UpstreamBody::full(read.into_bytes(), held),
     })
@@ -324,7 +329,9 @@ pub async fn buffer_request(
     limit: usize,
     buffering: &Buffering,
 ) -> Result<UpstreamBody, BodyError> {
-    let stream = |prefix: Option<(Bytes, Memory)>, rest| UpstreamBody::Stream { prefix, rest };
+    let stream = |prefix: Option<(Bytes, Memory)>, rest| {
+        UpstreamBody::Stream(Box::new(Streamed { prefix, rest }))
+    };
     if body.size_hint().lower() > limit as u64 {
         return Ok(stream(None, body));
     }

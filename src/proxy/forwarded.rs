@@ -66,6 +66,15 @@ static HOP_BY_HOP: [HeaderName; 7] = [
 /// standard ones. Most messages carry one or none, so the map is searched only for the ones
 /// it holds (one pass over its names, no lookup per standard name).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    strip_hop_by_hop_and(headers, None);
+}
+
+/// [`strip_hop_by_hop`], also removing `also` (found in the same pass over the names) and
+/// returning its value.
+pub(super) fn strip_hop_by_hop_and(
+    headers: &mut HeaderMap,
+    also: Option<&HeaderName>,
+) -> Option<HeaderValue> {
     // By bytes, not `to_str`: a value with obs-text in it still names the headers it names.
     // Tokens that name a standard hop-by-hop header (`keep-alive`, ...) or none (`close`) are
     // left to the loop below, so the common `Connection: keep-alive` allocates nothing.
@@ -86,14 +95,19 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         headers.remove(name);
     }
     let mut present = [false; 7];
+    let mut also_present = false;
     for name in headers.keys() {
         if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
             present[i] = true;
+        } else if also == Some(name) {
+            also_present = true;
         }
     }
     for (name, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, p)| *p) {
         headers.remove(name);
     }
+    also.filter(|_| also_present)
+        .and_then(|name| headers.remove(name))
 }
 
 /// The client's address: the peer, or — when the peer is a trusted proxy — the right-most

@@ -50,11 +50,11 @@ impl Proxy {
                 "response has both Transfer-Encoding and Content-Length; Content-Length removed, upstream connection closed after it (RFC 9112 §6.3)");
             conn.retire_after(CloseReason::Error);
         }
-        strip_hop_by_hop(&mut parts.headers);
+        // `X-Accel-Buffering` goes too (nginx does not forward it), found in the same pass.
+        let accel = strip_hop_by_hop_and(&mut parts.headers, Some(&X_ACCEL_BUFFERING));
         let buffers = &upstream.config.buffers;
-        // A stream that must not be held back passes through as it arrives (nginx: an
-        // `X-Accel-Buffering: no` from the backend, which it does not forward either).
-        let passthrough = !buffers.response_buffering || must_stream(&mut parts.headers);
+        // A stream that must not be held back passes through as it arrives.
+        let passthrough = !buffers.response_buffering || must_stream(&parts.headers, accel);
         let relay_limits = (!passthrough).then_some(RelayLimits {
             memory: buffers.response_buffer_bytes,
             spill: buffers.max_response_spill_bytes,
@@ -111,12 +111,9 @@ impl Proxy {
 const X_ACCEL_BUFFERING: HeaderName = HeaderName::from_static("x-accel-buffering");
 
 /// Whether a response must reach the client as it arrives, never held in a buffer: server-sent
-/// events (`text/event-stream`), or a backend's `X-Accel-Buffering: no` (which is removed,
-/// as nginx removes it).
-fn must_stream(headers: &mut HeaderMap) -> bool {
-    let accel_no = headers
-        .remove(X_ACCEL_BUFFERING)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"no"));
+/// events (`text/event-stream`), or a backend's `X-Accel-Buffering: no` (nginx's header).
+fn must_stream(headers: &HeaderMap, accel: Option<HeaderValue>) -> bool {
+    let accel_no = accel.is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"no"));
     let events = headers.get(header::CONTENT_TYPE).is_some_and(|v| {
         let v = v.as_bytes();
         v.len() >= 17 && v[..17].eq_ignore_ascii_case(b"text/event-stream")

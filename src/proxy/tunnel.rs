@@ -9,7 +9,7 @@ use http_body::Body;
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 
-use crate::body::{BodyDone, RequestBody, UpstreamBody};
+use crate::body::{BodyDone, RequestBody, Streamed, UpstreamBody};
 use crate::error::RequestError;
 use crate::upstream::pool::Pool;
 
@@ -50,7 +50,7 @@ impl Proxy {
             UpstreamBody::Empty
         } else {
             let done = parts.extensions.remove::<BodyDone>();
-            UpstreamBody::Stream {
+            UpstreamBody::Stream(Box::new(Streamed {
                 prefix: None,
                 rest: RequestBody::new(
                     body,
@@ -58,7 +58,7 @@ impl Proxy {
                     self.body_timeout,
                     upstream.config.buffers.max_request_body_bytes,
                 ),
-            }
+            }))
         };
         let req = build_request(parts.method, origin_form(&parts.uri), headers, body);
         let mut attempts = Attempts::new(&upstream.config.retry);
