@@ -1,6 +1,7 @@
 //! kaproxy's integration tests, in one binary with shared helpers under `support/`.
 
 mod apache;
+mod apache_buffering;
 mod buffering;
 mod downstream;
 mod drain;

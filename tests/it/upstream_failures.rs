@@ -275,6 +275,8 @@ struct StaleOutcome {
     status: StatusCode,
     body: String,
     retries: f64,
+    /// Request bodies that went to a temporary file.
+    spilled: f64,
     backend: DemoStats,
     /// Only read through `Debug`, in failure messages.
     #[allow(dead_code)]
@@ -329,6 +331,7 @@ async fn stale_reuse_buffered(
         status: resp.status,
         body: resp.body_text(),
         retries: m.sum(RETRIES_TOTAL, &[]),
+        spilled: m.sum("kaproxy_body_spilled_total", &[("direction", "request")]),
         backend: backend.stats(),
         metrics: format!(
             "{}\n{}\n{}",
@@ -406,6 +409,22 @@ async fn put_with_a_buffered_body_is_retried_fresh() {
     let outcome = stale_reuse(Method::PUT, b"replace=1", true).await;
     assert_eq!(outcome.status, StatusCode::OK, "{outcome:#?}");
     assert_eq!(outcome.body, "stale received 9 bytes\n", "{outcome:#?}");
+    assert_eq!(outcome.retries, 1.0, "{outcome:#?}");
+    assert_eq!(outcome.backend.connections_accepted, 2, "{outcome:#?}");
+}
+
+#[tokio::test]
+async fn put_with_a_body_read_whole_to_disk_is_retried_fresh() {
+    // 200 KiB: past request_buffer_bytes, so the body waits in a temporary file, and is read
+    // from it again for the retry after the keep-alive race.
+    let body: &'static [u8] = Box::leak(vec![b'd'; 200 * 1024].into_boxed_slice());
+    let outcome = stale_reuse(Method::PUT, body, true).await;
+    assert_eq!(outcome.status, StatusCode::OK, "{outcome:#?}");
+    assert_eq!(
+        outcome.body, "stale received 204800 bytes\n",
+        "{outcome:#?}"
+    );
+    assert_eq!(outcome.spilled, 1.0, "the body was on disk: {outcome:#?}");
     assert_eq!(outcome.retries, 1.0, "{outcome:#?}");
     assert_eq!(outcome.backend.connections_accepted, 2, "{outcome:#?}");
 }
