@@ -24,7 +24,8 @@ use crate::support::binary::{open_files_in, Binary};
 use crate::support::client::{tls_connect, KeepAliveClient, Request, TLS_SERVER_NAME};
 use crate::support::config_file::ConfigFile;
 use crate::support::hostile::{
-    connect_small_rcvbuf, raw_exchange, read_response, BulkBackend, RAW_BOUND,
+    connect_small_rcvbuf, raw_exchange, read_response, BulkBackend, StreamEnd, ZeroWindowStream,
+    RAW_BOUND,
 };
 use crate::support::proxy::{Metrics, TestProxy, CLOSED_TOTAL, POOL_IDLE};
 
@@ -610,6 +611,41 @@ async fn a_client_that_never_reads_a_buffered_response_is_cut_and_its_file_close
         report(&m)
     );
     assert_buffers_released(&proxy, spill.path(), "after the cut").await;
+    drop(stream);
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_http2_stream_with_a_closed_window_holds_no_upstream_connection_and_is_cut() {
+    let backend = BulkBackend::start("bulk").await;
+    let (proxy, spill) = start(backend.addr(), "", "").await;
+    let server = backend.addr().to_string();
+    let mut stream =
+        ZeroWindowStream::get(&proxy.https(&["h2"]), &format!("/bytes/{}", 4 * MIB)).await;
+    assert_eq!(stream.status, 200);
+    let (m, pooled) = proxy
+        .wait_metrics(SLACK, |m| {
+            m.sum(POOL_IDLE, &[("server", &server)]) == 1.0 && held(m, &server) == 0.0
+        })
+        .await;
+    assert!(
+        pooled,
+        "the backend's 4 MiB are in kaproxy and its connection pooled while the stream's \
+         window stays shut\n{}",
+        report(&m)
+    );
+    normal_get(&proxy, "while an HTTP/2 stream's window stays shut").await;
+    // send_timeout (2 s): the stream is cut, and its relay's memory and file freed.
+    let end = stream.end(Duration::from_secs(2) + SLACK).await;
+    assert!(matches!(end, StreamEnd::Reset(_)), "{end:?}");
+    assert_buffers_released(&proxy, spill.path(), "after the closed window").await;
+    assert_eq!(
+        proxy
+            .metrics()
+            .sum(CLOSED_TOTAL, &[("server", &server), ("reason", "error")]),
+        0.0,
+        "no upstream connection lost for the client's stall"
+    );
     drop(stream);
     proxy.shutdown().await;
 }
