@@ -165,6 +165,9 @@ struct Attack {
     eof: AtomicU64,
     /// Reset, broken pipe, or another I/O error from the proxy's side.
     reset: AtomicU64,
+    /// Readers: the proxy's side of the connection was closed (seen in /proc/net/tcp) while
+    /// its FIN still sat behind bytes the kernel had buffered for the reader.
+    fin_queued: AtomicU64,
     /// Finished as a normal client would (a whole upload, a whole download).
     completed: AtomicU64,
     /// Body bytes written (uploaders, h2) or read (readers).
@@ -181,17 +184,19 @@ impl Attack {
         let answered_total: u64 = answered.values().sum();
         let eof = self.eof.load(Ordering::Relaxed);
         let reset = self.reset.load(Ordering::Relaxed);
+        let fin_queued = self.fin_queued.load(Ordering::Relaxed);
         AttackReport {
             slots,
             opened: self.opened.load(Ordering::Relaxed),
             connect_errors: self.connect_errors.load(Ordering::Relaxed),
-            closed_by_proxy: answered_total + eof + reset,
+            closed_by_proxy: answered_total + eof + reset + fin_queued,
             answered: answered
                 .into_iter()
                 .map(|(k, v)| (k.to_string(), v))
                 .collect(),
             eof,
             reset,
+            fin_queued,
             completed: self.completed.load(Ordering::Relaxed),
             bytes: self.bytes.load(Ordering::Relaxed),
         }
@@ -211,6 +216,8 @@ enum End {
     Answered(u16),
     Eof,
     Reset,
+    /// The proxy closed its side; the reader has not read up to the FIN yet.
+    FinQueued,
     Completed,
 }
 
@@ -223,6 +230,9 @@ impl End {
             }
             End::Reset => {
                 a.reset.fetch_add(1, Ordering::Relaxed);
+            }
+            End::FinQueued => {
+                a.fin_queued.fetch_add(1, Ordering::Relaxed);
             }
             End::Completed => {
                 a.completed.fetch_add(1, Ordering::Relaxed);
@@ -252,11 +262,14 @@ pub struct AttackReport {
     pub slots: usize,
     pub opened: u64,
     pub connect_errors: u64,
-    /// answered + eof + reset.
+    /// answered + eof + reset + fin_queued.
     pub closed_by_proxy: u64,
     pub answered: BTreeMap<String, u64>,
     pub eof: u64,
     pub reset: u64,
+    /// Readers: closed by the proxy (its socket past ESTABLISHED in /proc/net/tcp) while the
+    /// FIN still waited behind buffered bytes; the reader gives up on it there and then.
+    pub fin_queued: u64,
     pub completed: u64,
     pub bytes: u64,
 }
@@ -712,8 +725,19 @@ async fn reader(cfg: &SlowArgs, target: &Target, addr: SocketAddr, stats: &Attac
     let mut head_buf = Vec::new();
     let mut head: Option<Head> = None;
     let mut body = 0u64;
+    // The proxy's side of this connection, as /proc/net/tcp lists it.
+    let sides = stream
+        .local_addr()
+        .and_then(|l| Ok((l, stream.peer_addr()?)));
     let end = 'conn: loop {
         tick.tick().await;
+        // A proxy that gives up on a slow reader closes its socket with megabytes still queued
+        // for it on loopback: its FIN would reach the reader only after minutes of reading.
+        if let Ok((local, peer)) = sides {
+            if proxy_side_closed(local, peer) {
+                break 'conn End::FinQueued;
+            }
+        }
         let mut budget = cfg.read_bytes.max(1);
         while budget > 0 {
             let n = match stream.read(&mut buf[..budget]).await {
@@ -750,6 +774,43 @@ async fn reader(cfg: &SlowArgs, target: &Target, addr: SocketAddr, stats: &Attac
         }
     };
     end.record(stats);
+}
+
+/// Whether the socket at `peer` connected to `local` (the proxy's end of one of our
+/// connections) is past ESTABLISHED and has sent or queued its FIN, per /proc/net/tcp(6):
+/// FIN_WAIT1, FIN_WAIT2, TIME_WAIT, CLOSE or CLOSING. Absent or unreadable: false (a reset
+/// shows on our socket anyway).
+fn proxy_side_closed(local: SocketAddr, peer: SocketAddr) -> bool {
+    let file = match peer {
+        SocketAddr::V4(_) => "/proc/net/tcp",
+        SocketAddr::V6(_) => "/proc/net/tcp6",
+    };
+    let Ok(table) = std::fs::read_to_string(file) else {
+        return false;
+    };
+    let (want_local, want_remote) = (proc_net_addr(peer), proc_net_addr(local));
+    table.lines().skip(1).any(|line| {
+        let mut f = line.split_whitespace().skip(1);
+        let (Some(l), Some(r), Some(state)) = (f.next(), f.next(), f.next()) else {
+            return false;
+        };
+        l == want_local && r == want_remote && matches!(state, "04" | "05" | "06" | "07" | "0B")
+    })
+}
+
+/// An address as /proc/net/tcp(6) writes it: the address words in host byte order, in hex,
+/// a colon, the port in hex.
+fn proc_net_addr(addr: SocketAddr) -> String {
+    let ip = match addr {
+        SocketAddr::V4(a) => format!("{:08X}", u32::from_ne_bytes(a.ip().octets())),
+        SocketAddr::V6(a) => a
+            .ip()
+            .octets()
+            .chunks(4)
+            .map(|w| format!("{:08X}", u32::from_ne_bytes([w[0], w[1], w[2], w[3]])))
+            .collect(),
+    };
+    format!("{ip}:{:04X}", addr.port())
 }
 
 /// Outcome of one legitimate GET.
@@ -1007,7 +1068,11 @@ fn rss_kib(pids: &[u32]) -> (u64, usize) {
         };
         for task in tasks.flatten() {
             if let Ok(children) = std::fs::read_to_string(task.path().join("children")) {
-                todo.extend(children.split_whitespace().filter_map(|c| c.parse::<u32>().ok()));
+                todo.extend(
+                    children
+                        .split_whitespace()
+                        .filter_map(|c| c.parse::<u32>().ok()),
+                );
             }
         }
     }
@@ -1105,7 +1170,7 @@ impl SlowReport {
         );
         let _ = writeln!(
             s,
-            "\n{:<12} {:>6} {:>7} {:>9} {:>8} {:>6} {:>6} {:>9} {:>12}  answered",
+            "\n{:<12} {:>6} {:>7} {:>9} {:>8} {:>6} {:>6} {:>10} {:>9} {:>12}  answered",
             "attackers",
             "slots",
             "opened",
@@ -1113,13 +1178,14 @@ impl SlowReport {
             "closed",
             "eof",
             "reset",
+            "fin queued",
             "completed",
             "bytes"
         );
         let mut row = |name: &str, a: &AttackReport| {
             let _ = writeln!(
                 s,
-                "{:<12} {:>6} {:>7} {:>9} {:>8} {:>6} {:>6} {:>9} {:>12}  {}",
+                "{:<12} {:>6} {:>7} {:>9} {:>8} {:>6} {:>6} {:>10} {:>9} {:>12}  {}",
                 name,
                 a.slots,
                 a.opened,
@@ -1127,6 +1193,7 @@ impl SlowReport {
                 a.closed_by_proxy,
                 a.eof,
                 a.reset,
+                a.fin_queued,
                 a.completed,
                 a.bytes,
                 answered_text(&a.answered)
@@ -1187,6 +1254,23 @@ mod tests {
         );
         assert!(parse_head(b"HTTP/1.1 200 OK\r\n").is_none());
         assert!(parse_head(b"garbage\r\n\r\n").unwrap().is_err());
+    }
+
+    #[tokio::test]
+    async fn a_closed_peer_is_seen_in_proc_net_tcp() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let (local, peer) = (client.local_addr().unwrap(), client.peer_addr().unwrap());
+        assert!(!proxy_side_closed(local, peer));
+        drop(server);
+        assert!(proxy_side_closed(local, peer));
+        assert_eq!(
+            proc_net_addr("127.0.0.1:80".parse().unwrap()),
+            format!("{:08X}:0050", u32::from_ne_bytes([127, 0, 0, 1]))
+        );
     }
 
     #[test]
