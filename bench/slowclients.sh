@@ -8,6 +8,7 @@
 #                        [--proxies kaproxy,nginx,haproxy] [--buffering auto|on|off]
 #                        [--memory-limit BYTES] [--workers 8] [--apache-timeout 300]
 #   KAPROXY_BIN=path/to/kaproxy bench/slowclients.sh ...   runs that build instead of this tree's
+#   BENCH_BIN=path/to/kaproxy-bench ...   and that kaproxy-bench (nothing is built then)
 #
 # Scenarios (kaproxy-bench slow, all attackers opened at once, plus one legitimate GET / every
 # 0.5 s on a fresh connection, deadline 1 s):
@@ -22,7 +23,8 @@
 # ServerRoot in a temp dir) and a fresh proxy; the proxy's RSS (its processes and their
 # children, from /proc, every 0.5 s) is reported before the attack and at its peak, and
 # kaproxy's /metrics (kaproxy_body_*, kaproxy_upstream_connections_*,
-# kaproxy_pool_idle_connections) at the end of each scenario.
+# kaproxy_pool_idle_connections, kaproxy_upstream_errors_total, kaproxy_server_up,
+# kaproxy_requests_total) at the end of each scenario.
 # The buffering keys of issue 16 ([upstreams.web] request_buffering, max_request_body_bytes,
 # response_buffering, max_response_spill_bytes, [buffering] memory_limit, temp_dir) are written
 # only when `kaproxy check` accepts them (--buffering auto), so the script runs on builds from
@@ -107,15 +109,21 @@ HAPROXY=$(command -v haproxy || echo /usr/sbin/haproxy)
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 RELEASE_DIR="${CARGO_TARGET_DIR:-$ROOT/target}/release"
-if [ -n "${KAPROXY_BIN:-}" ]; then
+if [ -n "${KAPROXY_BIN:-}" ] && [ -n "${BENCH_BIN:-}" ]; then
+    log "kaproxy is $KAPROXY_BIN, kaproxy-bench $BENCH_BIN (nothing built)"
+elif [ -n "${KAPROXY_BIN:-}" ]; then
     log "building kaproxy-bench (release); kaproxy is $KAPROXY_BIN"
     (cd "$ROOT" && cargo build --release -q -p kaproxy-bench)
+elif [ -n "${BENCH_BIN:-}" ]; then
+    log "building kaproxy (release); kaproxy-bench is $BENCH_BIN"
+    (cd "$ROOT" && cargo build --release -q -p kaproxy)
 else
     log "building kaproxy and kaproxy-bench (release)"
     (cd "$ROOT" && cargo build --release -q -p kaproxy -p kaproxy-bench)
 fi
 KAPROXY="${KAPROXY_BIN:-$RELEASE_DIR/kaproxy}"
-BENCH="$RELEASE_DIR/kaproxy-bench"
+BENCH="${BENCH_BIN:-$RELEASE_DIR/kaproxy-bench}"
+[ -x "$BENCH" ] || { echo "no kaproxy-bench binary at $BENCH" >&2; exit 1; }
 [ -x "$KAPROXY" ] || { echo "no kaproxy binary at $KAPROXY" >&2; exit 1; }
 
 WORK=$(mktemp -d /tmp/kaproxy-slow.XXXXXX)
@@ -342,6 +350,8 @@ scenario_args() {
         h2) echo "--uploaders 0 --readers 0 --h2-conns 12 --h2-streams 200 --h2-bytes 60000 --h2-url https://127.0.0.1:${TLS_PORT[$p]:-TLSPORT}/upload.bin" ;;
     esac
 }
+# kaproxy's metrics kept at the end of each scenario.
+METRIC_PREFIXES="kaproxy_body_,kaproxy_upstream_connections_,kaproxy_pool_idle_connections,kaproxy_upstream_errors_total,kaproxy_server_up,kaproxy_requests_total"
 COMMON_ARGS="-d ${DURATION}s --upload-path /upload.bin --read-path /big.bin --legit-path /"
 
 RES="$WORK/results"
@@ -353,7 +363,7 @@ for s in "${SCENARIOS[@]}"; do
         start_apache
         start_proxy "$p"
         metrics=()
-        [ "$p" != kaproxy ] || metrics=(--metrics "http://127.0.0.1:$ADMIN_PORT/metrics")
+        [ "$p" != kaproxy ] || metrics=(--metrics "http://127.0.0.1:$ADMIN_PORT/metrics" --metric-prefixes "$METRIC_PREFIXES")
         # shellcheck disable=SC2046
         "$BENCH" slow $COMMON_ARGS $(scenario_args "$s" "$p") --rss-pid "$PROXY_PID" "${metrics[@]}" \
             --json "http://127.0.0.1:${HTTP_PORT[$p]}" > "$RES/$s.$p.json" 2> "$RES/$s.$p.err" \
@@ -384,11 +394,12 @@ def mib: . / 1024 * 10 | round / 10;
 def ms: if . == null then "-" else (. | round | tostring) + " ms" end;
 def closed: if .slots > 0 then (.closed_by_proxy | tostring) + " of " + (.opened | tostring) else "-" end;
 def answered: [.answered | to_entries[] | "\(.key)x\(.value)"] | join(" ") | if . == "" then "" else " (" + . + ")" end;
+def fin: if .fin_queued > 0 then " (\(.fin_queued) with the FIN queued)" else "" end;
 [ "**\(.legit.within_deadline) of \(.legit.sent)**",
   "\(.legit.late) / \(.legit.unanswered) / \(.legit.errors + ([.legit.non_2xx[]] | add // 0))",
   (if .legit.unanswered > 0 then "> \(.legit.timeout_ms / 1000) s" else (.legit.max_latency_ms | ms) end),
   (.uploaders | closed) + (.uploaders | answered),
-  (.readers | closed) + (.readers | answered),
+  (.readers | closed) + (.readers | answered) + (.readers | fin),
   (if .h2 then (.h2.streams.closed_by_proxy | tostring) + " of " + (.h2.streams.opened | tostring) + (.h2.streams | answered) + "; conns " + (.h2.connections_closed_by_proxy | tostring) else "-" end),
   "\(.rss.before_kib | mib) → \(.rss.peak_kib | mib)"
 ] | join(" | ")'
@@ -481,6 +492,10 @@ Legitimate client: \`GET /\` (a 45-byte page) every 0.5 s on a fresh connection,
 latency" is "> 5 s" when some GET got nothing in 5 s ("unanswered").
 "closed by the proxy" = attacker connections the proxy answered, closed or reset, out of those
 opened (each is opened again 100 ms later); an answer's status is in brackets (e.g. 408x12).
+A proxy that gives up on a slow reader closes its socket with megabytes still queued for it, so
+its FIN would reach the reader only after minutes of reading 4 KiB/s: a reader checks
+/proc/net/tcp every second and counts its connection closed ("with the FIN queued") as soon as
+the proxy's side of it has left ESTABLISHED.
 RSS: VmRSS of the proxy's processes (nginx's master and workers) before the attack and the
 highest sample (every 0.5 s) during it.
 
