@@ -6,7 +6,8 @@
 #   bench/slowclients.sh [--duration 40] [--only upload,download,both,h2] [--no-install]
 #                        [--out bench/SLOW_CLIENTS.md] [--section TITLE]
 #                        [--proxies kaproxy,nginx,haproxy] [--buffering auto|on|off]
-#                        [--memory-limit BYTES] [--workers 8] [--apache-timeout 300]
+#                        [--memory-limit BYTES] [--rss-slack BYTES] [--workers 8]
+#                        [--apache-timeout 300]
 #   KAPROXY_BIN=path/to/kaproxy bench/slowclients.sh ...   runs that build instead of this tree's
 #   BENCH_BIN=path/to/kaproxy-bench ...   and that kaproxy-bench (nothing is built then)
 #
@@ -30,6 +31,10 @@
 # only when `kaproxy check` accepts them (--buffering auto), so the script runs on builds from
 # before them too; --buffering off never writes them, --buffering on fails without them.
 #
+# "Done when" (issue 16), checked at the end of the report: with the uploaders and the readers
+# at once (both) every legitimate GET through kaproxy is answered within 1 s, as through nginx,
+# and in every scenario kaproxy's RSS grows by at most memory_limit + --rss-slack (32 MiB).
+#
 # Time: scenarios x proxies x (duration + about 12 s), 4 x 3 x 52 s ~ 11 minutes by default.
 # Loopback only. Every process the script starts is stopped by PID when it exits (bench/lib.sh).
 set -euo pipefail
@@ -40,6 +45,7 @@ PROXY_LIST="kaproxy,nginx,haproxy"
 INSTALL=1
 BUFFERING=auto
 MEMORY_LIMIT=$((32 << 20))
+RSS_SLACK=$((32 << 20))
 WORKERS=8
 APACHE_TIMEOUT=300
 SECTION=""
@@ -58,6 +64,7 @@ while [ $# -gt 0 ]; do
         --no-install) INSTALL=0; shift ;;
         --buffering) BUFFERING="$2"; shift 2 ;;
         --memory-limit) MEMORY_LIMIT="$2"; shift 2 ;;
+        --rss-slack) RSS_SLACK="$2"; shift 2 ;;
         --workers) WORKERS="$2"; shift 2 ;;
         --apache-timeout) APACHE_TIMEOUT="$2"; shift 2 ;;
         -h|--help) usage; exit 0 ;;
@@ -456,7 +463,7 @@ rustc_v=$(rustc --version)
 head_v=$(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo unknown)
 dirty=$(cd "$ROOT" && git status --porcelain -- src Cargo.toml 2>/dev/null | wc -l)
 if [ -n "${KAPROXY_BIN:-}" ]; then
-    KAPROXY_BUILT="kaproxy: \`KAPROXY_BIN=$KAPROXY_BIN\`$( [ -n "${KAPROXY_COMMIT:-}" ] && echo " (built from $KAPROXY_COMMIT)" || true ); kaproxy-bench from $head_v, $rustc_v"
+    KAPROXY_BUILT="kaproxy: \`KAPROXY_BIN=$KAPROXY_BIN\`$( [ -n "${KAPROXY_COMMIT:-}" ] && echo " (built from $KAPROXY_COMMIT)" || true ); kaproxy-bench $( [ -n "${BENCH_BIN:-}" ] && echo "\`BENCH_BIN=$BENCH_BIN\`, tree at" || echo from ) $head_v, $rustc_v"
 else
     KAPROXY_BUILT="kaproxy $head_v$( [ "$dirty" -gt 0 ] && echo " (with uncommitted changes in src/)" || true ) built with $rustc_v, release profile"
 fi
@@ -471,6 +478,28 @@ fi
 BEGIN_MARK="<!-- section: $SECTION -->"
 END_MARK="<!-- end of section: $SECTION -->"
 TABLE=$(table)
+# Issue 16's "done when", from the results of the scenarios that ran.
+done_when() {
+    local k n growth worst=0 s ok
+    if [ -s "$RES/both.kaproxy.json" ]; then
+        k=$(jq -r '"\(.legit.within_deadline) of \(.legit.sent)"' "$RES/both.kaproxy.json")
+        n=$( [ -s "$RES/both.nginx.json" ] && jq -r '"\(.legit.within_deadline) of \(.legit.sent)"' "$RES/both.nginx.json" || echo "not run")
+        ok=$(jq -r 'if .legit.sent > 0 and .legit.within_deadline == .legit.sent then "x" else " " end' "$RES/both.kaproxy.json")
+        echo "- [$ok] both (12 uploaders + 12 readers): every legitimate GET through kaproxy answered within 1 s: $k (nginx: $n)"
+    fi
+    for s in "${SCENARIOS[@]}"; do
+        [ -s "$RES/$s.kaproxy.json" ] || continue
+        growth=$(jq -r '(.rss.peak_kib - .rss.before_kib) * 1024' "$RES/$s.kaproxy.json")
+        [ "$growth" -le "$worst" ] || worst=$growth
+    done
+    [ -s "$RES/both.kaproxy.json" ] || [ "$worst" -gt 0 ] || return 0
+    ok=" "; [ "$worst" -gt $((MEMORY_LIMIT + RSS_SLACK)) ] || ok=x
+    local limit_note="memory_limit $((MEMORY_LIMIT >> 20)) MiB"
+    [ "$KAPROXY_BUFFERING" = 1 ] || limit_note="$limit_note, not configured: this build has no [buffering]"
+    echo "- [$ok] kaproxy's RSS grew by at most memory_limit + $((RSS_SLACK >> 20)) MiB in every scenario: at most $(awk -v b="$worst" 'BEGIN { printf "%.1f", b / 1048576 }') MiB ($limit_note)"
+}
+DONE_WHEN=$(done_when)
+[ -n "$DONE_WHEN" ] || DONE_WHEN="(kaproxy did not run)"
 SECTION_FILE="$WORK/section.md"
 {
     cat <<EOF
@@ -486,6 +515,10 @@ Written by \`bench/slowclients.sh --duration $DURATION --only $(IFS=,; echo "${S
 - load average (1/5/15 min) before: $LOAD_BEFORE, after: $LOAD_AFTER (2 cores, shared with whatever else ran)
 
 $TABLE
+
+Issue 16's "done when":
+
+$DONE_WHEN
 
 Legitimate client: \`GET /\` (a 45-byte page) every 0.5 s on a fresh connection, open loop; "within
 1 s" = the whole 2xx response within 1 s of the connect; a GET is waited for up to 5 s, so "max
@@ -544,5 +577,7 @@ fi
 
 echo
 echo "$TABLE"
+echo
+echo "$DONE_WHEN"
 echo
 log "wrote section \"$SECTION\" of $OUT"
