@@ -7,7 +7,7 @@
 #                        [--out bench/SLOW_CLIENTS.md] [--section TITLE]
 #                        [--proxies kaproxy,nginx,haproxy] [--buffering auto|on|off]
 #                        [--memory-limit BYTES] [--rss-slack BYTES] [--workers 8]
-#                        [--apache-timeout 300]
+#                        [--apache-timeout 300] [--keep DIR]
 #   KAPROXY_BIN=path/to/kaproxy bench/slowclients.sh ...   runs that build instead of this tree's
 #   BENCH_BIN=path/to/kaproxy-bench ...   and that kaproxy-bench (nothing is built then)
 #
@@ -49,6 +49,7 @@ RSS_SLACK=$((32 << 20))
 WORKERS=8
 APACHE_TIMEOUT=300
 SECTION=""
+KEEP=""        # --keep DIR: the raw results (JSON per run), configs and logs are copied there
 HERE="$(cd "$(dirname "$0")" && pwd)"
 ROOT="$(cd "$HERE/.." && pwd)"
 OUT="$HERE/SLOW_CLIENTS.md"
@@ -67,6 +68,7 @@ while [ $# -gt 0 ]; do
         --rss-slack) RSS_SLACK="$2"; shift 2 ;;
         --workers) WORKERS="$2"; shift 2 ;;
         --apache-timeout) APACHE_TIMEOUT="$2"; shift 2 ;;
+        --keep) KEEP="$2"; shift 2 ;;
         -h|--help) usage; exit 0 ;;
         *) echo "unknown argument: $1" >&2; usage >&2; exit 2 ;;
     esac
@@ -142,10 +144,14 @@ PIDS=()
 cleanup() {
     local pid
     for pid in "${PIDS[@]}"; do stop_pid "$pid" 150; done
+    if [ -n "$KEEP" ]; then
+        mkdir -p "$KEEP" && cp -r "$WORK"/results "$WORK"/*.toml "$WORK"/*.cfg "$WORK"/*.log "$WORK"/nginx "$KEEP"/ 2>/dev/null || true
+    fi
     rm -rf "$WORK"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
+trap 'echo "slowclients.sh: line $LINENO failed: $BASH_COMMAND" >&2' ERR
 forget_pid() {
     local kept=() p
     for p in "${PIDS[@]}"; do [ "$p" = "$1" ] || kept+=("$p"); done
@@ -372,9 +378,13 @@ for s in "${SCENARIOS[@]}"; do
         metrics=()
         [ "$p" != kaproxy ] || metrics=(--metrics "http://127.0.0.1:$ADMIN_PORT/metrics" --metric-prefixes "$METRIC_PREFIXES")
         # shellcheck disable=SC2046
+        # In the background and waited for, so that SIGINT/SIGTERM end the script at once.
         "$BENCH" slow $COMMON_ARGS $(scenario_args "$s" "$p") --rss-pid "$PROXY_PID" "${metrics[@]}" \
-            --json "http://127.0.0.1:${HTTP_PORT[$p]}" > "$RES/$s.$p.json" 2> "$RES/$s.$p.err" \
-            || { echo "kaproxy-bench slow failed ($s, $p):" >&2; cat "$RES/$s.$p.err" >&2; }
+            --json "http://127.0.0.1:${HTTP_PORT[$p]}" > "$RES/$s.$p.json" 2> "$RES/$s.$p.err" &
+        bench_pid=$!
+        PIDS+=("$bench_pid")
+        wait "$bench_pid" || { echo "kaproxy-bench slow failed ($s, $p):" >&2; cat "$RES/$s.$p.err" >&2; }
+        forget_pid "$bench_pid"
         case $p in
             kaproxy) SHOWN_CONF[$p]=$(sed "s|$WORK|\$WORK|g; s|$APACHE_ADDR|APACHE|g" "$WORK/kaproxy.toml") ;;
             nginx) SHOWN_CONF[$p]=$(sed "s|$WORK|\$WORK|g; s|$APACHE_ADDR|APACHE|g" "$WORK/nginx/nginx.conf") ;;
@@ -459,9 +469,10 @@ cpu_model=$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)
 nginx_v=$("$NGINX" -v 2>&1 | sed 's/^nginx version: //')
 haproxy_v=$("$HAPROXY" -v 2>/dev/null | sed -n 1p || true)
 apache_v=$(/usr/sbin/apache2 -v 2>/dev/null | sed -n 's/^Server version: //p' || true)
-rustc_v=$(rustc --version)
+rustc_v=$(rustc --version 2>/dev/null || echo "rustc (unknown)")
 head_v=$(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo unknown)
-dirty=$(cd "$ROOT" && git status --porcelain -- src Cargo.toml 2>/dev/null | wc -l)
+# --no-optional-locks: another git process at work in the tree must not fail the report.
+dirty=$(cd "$ROOT" && { git --no-optional-locks status --porcelain -- src Cargo.toml 2>/dev/null || true; } | wc -l)
 if [ -n "${KAPROXY_BIN:-}" ]; then
     KAPROXY_BUILT="kaproxy: \`KAPROXY_BIN=$KAPROXY_BIN\`$( [ -n "${KAPROXY_COMMIT:-}" ] && echo " (built from $KAPROXY_COMMIT)" || true ); kaproxy-bench $( [ -n "${BENCH_BIN:-}" ] && echo "\`BENCH_BIN=$BENCH_BIN\`, tree at" || echo from ) $head_v, $rustc_v"
 else
