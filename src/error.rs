@@ -82,6 +82,11 @@ pub enum RequestError {
         addr: SocketAddr,
         source: hyper::Error,
     },
+    /// The backend answered `101 Switching Protocols` to a request that offered no protocol,
+    /// or to another one than it offered (RFC 9110 §15.2.2): a protocol violation, answered
+    /// 502 and its connection closed; not one of the metrics' kinds.
+    #[error("{addr} switched protocols without being asked (RFC 9110 §15.2.2)")]
+    UnexpectedUpgrade { addr: SocketAddr },
     /// The TLS handshake with the backend failed (`tls = true`): nothing was sent, and
     /// nothing is ever sent in the clear instead.
     #[error("TLS to {addr} failed: {source}")]
@@ -149,10 +154,13 @@ impl RequestError {
     }
 
     /// The `kind` label of `kaproxy_upstream_errors_total`; None for the client's failures,
-    /// which are never counted there.
+    /// which are never counted there, and for a backend's protocol violation, which has no
+    /// kind of its own (it is answered 502 and logged).
     pub fn kind(&self) -> Option<ErrorKind> {
         Some(match self {
-            RequestError::Body(_) | RequestError::BodyStreamed { .. } => return None,
+            RequestError::Body(_)
+            | RequestError::BodyStreamed { .. }
+            | RequestError::UnexpectedUpgrade { .. } => return None,
             RequestError::Connect { .. } | RequestError::Handshake { .. } => ErrorKind::Connect,
             RequestError::Tls { .. } => ErrorKind::Tls,
             RequestError::ConnectTimeout { .. }
@@ -175,7 +183,8 @@ impl RequestError {
         match self {
             RequestError::Body(_)
             | RequestError::BodyStreamed { .. }
-            | RequestError::AcquireTimeout { .. } => Retry::Never,
+            | RequestError::AcquireTimeout { .. }
+            | RequestError::UnexpectedUpgrade { .. } => Retry::Never,
             // A failed TLS handshake sent nothing either: like a connect failure, any method
             // moves on to the next server (never again to this one: proxy/retry.rs).
             RequestError::Connect { .. }

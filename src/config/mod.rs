@@ -70,6 +70,10 @@ const DEFAULT_MAX_CONNECTIONS: usize = 0;
 pub const DEFAULT_REQUEST_BUFFER_BYTES: usize = 65_536;
 /// nginx's proxy_buffers 8 × 8 KiB = 64 KiB read ahead from the backend.
 pub const DEFAULT_RESPONSE_BUFFER_BYTES: usize = 65_536;
+/// nginx's proxy_read_timeout 60 s, which is what ends an idle WebSocket behind nginx.
+pub const DEFAULT_TUNNEL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Upgrades tunnelled unless a group lists others: WebSocket (RFC 6455) only.
+pub const DEFAULT_UPGRADE_PROTOCOLS: &[&str] = &["websocket"];
 /// 1 GiB: Apache's own `LimitRequestBody` default since 2.4.54, so kaproxy refuses no body the
 /// Apache behind it would accept; nginx's 1 MiB `client_max_body_size` breaks ordinary uploads
 /// (photos, videos, backups), and a cap is needed at all because a buffered body takes disk.
@@ -268,6 +272,10 @@ pub struct UpstreamConfig {
     /// Time to the response head (and to a read-ahead body); then 504. Not a pool setting:
     /// the proxy bounds each exchange with it.
     pub response_timeout: Duration,
+    /// `Upgrade` tokens tunnelled (lowercase; `websocket` by default; never `h2c` or `h2`).
+    pub upgrade_protocols: Vec<String>,
+    /// A tunnel with no byte either way for this long is closed (nginx's proxy_read_timeout).
+    pub tunnel_idle_timeout: Duration,
     pub ip_hash_prefix_v4: u8,
     pub ip_hash_prefix_v6: u8,
     pub health: Option<HealthConfig>,

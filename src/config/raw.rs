@@ -57,6 +57,9 @@ pub(super) struct RawUpstream {
     connect_timeout: Duration,
     #[serde(with = "humantime_serde")]
     response_timeout: Duration,
+    upgrade_protocols: Vec<String>,
+    #[serde(with = "humantime_serde")]
+    tunnel_idle_timeout: Duration,
     #[serde(deserialize_with = "zero_is_none")]
     tcp_keepalive: Option<Duration>,
     retry_idempotent: bool,
@@ -100,6 +103,11 @@ impl Default for RawUpstream {
             acquire_timeout: DEFAULT_ACQUIRE_TIMEOUT,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             response_timeout: DEFAULT_RESPONSE_TIMEOUT,
+            upgrade_protocols: DEFAULT_UPGRADE_PROTOCOLS
+                .iter()
+                .map(|p| p.to_string())
+                .collect(),
+            tunnel_idle_timeout: DEFAULT_TUNNEL_IDLE_TIMEOUT,
             tcp_keepalive: Some(DEFAULT_UPSTREAM_TCP_KEEPALIVE),
             retry_idempotent: true,
             max_retries: DEFAULT_MAX_RETRIES,
@@ -201,6 +209,13 @@ impl RawUpstream {
                 retry_on_timeout: self.retry_on_timeout,
             },
             response_timeout: self.response_timeout,
+            // Tokens are case-insensitive (RFC 9110 §7.8); kept lowercase.
+            upgrade_protocols: self
+                .upgrade_protocols
+                .iter()
+                .map(|p| p.to_ascii_lowercase())
+                .collect(),
+            tunnel_idle_timeout: self.tunnel_idle_timeout,
             buffers: BufferConfig {
                 request_buffer_bytes: self.request_buffer_bytes,
                 response_buffer_bytes: self.response_buffer_bytes,

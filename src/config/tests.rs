@@ -776,3 +776,23 @@ fn timeline_shows_upstream_tls_and_warns_when_unverified() {
     );
     assert!(text.contains("fix: set tls_verify = true"), "{text}");
 }
+
+#[test]
+fn upgrade_protocols_default_to_websocket_and_never_take_h2c() {
+    let c = parse(MINIMAL).unwrap();
+    assert_eq!(c.upstreams[0].upgrade_protocols, vec!["websocket"]);
+    assert_eq!(c.upstreams[0].tunnel_idle_timeout, Duration::from_secs(60));
+    let c = parse(&with_upstream(
+        "upgrade_protocols = [\"WebSocket\", \"foo/2\"]\n",
+    ))
+    .unwrap();
+    assert_eq!(c.upstreams[0].upgrade_protocols, vec!["websocket", "foo/2"]);
+    let p = problems(&with_upstream(
+        "upgrade_protocols = [\"websocket\", \"h2c\"]\n",
+    ));
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!(p[0].key, "upstreams.web.upgrade_protocols[1]");
+    assert!(p[0].message.contains("never tunnelled"), "{:?}", p[0]);
+    let p = problems(&with_upstream("upgrade_protocols = [\"a b\"]\n"));
+    assert!(p[0].message.contains("not a protocol token"), "{:?}", p[0]);
+}

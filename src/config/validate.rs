@@ -117,6 +117,28 @@ pub(super) fn validate_upstream(u: &UpstreamConfig, out: &mut Vec<Problem>) {
     );
     positive(out, &key("connect_timeout"), pool.connect_timeout);
     positive(out, &key("response_timeout"), u.response_timeout);
+    positive(out, &key("tunnel_idle_timeout"), u.tunnel_idle_timeout);
+    for (i, token) in u.upgrade_protocols.iter().enumerate() {
+        let k = key(&format!("upgrade_protocols[{i}]"));
+        if token == "h2c" || token == "h2" {
+            out.push(
+                Problem::new(
+                    k,
+                    format!("{token:?} is never tunnelled: an HTTP/2 upgrade would carry the \
+                             client's own streams past routes and headers (RFC 9113 §3.1 retired it)"),
+                )
+                .fix("remove it; clients reach HTTP/2 through TLS with ALPN h2"),
+            );
+        } else if token.is_empty() || !token.bytes().all(is_token_char) {
+            out.push(
+                Problem::new(
+                    k,
+                    format!("{token:?} is not a protocol token (RFC 9110 §7.8)"),
+                )
+                .fix(r#"e.g. upgrade_protocols = ["websocket"]"#),
+            );
+        }
+    }
     for (name, prefix, bits) in [
         ("v4", u.ip_hash_prefix_v4, 32),
         ("v6", u.ip_hash_prefix_v6, 128),
@@ -154,6 +176,11 @@ pub(super) fn validate_upstream(u: &UpstreamConfig, out: &mut Vec<Problem>) {
     if let Some(tls) = &u.tls {
         validate_upstream_tls(&u.name, tls, out);
     }
+}
+
+/// A `tchar` of RFC 9110 §5.6.2 (a protocol name may also carry `/version`).
+fn is_token_char(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~/".contains(&b)
 }
 
 /// The `tls_*` keys of one upstream group: mutual TLS needs both files, and every file named

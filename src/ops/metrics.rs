@@ -111,6 +111,30 @@ struct UpstreamLabels {
     upstream: String,
 }
 
+/// How an `Upgrade` tunnel ended (the `reason` label of
+/// `kaproxy_upstream_tunnels_closed_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TunnelEnd {
+    /// One side closed it.
+    Closed = 0,
+    /// No byte either way for `tunnel_idle_timeout`.
+    Idle = 1,
+    /// A read or write failed.
+    Error = 2,
+}
+
+impl TunnelEnd {
+    pub const ALL: [TunnelEnd; 3] = [TunnelEnd::Closed, TunnelEnd::Idle, TunnelEnd::Error];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TunnelEnd::Closed => "closed",
+            TunnelEnd::Idle => "idle",
+            TunnelEnd::Error => "error",
+        }
+    }
+}
+
 /// Which way a buffered body goes (the `direction` label of the spill counters).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BodyDirection {
@@ -144,6 +168,8 @@ pub struct Metrics {
     downstream_waiting: Family<ListenerLabels, Gauge>,
     downstream_shed: Family<ListenerLabels, Counter>,
     server_up: Family<ServerUpLabels, Gauge>,
+    tunnels: Family<ServerLabels, Gauge>,
+    tunnels_closed: Family<ReasonLabels, Counter>,
     buffer_bytes: Family<LocationLabels, Gauge>,
     buffer_memory_limit: Gauge,
     body_spilled: Family<DirectionLabels, Counter>,
@@ -215,6 +241,8 @@ impl Metrics {
         let downstream_waiting = Family::<ListenerLabels, Gauge>::default();
         let downstream_shed = Family::<ListenerLabels, Counter>::default();
         let server_up = Family::<ServerUpLabels, Gauge>::default();
+        let tunnels = Family::<ServerLabels, Gauge>::default();
+        let tunnels_closed = Family::<ReasonLabels, Counter>::default();
         let buffer_bytes = Family::<LocationLabels, Gauge>::default();
         let buffer_memory_limit = Gauge::default();
         let body_spilled = Family::<DirectionLabels, Counter>::default();
@@ -293,6 +321,17 @@ impl Metrics {
             server_up.clone(),
         );
         registry.register(
+            "upstream_tunnels",
+            "Upgrade (WebSocket) tunnels open to a backend now; each holds one of its \
+             max_connections_per_server",
+            tunnels.clone(),
+        );
+        registry.register(
+            "upstream_tunnels_closed",
+            "Upgrade tunnels ended, by reason (closed: by a side; idle: tunnel_idle_timeout; error)",
+            tunnels_closed.clone(),
+        );
+        registry.register(
             "body_buffer_bytes",
             "Request and response body bytes buffered now, in memory (within [buffering] \
              memory_limit) and in temporary files on disk",
@@ -334,6 +373,8 @@ impl Metrics {
             downstream_waiting,
             downstream_shed,
             server_up,
+            tunnels,
+            tunnels_closed,
             buffer_bytes,
             buffer_memory_limit,
             body_spilled,
@@ -413,6 +454,15 @@ impl Metrics {
                     server: server.clone(),
                 })
                 .clone(),
+            tunnels: self.tunnels.get_or_create(&s).clone(),
+            tunnels_closed: TunnelEnd::ALL.map(|reason| {
+                self.tunnels_closed
+                    .get_or_create(&ReasonLabels {
+                        server: server.clone(),
+                        reason: reason.as_str(),
+                    })
+                    .clone()
+            }),
             closed,
             errors,
             duration: self
@@ -502,6 +552,9 @@ pub struct BackendMetrics {
     pub tls_resumptions: Counter,
     pub idle: Gauge,
     pub up: Gauge,
+    /// `kaproxy_upstream_tunnels`: `Upgrade` tunnels open to this server now.
+    pub tunnels: Gauge,
+    tunnels_closed: [Counter; TunnelEnd::ALL.len()],
     closed: [Counter; CloseReason::ALL.len()],
     errors: [Counter; ErrorKind::ALL.len()],
     duration: Histogram,
@@ -514,6 +567,15 @@ pub struct BackendMetrics {
 }
 
 impl BackendMetrics {
+    /// One tunnel to this server ended, for `reason`.
+    pub fn tunnel_closed(&self, reason: TunnelEnd) {
+        self.tunnels_closed[reason as usize].inc();
+    }
+
+    pub fn tunnels_closed(&self, reason: TunnelEnd) -> u64 {
+        self.tunnels_closed[reason as usize].get()
+    }
+
     pub fn closed(&self, reason: CloseReason) {
         self.closed[reason as usize].inc();
     }

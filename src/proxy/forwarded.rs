@@ -51,6 +51,13 @@ pub(super) fn connection_has(headers: &HeaderMap, token: &str) -> bool {
     })
 }
 
+/// Where `Upgrade` is in [`HOP_BY_HOP`].
+const UPGRADE_AT: usize = 6;
+
+/// `HTTP2-Settings` (RFC 9113 §3.1 retired the h2c upgrade it belongs to): connection-specific,
+/// dropped with the `Upgrade` it came with.
+static HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
+
 /// The hop-by-hop headers every message loses, named in `Connection` or not.
 static HOP_BY_HOP: [HeaderName; 7] = [
     header::CONNECTION,
@@ -69,12 +76,17 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     strip_hop_by_hop_and(headers, None);
 }
 
+/// What [`strip_hop_by_hop_and`] found on its way.
+pub(super) struct Stripped {
+    /// The message had an `Upgrade` header (now removed).
+    pub(super) upgrade: bool,
+    /// The value of the extra header asked for (now removed).
+    pub(super) also: Option<HeaderValue>,
+}
+
 /// [`strip_hop_by_hop`], also removing `also` (found in the same pass over the names) and
 /// returning its value.
-pub(super) fn strip_hop_by_hop_and(
-    headers: &mut HeaderMap,
-    also: Option<&HeaderName>,
-) -> Option<HeaderValue> {
+pub(super) fn strip_hop_by_hop_and(headers: &mut HeaderMap, also: Option<&HeaderName>) -> Stripped {
     // By bytes, not `to_str`: a value with obs-text in it still names the headers it names.
     // Tokens that name a standard hop-by-hop header (`keep-alive`, ...) or none (`close`) are
     // left to the loop below, so the common `Connection: keep-alive` allocates nothing.
@@ -106,8 +118,12 @@ pub(super) fn strip_hop_by_hop_and(
     for (name, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, p)| *p) {
         headers.remove(name);
     }
-    also.filter(|_| also_present)
-        .and_then(|name| headers.remove(name))
+    Stripped {
+        upgrade: present[UPGRADE_AT],
+        also: also
+            .filter(|_| also_present)
+            .and_then(|name| headers.remove(name)),
+    }
 }
 
 /// The client's address: the peer, or — when the peer is a trusted proxy — the right-most
@@ -132,14 +148,17 @@ pub(super) fn client_ip(peer: IpAddr, headers: &HeaderMap, cfg: &ForwardedConfig
     peer
 }
 
-/// Request filter: hop-by-hop out, forwarding headers in, `Host` kept, keep-alive asked for.
+/// Request filter: hop-by-hop out (an `Upgrade` with its `HTTP2-Settings`: a tunnel puts back
+/// what it tunnels), forwarding headers in, `Host` kept, keep-alive asked for.
 pub fn upstream_request_headers(
     headers: &mut HeaderMap,
     ds: &DownstreamInfo,
     cfg: &ForwardedConfig,
     host: Option<&HeaderValue>,
 ) {
-    strip_hop_by_hop(headers);
+    if strip_hop_by_hop_and(headers, None).upgrade {
+        headers.remove(&HTTP2_SETTINGS);
+    }
     let peer = ds.peer.ip();
     let trusted = cfg.trusted_proxies.iter().any(|n| n.contains(&peer));
     let proto = if ds.tls { "https" } else { "http" };
@@ -217,6 +236,31 @@ pub(super) fn header_value(s: &str) -> HeaderValue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn upgrade_at_names_upgrade() {
+        assert_eq!(HOP_BY_HOP[UPGRADE_AT], header::UPGRADE);
+    }
+
+    #[test]
+    fn an_upgrade_that_is_not_tunnelled_goes_with_its_http2_settings() {
+        let mut h = HeaderMap::new();
+        h.insert(header::UPGRADE, HeaderValue::from_static("h2c"));
+        h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        h.insert(
+            &HTTP2_SETTINGS,
+            HeaderValue::from_static("AAMAAABkAARAAAAAAAIAAAAA"),
+        );
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        let ds = DownstreamInfo::new(
+            "192.0.2.1:5000".parse().unwrap(),
+            "127.0.0.1:8080".parse().unwrap(),
+            false,
+        );
+        upstream_request_headers(&mut h, &ds, &ForwardedConfig::default(), None);
+        assert!(h.get(header::UPGRADE).is_none() && h.get(&HTTP2_SETTINGS).is_none());
+        assert_eq!(h.get("x-kept").unwrap(), "1");
+    }
 
     fn fwd(trusted: &[&str]) -> ForwardedConfig {
         ForwardedConfig {

@@ -231,9 +231,10 @@ impl Proxy {
                 ..AccessRecord::default()
             })
         });
-        if is_upgrade(&req) {
+        if let Some(offered) = tunnelled_upgrade(&req, &upstream.config.upgrade_protocols) {
             // Rare: boxed so its state does not enlarge every request's future.
-            return Box::pin(self.tunnel(req, ds, upstream, client_ip, host, log)).await;
+            let tunnel = self.tunnel(req, ds, upstream, client_ip, host, log, offered);
+            return Box::pin(tunnel).await;
         }
 
         // Phase 2: request filter (forwarded.rs); the body is read whole first (body.rs), so

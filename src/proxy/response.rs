@@ -40,6 +40,12 @@ impl Proxy {
         mut log: Option<Box<AccessRecord>>,
         start: Instant,
     ) -> Response<ProxyBody> {
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            // A plain request offered no upgrade (tunnel.rs takes those that do): the backend
+            // must not switch (RFC 9110 §15.2.2). Dropping `conn` closes it (reason `error`).
+            let err = RequestError::UnexpectedUpgrade { addr: pool.addr() };
+            return server_failed(upstream, pool, &err, log);
+        }
         let (mut parts, body) = resp.into_parts();
         // RFC 9112 §6.3: with Transfer-Encoding, Content-Length is ignored and must not be
         // forwarded; a backend that sends both is not trusted with the connection afterwards.
@@ -51,7 +57,7 @@ impl Proxy {
             conn.retire_after(CloseReason::Error);
         }
         // `X-Accel-Buffering` goes too (nginx does not forward it), found in the same pass.
-        let accel = strip_hop_by_hop_and(&mut parts.headers, Some(&X_ACCEL_BUFFERING));
+        let accel = strip_hop_by_hop_and(&mut parts.headers, Some(&X_ACCEL_BUFFERING)).also;
         let buffers = &upstream.config.buffers;
         // A stream that must not be held back passes through as it arrives.
         let passthrough = !buffers.response_buffering || must_stream(&parts.headers, accel);

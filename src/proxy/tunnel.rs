@@ -1,16 +1,30 @@
-//! Owns WebSocket / `Upgrade` tunnels: a dedicated upstream connection per tunnel, the
-//! upgrade handshake forwarded, then bytes copied both ways.
+//! Owns `Upgrade` tunnels (README, "Upgrade tunnels"): which upgrades are tunnelled (the
+//! group's `upgrade_protocols`, `websocket` by default; never `h2c`), a dedicated upstream
+//! connection per tunnel that holds one of the backend's `max_connections_per_server`, the
+//! handshake forwarded and the backend's `101` checked against what the client offered
+//! (RFC 9110 §15.2.2), then bytes copied both ways until a side closes or nothing has moved
+//! either way for `tunnel_idle_timeout`.
 
 use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use http::header::{self, HeaderValue};
-use http::{Request, Response, StatusCode, Version};
+use http::{HeaderMap, Request, Response, StatusCode, Version};
 use http_body::Body;
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Instant;
+use tracing::{debug, warn};
 
 use crate::body::{BodyDone, RequestBody, Streamed, UpstreamBody};
 use crate::error::RequestError;
+use crate::ops::metrics::{BackendMetrics, TunnelEnd};
 use crate::upstream::pool::Pool;
 
 use super::forwarded::*;
@@ -20,14 +34,60 @@ use super::retry::*;
 use super::route::*;
 use super::{build_request, Proxy, Upstream};
 
-pub(super) fn is_upgrade<B>(req: &Request<B>) -> bool {
-    req.version() == Version::HTTP_11
-        && req.headers().contains_key(header::UPGRADE)
-        && connection_has(req.headers(), "upgrade")
+/// The `Upgrade` tokens of `headers` (comma-separated, trimmed).
+fn upgrade_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(header::UPGRADE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
+/// A token's protocol name, without its `/version` (RFC 9110 §7.8), for comparison.
+fn protocol_name(token: &str) -> &str {
+    token.split('/').next().unwrap_or(token)
+}
+
+/// What of the request's `Upgrade` this group tunnels, as the header value to send on: the
+/// offered protocols named in `allowed` (`upgrade_protocols`), in the client's order. None
+/// when there are none (or the request is no HTTP/1.1 upgrade): it is then served as a plain
+/// request, and `Upgrade` goes with the other hop-by-hop headers — an `h2c` upgrade would
+/// carry the client's own HTTP/2 streams past the routes and the forwarding headers.
+pub(super) fn tunnelled_upgrade<B>(req: &Request<B>, allowed: &[String]) -> Option<HeaderValue> {
+    if req.version() != Version::HTTP_11 || !connection_has(req.headers(), "upgrade") {
+        return None;
+    }
+    let offered: Vec<&str> = upgrade_tokens(req.headers())
+        .filter(|t| {
+            let name = protocol_name(t);
+            allowed.iter().any(|a| a.eq_ignore_ascii_case(name))
+        })
+        .collect();
+    if offered.is_empty() {
+        return None;
+    }
+    HeaderValue::from_str(&offered.join(", ")).ok()
+}
+
+/// Whether the backend's `101` switches to a protocol the request offered: its `Upgrade`
+/// names exactly one, and `offered` has it (RFC 9110 §15.2.2).
+fn switched_to_offered(response: &HeaderMap, offered: &HeaderValue) -> bool {
+    let offered = offered.to_str().unwrap_or_default();
+    let mut chosen = upgrade_tokens(response);
+    match (chosen.next(), chosen.next()) {
+        (Some(c), None) => offered
+            .split(',')
+            .any(|o| protocol_name(o.trim()).eq_ignore_ascii_case(protocol_name(c))),
+        _ => false,
+    }
 }
 
 impl Proxy {
-    /// WebSocket / `Upgrade`: a dedicated upstream connection, then bytes both ways.
+    /// An upgrade this group tunnels (`offered`, see [`tunnelled_upgrade`]): a dedicated
+    /// upstream connection, the handshake, then bytes both ways.
+    #[allow(clippy::too_many_arguments)]
     pub(super) async fn tunnel(
         &self,
         mut req: Request<Incoming>,
@@ -36,15 +96,13 @@ impl Proxy {
         client_ip: IpAddr,
         host: Option<HeaderValue>,
         mut log: Option<Box<AccessRecord>>,
+        offered: HeaderValue,
     ) -> Response<ProxyBody> {
         let downstream_upgrade = hyper::upgrade::on(&mut req);
         let (mut parts, body) = req.into_parts();
-        let upgrade = parts.headers.get(header::UPGRADE).cloned();
         let mut headers = parts.headers;
         upstream_request_headers(&mut headers, ds, &self.forwarded, host.as_ref());
-        if let Some(u) = upgrade {
-            headers.insert(header::UPGRADE, u);
-        }
+        headers.insert(header::UPGRADE, offered.clone());
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         let body = if body.is_end_stream() {
             UpstreamBody::Empty
@@ -62,7 +120,7 @@ impl Proxy {
         };
         let req = build_request(parts.method, origin_form(&parts.uri), headers, body);
         let mut attempts = Attempts::new(&upstream.config.retry);
-        let (backend, mut sender) = match self
+        let (backend, (mut sender, slot)) = match self
             .connect(upstream, client_ip, &mut attempts, |p| async move {
                 p.tunnel_connect().await
             })
@@ -93,6 +151,12 @@ impl Proxy {
                 return server_failed(upstream, pool, &err, log);
             }
         };
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+            && !switched_to_offered(resp.headers(), &offered)
+        {
+            let err = RequestError::UnexpectedUpgrade { addr: pool.addr() };
+            return server_failed(upstream, pool, &err, log);
+        }
         pool.metrics().request(resp.status().as_u16());
         if let Some(log) = log.as_mut() {
             log.status = resp.status().as_u16();
@@ -100,13 +164,21 @@ impl Proxy {
         }
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
             let upstream_upgrade = hyper::upgrade::on(&mut resp);
+            let metrics = pool.metrics().clone();
+            let idle = upstream.config.tunnel_idle_timeout;
             tokio::spawn(async move {
                 let (Ok(down), Ok(up)) = tokio::join!(downstream_upgrade, upstream_upgrade) else {
                     return;
                 };
-                let mut down = hyper_util::rt::TokioIo::new(down);
-                let mut up = hyper_util::rt::TokioIo::new(up);
-                let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                let end = copy_until_idle(
+                    hyper_util::rt::TokioIo::new(down),
+                    hyper_util::rt::TokioIo::new(up),
+                    idle,
+                    &metrics,
+                )
+                .await;
+                debug!(server = %metrics.server, end = end.as_str(), "tunnel closed");
+                drop(slot);
             });
             let (parts, _) = resp.into_parts();
             return Response::from_parts(parts, ProxyBody::empty(log));
@@ -124,16 +196,215 @@ impl Proxy {
     }
 }
 
+/// Copies bytes both ways (half-closes passed on) until both sides are done, one fails, or no
+/// byte has arrived from either side for `idle` — which also ends a tunnel whose client (or
+/// backend) stopped reading, since nothing more is read once its buffer is full. Counted in
+/// `kaproxy_upstream_tunnels` while it runs and `kaproxy_upstream_tunnels_closed_total` after.
+pub(super) async fn copy_until_idle<D, U>(
+    down: D,
+    up: U,
+    idle: Duration,
+    metrics: &BackendMetrics,
+) -> TunnelEnd
+where
+    D: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    metrics.tunnels.inc();
+    let start = Instant::now();
+    let last = Arc::new(AtomicU64::new(0));
+    let mut down = Active {
+        io: down,
+        start,
+        last: last.clone(),
+    };
+    let mut up = Active {
+        io: up,
+        start,
+        last: last.clone(),
+    };
+    let copy = tokio::io::copy_bidirectional(&mut down, &mut up);
+    tokio::pin!(copy);
+    let end = loop {
+        let quiet_until = start + Duration::from_millis(last.load(Ordering::Relaxed)) + idle;
+        tokio::select! {
+            done = &mut copy => break match done {
+                Ok(_) => TunnelEnd::Closed,
+                Err(e) => {
+                    debug!(error = %e, "tunnel failed");
+                    TunnelEnd::Error
+                }
+            },
+            _ = tokio::time::sleep_until(quiet_until) => {
+                let moved = start + Duration::from_millis(last.load(Ordering::Relaxed));
+                if moved + idle <= Instant::now() {
+                    warn!(server = %metrics.server, idle = ?idle, "tunnel idle past tunnel_idle_timeout; closed");
+                    break TunnelEnd::Idle;
+                }
+            }
+        }
+    };
+    metrics.tunnels.dec();
+    metrics.tunnel_closed(end);
+    end
+}
+
+/// One side of a tunnel, recording when bytes last arrived from it (ms since `start`).
+struct Active<T> {
+    io: T,
+    start: Instant,
+    last: Arc<AtomicU64>,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Active<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let res = Pin::new(&mut self.io).poll_read(cx, buf);
+        if matches!(res, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            let now = self.start.elapsed().as_millis() as u64;
+            self.last.store(now, Ordering::Relaxed);
+        }
+        res
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Active<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
 impl Pool {
-    /// A dedicated, never pooled, upgrade-capable connection for a tunnel.
-    pub(super) async fn tunnel_connect(&self) -> Result<SendRequest<UpstreamBody>, RequestError> {
+    /// A dedicated, never pooled, upgrade-capable connection for a tunnel, with the slot of
+    /// `max_connections_per_server` it holds while it lives (see [`Pool::unpooled_slot`]).
+    pub(super) async fn tunnel_connect(
+        self: &Arc<Self>,
+    ) -> Result<(SendRequest<UpstreamBody>, Arc<OwnedSemaphorePermit>), RequestError> {
+        let slot = Arc::new(self.unpooled_slot().await?);
         let addr = self.addr();
         let stream = self.connector().open(addr, self.config()).await?;
         let (sender, conn) = hyper::client::conn::http1::Builder::new()
             .handshake::<_, UpstreamBody>(hyper_util::rt::TokioIo::new(stream))
             .await
             .map_err(|source| RequestError::Handshake { addr, source })?;
-        tokio::spawn(conn.with_upgrades());
-        Ok(sender)
+        // Until upgraded (or done), the connection holds the slot; then the tunnel does.
+        let held = slot.clone();
+        tokio::spawn(async move {
+            let _ = conn.with_upgrades().await;
+            drop(held);
+        });
+        Ok((sender, slot))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn request(upgrade: &str, connection: &str) -> Request<()> {
+        Request::builder()
+            .header(header::UPGRADE, upgrade)
+            .header(header::CONNECTION, connection)
+            .body(())
+            .unwrap()
+    }
+
+    #[test]
+    fn only_the_allowed_upgrades_are_tunnelled_and_never_h2c() {
+        let allowed = vec!["websocket".to_string()];
+        let ws = tunnelled_upgrade(&request("WebSocket", "Upgrade"), &allowed);
+        assert_eq!(ws.unwrap(), "WebSocket");
+        let h2c = tunnelled_upgrade(&request("h2c", "Upgrade, HTTP2-Settings"), &allowed);
+        assert!(h2c.is_none(), "h2c is served as plain HTTP/1.1");
+        let both = tunnelled_upgrade(&request("h2c, websocket", "upgrade"), &allowed);
+        assert_eq!(both.unwrap(), "websocket", "only what is allowed goes on");
+        assert!(
+            tunnelled_upgrade(&request("websocket", "keep-alive"), &allowed).is_none(),
+            "no upgrade without Connection: upgrade"
+        );
+        let versioned = vec!["websocket".to_string(), "foo".to_string()];
+        let foo = tunnelled_upgrade(&request("foo/2", "upgrade"), &versioned);
+        assert_eq!(foo.unwrap(), "foo/2");
+    }
+
+    #[test]
+    fn a_101_must_name_one_protocol_the_request_offered() {
+        let offered = HeaderValue::from_static("websocket");
+        let answer = |upgrade: Option<&str>| {
+            let mut h = HeaderMap::new();
+            if let Some(u) = upgrade {
+                h.insert(header::UPGRADE, HeaderValue::from_str(u).unwrap());
+            }
+            switched_to_offered(&h, &offered)
+        };
+        assert!(answer(Some("websocket")));
+        assert!(answer(Some("WebSocket")));
+        assert!(!answer(Some("h2c")), "not offered");
+        assert!(!answer(None), "no protocol named");
+        assert!(!answer(Some("websocket, h2c")), "one protocol only");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_tunnel_with_no_traffic_closes_after_the_idle_timeout_and_traffic_resets_it() {
+        let metrics = crate::ops::metrics::Metrics::new();
+        let m = metrics.server("web", "127.0.0.1:9".parse().unwrap());
+        let (down, mut client) = tokio::io::duplex(1024);
+        let (up, mut backend) = tokio::io::duplex(1024);
+        let idle = Duration::from_secs(60);
+        let started = Instant::now();
+        let tunnel = tokio::spawn({
+            let m = m.clone();
+            async move { copy_until_idle(down, up, idle, &m).await }
+        });
+        tokio::time::sleep(Duration::from_secs(50)).await;
+        client.write_all(b"ping").await.unwrap();
+        let mut buf = [0u8; 4];
+        backend.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"ping");
+        assert_eq!(m.tunnels.get(), 1);
+        let end = tunnel.await.unwrap();
+        assert_eq!(end, TunnelEnd::Idle);
+        assert_eq!(
+            started.elapsed(),
+            Duration::from_secs(110),
+            "60 s after the last byte, which came at 50 s"
+        );
+        assert_eq!((m.tunnels.get(), m.tunnels_closed(TunnelEnd::Idle)), (0, 1));
+    }
+
+    #[tokio::test]
+    async fn a_tunnel_closed_by_both_sides_ends_as_closed() {
+        let metrics = crate::ops::metrics::Metrics::new();
+        let m = metrics.server("web", "127.0.0.1:9".parse().unwrap());
+        let (down, mut client) = tokio::io::duplex(1024);
+        let (up, mut backend) = tokio::io::duplex(1024);
+        let tunnel = tokio::spawn({
+            let m = m.clone();
+            async move { copy_until_idle(down, up, Duration::from_secs(60), &m).await }
+        });
+        client.shutdown().await.unwrap();
+        backend.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        backend.read_to_end(&mut rest).await.unwrap();
+        client.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(tunnel.await.unwrap(), TunnelEnd::Closed);
+        assert_eq!(m.tunnels_closed(TunnelEnd::Closed), 1);
     }
 }

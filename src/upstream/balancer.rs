@@ -235,6 +235,8 @@ mod tests {
             retry: RetryConfig::default(),
             buffers: Default::default(),
             response_timeout: Duration::from_secs(60),
+            upgrade_protocols: vec!["websocket".to_string()],
+            tunnel_idle_timeout: Duration::from_secs(60),
             ip_hash_prefix_v4: 32,
             ip_hash_prefix_v6: 64,
             health: None,

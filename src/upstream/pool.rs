@@ -283,6 +283,36 @@ impl<C: Connector> Pool<C> {
         Ok(PooledConn::new(entry, self.clone(), false))
     }
 
+    /// A slot of `max_connections_per_server` for a connection the pool does not keep (an
+    /// `Upgrade` tunnel, held for the tunnel's life): a free one, else one an idle connection
+    /// gives up (closed, reason `surplus`), else one waited for within `acquire_timeout`
+    /// (then [`RequestError::AcquireTimeout`], a 503), as a pooled connection's would be.
+    pub async fn unpooled_slot(self: &Arc<Self>) -> Result<OwnedSemaphorePermit, RequestError> {
+        loop {
+            if let Ok(permit) = self.permits.clone().try_acquire_owned() {
+                return Ok(permit);
+            }
+            let oldest = {
+                let mut idle = crate::sync::lock(&self.idle);
+                let oldest = (!idle.is_empty()).then(|| idle.remove(0));
+                self.publish_idle(idle.len());
+                oldest
+            };
+            if let Some(conn) = oldest {
+                self.close(conn, CloseReason::Surplus);
+                continue;
+            }
+            match self.wait_for_slot().await? {
+                Slot::New(permit) => return Ok(permit),
+                Slot::Idle(mut conn) => {
+                    if let Some(entry) = conn.conn.take() {
+                        self.close(entry, CloseReason::Surplus);
+                    }
+                }
+            }
+        }
+    }
+
     /// At `max_connections_per_server`: waits up to `acquire_timeout` for a free slot or for a
     /// connection coming back idle, whichever is first.
     async fn wait_for_slot(self: &Arc<Self>) -> Result<Slot<C>, RequestError> {

@@ -310,9 +310,17 @@ fn assert_backend_saw_upgrade(head: &Head, protocol: &str) {
     assert_eq!(head.header("host"), "ws.example.test", "{head:?}");
 }
 
+/// The group in front of the echo backend, which tunnels WebSocket (the default) and the
+/// test protocols these tests name.
 fn upstream_toml(backend: &EchoUpgradeBackend) -> String {
-    format!("[upstreams.ws]\nservers = [\"{}\"]\n", backend.addr)
+    format!(
+        "[upstreams.ws]\nservers = [\"{}\"]\n{TEST_PROTOCOLS}\n",
+        backend.addr
+    )
 }
+
+const TEST_PROTOCOLS: &str =
+    r#"upgrade_protocols = ["websocket", "echo-proto", "echo-0", "echo-1", "echo-2", "echo-3"]"#;
 
 #[tokio::test]
 async fn websocket_upgrade_is_tunnelled_on_plain_http() {
@@ -335,7 +343,7 @@ async fn websocket_upgrade_is_tunnelled_on_plain_http() {
 }
 
 #[tokio::test]
-async fn any_upgrade_protocol_is_tunnelled_on_the_tls_listener() {
+async fn a_listed_upgrade_protocol_is_tunnelled_on_the_tls_listener() {
     let backend = EchoUpgradeBackend::start().await;
     let proxy = TestProxy::start(&upstream_toml(&backend)).await;
     let endpoint = proxy.https(&["http/1.1"]);
@@ -408,7 +416,7 @@ async fn upgrade_moves_on_to_the_next_server_when_connect_fails() {
         listener.local_addr().expect("local addr")
     };
     let proxy = TestProxy::start(&format!(
-        "[upstreams.ws]\nservers = [\"{dead}\", \"{}\"]\nretry_backoff = \"10ms\"\n",
+        "[upstreams.ws]\nservers = [\"{dead}\", \"{}\"]\nretry_backoff = \"10ms\"\n{TEST_PROTOCOLS}\n",
         backend.addr
     ))
     .await;
@@ -484,5 +492,208 @@ async fn upgrade_is_tunnelled_over_tls_to_a_tls_upstream() {
         "{}",
         m.lines_of("kaproxy_upstream_tls_handshakes_total")
     );
+    proxy.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hostile upgrades (issue 17: "Through a tunnel")
+// ---------------------------------------------------------------------------------------------
+
+/// The h2c smuggling of BishopFox's h2csmuggler: an `Upgrade: h2c` that a backend accepts
+/// would carry the client's own HTTP/2 frames past the routes, the forwarding headers and the
+/// access log. kaproxy serves it as the plain HTTP/1.1 request it also is: the backend sees
+/// no Upgrade and no HTTP2-Settings, and the client gets the backend's plain answer.
+#[tokio::test]
+async fn an_h2c_upgrade_is_never_tunnelled_on_either_listener() {
+    let backend = EchoUpgradeBackend::start().await;
+    let proxy = TestProxy::start(&format!(
+        "[upstreams.ws]\nservers = [\"{}\"]\n",
+        backend.addr
+    ))
+    .await;
+    let request = "GET /_be/upgrade/h2c HTTP/1.1\r\nHost: ws.example.test\r\n\
+                   Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\
+                   Connection: Upgrade, HTTP2-Settings\r\n\r\n";
+    let mut plain = tcp_connect(proxy.http().addr, None).await.expect("connect");
+    plain.write_all(request.as_bytes()).await.unwrap();
+    let (head, _) = read_head(&mut plain).await.expect("response head");
+    assert_eq!(
+        head.status(),
+        Some(403),
+        "served as plain HTTP/1.1: {head:?}"
+    );
+
+    let endpoint = proxy.https(&["http/1.1"]);
+    let (mut tls, _) = tls_connect(endpoint.addr, endpoint.tls.clone().unwrap(), None)
+        .await
+        .expect("TLS connect");
+    tls.write_all(request.as_bytes()).await.unwrap();
+    let (head, _) = read_head(&mut tls).await.expect("response head");
+    assert_eq!(head.status(), Some(403), "over TLS too: {head:?}");
+
+    let heads = backend.heads();
+    assert_eq!(heads.len(), 2, "{heads:?}");
+    for head in heads {
+        assert_eq!(
+            head.header("upgrade"),
+            "",
+            "no Upgrade reached the backend: {head:?}"
+        );
+        assert_eq!(head.header("http2-settings"), "", "{head:?}");
+        assert!(!head.has_token("connection", "upgrade"), "{head:?}");
+    }
+    proxy.shutdown().await;
+}
+
+/// A backend that answers every request with `response`, then keeps the connection open.
+async fn canned_backend(response: &'static str) -> (SocketAddr, JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let mut connections = JoinSet::new();
+        while let Ok((mut stream, _)) = listener.accept().await {
+            connections.spawn(async move {
+                if read_head(&mut stream).await.is_ok() {
+                    let _ = stream.write_all(response.as_bytes()).await;
+                    let mut sink = vec![0u8; 1024];
+                    while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
+                }
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// RFC 9110 §15.2.2: a server must not switch to a protocol the request did not offer.
+#[tokio::test]
+async fn a_101_the_request_did_not_ask_for_is_a_502() {
+    let (backend, task) = canned_backend(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n",
+    )
+    .await;
+    let proxy = TestProxy::start(&format!("[upstreams.ws]\nservers = [\"{backend}\"]\n")).await;
+    // A plain GET, no upgrade offered.
+    let mut stream = tcp_connect(proxy.http().addr, None).await.expect("connect");
+    stream
+        .write_all(b"GET /plain HTTP/1.1\r\nHost: ws.example.test\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, _) = read_head(&mut stream).await.expect("response head");
+    assert_eq!(head.status(), Some(502), "{head:?}");
+    // A WebSocket upgrade answered with a switch to another protocol.
+    let mut stream = tcp_connect(proxy.http().addr, None).await.expect("connect");
+    stream
+        .write_all(upgrade_request("/chat", "websocket", "").as_bytes())
+        .await
+        .unwrap();
+    let (head, _) = read_head(&mut stream).await.expect("response head");
+    assert_eq!(head.status(), Some(502), "h2c was not offered: {head:?}");
+    proxy.shutdown().await;
+    task.abort();
+}
+
+#[tokio::test]
+async fn an_idle_websocket_is_closed_at_tunnel_idle_timeout_on_both_sides() {
+    let backend = EchoUpgradeBackend::start().await;
+    let proxy = TestProxy::start(&format!(
+        "[upstreams.ws]\nservers = [\"{}\"]\ntunnel_idle_timeout = \"1s\"\n",
+        backend.addr
+    ))
+    .await;
+    let server = backend.addr.to_string();
+    let mut stream = tcp_connect(proxy.http().addr, None).await.expect("connect");
+    stream
+        .write_all(upgrade_request("/chat", "websocket", "").as_bytes())
+        .await
+        .unwrap();
+    let (head, mut early) = read_head(&mut stream).await.expect("response head");
+    assert_eq!(head.status(), Some(101), "{head:?}");
+    let greeting = b"hello websocket\n";
+    if early.len() < greeting.len() {
+        early.extend(read_exact_bounded(&mut stream, greeting.len() - early.len()).await);
+    }
+    stream.write_all(b"ping").await.unwrap();
+    assert_eq!(read_exact_bounded(&mut stream, 4).await, b"ping");
+    let m = proxy.metrics();
+    assert_eq!(
+        m.sum("kaproxy_upstream_tunnels", &[("server", &server)]),
+        1.0
+    );
+    // Then silence: kaproxy closes both sides after 1 s.
+    let quiet = Instant::now();
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(IO_BOUND, stream.read_to_end(&mut rest)).await;
+    assert!(
+        matches!(ended, Ok(Ok(0))),
+        "closed by kaproxy: {ended:?} {rest:?}"
+    );
+    let took = quiet.elapsed();
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(4),
+        "closed about tunnel_idle_timeout after the last byte: {took:?}"
+    );
+    let (m, closed) = proxy
+        .wait_metrics(IO_BOUND, |m| {
+            m.sum(
+                "kaproxy_upstream_tunnels_closed_total",
+                &[("server", &server), ("reason", "idle")],
+            ) == 1.0
+                && m.sum("kaproxy_upstream_tunnels", &[("server", &server)]) == 0.0
+        })
+        .await;
+    assert!(closed, "{}", m.lines_of("kaproxy_upstream_tunnels"));
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn tunnels_hold_a_slot_of_max_connections_per_server() {
+    let backend = EchoUpgradeBackend::start().await;
+    let proxy = TestProxy::start(&format!(
+        "[upstreams.ws]\nservers = [\"{}\"]\nmax_connections_per_server = 2\n\
+         max_idle_per_server = 2\nacquire_timeout = \"500ms\"\n",
+        backend.addr
+    ))
+    .await;
+    let mut open = Vec::new();
+    for _ in 0..2 {
+        let mut stream = tcp_connect(proxy.http().addr, None).await.expect("connect");
+        stream
+            .write_all(upgrade_request("/chat", "websocket", "").as_bytes())
+            .await
+            .unwrap();
+        let (head, _) = read_head(&mut stream).await.expect("response head");
+        assert_eq!(head.status(), Some(101), "{head:?}");
+        open.push(stream);
+    }
+    let started = Instant::now();
+    let mut third = tcp_connect(proxy.http().addr, None).await.expect("connect");
+    third
+        .write_all(upgrade_request("/chat", "websocket", "").as_bytes())
+        .await
+        .unwrap();
+    let (head, _) = read_head(&mut third).await.expect("response head");
+    assert_eq!(
+        head.status(),
+        Some(503),
+        "both slots are held by tunnels: {head:?}"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(450),
+        "after acquire_timeout"
+    );
+    assert_eq!(
+        backend.heads().len(),
+        2,
+        "the third never reached the backend"
+    );
+    // A tunnel that ends gives its slot back.
+    drop(open.pop());
+    let mut fourth = tcp_connect(proxy.http().addr, None).await.expect("connect");
+    fourth
+        .write_all(upgrade_request("/chat", "websocket", "").as_bytes())
+        .await
+        .unwrap();
+    let (head, _) = read_head(&mut fourth).await.expect("response head");
+    assert_eq!(head.status(), Some(101), "{head:?}");
     proxy.shutdown().await;
 }
