@@ -466,8 +466,8 @@ configs() {
 }
 
 cpu_model=$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)
-nginx_v=$("$NGINX" -v 2>&1 | sed 's/^nginx version: //')
-haproxy_v=$("$HAPROXY" -v 2>/dev/null | sed -n 1p || true)
+nginx_v=$("$NGINX" -v 2>&1 | sed 's/^nginx version: nginx\///')
+haproxy_v=$("$HAPROXY" -v 2>/dev/null | sed -n '1s/ - http.*//p' || true)
 apache_v=$(/usr/sbin/apache2 -v 2>/dev/null | sed -n 's/^Server version: //p' || true)
 rustc_v=$(rustc --version 2>/dev/null || echo "rustc (unknown)")
 head_v=$(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo unknown)
