@@ -63,6 +63,10 @@ pub fn server_config(cfg: &TlsConfig) -> Result<Arc<rustls::ServerConfig>, TlsEr
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(SniResolver { default, by_name }));
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // The server's cipher-suite order wins (testssl.sh: "no server cipher order"): kaproxy's
+    // first suite the client offers (rustls' order: AES-256-GCM, AES-128-GCM, ChaCha20),
+    // not the client's favourite. Every suite offered is strong either way.
+    config.ignore_client_order = true;
     if cfg.session_resumption {
         config.session_storage = ServerSessionMemoryCache::new(SESSION_CACHE_ENTRIES);
         config.ticketer = rustls::crypto::ring::Ticketer::new()?;
@@ -160,5 +164,31 @@ impl ResolvesServerCert for SniResolver {
             }
         }
         Some(self.default.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tls_config(dir: &Path) -> TlsConfig {
+        TlsConfig {
+            cert: dir.join("cert.pem"),
+            key: dir.join("key.pem"),
+            session_resumption: true,
+            sni: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_server_cipher_suite_order_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        for resumption in [true, false] {
+            let mut cfg = tls_config(dir.path());
+            cfg.session_resumption = resumption;
+            let config = server_config(&cfg).unwrap();
+            assert!(config.ignore_client_order, "resumption {resumption}");
+            assert_eq!(config.alpn_protocols, [&b"h2"[..], b"http/1.1"]);
+        }
     }
 }
