@@ -87,6 +87,13 @@ pub enum RequestError {
     /// 502 and its connection closed; not one of the metrics' kinds.
     #[error("{addr} switched protocols without being asked (RFC 9110 §15.2.2)")]
     UnexpectedUpgrade { addr: SocketAddr },
+    /// The response body could not be taken before its first byte for another reason than
+    /// the backend's connection (a temporary file that cannot be read): 502.
+    #[error("the response body from {addr} could not be relayed: {source}")]
+    BrokenResponse {
+        addr: SocketAddr,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// The TLS handshake with the backend failed (`tls = true`): nothing was sent, and
     /// nothing is ever sent in the clear instead.
     #[error("TLS to {addr} failed: {source}")]
@@ -160,7 +167,8 @@ impl RequestError {
         Some(match self {
             RequestError::Body(_)
             | RequestError::BodyStreamed { .. }
-            | RequestError::UnexpectedUpgrade { .. } => return None,
+            | RequestError::UnexpectedUpgrade { .. }
+            | RequestError::BrokenResponse { .. } => return None,
             RequestError::Connect { .. } | RequestError::Handshake { .. } => ErrorKind::Connect,
             RequestError::Tls { .. } => ErrorKind::Tls,
             RequestError::ConnectTimeout { .. }
@@ -184,7 +192,8 @@ impl RequestError {
             RequestError::Body(_)
             | RequestError::BodyStreamed { .. }
             | RequestError::AcquireTimeout { .. }
-            | RequestError::UnexpectedUpgrade { .. } => Retry::Never,
+            | RequestError::UnexpectedUpgrade { .. }
+            | RequestError::BrokenResponse { .. } => Retry::Never,
             // A failed TLS handshake sent nothing either: like a connect failure, any method
             // moves on to the next server (never again to this one: proxy/retry.rs).
             RequestError::Connect { .. }

@@ -197,6 +197,49 @@ pub struct Streamed {
     /// What was read before it had to stream, with its share of the budget.
     pub prefix: Option<(Bytes, Memory)>,
     pub rest: RequestBody,
+    /// Told when the body has been read to its end (so all of it has gone upstream).
+    pub sent: SentWhole,
+}
+
+impl Streamed {
+    pub fn new(prefix: Option<(Bytes, Memory)>, rest: RequestBody) -> Streamed {
+        Streamed {
+            prefix,
+            rest,
+            sent: SentWhole::default(),
+        }
+    }
+}
+
+/// Whether a streamed request body has been sent whole: the time to the response starts then
+/// (`response_timeout` counts from the end of the request, not from its head, or a slow
+/// upload would time out waiting for the response it has not finished asking for).
+#[derive(Clone, Default)]
+pub struct SentWhole(Arc<SentState>);
+
+#[derive(Default)]
+struct SentState {
+    done: std::sync::atomic::AtomicBool,
+    notify: tokio::sync::Notify,
+}
+
+impl SentWhole {
+    fn mark(&self) {
+        if !self.0.done.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            self.0.notify.notify_waiters();
+        }
+    }
+
+    /// Waits until the body has been sent whole.
+    pub async fn wait(&self) {
+        loop {
+            let notified = self.0.notify.notified();
+            if self.0.done.load(std::sync::atomic::Ordering::Acquire) {
+                return;
+            }
+            notified.await;
+        }
+    }
 }
 
 impl UpstreamBody {
@@ -210,6 +253,14 @@ impl UpstreamBody {
             }),
             UpstreamBody::File(reader) => Some(UpstreamBody::File(Box::new(reader.replay(0)))),
             UpstreamBody::Stream(_) => None,
+        }
+    }
+
+    /// For a body streaming from the client: what tells when it has been sent whole.
+    pub fn streaming_sent(&self) -> Option<SentWhole> {
+        match self {
+            UpstreamBody::Stream(s) => Some(s.sent.clone()),
+            _ => None,
         }
     }
 
@@ -233,10 +284,17 @@ impl Body for UpstreamBody {
             UpstreamBody::Empty => Poll::Ready(None),
             UpstreamBody::Full { data, .. } => Poll::Ready(data.take().map(|b| Ok(Frame::data(b)))),
             UpstreamBody::File(reader) => Pin::new(&mut **reader).poll_frame(cx),
-            UpstreamBody::Stream(s) => match s.prefix.take() {
-                Some((b, _held)) => Poll::Ready(Some(Ok(Frame::data(b)))),
-                None => Pin::new(&mut s.rest).poll_frame(cx),
-            },
+            UpstreamBody::Stream(s) => {
+                let res = match s.prefix.take() {
+                    Some((b, _held)) => Poll::Ready(Some(Ok(Frame::data(b)))),
+                    None => Pin::new(&mut s.rest).poll_frame(cx),
+                };
+                if matches!(res, Poll::Ready(None)) || s.prefix.is_none() && s.rest.is_end_stream()
+                {
+                    s.sent.mark();
+                }
+                res
+            }
         }
     }
 
@@ -329,9 +387,7 @@ pub async fn buffer_request(
     limit: usize,
     buffering: &Buffering,
 ) -> Result<UpstreamBody, BodyError> {
-    let stream = |prefix: Option<(Bytes, Memory)>, rest| {
-        UpstreamBody::Stream(Box::new(Streamed { prefix, rest }))
-    };
+    let stream = |prefix, rest| UpstreamBody::Stream(Box::new(Streamed::new(prefix, rest)));
     if body.size_hint().lower() > limit as u64 {
         return Ok(stream(None, body));
     }

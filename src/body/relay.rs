@@ -255,6 +255,36 @@ pub struct RelayBody {
 }
 
 impl RelayBody {
+    /// Waits until the backend's body has begun — a first byte, or its end — so that a body
+    /// that fails before any byte (a broken first chunk, a timeout) can still be answered
+    /// 502/504 instead of a response head followed by a cut. The error, if that is how the
+    /// body began, is taken: the body is then over.
+    pub async fn started(&mut self) -> Result<(), RelayError> {
+        std::future::poll_fn(|cx| {
+            let mut st = crate::sync::lock(&self.shared.state);
+            let buffered =
+                st.queued > 0 || st.writing || st.spill.as_ref().is_some_and(|s| !s.is_empty());
+            if buffered {
+                return Poll::Ready(Ok(()));
+            }
+            match st.end.take() {
+                Some(Err(e)) => {
+                    self.done = true;
+                    Poll::Ready(Err(e))
+                }
+                Some(Ok(trailers)) => {
+                    st.end = Some(Ok(trailers));
+                    Poll::Ready(Ok(()))
+                }
+                None => {
+                    st.reader = Some(cx.waker().clone());
+                    Poll::Pending
+                }
+            }
+        })
+        .await
+    }
+
     fn take(&mut self, data: Bytes) -> Poll<Option<Result<Frame<Bytes>, RelayError>>> {
         self.delivered += data.len() as u64;
         self.shared.room.notify_one();
@@ -564,6 +594,33 @@ mod tests {
         })
         .await;
         assert_eq!(b.memory_bytes(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_body_that_fails_before_its_first_byte_is_reported_by_started() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = buffering_in(dir.path(), 1 << 20);
+        let (tx, body, _) = backend();
+        let mut client = relay(body, &b, limits(1000, 0));
+        tx.send(Err(std::io::Error::other("bad chunk")))
+            .await
+            .unwrap();
+        let err = client.started().await.expect_err("failed first");
+        assert!(matches!(err, RelayError::Upstream(_)), "{err}");
+        assert!(client.is_end_stream());
+
+        let (tx, body, _) = backend();
+        let mut client = relay(body, &b, limits(1000, 0));
+        tx.send(Ok(Frame::data(chunk(0, 10)))).await.unwrap();
+        client.started().await.expect("a first byte");
+        tx.send(Err(std::io::Error::other("later"))).await.unwrap();
+        let first = client.frame().await.unwrap().unwrap();
+        assert_eq!(
+            first.into_data().unwrap().len(),
+            10,
+            "the byte is still delivered"
+        );
+        assert!(client.frame().await.unwrap().is_err(), "then the failure");
     }
 
     #[tokio::test(start_paused = true)]

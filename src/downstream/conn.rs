@@ -37,6 +37,7 @@ use tracing::debug;
 
 use crate::body::BodyDone;
 use crate::config::DownstreamConfig;
+use crate::downstream::h2_head::H2HeadWatch;
 use crate::downstream::send_watch::SendWatch;
 use crate::downstream::ConnContext;
 
@@ -51,6 +52,11 @@ const LINGER_MAX_BYTES: usize = 256 * 1024;
 /// for setting hyper up again; short enough that idle keep-alive clients soon cost a few KiB
 /// each instead of ~20.
 pub const PARK_AFTER: Duration = Duration::from_secs(1);
+
+/// The most header fields a request may have, on either protocol: hyper's HTTP/1 parser
+/// answers 431 past 100 fields, and Apache's `LimitRequestFields` is 100 too; HTTP/2 requests
+/// are held to the same (their bytes are bounded by `max_header_bytes` in both).
+pub const MAX_HEADER_FIELDS: usize = 100;
 
 const NONE: u64 = u64::MAX;
 
@@ -559,7 +565,16 @@ where
                 let done: BodyDone = Arc::new(state.body_started());
                 req.extensions_mut().insert(done);
             }
-            let mut resp = proxy.handle(req, &info).await;
+            let mut resp = if http2 && req.headers().len() > MAX_HEADER_FIELDS {
+                // The limit HTTP/1 requests meet in hyper's parser, for HTTP/2 too.
+                debug!(
+                    fields = req.headers().len(),
+                    "HTTP/2 request with too many header fields; 431"
+                );
+                proxy.too_many_header_fields()
+            } else {
+                proxy.handle(req, &info).await
+            };
             let last = n >= cfg.max_requests_per_connection;
             if http2 && n == cfg.max_requests_per_connection {
                 state.goaway.notify_one();
@@ -601,7 +616,10 @@ where
                 .keep_alive_interval(Some(cfg.send_timeout))
                 .keep_alive_timeout(cfg.send_timeout)
                 .max_header_list_size(cfg.max_header_bytes as u32)
-                .serve_connection(TokioIo::new(io), service),
+                .serve_connection(
+                    TokioIo::new(H2HeadWatch::new(io, cfg.header_timeout)),
+                    service,
+                ),
         );
         drive(conn.as_mut(), &state, &cfg, false, &mut shutdown, |c| {
             c.graceful_shutdown()

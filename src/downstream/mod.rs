@@ -3,6 +3,7 @@
 //! needs from one loaded configuration.
 
 pub mod conn;
+pub mod h2_head;
 pub mod limit;
 pub mod listener;
 pub mod proxy_protocol;

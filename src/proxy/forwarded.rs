@@ -148,6 +148,25 @@ pub(super) fn client_ip(peer: IpAddr, headers: &HeaderMap, cfg: &ForwardedConfig
     peer
 }
 
+/// RFC 9113 §8.2.3: an HTTP/2 client may split `cookie` into one field per crumb; before the
+/// request goes on as HTTP/1.1 they MUST be joined into one, with "; " (nginx and HAProxy do).
+pub fn join_cookie_crumbs(headers: &mut HeaderMap) {
+    let mut crumbs = headers.get_all(header::COOKIE).iter();
+    if crumbs.next().is_none() || crumbs.next().is_none() {
+        return;
+    }
+    let mut joined: Vec<u8> = Vec::new();
+    for crumb in headers.get_all(header::COOKIE) {
+        if !joined.is_empty() {
+            joined.extend_from_slice(b"; ");
+        }
+        joined.extend_from_slice(crumb.as_bytes());
+    }
+    if let Ok(value) = HeaderValue::from_bytes(&joined) {
+        headers.insert(header::COOKIE, value);
+    }
+}
+
 /// Request filter: hop-by-hop out (an `Upgrade` with its `HTTP2-Settings`: a tunnel puts back
 /// what it tunnels), forwarding headers in, `Host` kept, keep-alive asked for.
 pub fn upstream_request_headers(
@@ -236,6 +255,21 @@ pub(super) fn header_value(s: &str) -> HeaderValue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cookie_crumbs_are_joined_into_one_field() {
+        let mut h = HeaderMap::new();
+        for c in ["a=1", "b=2", "c=3"] {
+            h.append(header::COOKIE, HeaderValue::from_static(c));
+        }
+        join_cookie_crumbs(&mut h);
+        let all: Vec<_> = h.get_all(header::COOKIE).iter().collect();
+        assert_eq!(all, vec!["a=1; b=2; c=3"]);
+        let mut one = HeaderMap::new();
+        one.insert(header::COOKIE, HeaderValue::from_static("a=1"));
+        join_cookie_crumbs(&mut one);
+        assert_eq!(one.get(header::COOKIE).unwrap(), "a=1");
+    }
 
     #[test]
     fn upgrade_at_names_upgrade() {

@@ -190,6 +190,15 @@ impl Proxy {
         &self.upstreams
     }
 
+    /// kaproxy's 431 for a request with more header fields than the downstream allows
+    /// (HTTP/2; hyper's parser answers HTTP/1 requests itself).
+    pub fn too_many_header_fields(&self) -> Response<ProxyBody> {
+        local_response(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "too many header fields\n",
+        )
+    }
+
     /// The body buffers' budget and temp directory (`/status` reads it).
     pub fn buffering(&self) -> &Buffering {
         &self.buffering
@@ -242,6 +251,9 @@ impl Proxy {
         let (mut parts, body) = req.into_parts();
         let version = parts.version;
         let mut headers = parts.headers;
+        if version == Version::HTTP_2 {
+            join_cookie_crumbs(&mut headers);
+        }
         upstream_request_headers(&mut headers, ds, &self.forwarded, host.as_ref());
         let uri = origin_form(&parts.uri);
         let buffers = &upstream.config.buffers;

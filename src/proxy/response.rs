@@ -17,7 +17,7 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use crate::body::relay::{relay, RelayBody, RelayLimits};
+use crate::body::relay::{relay, RelayBody, RelayError, RelayLimits};
 use crate::body::{BodyError, Buffering, Collected, Memory};
 use crate::error::RequestError;
 use crate::ops::metrics::CloseReason;
@@ -69,24 +69,16 @@ impl Proxy {
         let (age, requests) = conn.age_and_requests();
         let reused = conn.is_reused();
         let body = conn.attach(body);
-        let inner = match read_ahead(
-            body,
-            buffers.response_buffer_bytes,
-            upstream.config.response_timeout,
-            &self.buffering,
-            relay_limits,
-        )
-        .await
-        {
+        let ahead = ReadAhead {
+            limit: buffers.response_buffer_bytes,
+            timeout: upstream.config.response_timeout,
+            buffering: &self.buffering,
+            relay: relay_limits,
+            addr: pool.addr(),
+        };
+        let inner = match ahead.take(body).await {
             Ok(inner) => inner,
             Err(err) => {
-                let err = match err {
-                    Some(e) => RequestError::from_send(pool.addr(), e),
-                    None => RequestError::ResponseTimeout {
-                        addr: pool.addr(),
-                        timeout: upstream.config.response_timeout,
-                    },
-                };
                 err.count_in(pool.metrics());
                 return server_failed(upstream, pool, &err, log);
             }
@@ -127,49 +119,85 @@ fn must_stream(headers: &HeaderMap, accel: Option<HeaderValue>) -> bool {
     accel_no || events
 }
 
-/// Takes the response body off the backend's hands as the configuration says (nginx's
-/// proxy buffering): a body whose Content-Length is at most `limit` (and fits in the memory
-/// budget) is read whole here, within `timeout`, so its upstream connection goes back to the
-/// pool before the client has read a byte; any other body goes to a relay
-/// ([`crate::body::relay`]) when `relay` is given, else streams (and `send_timeout` bounds a
-/// client that stops reading it). `Err(None)` is the timeout, `Err(Some(e))` a broken body.
-pub(super) async fn read_ahead(
-    mut body: PooledBody,
+/// How a response body is taken off the backend's hands (nginx's proxy buffering).
+pub(super) struct ReadAhead<'a> {
+    /// `response_buffer_bytes`: a body whose Content-Length is at most this is read whole.
     limit: usize,
+    /// `response_timeout`: for reading it, or for the first byte of a relayed body.
     timeout: Duration,
-    buffering: &Buffering,
-    relay_limits: Option<RelayLimits>,
-) -> Result<Inner, Option<hyper::Error>> {
-    if body.is_end_stream() {
-        return Ok(Inner::Upstream(body));
-    }
-    let held = match body.size_hint().exact() {
-        Some(n) if n <= limit as u64 => buffering.try_reserve(n as usize),
-        _ => None,
-    };
-    let Some(held) = held else {
-        return Ok(match relay_limits {
-            Some(limits) => Inner::Relay(relay(body, buffering, limits)),
-            None => Inner::Upstream(body),
-        });
-    };
-    let read = tokio::time::timeout(timeout, async {
-        let mut read = Collected::default();
-        while let Some(frame) = body.frame().await {
-            if let Ok(data) = frame?.into_data() {
-                read.push(data);
-            }
+    buffering: &'a Buffering,
+    /// Relay any other body ([`crate::body::relay`]); None: it streams.
+    relay: Option<RelayLimits>,
+    addr: std::net::SocketAddr,
+}
+
+impl ReadAhead<'_> {
+    /// A body whose Content-Length is at most `limit` (and fits in the memory budget) is read
+    /// whole here, so its upstream connection goes back to the pool before the client has read
+    /// a byte; any other goes to a relay when one is configured, else streams (and
+    /// `send_timeout` bounds a client that stops reading it). Either way the head goes on
+    /// with the first body byte, so that a body the backend breaks before any byte (an
+    /// oversized chunk extension, a timeout) is still answered 502/504.
+    pub(super) async fn take(self, mut body: PooledBody) -> Result<Inner, RequestError> {
+        if body.is_end_stream() {
+            return Ok(Inner::Upstream(body));
         }
-        Ok(read.into_bytes())
-    })
-    .await;
-    match read {
-        Ok(Ok(bytes)) => Ok(Inner::ReadAhead {
-            body: Full::new(bytes),
-            _held: held,
-        }),
-        Ok(Err(e)) => Err(Some(e)),
-        Err(_) => Err(None),
+        let held = match body.size_hint().exact() {
+            Some(n) if n <= self.limit as u64 => self.buffering.try_reserve(n as usize),
+            _ => None,
+        };
+        let Some(held) = held else {
+            let Some(limits) = self.relay else {
+                return Ok(Inner::Upstream(body));
+            };
+            let mut relayed = relay(body, self.buffering, limits);
+            return match relayed.started().await {
+                Ok(()) => Ok(Inner::Relay(relayed)),
+                Err(e) => Err(self.failed(e)),
+            };
+        };
+        let read = tokio::time::timeout(self.timeout, async {
+            let mut read = Collected::default();
+            while let Some(frame) = body.frame().await {
+                if let Ok(data) = frame?.into_data() {
+                    read.push(data);
+                }
+            }
+            Ok::<_, hyper::Error>(read.into_bytes())
+        })
+        .await;
+        match read {
+            Ok(Ok(bytes)) => Ok(Inner::ReadAhead {
+                body: Full::new(bytes),
+                _held: held,
+            }),
+            Ok(Err(e)) => Err(RequestError::from_send(self.addr, e)),
+            Err(_) => Err(self.timed_out()),
+        }
+    }
+
+    fn timed_out(&self) -> RequestError {
+        RequestError::ResponseTimeout {
+            addr: self.addr,
+            timeout: self.timeout,
+        }
+    }
+
+    fn failed(&self, e: RelayError) -> RequestError {
+        match e {
+            RelayError::ReadTimeout(_) => self.timed_out(),
+            RelayError::Upstream(e) => match e.downcast::<hyper::Error>() {
+                Ok(e) => RequestError::from_send(self.addr, *e),
+                Err(source) => RequestError::BrokenResponse {
+                    addr: self.addr,
+                    source,
+                },
+            },
+            RelayError::Read(e) => RequestError::BrokenResponse {
+                addr: self.addr,
+                source: Box::new(e),
+            },
+        }
     }
 }
 

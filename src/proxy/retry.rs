@@ -21,7 +21,7 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 use tracing::warn;
 
-use crate::body::UpstreamBody;
+use crate::body::{SentWhole, UpstreamBody};
 use crate::config::RetryConfig;
 use crate::error::{RequestError, Retry, Side};
 use crate::ops::metrics::ErrorKind;
@@ -179,6 +179,23 @@ impl Resend {
     }
 }
 
+/// `response_timeout` for a request whose body streams from the client: counted from the end
+/// of the body (its gaps are bounded by `body_timeout` meanwhile), since the time to the first
+/// response byte starts when the request has been sent whole. Other requests go out at once,
+/// and the timeout counts from the start.
+async fn after_body<F: std::future::Future>(
+    sent: SentWhole,
+    limit: Duration,
+    exchange: F,
+) -> Result<F::Output, tokio::time::error::Elapsed> {
+    tokio::pin!(exchange);
+    tokio::select! {
+        done = &mut exchange => return Ok(done),
+        () = sent.wait() => {}
+    }
+    tokio::time::timeout(limit, exchange).await
+}
+
 /// A response head from `backend`, with the connection its body comes on.
 pub(super) struct Sent {
     pub(super) backend: Arc<Backend>,
@@ -236,7 +253,12 @@ impl Proxy {
             let Some(req) = request.take().or_else(|| resend.request()) else {
                 unreachable!("an attempt is only made with a request to send");
             };
-            let sent = tokio::time::timeout(upstream.config.response_timeout, conn.send(req)).await;
+            let limit = upstream.config.response_timeout;
+            let sent = match req.body().streaming_sent() {
+                None => tokio::time::timeout(limit, conn.send(req)).await,
+                // Rare (request_buffering = false): boxed, to keep every request's future small.
+                Some(sent) => Box::pin(after_body(sent, limit, conn.send(req))).await,
+            };
             let (error, unsent) = match sent {
                 Ok(Ok(response)) => {
                     backend.record_success();

@@ -108,15 +108,15 @@ impl Proxy {
             UpstreamBody::Empty
         } else {
             let done = parts.extensions.remove::<BodyDone>();
-            UpstreamBody::Stream(Box::new(Streamed {
-                prefix: None,
-                rest: RequestBody::new(
+            UpstreamBody::Stream(Box::new(Streamed::new(
+                None,
+                RequestBody::new(
                     body,
                     done,
                     self.body_timeout,
                     upstream.config.buffers.max_request_body_bytes,
                 ),
-            }))
+            )))
         };
         let req = build_request(parts.method, origin_form(&parts.uri), headers, body);
         let mut attempts = Attempts::new(&upstream.config.retry);
