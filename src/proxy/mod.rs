@@ -217,11 +217,14 @@ impl Proxy {
     /// 4xx/5xx answers.
     pub async fn handle(&self, req: Request<Incoming>, ds: &DownstreamInfo) -> Response<ProxyBody> {
         let start = Instant::now();
-        // Phase 1: route (route.rs), after the Host rules of RFC 9112 §3.2.
-        if let Some(problem) = host_problem(&req) {
-            info!(client = %ds.peer.ip(), problem, "bad Host header; 400");
-            let answer = local_response(StatusCode::BAD_REQUEST, problem);
-            return closing(answer, req.version());
+        // Phase 1: route (route.rs), after what is refused before any backend (CONNECT, a
+        // target in the wrong form, the Host rules of RFC 9112 §3.2, an ambiguous path); the
+        // path is normalized in the request, so the backend gets the path the route matched.
+        let mut req = req;
+        if let Err(refused) = admit(&mut req) {
+            info!(client = %ds.peer.ip(), method = %req.method(), target = %req.uri(),
+                problem = refused.reason.trim_end(), "request refused; {}", refused.status.as_u16());
+            return refused.response(req.version());
         }
         let host = request_host(&req);
         let host_str = host.as_ref().and_then(|h| h.to_str().ok());
