@@ -8,6 +8,7 @@ mod drain;
 mod flood;
 mod harness;
 mod hostile;
+mod hostile_paths;
 mod layout;
 mod logs;
 mod ops;
