@@ -203,6 +203,7 @@ fn serve(config: Config, demo: bool) -> anyhow::Result<()> {
     }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
+        .max_blocking_threads(kaproxy::workers::MAX_BLOCKING_THREADS)
         .on_thread_park(release_memory_when_idle)
         .build()
         .context("cannot start the tokio runtime")?;

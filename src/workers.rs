@@ -17,6 +17,13 @@ thread_local! {
     static INDEX: Cell<usize> = const { Cell::new(0) };
 }
 
+/// Threads of each runtime's blocking pool, where the temporary files of spilled bodies are
+/// written and read (`body::spill`) and a reload reads its file. One frame's write takes
+/// microseconds, so a few threads keep up with any network (nginx writes its temp files on
+/// the event loop itself); tokio's default of 512 turned 2 400 spilling HTTP/2 streams into
+/// 390 threads and 200 MiB of stacks and allocator heaps (bench/SLOW_CLIENTS.md).
+pub const MAX_BLOCKING_THREADS: usize = 8;
+
 /// The index of the worker running the caller (0 outside the worker threads: the one runtime
 /// of a single-worker server, or a test's).
 pub fn index() -> usize {
@@ -47,6 +54,7 @@ impl Workers {
             let park = on_park.clone();
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
+                .max_blocking_threads(MAX_BLOCKING_THREADS)
                 .on_thread_park(move || park())
                 .build()?;
             handles.push(runtime.handle().clone());
