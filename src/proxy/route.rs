@@ -129,17 +129,16 @@ pub(super) fn admit<B>(req: &mut Request<B>) -> Result<(), Refused> {
 /// `host[:port]` ([`valid_host_port`]: no userinfo, RFC 9110 §4.2.4, RFC 9113 §8.3.1).
 pub(super) fn host_problem<B>(req: &Request<B>) -> Option<&'static str> {
     let mut hosts = req.headers().get_all(header::HOST).iter();
+    let first = hosts.next();
     if matches!(
         req.version(),
         Version::HTTP_09 | Version::HTTP_10 | Version::HTTP_11
     ) {
-        let mut count = req.headers().get_all(header::HOST).iter();
-        match (count.next(), count.next()) {
-            (None, _) if req.version() == Version::HTTP_11 => {
-                return Some("HTTP/1.1 request without Host\n")
-            }
-            (Some(_), Some(_)) => return Some("more than one Host header\n"),
-            _ => {}
+        if first.is_none() && req.version() == Version::HTTP_11 {
+            return Some("HTTP/1.1 request without Host\n");
+        }
+        if hosts.next().is_some() {
+            return Some("more than one Host header\n");
         }
     }
     if let Some(authority) = req.uri().authority() {
@@ -151,7 +150,9 @@ pub(super) fn host_problem<B>(req: &Request<B>) -> Option<&'static str> {
     }
     // An empty `Host` is what RFC 9112 §3.2 has a client send for a target without an
     // authority; it matches no host route.
-    hosts
+    first
+        .into_iter()
+        .chain(hosts)
         .any(|h| !h.is_empty() && !valid_host_port(h.as_bytes()))
         .then_some("invalid Host header (host[:port], no userinfo)\n")
 }
@@ -178,21 +179,53 @@ pub(super) fn valid_host_port(b: &[u8]) -> bool {
             _ => return false,
         }
     } else {
-        let (host, port) = match b.iter().position(|&c| c == b':') {
-            Some(i) => (&b[..i], &b[i + 1..]),
-            None => (b, &b""[..]),
-        };
-        let name_char =
-            |c: &u8| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~');
-        if host.is_empty() || !host.iter().all(name_char) {
+        let mut name = 0;
+        while name < b.len() && UNRESERVED[b[name] as usize] {
+            name += 1;
+        }
+        match b.get(name) {
+            _ if name == 0 => return false,
+            None => return true,
+            Some(b':') => &b[name + 1..],
+            Some(_) => return false,
+        }
+    };
+    if port.len() > 5 {
+        return false;
+    }
+    let mut number = 0u32;
+    for &digit in port {
+        if !digit.is_ascii_digit() {
             return false;
         }
-        port
-    };
-    port.len() <= 5
-        && port.iter().all(u8::is_ascii_digit)
-        && port.iter().fold(0u32, |n, d| n * 10 + u32::from(d - b'0')) <= 65535
+        number = number * 10 + u32::from(digit - b'0');
+    }
+    number <= 65535
 }
+
+/// RFC 3986's unreserved characters: `ALPHA / DIGIT / "-" / "." / "_" / "~"`.
+static UNRESERVED: [bool; 256] = {
+    let mut class = [false; 256];
+    let mut c = 0;
+    while c < 256 {
+        let b = c as u8;
+        class[c] = b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~');
+        c += 1;
+    }
+    class
+};
+
+/// The path bytes [`normalize_path`] passes over without a second look: all but `%`, `/`, `\`
+/// and control bytes.
+static PATH_PLAIN: [bool; 256] = {
+    let mut class = [false; 256];
+    let mut c = 0;
+    while c < 256 {
+        class[c] = !matches!(c as u8, b'%' | b'/' | b'\\' | 0x00..=0x1f | 0x7f);
+        c += 1;
+    }
+    class
+};
 
 /// The upstream request target: path and query only.
 pub(super) fn origin_form(uri: &Uri) -> Uri {
@@ -265,9 +298,23 @@ pub(super) fn normalize_path(path: &str) -> Result<Cow<'_, str>, &'static str> {
     let mut changes = false;
     let mut i = 0;
     while i < b.len() {
-        match b[i] {
+        let c = b[i];
+        i += 1;
+        if PATH_PLAIN[c as usize] {
+            continue;
+        }
+        match c {
+            b'/' => {
+                changes |= match &b[i..] {
+                    [b'/', ..] => true,
+                    [b'.', rest @ ..] => {
+                        matches!(rest, [] | [b'/', ..] | [b'.'] | [b'.', b'/', ..])
+                    }
+                    _ => false,
+                };
+            }
             b'%' => {
-                let (hi, lo) = escape_at(b, i).ok_or(BAD_ESCAPE)?;
+                let (hi, lo) = escape_at(b, i - 1).ok_or(BAD_ESCAPE)?;
                 let byte = hi << 4 | lo;
                 if byte == b'/' || byte == b'\\' {
                     return Err(ENCODED_SEPARATOR);
@@ -275,23 +322,14 @@ pub(super) fn normalize_path(path: &str) -> Result<Cow<'_, str>, &'static str> {
                 if byte < 0x20 || byte == 0x7f {
                     return Err(CONTROL);
                 }
-                changes |= is_unreserved(byte)
-                    || b[i + 1].is_ascii_lowercase()
-                    || b[i + 2].is_ascii_lowercase();
-                i += 3;
-                continue;
-            }
-            b'/' => {
-                changes |= matches!(
-                    &b[i + 1..],
-                    [b'/', ..] | [b'.'] | [b'.', b'/', ..] | [b'.', b'.'] | [b'.', b'.', b'/', ..]
-                );
+                changes |= UNRESERVED[byte as usize]
+                    || b[i].is_ascii_lowercase()
+                    || b[i + 1].is_ascii_lowercase();
+                i += 2;
             }
             b'\\' => return Err(BACKSLASH),
-            c if c < 0x20 || c == 0x7f => return Err(CONTROL),
-            _ => {}
+            _ => return Err(CONTROL),
         }
-        i += 1;
     }
     if !changes {
         return Ok(Cow::Borrowed(path));
@@ -306,7 +344,7 @@ fn escape_at(b: &[u8], i: usize) -> Option<(u8, u8)> {
 }
 
 fn is_unreserved(c: u8) -> bool {
-    c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~')
+    UNRESERVED[c as usize]
 }
 
 /// The normal form of a path that [`normalize_path`] found valid and not yet normal.
