@@ -19,17 +19,22 @@ use std::time::Duration;
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
 use tokio::time::Instant;
-use tracing::warn;
+use tracing::{debug, warn};
 
 use crate::body::{SentWhole, UpstreamBody};
 use crate::config::RetryConfig;
 use crate::error::{RequestError, Retry, Side};
 use crate::ops::metrics::ErrorKind;
-use crate::upstream::backend::Backend;
+use crate::upstream::backend::{Backend, RELIEVE_AFTER};
 use crate::upstream::pool::{Pool, PooledConn, SendFailure};
 
 use super::response::*;
 use super::{build_request, Proxy, Upstream};
+
+/// How often a fresh connection's unanswered request looks for an idle connection to close
+/// (every [`RELIEVE_AFTER`], so for its first second), and how many it closes at most.
+const RELIEVE_CHECKS: u32 = 10;
+const RELIEVE_CLOSES: u32 = 2;
 
 /// The retry back-off doubles up to this (README, `retry_backoff`: "doubling, capped at 1 s").
 pub(super) const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(1);
@@ -179,21 +184,49 @@ impl Resend {
     }
 }
 
-/// `response_timeout` for a request whose body streams from the client: counted from the end
-/// of the body (its gaps are bounded by `body_timeout` meanwhile), since the time to the first
-/// response byte starts when the request has been sent whole. Other requests go out at once,
-/// and the timeout counts from the start.
-async fn after_body<F: std::future::Future>(
-    sent: SentWhole,
-    limit: Duration,
+/// An exchange bounded by `response_timeout` (`limit`) the careful way, for the two rare
+/// cases (the common one, a reused connection and a body read whole, is a plain timeout):
+/// - a body that streams from the client (`sent`): the timeout counts from the end of the
+///   body (its gaps are bounded by `body_timeout` meanwhile), since the time to the first
+///   response byte starts when the request has been sent whole;
+/// - a fresh connection (`relieve`): an answer that has not come after [`RELIEVE_AFTER`] may
+///   be waiting in the backend's listen backlog for a worker that one of kaproxy's own idle
+///   connections holds, and [`Backend::relieve`] closes one (again every `RELIEVE_AFTER`).
+async fn exchange_with_care<F: std::future::Future>(
     exchange: F,
+    limit: Duration,
+    sent: Option<SentWhole>,
+    relieve: Option<&Backend>,
 ) -> Result<F::Output, tokio::time::error::Elapsed> {
     tokio::pin!(exchange);
-    tokio::select! {
-        done = &mut exchange => return Ok(done),
-        () = sent.wait() => {}
+    if let Some(sent) = sent {
+        tokio::select! {
+            done = &mut exchange => return Ok(done),
+            () = sent.wait() => {}
+        }
     }
-    tokio::time::timeout(limit, exchange).await
+    let deadline = Instant::now() + limit;
+    if let Some(backend) = relieve {
+        // Every RELIEVE_AFTER for a while, since a worker the backend frees may go to another
+        // connection in its backlog first; a few closes at most, so that an answer that is
+        // merely slow (a long page) costs the pool little.
+        let (mut checks, mut closed) = (0, 0);
+        while checks < RELIEVE_CHECKS && closed < RELIEVE_CLOSES {
+            let check = (Instant::now() + RELIEVE_AFTER).min(deadline);
+            match tokio::time::timeout_at(check, &mut exchange).await {
+                Ok(done) => return Ok(done),
+                Err(elapsed) if check >= deadline => return Err(elapsed),
+                Err(_) => {
+                    checks += 1;
+                    if backend.relieve() {
+                        closed += 1;
+                        debug!(server = %backend.addr, "fresh connection unanswered: closed an idle one to free a backend worker");
+                    }
+                }
+            }
+        }
+    }
+    tokio::time::timeout_at(deadline, exchange).await
 }
 
 /// A response head from `backend`, with the connection its body comes on.
@@ -254,10 +287,14 @@ impl Proxy {
                 unreachable!("an attempt is only made with a request to send");
             };
             let limit = upstream.config.response_timeout;
-            let sent = match req.body().streaming_sent() {
-                None => tokio::time::timeout(limit, conn.send(req)).await,
-                // Rare (request_buffering = false): boxed, to keep every request's future small.
-                Some(sent) => Box::pin(after_body(sent, limit, conn.send(req))).await,
+            let streaming = req.body().streaming_sent();
+            let relieve = (!conn.is_reused()).then_some(&*backend);
+            let sent = if streaming.is_none() && relieve.is_none() {
+                tokio::time::timeout(limit, conn.send(req)).await
+            } else {
+                // Rare: boxed, to keep every request's future small.
+                let exchange = exchange_with_care(conn.send(req), limit, streaming, relieve);
+                Box::pin(exchange).await
             };
             let (error, unsent) = match sent {
                 Ok(Ok(response)) => {

@@ -116,6 +116,24 @@ impl Backend {
         self.pools.to_vec()
     }
 
+    /// A request on a fresh connection has had no answer for a while ([`RELIEVE_AFTER`]): to a
+    /// backend whose workers are a fixed set (Apache's `MaxRequestWorkers`, one process each
+    /// under prefork), that connection may be waiting in the backend's listen backlog while
+    /// kaproxy's own idle keep-alive connections hold every worker. One idle connection — the
+    /// longest idle, this worker's pool first — is closed (reason `surplus`), so that a worker
+    /// is free for it; the request needed a new connection because none was idle then, so
+    /// what has gone idle since is more than the traffic needs. Returns whether one was.
+    pub fn relieve(&self) -> bool {
+        let own = crate::workers::index() % self.pools.len();
+        let order = (0..self.pools.len()).map(|i| (own + i) % self.pools.len());
+        for i in order {
+            if self.pools[i].close_longest_idle() {
+                return true;
+            }
+        }
+        false
+    }
+
     /// Closes every idle connection of every worker (shutdown).
     pub fn close_idle(&self) {
         for p in self.pools.iter() {
@@ -160,6 +178,11 @@ impl Backend {
 /// How long a server marked down by passive checks is skipped before it is tried again, when
 /// `[health] passive_cooldown` does not say (nginx's `fail_timeout` default).
 pub use crate::config::DEFAULT_PASSIVE_COOLDOWN;
+
+/// How long a request on a fresh connection waits for its answer before [`Backend::relieve`]
+/// frees a backend worker held by an idle connection: far above a LAN round trip and a static
+/// page (a millisecond), below what a client notices.
+pub const RELIEVE_AFTER: Duration = Duration::from_millis(100);
 
 /// Consecutive connect/response failures that mark a server down when `[health]` sets no
 /// `fall`. Matches the `fall` default of `[upstreams.*.health]`.

@@ -292,14 +292,7 @@ impl<C: Connector> Pool<C> {
             if let Ok(permit) = self.permits.clone().try_acquire_owned() {
                 return Ok(permit);
             }
-            let oldest = {
-                let mut idle = crate::sync::lock(&self.idle);
-                let oldest = (!idle.is_empty()).then(|| idle.remove(0));
-                self.publish_idle(idle.len());
-                oldest
-            };
-            if let Some(conn) = oldest {
-                self.close(conn, CloseReason::Surplus);
+            if self.close_longest_idle() {
                 continue;
             }
             match self.wait_for_slot().await? {
@@ -475,6 +468,24 @@ impl<C: Connector> Pool<C> {
     fn publish_idle(&self, now: usize) {
         let old = self.published_idle.swap(now as i64, Ordering::Relaxed);
         self.metrics.idle.inc_by(now as i64 - old);
+    }
+
+    /// Closes this pool's longest-idle connection (reason `surplus`), if it has one; see
+    /// [`crate::upstream::backend::Backend::relieve`].
+    pub fn close_longest_idle(&self) -> bool {
+        let oldest = {
+            let mut idle = crate::sync::lock(&self.idle);
+            let oldest = (!idle.is_empty()).then(|| idle.remove(0));
+            self.publish_idle(idle.len());
+            oldest
+        };
+        match oldest {
+            Some(conn) => {
+                self.close(conn, CloseReason::Surplus);
+                true
+            }
+            None => false,
+        }
     }
 
     /// Closes every idle connection (shutdown).

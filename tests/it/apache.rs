@@ -613,3 +613,54 @@ async fn apache_over_tls_behind_a_delay_relay_has_no_client_errors() {
     );
     proxy.shutdown().await;
 }
+
+/// Apache prefork with one worker: two requests at once need two connections, and the one
+/// that gets the worker second waits in Apache's listen backlog. When the first is answered
+/// its connection goes idle in kaproxy's pool — still holding Apache's only worker, for up to
+/// kaproxy's idle deadline (4 s here). kaproxy sees the second request unanswered on its fresh
+/// connection after 100 ms and closes that idle connection (reason `surplus`), so the worker
+/// is free for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apache_prefork_is_not_starved_by_kaproxy_idle_connections() {
+    if !require_apache() {
+        return;
+    }
+    let apache = Apache::start(
+        ApacheOptions::new("prefork1")
+            .prefork(1)
+            .keep_alive_timeout(Duration::from_secs(5)),
+    )
+    .await
+    .expect("start apache");
+    let proxy = TestProxy::start(&format!(
+        "[upstreams.web]\nservers = [\"{}\"]\nkeepalive_timeout = \"5s\"\n",
+        apache.addr()
+    ))
+    .await;
+    let get = |path: &'static str| {
+        let endpoint = proxy.http();
+        async move {
+            let started = std::time::Instant::now();
+            let resp = KeepAliveClient::new(endpoint, None)
+                .send(&Request::get(path))
+                .await;
+            (resp.map(|r| r.status.as_u16()), started.elapsed())
+        }
+    };
+    let (slow, quick) = tokio::join!(get("/slow.txt"), get("/"));
+    for (what, (status, took)) in [("/slow.txt", slow), ("/", quick)] {
+        assert_eq!(status.as_ref().ok(), Some(&200), "{what}: {status:?}");
+        assert!(
+            took < Duration::from_secs(1),
+            "{what} answered in {took:?}: the other's idle connection held Apache's only worker"
+        );
+    }
+    let m = proxy.metrics();
+    assert_eq!(
+        m.sum(CLOSED_TOTAL, &[("reason", "surplus")]),
+        1.0,
+        "the idle connection closed to free the worker\n{}",
+        m.lines_of(CLOSED_TOTAL)
+    );
+    proxy.shutdown().await;
+}
