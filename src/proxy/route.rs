@@ -69,8 +69,8 @@ pub(super) struct Refused {
     pub(super) reason: &'static str,
 }
 
-/// `Allow` of the 405 to CONNECT: the methods kaproxy passes on to backends (any method but
-/// CONNECT is forwarded; these are the ones worth naming).
+/// `Allow` of the 405 to CONNECT and TRACE: the methods kaproxy passes on to backends (any
+/// method but those two is forwarded; these are the ones worth naming).
 pub(super) const ALLOW: &str = "GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH";
 
 impl Refused {
@@ -104,6 +104,14 @@ pub(super) fn admit<B>(req: &mut Request<B>) -> Result<(), Refused> {
         return Err(Refused {
             status: StatusCode::METHOD_NOT_ALLOWED,
             reason: "CONNECT is not supported: kaproxy is a reverse proxy, not a forward proxy\n",
+        });
+    }
+    // TRACE makes Apache (`TraceEnable On`, its default) echo the request back, cookies and
+    // credentials included (cross-site tracing); nginx answers it 405 as well.
+    if req.method() == Method::TRACE {
+        return Err(Refused {
+            status: StatusCode::METHOD_NOT_ALLOWED,
+            reason: "TRACE is not passed on: the backend would echo the request's credentials\n",
         });
     }
     let uri = req.uri();
@@ -698,6 +706,7 @@ mod tests {
             req(Method::CONNECT, "/x"),
             Err(StatusCode::METHOD_NOT_ALLOWED)
         );
+        assert_eq!(req(Method::TRACE, "/"), Err(StatusCode::METHOD_NOT_ALLOWED));
         assert_eq!(
             req(Method::GET, "route.test:80"),
             Err(StatusCode::BAD_REQUEST)

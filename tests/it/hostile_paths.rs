@@ -452,13 +452,17 @@ async fn connect_gets_405_with_allow_and_reaches_no_backend() {
         &b"CONNECT route.test:443 HTTP/1.1\r\nHost: route.test:443\r\n\r\n"[..],
         b"CONNECT 127.0.0.1:22 HTTP/1.1\r\nHost: 127.0.0.1:22\r\n\r\n",
         b"CONNECT /admin/x HTTP/1.1\r\nHost: route.test\r\n\r\n",
+        // TRACE too: Apache would echo the request, credentials included.
+        b"TRACE / HTTP/1.1\r\nHost: route.test\r\nCookie: session=secret\r\n\r\n",
     ] {
         let what = String::from_utf8_lossy(request).into_owned();
         let resp = t.assert_refused(request, 405, &what).await;
         let allow = resp.header_values("allow");
         assert_eq!(allow.len(), 1, "{what}: 405 carries Allow: {resp:?}");
         assert!(
-            allow[0].contains("GET") && !allow[0].contains("CONNECT"),
+            allow[0].contains("GET")
+                && !allow[0].contains("CONNECT")
+                && !allow[0].contains("TRACE"),
             "{what}: {allow:?}"
         );
         assert_eq!(
