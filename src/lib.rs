@@ -12,8 +12,9 @@
 //! - [`downstream`]: the client side. [`downstream::listener`] binds and accepts (with the
 //!   connection cap in [`downstream::limit`]), [`downstream::proxy_protocol`] reads a PROXY
 //!   header, [`downstream::tls`] terminates TLS, [`downstream::conn`] serves one connection
-//!   (HTTP/1.1 and HTTP/2, timers, parking) and [`downstream::send_watch`] cuts off HTTP/2
-//!   streams whose window stays closed. [`downstream::Generation`] is what a connection needs
+//!   (HTTP/1.1 and HTTP/2, timers, parking), [`downstream::send_watch`] cuts off HTTP/2
+//!   streams whose window stays closed and [`downstream::h2_head`] bounds an HTTP/2 header
+//!   block by `header_timeout`. [`downstream::Generation`] is what a connection needs
 //!   from one loaded configuration.
 //! - [`proxy`]: the per-request phases: route, forwarding headers, pick, send, retry,
 //!   response, access log. The only module that sees both sides.
