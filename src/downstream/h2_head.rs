@@ -238,8 +238,10 @@ mod tests {
         // One CONTINUATION every 2 s keeps the block open; the deadline does not move.
         for _ in 0..4 {
             tokio::time::sleep(Duration::from_secs(2)).await;
-            client.write_all(&frame(CONTINUATION, 0, 10)).await.unwrap();
-            watched.read(&mut buf).await.unwrap();
+            let continuation = frame(CONTINUATION, 0, 10);
+            client.write_all(&continuation).await.unwrap();
+            let n = watched.read(&mut buf).await.unwrap();
+            assert_eq!(n, continuation.len());
         }
         let err = watched.read(&mut buf).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
@@ -260,7 +262,8 @@ mod tests {
         start.extend(frame(CONTINUATION, END_HEADERS, 10));
         client.write_all(&start).await.unwrap();
         let mut buf = vec![0u8; 1024];
-        watched.read(&mut buf).await.unwrap();
+        let n = watched.read(&mut buf).await.unwrap();
+        assert_eq!(n, start.len());
         // An idle connection after a whole head: reads just wait.
         let idle = tokio::time::timeout(Duration::from_secs(60), watched.read(&mut buf)).await;
         assert!(idle.is_err(), "still waiting after 60 s: {idle:?}");
