@@ -1,6 +1,8 @@
 //! Parses the command-line values clap cannot: durations, `MIN..MAX` ranges, source address
-//! ranges and `Name: value` headers. Only parsing and validation; nothing here opens a socket.
+//! ranges, `Name: value` headers and case lists (`probe --only 1-3,9`). Only parsing and
+//! validation; nothing here opens a socket.
 
+use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
@@ -95,6 +97,37 @@ pub fn parse_header(s: &str) -> Result<(http::HeaderName, http::HeaderValue), St
     Ok((name, value))
 }
 
+/// Parses `probe --only`: case numbers 1-15, comma-separated, with ranges (`1-3,9,13`).
+pub fn parse_cases(s: &str) -> Result<BTreeSet<u8>, String> {
+    let number = |x: &str| -> Result<u8, String> {
+        match x.trim().parse::<u8>() {
+            Ok(n) if (1..=15).contains(&n) => Ok(n),
+            _ => Err(format!(
+                "expected case numbers 1-15 like 1,2,13 or 1-6, got {s:?}"
+            )),
+        }
+    };
+    let mut cases = BTreeSet::new();
+    for part in s.split(',').filter(|p| !p.trim().is_empty()) {
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b) = (number(a)?, number(b)?);
+                if a > b {
+                    return Err(format!("case range {part:?}: the first is after the last"));
+                }
+                cases.extend(a..=b);
+            }
+            None => {
+                cases.insert(number(part)?);
+            }
+        }
+    }
+    if cases.is_empty() {
+        return Err("--only needs at least one case".to_string());
+    }
+    Ok(cases)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -140,5 +173,21 @@ mod tests {
         assert_eq!(n.as_str(), "x-foo");
         assert_eq!(v, "bar baz");
         assert!(parse_header("nocolon").is_err());
+    }
+
+    #[test]
+    fn cases() {
+        assert_eq!(
+            parse_cases("1-3,9, 13")
+                .unwrap()
+                .into_iter()
+                .collect::<Vec<_>>(),
+            [1, 2, 3, 9, 13]
+        );
+        assert!(parse_cases("0").is_err());
+        assert!(parse_cases("16").is_err());
+        assert!(parse_cases("3-1").is_err());
+        assert!(parse_cases("").is_err());
+        assert!(parse_cases("x").is_err());
     }
 }

@@ -1,7 +1,8 @@
 //! kaproxy-bench: the load generator (`kaproxy-bench [OPTIONS] URL`), the keep-alive race
-//! reproducer (`kaproxy-bench race`), slow clients against a proxy (`kaproxy-bench slow`) and a
-//! real Apache for scripts (`kaproxy-bench apache`). This file only parses arguments and
-//! prints; the work is in the modules.
+//! reproducer (`kaproxy-bench race`), slow clients against a proxy (`kaproxy-bench slow`),
+//! issue 17's hostile inputs against a proxy (`kaproxy-bench probe`) and a real Apache for
+//! scripts (`kaproxy-bench apache`). This file only parses arguments and prints; the work is in
+//! the modules.
 //!
 //! # Layout
 //!
@@ -13,6 +14,8 @@
 //! - [`race`]: `kaproxy-bench race`, naive pool vs kaproxy against Apache-like backends.
 //! - [`slow`]: `kaproxy-bench slow`, slow uploaders, slow readers and stalled HTTP/2 streams
 //!   beside a legitimate client (issue 16).
+//! - [`probe`]: `kaproxy-bench probe`, issue 17's fifteen hostile inputs against a proxy in
+//!   front of two recording backends it runs itself, with a grade per case.
 //! - [`apache`]: `kaproxy-bench apache`, one testkit Apache (e.g. prefork) until SIGTERM.
 //!
 //! The backends `race` runs against (demo backends, the delay relay, real Apache) come from
@@ -24,6 +27,7 @@ mod args;
 mod classify;
 mod conn;
 mod load;
+mod probe;
 mod race;
 mod slow;
 mod stats;
@@ -66,6 +70,9 @@ enum Command {
     /// Slow uploaders, slow readers and stalled HTTP/2 streams against a proxy, beside a
     /// legitimate client whose answers within 1 s are counted (issue 16).
     Slow(Box<slow::SlowArgs>),
+    /// Issue 17's hostile inputs, sent to a proxy as an attacker would, with what it answered
+    /// and what reached which of the two recording backends this command runs (bench/hostile.sh).
+    Probe(Box<probe::ProbeArgs>),
     /// Run a real Apache httpd (testkit's launcher, e.g. --prefork 8) on loopback until
     /// SIGTERM, writing its address to --addr-file (for bench/slowclients.sh).
     Apache(apache::ApacheArgs),
@@ -145,6 +152,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Some(Command::Slow(args)) => runtime.block_on(slow::run(*args)),
+        Some(Command::Probe(args)) => runtime.block_on(probe::run(*args)),
         Some(Command::Apache(args)) => runtime.block_on(apache::run(args)),
         None => runtime.block_on(load_command(cli.load)),
     }
@@ -287,6 +295,18 @@ mod tests {
         ])
         .unwrap();
         assert!(matches!(cli.command, Some(Command::Slow(_))));
+        let cli = Cli::try_parse_from([
+            "kaproxy-bench",
+            "probe",
+            "--http",
+            "127.0.0.1:19381",
+            "--https",
+            "127.0.0.1:19741",
+            "--only",
+            "1-3,13",
+        ])
+        .unwrap();
+        assert!(matches!(cli.command, Some(Command::Probe(_))));
         assert!(Cli::try_parse_from(["kaproxy-bench"]).is_err());
     }
 }
