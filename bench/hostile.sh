@@ -308,23 +308,23 @@ start_proxy() {
             kaproxy_conf "$variant" "$WORK/kaproxy.toml"
             "$KAPROXY" check --config "$WORK/kaproxy.toml" > "$WORK/kaproxy-check.log" 2>&1 || {
                 echo "kaproxy check rejects the config:" >&2; cat "$WORK/kaproxy-check.log" >&2; exit 1; }
-            "$KAPROXY" run --config "$WORK/kaproxy.toml" > "$WORK/kaproxy.log" 2>&1 &
+            "$KAPROXY" run --config "$WORK/kaproxy.toml" > "$WORK/kaproxy.$variant.log" 2>&1 &
             ;;
         nginx)
             nginx_conf "$variant"
             "$NGINX" -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" -g 'daemon off;' \
-                > "$WORK/nginx/stdout.log" 2>&1 &
+                > "$WORK/nginx/stdout.$variant.log" 2>&1 &
             ;;
         haproxy)
             haproxy_conf "$variant"
-            "$HAPROXY" -db -f "$WORK/haproxy.cfg" > "$WORK/haproxy.log" 2>&1 &
+            "$HAPROXY" -db -f "$WORK/haproxy.cfg" > "$WORK/haproxy.$variant.log" 2>&1 &
             ;;
     esac
     PROXY_PID=$!
     PIDS+=("$PROXY_PID")
     wait_port "${HTTP_PORT[$name]}" && wait_port "${TLS_PORT[$name]}" || {
         echo "--- $name did not start; its log:" >&2
-        cat "$WORK/$name.log" "$WORK/$name"/*.log 2>/dev/null | tail -n 20 >&2 || true
+        cat "$WORK/$name.$variant.log" "$WORK/$name"/*.log 2>/dev/null | tail -n 20 >&2 || true
         exit 1
     }
 }
