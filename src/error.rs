@@ -87,9 +87,10 @@ pub enum RequestError {
     /// 502 and its connection closed; not one of the metrics' kinds.
     #[error("{addr} switched protocols without being asked (RFC 9110 §15.2.2)")]
     UnexpectedUpgrade { addr: SocketAddr },
-    /// The response body could not be taken before its first byte for another reason than
-    /// the backend's connection (a temporary file that cannot be read): 502.
-    #[error("the response body from {addr} could not be relayed: {source}")]
+    /// The response body could not be taken before its first byte: malformed (hyper could
+    /// not parse it, e.g. a chunk line with an oversized extension), or a temporary file that
+    /// cannot be read: 502, not one of the metrics' kinds (the backend did answer).
+    #[error("the response body from {addr} cannot be forwarded: {source}")]
     BrokenResponse {
         addr: SocketAddr,
         source: Box<dyn std::error::Error + Send + Sync>,

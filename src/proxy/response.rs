@@ -171,8 +171,32 @@ impl ReadAhead<'_> {
                 body: Full::new(bytes),
                 _held: held,
             }),
-            Ok(Err(e)) => Err(RequestError::from_send(self.addr, e)),
+            Ok(Err(e)) => Err(self.broken(e)),
             Err(_) => Err(self.timed_out()),
+        }
+    }
+
+    /// The body failed after its head: a malformed body (hyper could not parse it, e.g. an
+    /// oversized chunk extension) is the backend's broken response, not a closed connection;
+    /// a reset or close mid-body is sorted as usual.
+    fn broken(&self, e: hyper::Error) -> RequestError {
+        // hyper's body decoder reports bad framing (a chunk size or line, an extension or
+        // trailers over its limits) as an I/O error of kind InvalidData or InvalidInput.
+        let bad_framing = std::error::Error::source(&e)
+            .and_then(|s| s.downcast_ref::<std::io::Error>())
+            .is_some_and(|io| {
+                matches!(
+                    io.kind(),
+                    std::io::ErrorKind::InvalidData | std::io::ErrorKind::InvalidInput
+                )
+            });
+        if e.is_parse() || e.is_parse_too_large() || bad_framing {
+            RequestError::BrokenResponse {
+                addr: self.addr,
+                source: Box::new(e),
+            }
+        } else {
+            RequestError::from_send(self.addr, e)
         }
     }
 
@@ -187,7 +211,7 @@ impl ReadAhead<'_> {
         match e {
             RelayError::ReadTimeout(_) => self.timed_out(),
             RelayError::Upstream(e) => match e.downcast::<hyper::Error>() {
-                Ok(e) => RequestError::from_send(self.addr, *e),
+                Ok(e) => self.broken(*e),
                 Err(source) => RequestError::BrokenResponse {
                     addr: self.addr,
                     source,

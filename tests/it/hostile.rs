@@ -1115,6 +1115,13 @@ async fn a_response_kaproxy_cannot_forward_is_a_502_before_any_byte() {
     )
     .await;
     assert_eq!(resp.status, Some(502), "{resp:?}");
+    let m = proxy.metrics();
+    assert_eq!(
+        m.sum(ERRORS_TOTAL, &[("kind", "closed_before_response")]),
+        0.0,
+        "the backend answered; its body was malformed\n{}",
+        report(&m)
+    );
     proxy.shutdown().await;
 }
 
