@@ -120,13 +120,21 @@ impl SpillFile {
         async move {
             let written = tokio::task::spawn_blocking(move || {
                 let f = file.0.as_ref().expect("open until dropped");
-                if truncate {
-                    f.set_len(0)?;
-                }
-                f.write_all_at(&data, at)
+                let written = match truncate {
+                    true => f.set_len(0).and_then(|()| f.write_all_at(&data, at)),
+                    false => f.write_all_at(&data, at),
+                };
+                // The data goes back to be freed on the worker that allocated it.
+                (written, data)
             })
-            .await
-            .unwrap_or_else(|e| Err(io::Error::other(e)));
+            .await;
+            let written = match written {
+                Ok((written, data)) => {
+                    drop(data);
+                    written
+                }
+                Err(e) => Err(io::Error::other(e)),
+            };
             written.map_err(|source| SpillError { dir, source })
         }
     }
@@ -169,9 +177,12 @@ impl Drop for SpillFile {
 }
 
 fn read_at(file: Arc<TempFile>, at: u64, max: usize) -> JoinHandle<io::Result<Bytes>> {
+    // Allocated here, on the worker, so that it is freed into the same allocator heap: a
+    // buffer allocated on a blocking thread and freed on a worker leaves that thread's heap
+    // holding pages nobody reuses.
+    let mut buf = vec![0u8; max];
     tokio::task::spawn_blocking(move || {
         let f = file.0.as_ref().expect("open until dropped");
-        let mut buf = vec![0u8; max];
         let mut filled = 0;
         while filled < max {
             match f.read_at(&mut buf[filled..], at + filled as u64) {
