@@ -24,8 +24,8 @@ use crate::support::binary::{open_files_in, Binary};
 use crate::support::client::{tls_connect, KeepAliveClient, Request, TLS_SERVER_NAME};
 use crate::support::config_file::ConfigFile;
 use crate::support::hostile::{
-    connect_small_rcvbuf, raw_exchange, read_response, BulkBackend, StreamEnd, ZeroWindowStream,
-    RAW_BOUND,
+    chunked_request, connect_small_rcvbuf, raw_exchange, read_response, BulkBackend, StreamEnd,
+    ZeroWindowStream, RAW_BOUND,
 };
 use crate::support::proxy::{Metrics, TestProxy, CLOSED_TOTAL, POOL_IDLE};
 
@@ -215,14 +215,7 @@ async fn a_chunked_upload_is_sent_with_its_length_once_read_whole() {
     let backend = RecordingBackend::start("up", &[]).await;
     let (proxy, spill) = start(backend.addr(), "", "").await;
     let body = pattern(2, 150_000);
-    let mut request =
-        b"POST /chunked HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
-    for part in body.chunks(40_000) {
-        request.extend_from_slice(format!("{:x}\r\n", part.len()).as_bytes());
-        request.extend_from_slice(part);
-        request.extend_from_slice(b"\r\n");
-    }
-    request.extend_from_slice(b"0\r\n\r\n");
+    let request = chunked_request("/chunked", &body, 40_000);
     let resp = raw_exchange(proxy.server.http_addr().unwrap(), &request).await;
     assert_eq!(resp.status, Some(200), "{resp:?}");
     let got = backend.requests().pop().expect("reached the backend");
@@ -292,14 +285,8 @@ async fn a_body_over_max_request_body_bytes_is_413_by_length_or_while_chunked() 
     );
 
     // Chunked, found while reading.
-    let mut chunked =
-        b"POST /big HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
-    for _ in 0..4 {
-        chunked.extend_from_slice(format!("{:x}\r\n", 30_000).as_bytes());
-        chunked.extend(std::iter::repeat_n(b'c', 30_000));
-        chunked.extend_from_slice(b"\r\n");
-    }
-    chunked.extend_from_slice(b"0\r\n\r\n");
+    // 120 000 bytes in chunks of 30 000.
+    let chunked = chunked_request("/big", &[b'c'; 120_000], 30_000);
     let overflow = raw_exchange(addr, &chunked).await;
     assert_eq!(overflow.status, Some(413), "{overflow:?}");
     assert_eq!(
@@ -345,14 +332,8 @@ async fn request_buffering_false_streams_and_still_enforces_the_cap() {
     )
     .await;
     let addr = proxy.server.http_addr().unwrap();
-    let mut chunked =
-        b"POST /big HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
-    for _ in 0..4 {
-        chunked.extend_from_slice(format!("{:x}\r\n", 30_000).as_bytes());
-        chunked.extend(std::iter::repeat_n(b'c', 30_000));
-        chunked.extend_from_slice(b"\r\n");
-    }
-    chunked.extend_from_slice(b"0\r\n\r\n");
+    // 120 000 bytes in chunks of 30 000.
+    let chunked = chunked_request("/big", &[b'c'; 120_000], 30_000);
     let overflow = raw_exchange(addr, &chunked).await;
     // Past request_buffer_bytes the body streamed: the backend was contacted, but never got
     // more than the cap, and the client gets 413 (no response had started).

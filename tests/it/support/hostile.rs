@@ -245,6 +245,20 @@ pub async fn drain(stream: &mut TcpStream, bound: Duration) -> (usize, End) {
     }
 }
 
+/// A well-formed chunked `POST path` of `data`, in chunks of `chunk` bytes, then the last chunk.
+pub fn chunked_request(path: &str, data: &[u8], chunk: usize) -> Vec<u8> {
+    let mut bytes =
+        format!("POST {path} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+            .into_bytes();
+    for part in data.chunks(chunk) {
+        bytes.extend_from_slice(format!("{:x}\r\n", part.len()).as_bytes());
+        bytes.extend_from_slice(part);
+        bytes.extend_from_slice(b"\r\n");
+    }
+    bytes.extend_from_slice(b"0\r\n\r\n");
+    bytes
+}
+
 /// Sends `request` on a fresh plain connection to `addr` while reading the response (so that a
 /// server that answers before it has read everything is heard), and returns the response. A
 /// failed write (the server closed early) is not an error here: the answer is what counts.
