@@ -62,19 +62,15 @@ for v in REQUESTS WARMUP CONNS; do
 done
 [ "$REQUESTS" -le 2000000 ] || { echo "--requests: at most 2000000" >&2; exit 2; }
 
-log() { printf '==> %s\n' "$*" >&2; }
+# log, install_missing, stop_pid, forget_pid, ports_free, wait_port, dev_certificate,
+# release_binaries: bench/lib.sh.
+. "$HERE/lib.sh"
 
 # ---- tools ----
 need_pkgs=()
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need_pkgs+=(nginx)
 command -v heaptrack >/dev/null || need_pkgs+=(heaptrack)
-if [ ${#need_pkgs[@]} -gt 0 ]; then
-    [ "$INSTALL" = 1 ] || { echo "missing: ${need_pkgs[*]} (run without --no-install)" >&2; exit 1; }
-    log "installing ${need_pkgs[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -q
-    apt-get install -y -q --no-install-recommends "${need_pkgs[@]}"
-fi
+install_missing "${need_pkgs[@]}"
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 
 ALLOC_TARGET="${CARGO_TARGET_DIR:-$ROOT/target}/system-alloc"
@@ -98,13 +94,6 @@ fi
 WORK=$(mktemp -d /tmp/kaproxy-allocs.XXXXXX)
 chmod 755 "$WORK"
 PIDS=()
-# stop_pid: bench/lib.sh.
-. "$HERE/lib.sh"
-forget_pid() {
-    local kept=() p
-    for p in "${PIDS[@]}"; do [ "$p" = "$1" ] || kept+=("$p"); done
-    PIDS=("${kept[@]}")
-}
 cleanup() {
     local pid
     # Newest first: kaproxy before the heaptrack script that waits for it.
@@ -116,19 +105,7 @@ trap 'exit 130' INT TERM
 
 BACKEND_PORT=18280
 KAPROXY_PORT=18281
-for port in $BACKEND_PORT $KAPROXY_PORT; do
-    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-        echo "port 127.0.0.1:$port is already in use" >&2; exit 1
-    fi
-done
-wait_port() { # port seconds
-    for _ in $(seq 1 $(($2 * 10))); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-        sleep 0.1
-    done
-    echo "nothing listens on 127.0.0.1:$1" >&2
-    return 1
-}
+ports_free $BACKEND_PORT $KAPROXY_PORT
 
 # ---- backend: nginx serving the same small file as compare.sh ----
 mkdir -p "$WORK/www" "$WORK/backend"

@@ -81,7 +81,9 @@ IDLE_CONNS=10000
 IDLE_HOLD=10      # seconds each idle connection is held open
 IDLE_SAMPLE=7     # seconds after the load starts when RSS is sampled
 
-log() { printf '==> %s\n' "$*" >&2; }
+# log, install_missing, stop_pid, forget_pid, ports_free, wait_port, dev_certificate,
+# release_binaries: bench/lib.sh.
+. "$HERE/lib.sh"
 
 # ---- tools ----
 need_pkgs=()
@@ -91,13 +93,7 @@ command -v wrk >/dev/null || need_pkgs+=(wrk)
 command -v h2load >/dev/null || need_pkgs+=(nghttp2-client)
 command -v openssl >/dev/null || need_pkgs+=(openssl)
 command -v taskset >/dev/null || need_pkgs+=(util-linux)
-if [ ${#need_pkgs[@]} -gt 0 ]; then
-    [ "$INSTALL" = 1 ] || { echo "missing: ${need_pkgs[*]} (run without --no-install)" >&2; exit 1; }
-    log "installing ${need_pkgs[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -q
-    apt-get install -y -q --no-install-recommends "${need_pkgs[@]}"
-fi
+install_missing "${need_pkgs[@]}"
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 HAPROXY=$(command -v haproxy || echo /usr/sbin/haproxy)
 [ "$(nproc)" -ge 2 ] || { echo "needs at least 2 CPUs (proxy on CPU 0, load on CPU 1)" >&2; exit 1; }
@@ -121,8 +117,6 @@ chmod 755 "$WORK"
 PIDS=()
 declare -A PID_OF=()
 
-# stop_pid: bench/lib.sh.
-. "$HERE/lib.sh"
 cleanup() {
     local pid
     for pid in "${PIDS[@]}"; do stop_pid "$pid"; done
@@ -131,27 +125,11 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-for port in "${HTTP_PORT[@]}" "${TLS_PORT[@]}"; do
-    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-        echo "port 127.0.0.1:$port is already in use" >&2; exit 1
-    fi
-done
+ports_free "${HTTP_PORT[@]}" "${TLS_PORT[@]}"
 
-wait_port() {
-    local port=$1
-    for _ in $(seq 1 100); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && return 0
-        sleep 0.1
-    done
-    echo "nothing listens on 127.0.0.1:$port" >&2
-    return 1
-}
 
 # ---- certificate (ECDSA P-256, shared by every TLS listener) ----
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 7 \
-    -subj "/CN=localhost" -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" \
-    -keyout "$WORK/key.pem" -out "$WORK/cert.pem" 2>/dev/null
-cat "$WORK/cert.pem" "$WORK/key.pem" > "$WORK/combined.pem"
+dev_certificate "$WORK"
 
 # ---- backend: nginx serving static files on CPU 1 ----
 mkdir -p "$WORK/www"
@@ -416,11 +394,6 @@ start_proxy() {
         stop_proxy "$name"
         return 1
     fi
-}
-forget_pid() {
-    local kept=() p
-    for p in "${PIDS[@]}"; do [ "$p" = "$1" ] || kept+=("$p"); done
-    PIDS=("${kept[@]}")
 }
 stop_proxy() {
     local pid=${PID_OF[$1]}

@@ -78,7 +78,9 @@ ADMIN_PORT=19951
 ADM=127.0.0.1:19491
 WEB=127.0.0.1:19492
 
-log() { printf '==> %s\n' "$*" >&2; }
+# log, install_missing, stop_pid, forget_pid, ports_free, wait_port, dev_certificate,
+# release_binaries: bench/lib.sh.
+. "$HERE/lib.sh"
 
 # ---- tools ----
 need_pkgs=()
@@ -87,40 +89,16 @@ command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || need_pkgs+=(haproxy
 command -v openssl >/dev/null || need_pkgs+=(openssl)
 command -v jq >/dev/null || need_pkgs+=(jq)
 command -v timeout >/dev/null || need_pkgs+=(coreutils)
-if [ ${#need_pkgs[@]} -gt 0 ]; then
-    [ "$INSTALL" = 1 ] || { echo "missing: ${need_pkgs[*]} (run without --no-install)" >&2; exit 1; }
-    log "installing ${need_pkgs[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -q
-    apt-get install -y -q --no-install-recommends "${need_pkgs[@]}"
-fi
+install_missing "${need_pkgs[@]}"
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 HAPROXY=$(command -v haproxy || echo /usr/sbin/haproxy)
 
-RELEASE_DIR="${CARGO_TARGET_DIR:-$ROOT/target}/release"
-if [ -n "${KAPROXY_BIN:-}" ] && [ -n "${BENCH_BIN:-}" ]; then
-    log "kaproxy is $KAPROXY_BIN, kaproxy-bench $BENCH_BIN (nothing built)"
-elif [ -n "${KAPROXY_BIN:-}" ]; then
-    log "building kaproxy-bench (release); kaproxy is $KAPROXY_BIN"
-    (cd "$ROOT" && cargo build --release -q -p kaproxy-bench)
-elif [ -n "${BENCH_BIN:-}" ]; then
-    log "building kaproxy (release); kaproxy-bench is $BENCH_BIN"
-    (cd "$ROOT" && cargo build --release -q -p kaproxy)
-else
-    log "building kaproxy and kaproxy-bench (release)"
-    (cd "$ROOT" && cargo build --release -q -p kaproxy -p kaproxy-bench)
-fi
-KAPROXY="${KAPROXY_BIN:-$RELEASE_DIR/kaproxy}"
-BENCH="${BENCH_BIN:-$RELEASE_DIR/kaproxy-bench}"
-[ -x "$BENCH" ] || { echo "no kaproxy-bench binary at $BENCH" >&2; exit 1; }
-[ -x "$KAPROXY" ] || { echo "no kaproxy binary at $KAPROXY" >&2; exit 1; }
+release_binaries "$ROOT"
 
 WORK=$(mktemp -d /tmp/kaproxy-hostile.XXXXXX)
 chmod 755 "$WORK"
 PIDS=()
 
-# stop_pid: bench/lib.sh.
-. "$HERE/lib.sh"
 cleanup() {
     local pid
     for pid in "${PIDS[@]}"; do stop_pid "$pid" 100; done
@@ -132,32 +110,11 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 trap 'echo "hostile.sh: line $LINENO failed: $BASH_COMMAND" >&2' ERR
-forget_pid() {
-    local kept=() p
-    for p in "${PIDS[@]}"; do [ "$p" = "$1" ] || kept+=("$p"); done
-    PIDS=("${kept[@]}")
-}
 
-for port in "${HTTP_PORT[@]}" "${TLS_PORT[@]}" $ADMIN_PORT ${ADM##*:} ${WEB##*:}; do
-    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-        echo "port 127.0.0.1:$port is already in use" >&2; exit 1
-    fi
-done
-wait_port() {
-    local port=$1
-    for _ in $(seq 1 100); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && return 0
-        sleep 0.1
-    done
-    echo "nothing listens on 127.0.0.1:$port" >&2
-    return 1
-}
+ports_free "${HTTP_PORT[@]}" "${TLS_PORT[@]}" $ADMIN_PORT ${ADM##*:} ${WEB##*:}
 
 # ---- certificate (ECDSA P-256, every proxy's TLS listener) ----
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 7 \
-    -subj "/CN=localhost" -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" \
-    -keyout "$WORK/key.pem" -out "$WORK/cert.pem" 2>/dev/null
-cat "$WORK/cert.pem" "$WORK/key.pem" > "$WORK/combined.pem"
+dev_certificate "$WORK"
 
 # ---- configurations; VARIANT is buffered (every case) or streamed (case 13 again) ----
 kaproxy_conf() {
