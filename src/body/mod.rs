@@ -183,7 +183,7 @@ pub enum UpstreamBody {
     /// Whole, in memory; its share of the budget is held while any copy of it lives.
     Full {
         data: Option<Bytes>,
-        held: Option<Arc<Memory>>,
+        held: Arc<Memory>,
     },
     /// Whole, in a temporary file, read back a chunk at a time. Boxed, like `Stream`: the
     /// body moves with its request several times on the way out, and most bodies are empty
@@ -251,7 +251,7 @@ impl UpstreamBody {
                 data: data.clone(),
                 held: held.clone(),
             }),
-            UpstreamBody::File(reader) => Some(UpstreamBody::File(Box::new(reader.replay(0)))),
+            UpstreamBody::File(reader) => Some(UpstreamBody::File(Box::new(reader.replay()))),
             UpstreamBody::Stream(_) => None,
         }
     }
@@ -267,7 +267,7 @@ impl UpstreamBody {
     fn full(data: Bytes, held: Memory) -> UpstreamBody {
         UpstreamBody::Full {
             data: Some(data),
-            held: Some(Arc::new(held)),
+            held: Arc::new(held),
         }
     }
 }

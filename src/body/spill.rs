@@ -99,11 +99,9 @@ impl SpillFile {
 
     /// Appends `data`.
     pub async fn append(&mut self, data: Bytes) -> Result<(), SpillError> {
-        let at = self.len;
         let n = data.len() as u64;
-        self.write_at(data, at).await?;
-        self.len += n;
-        self.buffering.metrics().disk.inc_by(n as i64);
+        self.write_at(data, self.len).await?;
+        self.commit(n);
         Ok(())
     }
 
@@ -153,17 +151,6 @@ impl SpillFile {
         self.truncate = true;
     }
 
-    /// A reader of bytes `[from, to)`.
-    pub fn reader(&self, from: u64, to: u64) -> FileReader {
-        FileReader {
-            file: self.file.clone(),
-            offset: from,
-            end: to.min(self.len),
-            pending: None,
-            _keep: None,
-        }
-    }
-
     /// Reads up to `max` bytes at `at` on the blocking pool.
     pub fn read_at(&self, at: u64, max: usize) -> JoinHandle<io::Result<Bytes>> {
         read_at(self.file.clone(), at, max)
@@ -203,38 +190,31 @@ fn read_at(file: Arc<TempFile>, at: u64, max: usize) -> JoinHandle<io::Result<By
     })
 }
 
-/// A body read back from a range of a temporary file, a chunk at a time on the blocking pool.
-/// Holds the file open (and, with [`FileReader::keeping`], whatever else must live as long).
+/// A body read back from a temporary file written whole, a chunk at a time on the blocking
+/// pool: a request body read whole, sent again on a retry. It keeps the file (and its disk
+/// bytes counted) until the last reader is gone.
 pub struct FileReader {
-    file: Arc<TempFile>,
+    spill: Arc<SpillFile>,
     offset: u64,
-    end: u64,
     pending: Option<JoinHandle<io::Result<Bytes>>>,
-    _keep: Option<Arc<SpillFile>>,
 }
 
 impl FileReader {
-    /// A reader of the whole of `spill`, which it keeps alive (its disk bytes stay counted
-    /// until the last reader is gone): a request body read whole, sent again on a retry.
     pub fn whole(spill: Arc<SpillFile>) -> FileReader {
-        let mut r = spill.reader(0, spill.len());
-        r._keep = Some(spill);
-        r
-    }
-
-    /// Another reader of the same range from its start (a retry).
-    pub fn replay(&self, from: u64) -> FileReader {
         FileReader {
-            file: self.file.clone(),
-            offset: from,
-            end: self.end,
+            spill,
+            offset: 0,
             pending: None,
-            _keep: self._keep.clone(),
         }
     }
 
+    /// Another reader of the same file, from its start (a retry).
+    pub fn replay(&self) -> FileReader {
+        FileReader::whole(self.spill.clone())
+    }
+
     fn remaining(&self) -> u64 {
-        self.end - self.offset
+        self.spill.len() - self.offset
     }
 }
 
@@ -252,7 +232,7 @@ impl Body for FileReader {
         }
         if this.pending.is_none() {
             let max = this.remaining().min(READ_CHUNK as u64) as usize;
-            this.pending = Some(read_at(this.file.clone(), this.offset, max));
+            this.pending = Some(this.spill.read_at(this.offset, max));
         }
         let pending = this.pending.as_mut().expect("set above");
         let read = ready!(Pin::new(pending).poll(cx)).unwrap_or_else(|e| Err(io::Error::other(e)));
@@ -263,11 +243,7 @@ impl Body for FileReader {
                 Poll::Ready(Some(Ok(Frame::data(data))))
             }
             Err(source) => Poll::Ready(Some(Err(BodyError::Spill(SpillError {
-                dir: this
-                    ._keep
-                    .as_ref()
-                    .map(|s| s.dir.clone())
-                    .unwrap_or_default(),
+                dir: this.spill.dir.clone(),
                 source,
             })))),
         }
@@ -314,7 +290,7 @@ pub(crate) mod tests {
         );
         let spill = Arc::new(spill);
         let first = FileReader::whole(spill.clone());
-        let again = first.replay(0);
+        let again = first.replay();
         let read = first.collect().await.unwrap().to_bytes();
         assert_eq!(read.as_ref(), data.as_slice());
         let read = again.collect().await.unwrap().to_bytes();

@@ -571,7 +571,10 @@ where
                     fields = req.headers().len(),
                     "HTTP/2 request with too many header fields; 431"
                 );
-                proxy.too_many_header_fields()
+                crate::proxy::local_response(
+                    StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                    "too many header fields\n",
+                )
             } else {
                 proxy.handle(req, &info).await
             };

@@ -60,7 +60,7 @@ pub struct Upstream {
     /// The group's configuration as loaded (retry, buffers, timeouts; `/status` reads it).
     pub config: UpstreamConfig,
     /// `kaproxy_request_body_too_large_total` of this group.
-    too_large: Counter,
+    pub(super) too_large: Counter,
 }
 
 /// The request-handling half of a loaded configuration. Swapped whole on reload.
@@ -190,15 +190,6 @@ impl Proxy {
         &self.upstreams
     }
 
-    /// kaproxy's 431 for a request with more header fields than the downstream allows
-    /// (HTTP/2; hyper's parser answers HTTP/1 requests itself).
-    pub fn too_many_header_fields(&self) -> Response<ProxyBody> {
-        local_response(
-            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            "too many header fields\n",
-        )
-    }
-
     /// The body buffers' budget and temp directory (`/status` reads it).
     pub fn buffering(&self) -> &Buffering {
         &self.buffering
@@ -268,7 +259,7 @@ impl Proxy {
             if let Some(max) = buffers.max_request_body_bytes {
                 if body.size_hint().lower() > max {
                     let err = BodyError::TooLarge(max);
-                    return self.body_failed(upstream, &err, client_ip, version, log);
+                    return client_failed(upstream, &err, client_ip, version, log);
                 }
             }
             let done = parts.extensions.remove::<BodyDone>();
@@ -289,7 +280,7 @@ impl Proxy {
             headers.remove(header::EXPECT);
             match read {
                 Ok(body) => body,
-                Err(err) => return self.body_failed(upstream, &err, client_ip, version, log),
+                Err(err) => return client_failed(upstream, &err, client_ip, version, log),
             }
         };
         let resend = Resend::new(&upstream.config.retry, &parts.method, &uri, &headers, &body);
@@ -305,30 +296,12 @@ impl Proxy {
                     .await
             }
             Err(Failed::Client(err)) => match err.body_error() {
-                Some(fault) => self.body_failed(upstream, fault, client_ip, version, log),
+                Some(fault) => client_failed(upstream, fault, client_ip, version, log),
                 None => unreachable!("Failed::Client carries a body error"),
             },
             Err(Failed::Server(backend, err)) => server_failed(upstream, backend.pool(), &err, log),
             Err(Failed::Answer(answer)) => with_log(answer, log),
         }
-    }
-}
-
-impl Proxy {
-    /// kaproxy's answer to a request body it could not take (response.rs, `client_failed`),
-    /// with a 413 counted for its upstream group.
-    fn body_failed(
-        &self,
-        upstream: &Upstream,
-        err: &BodyError,
-        client_ip: std::net::IpAddr,
-        version: Version,
-        log: Option<Box<AccessRecord>>,
-    ) -> Response<ProxyBody> {
-        if matches!(err, BodyError::TooLarge(_)) {
-            upstream.too_large.inc();
-        }
-        client_failed(err, client_ip, version, log)
     }
 }
 

@@ -235,14 +235,18 @@ pub(super) fn closing(mut resp: Response<ProxyBody>, version: Version) -> Respon
 }
 
 /// kaproxy's answer when the client's request body failed (timeout, bad framing, gone, too
-/// large) or could not be kept (no temporary file): never the backend's fault, so no backend
-/// is counted or blamed for it (README, "Hostile clients").
+/// large: counted as a 413 of `upstream`) or could not be kept (no temporary file): never the
+/// backend's fault, so no backend is counted or blamed for it (README, "Hostile clients").
 pub(super) fn client_failed(
+    upstream: &Upstream,
     err: &BodyError,
     client: IpAddr,
     version: Version,
     log: Option<Box<AccessRecord>>,
 ) -> Response<ProxyBody> {
+    if matches!(err, BodyError::TooLarge(_)) {
+        upstream.too_large.inc();
+    }
     let status = err.status();
     let text = match err {
         BodyError::Timeout(_) => "request body timed out\n",

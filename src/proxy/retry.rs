@@ -25,16 +25,11 @@ use crate::body::{SentWhole, UpstreamBody};
 use crate::config::RetryConfig;
 use crate::error::{RequestError, Retry, Side};
 use crate::ops::metrics::ErrorKind;
-use crate::upstream::backend::{Backend, RELIEVE_AFTER};
+use crate::upstream::backend::{Backend, RELIEVE_AFTER, RELIEVE_CHECKS, RELIEVE_CLOSES};
 use crate::upstream::pool::{Pool, PooledConn, SendFailure};
 
 use super::response::*;
 use super::{build_request, Proxy, Upstream};
-
-/// How often a fresh connection's unanswered request looks for an idle connection to close
-/// (every [`RELIEVE_AFTER`], so for its first second), and how many it closes at most.
-const RELIEVE_CHECKS: u32 = 10;
-const RELIEVE_CLOSES: u32 = 2;
 
 /// The retry back-off doubles up to this (README, `retry_backoff`: "doubling, capped at 1 s").
 pub(super) const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(1);
@@ -208,8 +203,7 @@ async fn exchange_with_care<F: std::future::Future>(
     let deadline = Instant::now() + limit;
     if let Some(backend) = relieve {
         // Every RELIEVE_AFTER for a while, since a worker the backend frees may go to another
-        // connection in its backlog first; a few closes at most, so that an answer that is
-        // merely slow (a long page) costs the pool little.
+        // connection in its backlog first.
         let (mut checks, mut closed) = (0, 0);
         while checks < RELIEVE_CHECKS && closed < RELIEVE_CLOSES {
             let check = (Instant::now() + RELIEVE_AFTER).min(deadline);

@@ -125,13 +125,12 @@ impl Backend {
     /// what has gone idle since is more than the traffic needs. Returns whether one was.
     pub fn relieve(&self) -> bool {
         let own = crate::workers::index() % self.pools.len();
-        let order = (0..self.pools.len()).map(|i| (own + i) % self.pools.len());
-        for i in order {
-            if self.pools[i].close_longest_idle() {
-                return true;
-            }
-        }
-        false
+        self.pools
+            .iter()
+            .cycle()
+            .skip(own)
+            .take(self.pools.len())
+            .any(|pool| pool.close_longest_idle())
     }
 
     /// Closes every idle connection of every worker (shutdown).
@@ -183,6 +182,11 @@ pub use crate::config::DEFAULT_PASSIVE_COOLDOWN;
 /// frees a backend worker held by an idle connection: far above a LAN round trip and a static
 /// page (a millisecond), below what a client notices.
 pub const RELIEVE_AFTER: Duration = Duration::from_millis(100);
+/// How often one unanswered request looks for an idle connection to close (every
+/// [`RELIEVE_AFTER`], so for its first second), and how many it closes at most: an answer that
+/// is merely slow (a long page) costs the pool little.
+pub const RELIEVE_CHECKS: u32 = 10;
+pub const RELIEVE_CLOSES: u32 = 2;
 
 /// Consecutive connect/response failures that mark a server down when `[health]` sets no
 /// `fall`. Matches the `fall` default of `[upstreams.*.health]`.
