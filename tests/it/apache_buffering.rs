@@ -92,25 +92,16 @@ async fn two_hundred_mib_each_way_pass_through_apache_intact_with_little_memory(
     let files = ConfigFile::new();
     let spill = files.file("spill");
     std::fs::create_dir(&spill).expect("spill dir");
-    let config = files.file("kaproxy.toml");
-    std::fs::write(
-        &config,
-        files.text_with(
-            "http = \"127.0.0.1:0\"",
-            "listen = \"127.0.0.1:0\"",
-            "format = \"json\"\naccess_log = false",
-            &format!(
-                "[upstreams.web]\nservers = [\"{}\"]\n{POOL_FOR_KEEPALIVE_1S}\n\
+    let (mut kaproxy, addr, admin) = Binary::start(
+        &files,
+        &format!(
+            "[upstreams.web]\nservers = [\"{}\"]\n{POOL_FOR_KEEPALIVE_1S}\n\
                  [buffering]\ntemp_dir = {:?}\n",
-                apache.addr(),
-                spill.display().to_string()
-            ),
+            apache.addr(),
+            spill.display().to_string()
         ),
     )
-    .expect("write config");
-    let mut kaproxy = Binary::spawn(&config, &files.file("kaproxy.log"));
-    let addr = kaproxy.addr("listening", Some("http")).await;
-    let admin = kaproxy.addr("admin listening", None).await;
+    .await;
     let expected = file_digest(SIZE);
 
     // Up: 200 MiB posted to mod_reflector, which echoes it back.

@@ -359,24 +359,15 @@ async fn a_temp_dir_that_disappears_gives_500_names_the_directory_and_contacts_n
     let files = ConfigFile::new();
     let spill = files.file("spill");
     std::fs::create_dir(&spill).expect("spill dir");
-    let config = files.file("kaproxy.toml");
-    std::fs::write(
-        &config,
-        files.text_with(
-            "http = \"127.0.0.1:0\"",
-            "listen = \"127.0.0.1:0\"",
-            "format = \"json\"\naccess_log = false",
-            &format!(
-                "[upstreams.web]\nservers = [\"{}\"]\n[buffering]\ntemp_dir = {:?}\n",
-                backend.addr(),
-                spill.display().to_string()
-            ),
+    let (mut kaproxy, addr, admin) = Binary::start(
+        &files,
+        &format!(
+            "[upstreams.web]\nservers = [\"{}\"]\n[buffering]\ntemp_dir = {:?}\n",
+            backend.addr(),
+            spill.display().to_string()
         ),
     )
-    .expect("write config");
-    let mut kaproxy = Binary::spawn(&config, &files.file("kaproxy.log"));
-    let addr = kaproxy.addr("listening", Some("http")).await;
-    let admin = kaproxy.addr("admin listening", None).await;
+    .await;
     // The directory existed at load (it is checked); now it is gone, as a full or unmounted
     // disk would be.
     std::fs::remove_dir(&spill).expect("remove spill dir");

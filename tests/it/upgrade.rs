@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 
@@ -499,6 +499,15 @@ async fn upgrade_is_tunnelled_over_tls_to_a_tls_upstream() {
 // Hostile upgrades (issue 17: "Through a tunnel")
 // ---------------------------------------------------------------------------------------------
 
+/// Sends `request` on a fresh connection to kaproxy's plain listener; the connection, the
+/// response head, and what came after it.
+async fn exchange_head(proxy: &TestProxy, request: &str) -> (TcpStream, Head, Vec<u8>) {
+    let mut stream = tcp_connect(proxy.http().addr, None).await.expect("connect");
+    stream.write_all(request.as_bytes()).await.expect("send");
+    let (head, early) = read_head(&mut stream).await.expect("response head");
+    (stream, head, early)
+}
+
 /// The h2c smuggling of BishopFox's h2csmuggler: an `Upgrade: h2c` that a backend accepts
 /// would carry the client's own HTTP/2 frames past the routes, the forwarding headers and the
 /// access log. kaproxy serves it as the plain HTTP/1.1 request it also is: the backend sees
@@ -573,20 +582,11 @@ async fn a_101_the_request_did_not_ask_for_is_a_502() {
     .await;
     let proxy = TestProxy::start(&format!("[upstreams.ws]\nservers = [\"{backend}\"]\n")).await;
     // A plain GET, no upgrade offered.
-    let mut stream = tcp_connect(proxy.http().addr, None).await.expect("connect");
-    stream
-        .write_all(b"GET /plain HTTP/1.1\r\nHost: ws.example.test\r\n\r\n")
-        .await
-        .unwrap();
-    let (head, _) = read_head(&mut stream).await.expect("response head");
+    let request = "GET /plain HTTP/1.1\r\nHost: ws.example.test\r\n\r\n";
+    let (_, head, _) = exchange_head(&proxy, request).await;
     assert_eq!(head.status(), Some(502), "{head:?}");
     // A WebSocket upgrade answered with a switch to another protocol.
-    let mut stream = tcp_connect(proxy.http().addr, None).await.expect("connect");
-    stream
-        .write_all(upgrade_request("/chat", "websocket", "").as_bytes())
-        .await
-        .unwrap();
-    let (head, _) = read_head(&mut stream).await.expect("response head");
+    let (_, head, _) = exchange_head(&proxy, &upgrade_request("/chat", "websocket", "")).await;
     assert_eq!(head.status(), Some(502), "h2c was not offered: {head:?}");
     proxy.shutdown().await;
     task.abort();
@@ -601,12 +601,8 @@ async fn an_idle_websocket_is_closed_at_tunnel_idle_timeout_on_both_sides() {
     ))
     .await;
     let server = backend.addr.to_string();
-    let mut stream = tcp_connect(proxy.http().addr, None).await.expect("connect");
-    stream
-        .write_all(upgrade_request("/chat", "websocket", "").as_bytes())
-        .await
-        .unwrap();
-    let (head, mut early) = read_head(&mut stream).await.expect("response head");
+    let (mut stream, head, mut early) =
+        exchange_head(&proxy, &upgrade_request("/chat", "websocket", "")).await;
     assert_eq!(head.status(), Some(101), "{head:?}");
     let greeting = b"hello websocket\n";
     if early.len() < greeting.len() {
@@ -656,22 +652,13 @@ async fn tunnels_hold_a_slot_of_max_connections_per_server() {
     .await;
     let mut open = Vec::new();
     for _ in 0..2 {
-        let mut stream = tcp_connect(proxy.http().addr, None).await.expect("connect");
-        stream
-            .write_all(upgrade_request("/chat", "websocket", "").as_bytes())
-            .await
-            .unwrap();
-        let (head, _) = read_head(&mut stream).await.expect("response head");
+        let (stream, head, _) =
+            exchange_head(&proxy, &upgrade_request("/chat", "websocket", "")).await;
         assert_eq!(head.status(), Some(101), "{head:?}");
         open.push(stream);
     }
     let started = Instant::now();
-    let mut third = tcp_connect(proxy.http().addr, None).await.expect("connect");
-    third
-        .write_all(upgrade_request("/chat", "websocket", "").as_bytes())
-        .await
-        .unwrap();
-    let (head, _) = read_head(&mut third).await.expect("response head");
+    let (_third, head, _) = exchange_head(&proxy, &upgrade_request("/chat", "websocket", "")).await;
     assert_eq!(
         head.status(),
         Some(503),
@@ -688,12 +675,8 @@ async fn tunnels_hold_a_slot_of_max_connections_per_server() {
     );
     // A tunnel that ends gives its slot back.
     drop(open.pop());
-    let mut fourth = tcp_connect(proxy.http().addr, None).await.expect("connect");
-    fourth
-        .write_all(upgrade_request("/chat", "websocket", "").as_bytes())
-        .await
-        .unwrap();
-    let (head, _) = read_head(&mut fourth).await.expect("response head");
+    let (_fourth, head, _) =
+        exchange_head(&proxy, &upgrade_request("/chat", "websocket", "")).await;
     assert_eq!(head.status(), Some(101), "{head:?}");
     proxy.shutdown().await;
 }

@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use kaproxy_testkit::poll_until;
 
+use super::config_file::ConfigFile;
+
 /// How long the binary may take to start and log its listeners.
 pub const START_BOUND: Duration = Duration::from_secs(10);
 
@@ -109,6 +111,24 @@ impl Binary {
     /// The process's resident memory now (VmRSS) in bytes.
     pub fn rss(&self) -> u64 {
         status_kib(self.pid(), "VmRSS:") * 1024
+    }
+
+    /// Writes `files`' `kaproxy.toml` — a plain HTTP and an admin listener on 127.0.0.1:0,
+    /// JSON logs without the access log, then `rest` (the upstreams and other tables) — starts
+    /// the binary on it and returns it with its HTTP and admin addresses once it listens.
+    pub async fn start(files: &ConfigFile, rest: &str) -> (Binary, SocketAddr, SocketAddr) {
+        let config = files.file("kaproxy.toml");
+        let text = files.text_with(
+            "http = \"127.0.0.1:0\"",
+            "listen = \"127.0.0.1:0\"",
+            "format = \"json\"\naccess_log = false",
+            rest,
+        );
+        std::fs::write(&config, text).expect("write config");
+        let mut kaproxy = Binary::spawn(&config, &files.file("kaproxy.log"));
+        let http = kaproxy.addr("listening", Some("http")).await;
+        let admin = kaproxy.addr("admin listening", None).await;
+        (kaproxy, http, admin)
     }
 
     /// How many descriptors the process has open.
