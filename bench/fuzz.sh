@@ -39,8 +39,8 @@ done
 
 command -v cargo >/dev/null || { echo "cargo not found on PATH" >&2; exit 1; }
 if ! cargo fuzz --version >/dev/null 2>&1; then
-    echo "==> cargo-fuzz missing: cargo install --locked cargo-fuzz@0.13"
-    cargo install --locked cargo-fuzz@0.13
+    echo "==> cargo-fuzz missing: cargo install --locked cargo-fuzz --version ^0.13"
+    cargo install --locked cargo-fuzz --version "^0.13"
 fi
 echo "==> $(cargo fuzz --version), $(rustc --version)"
 
