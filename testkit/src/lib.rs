@@ -5,6 +5,8 @@
 //! - [`relay`]: a TCP relay that delays everything, to widen the keep-alive race on loopback.
 //! - [`apache`]: a real Apache httpd 2.4 on loopback ports, for the tests and `race --apache`,
 //!   optionally serving TLS with mod_ssl.
+//! - [`backends`]: real nginx, Gunicorn, Node and Go HTTP/1.1 servers on loopback ports, with a
+//!   short idle keep-alive timeout and (but for Node) no `Keep-Alive` header.
 //! - [`pki`]: a test CA and the server and client certificates it signs, as PEM files.
 //! - [`eventually`]: polling a condition until it holds, bounded.
 //!
@@ -12,6 +14,7 @@
 #![forbid(unsafe_code)]
 
 pub mod apache;
+pub mod backends;
 pub mod demo;
 pub mod pki;
 mod poll;
