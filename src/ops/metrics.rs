@@ -1,6 +1,7 @@
 //! Owns the Prometheus registry and the handles the hot path updates; receives, never calls out.
 
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, OnceLock};
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -111,6 +112,59 @@ struct UpstreamLabels {
     upstream: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SourceLabels {
+    server: String,
+    source: &'static str,
+}
+
+/// Where a backend's keep-alive timeout comes from (the `source` label of
+/// `kaproxy_upstream_keepalive_timeout_seconds`; README, "Where a deadline comes from").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeepAliveSource {
+    /// The backend's own `Keep-Alive: timeout=N` header.
+    Header,
+    /// The shortest idle time at which the backend was seen to close a connection.
+    Observed,
+    /// The configured `keepalive_timeout`.
+    Config,
+}
+
+impl KeepAliveSource {
+    pub const ALL: [KeepAliveSource; 3] = [
+        KeepAliveSource::Header,
+        KeepAliveSource::Observed,
+        KeepAliveSource::Config,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeepAliveSource::Header => "header",
+            KeepAliveSource::Observed => "observed",
+            KeepAliveSource::Config => "config",
+        }
+    }
+}
+
+/// Why a request was sent again (the `cause` label of `kaproxy_upstream_retries_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryCause {
+    /// After this failure, by the retry rule.
+    Failed(ErrorKind),
+    /// A request on a reused connection that the backend's TCP stack reset without
+    /// acknowledging any byte of it: it never reached the backend, whatever its method.
+    Unacknowledged,
+}
+
+impl RetryCause {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RetryCause::Failed(kind) => kind.as_str(),
+            RetryCause::Unacknowledged => "unacknowledged",
+        }
+    }
+}
+
 /// How an `Upgrade` tunnel ended (the `reason` label of
 /// `kaproxy_upstream_tunnels_closed_total`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -168,6 +222,7 @@ pub struct Metrics {
     downstream_waiting: Family<ListenerLabels, Gauge>,
     downstream_shed: Family<ListenerLabels, Counter>,
     server_up: Family<ServerUpLabels, Gauge>,
+    keepalive_timeout: Family<SourceLabels, Gauge<f64, AtomicU64>>,
     tunnels: Family<ServerLabels, Gauge>,
     tunnels_closed: Family<ReasonLabels, Counter>,
     buffer_bytes: Family<LocationLabels, Gauge>,
@@ -241,6 +296,7 @@ impl Metrics {
         let downstream_waiting = Family::<ListenerLabels, Gauge>::default();
         let downstream_shed = Family::<ListenerLabels, Counter>::default();
         let server_up = Family::<ServerUpLabels, Gauge>::default();
+        let keepalive_timeout = Family::<SourceLabels, Gauge<f64, AtomicU64>>::default();
         let tunnels = Family::<ServerLabels, Gauge>::default();
         let tunnels_closed = Family::<ReasonLabels, Counter>::default();
         let buffer_bytes = Family::<LocationLabels, Gauge>::default();
@@ -321,6 +377,13 @@ impl Metrics {
             server_up.clone(),
         );
         registry.register(
+            "upstream_keepalive_timeout_seconds",
+            "The keep-alive timeout kaproxy holds each backend to, by where it comes from \
+             (header: its Keep-Alive header; observed: the shortest idle time it was seen to \
+             close at; config: keepalive_timeout); idle connections expire safety_margin before it",
+            keepalive_timeout.clone(),
+        );
+        registry.register(
             "upstream_tunnels",
             "Upgrade (WebSocket) tunnels open to a backend now; each holds one of its \
              max_connections_per_server",
@@ -373,6 +436,7 @@ impl Metrics {
             downstream_waiting,
             downstream_shed,
             server_up,
+            keepalive_timeout,
             tunnels,
             tunnels_closed,
             buffer_bytes,
@@ -473,6 +537,7 @@ impl Metrics {
                 })
                 .clone(),
             retries: self.retries.clone(),
+            keepalive_timeout: self.keepalive_timeout.clone(),
             requests: self.requests.clone(),
             statuses: (0..STATUS_SLOTS).map(|_| OnceLock::new()).collect(),
             retries_total: Counter::default(),
@@ -559,6 +624,7 @@ pub struct BackendMetrics {
     errors: [Counter; ErrorKind::ALL.len()],
     duration: Histogram,
     retries: Family<CauseLabels, Counter>,
+    keepalive_timeout: Family<SourceLabels, Gauge<f64, AtomicU64>>,
     requests: Family<RequestLabels, Counter>,
     statuses: Box<[OnceLock<Counter>]>,
     /// All retries of this server, whatever the cause (read by the status history; the
@@ -599,7 +665,21 @@ impl BackendMetrics {
         self.errors[kind as usize].inc();
     }
 
-    pub fn retry(&self, cause: ErrorKind) {
+    /// The keep-alive timeout this server is held to now, and its source (one series).
+    pub fn keepalive_timeout(&self, source: KeepAliveSource, timeout: std::time::Duration) {
+        let labels = |source: KeepAliveSource| SourceLabels {
+            server: self.server.clone(),
+            source: source.as_str(),
+        };
+        for other in KeepAliveSource::ALL.into_iter().filter(|s| *s != source) {
+            self.keepalive_timeout.remove(&labels(other));
+        }
+        self.keepalive_timeout
+            .get_or_create(&labels(source))
+            .set(timeout.as_secs_f64());
+    }
+
+    pub fn retry(&self, cause: RetryCause) {
         self.retries_total.inc();
         self.retries
             .get_or_create(&CauseLabels {

@@ -300,7 +300,7 @@ impl Proxy {
                 None => unreachable!("Failed::Client carries a body error"),
             },
             Err(Failed::Server(backend, err)) => server_failed(upstream, backend.pool(), &err, log),
-            Err(Failed::Answer(answer)) => with_log(answer, log),
+            Err(Failed::Answer(answer)) => with_log(*answer, log),
         }
     }
 }

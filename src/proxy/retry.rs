@@ -2,15 +2,19 @@
 //! and the rule for sending a request again after a failure before any response byte.
 //!
 //! The rule, stated once (it covers the keep-alive race, where a pooled connection is reused
-//! just as the backend closes it): a request is sent again only when no response byte came
-//! back and either hyper never wrote it (any method) or the method is idempotent and its body
-//! can be sent again (empty or buffered whole) with `retry_idempotent`. A failed *reused*
-//! connection is retried once on a fresh connection to the same server, which is not blamed;
-//! a connect failure, or a reset or close on a *fresh* connection, blames the server and moves
-//! on to the next one within `max_retries`, with a doubling back-off. Each failure says its
-//! part of the rule ([`crate::error::Retry`]): a connect failure allows any method, a reset or
-//! close a request that can be sent again, a response timeout only with `retry_on_timeout`,
-//! and a client's broken body nothing.
+//! just as the backend closes it; README, "When a request is sent again"): a request is sent
+//! again only when no response byte came back, its body can be sent again (empty or buffered
+//! whole), and either hyper never wrote it (any method), or the method is idempotent with
+//! `retry_idempotent`, or — on a reused connection that was reset — the backend's TCP stack
+//! acknowledged none of its bytes, so it never reached the backend (any method;
+//! [`crate::upstream::delivery`]). A failed *reused* connection is retried once on a fresh
+//! connection to the same server, which is not blamed; a connect failure, or a reset or close
+//! on a *fresh* connection, blames the server and moves on to a server not tried yet within
+//! `max_retries`, at once; only when every server has been tried does the next attempt wait
+//! the doubling back-off and start over with them all. Each failure says its part of the rule
+//! ([`crate::error::Retry`]): a connect failure allows any method, a reset or close a request
+//! that can be sent again, a response timeout only with `retry_on_timeout`, and a client's
+//! broken body nothing.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -24,7 +28,7 @@ use tracing::{debug, warn};
 use crate::body::{SentWhole, UpstreamBody};
 use crate::config::RetryConfig;
 use crate::error::{RequestError, Retry, Side};
-use crate::ops::metrics::ErrorKind;
+use crate::ops::metrics::{ErrorKind, RetryCause};
 use crate::upstream::backend::{Backend, RELIEVE_AFTER, RELIEVE_CHECKS, RELIEVE_CLOSES};
 use crate::upstream::pool::{Pool, PooledConn, SendFailure};
 
@@ -120,9 +124,10 @@ impl Proxy {
     }
 
     /// `backend` failed the request (already counted and booked against its health):
-    /// returns whether the next server may be tried, within `max_retries`, after the
-    /// doubling back-off (which it sleeps). Counted in `kaproxy_upstream_retries_total` with
-    /// the failure's kind as cause (`connect` for every connect failure).
+    /// returns whether another attempt may be made, within `max_retries`: at once on a server
+    /// not tried yet, else — every server tried — after the doubling back-off (which it
+    /// sleeps), on them all again. Counted in `kaproxy_upstream_retries_total` with the
+    /// failure's kind as cause (`connect` for every connect failure).
     pub(super) async fn move_on(
         &self,
         upstream: &Upstream,
@@ -131,9 +136,8 @@ impl Proxy {
         attempts: &mut Attempts,
     ) -> bool {
         attempts.tried.push(backend.clone());
-        let servers = upstream.balancer.backends().len();
-        if attempts.retries_left == 0 || attempts.tried.len() >= servers {
-            warn!(upstream = %upstream.name, server = %backend.addr, error = %err, "upstream failed; no retries or servers left");
+        if attempts.retries_left == 0 {
+            warn!(upstream = %upstream.name, server = %backend.addr, error = %err, "upstream failed; no retries left");
             return false;
         }
         // Every connect failure (refused, timed out, handshake) is cause `connect`.
@@ -143,18 +147,31 @@ impl Proxy {
             (_, None) => return false,
         };
         attempts.retries_left -= 1;
-        backend.metrics().retry(cause);
+        backend.metrics().retry(RetryCause::Failed(cause));
+        let servers = upstream.balancer.backends().len();
+        if attempts.tried.len() < servers {
+            // Another server is not this one's failure: nginx moves on at once too.
+            warn!(upstream = %upstream.name, server = %backend.addr, error = %err,
+                "upstream failed; trying the next server");
+            return true;
+        }
         warn!(upstream = %upstream.name, server = %backend.addr, error = %err, backoff = ?attempts.backoff,
-            "upstream failed; trying the next server");
+            "upstream failed; every server tried, trying them again after the back-off");
         tokio::time::sleep(attempts.backoff).await;
         attempts.backoff = (attempts.backoff * 2).min(MAX_RETRY_BACKOFF);
+        attempts.tried.clear();
         true
     }
 }
 
-/// What a request is sent again with, when the rule (module doc) allows a written request to
-/// go again: idempotent, `retry_idempotent`, and a body that is empty or buffered whole.
-pub(super) struct Resend(Option<(Method, Uri, HeaderMap, UpstreamBody)>);
+/// What a written request is sent again with, when the rule (module doc) allows it: a body
+/// that is empty or buffered whole, and either an idempotent method with `retry_idempotent`
+/// or proof that the backend never received it.
+pub(super) struct Resend {
+    parts: Option<(Method, Uri, HeaderMap, UpstreamBody)>,
+    /// Idempotent, with `retry_idempotent`: may go again after any reset or close.
+    idempotent: bool,
+}
 
 impl Resend {
     pub(super) fn new(
@@ -164,17 +181,25 @@ impl Resend {
         headers: &HeaderMap,
         body: &UpstreamBody,
     ) -> Resend {
-        let allowed = is_idempotent(method) && retry.retry_idempotent;
-        Resend(
-            allowed
-                .then(|| Some((method.clone(), uri.clone(), headers.clone(), body.replay()?)))
-                .flatten(),
-        )
+        Resend {
+            parts: body
+                .replay()
+                .map(|b| (method.clone(), uri.clone(), headers.clone(), b)),
+            idempotent: is_idempotent(method) && retry.retry_idempotent,
+        }
     }
 
-    /// The request built again, if it may be.
+    /// The request built again, if its method lets it go again after a reset or close.
     fn request(&self) -> Option<Request<UpstreamBody>> {
-        let (m, u, h, b) = self.0.as_ref()?;
+        if !self.idempotent {
+            return None;
+        }
+        self.unreceived()
+    }
+
+    /// The request built again, whatever its method: for one the backend never received.
+    fn unreceived(&self) -> Option<Request<UpstreamBody>> {
+        let (m, u, h, b) = self.parts.as_ref()?;
         Some(build_request(m.clone(), u.clone(), h.clone(), b.replay()?))
     }
 }
@@ -238,7 +263,7 @@ pub(super) enum Failed {
     /// This backend failed it (already counted and booked against its health).
     Server(Arc<Backend>, RequestError),
     /// kaproxy's answer: no server could be picked or reached.
-    Answer(Response<ProxyBody>),
+    Answer(Box<Response<ProxyBody>>),
 }
 
 impl Proxy {
@@ -274,7 +299,7 @@ impl Proxy {
                         p.acquire().await
                     })
                     .await
-                    .map_err(Failed::Answer)?,
+                    .map_err(|answer| Failed::Answer(Box::new(answer)))?,
             };
             let pool = backend.pool();
             let Some(req) = request.take().or_else(|| resend.request()) else {
@@ -290,7 +315,7 @@ impl Proxy {
                 let exchange = exchange_with_care(conn.send(req), limit, streaming, relieve);
                 Box::pin(exchange).await
             };
-            let (error, unsent) = match sent {
+            let (error, unsent, written) = match sent {
                 Ok(Ok(response)) => {
                     backend.record_success();
                     return Ok(Sent {
@@ -305,12 +330,20 @@ impl Proxy {
                         addr: pool.addr(),
                         timeout,
                     };
-                    (err, None)
+                    (err, None, None)
                 }
-                Ok(Err(SendFailure { error, unsent })) => (error, unsent),
+                Ok(Err(SendFailure {
+                    error,
+                    unsent,
+                    written,
+                })) => (error, unsent, written),
             };
             let reused = conn.is_reused();
-            // Dropping the connection closes it (reason `error`).
+            if error.retry() == Retry::IfResendable && error.side() == Side::Upstream {
+                conn.closed_on_reuse();
+            }
+            // Dropping the connection closes it (reason `error`), and settles what its socket
+            // had acknowledged (`written`).
             drop(conn);
             if error.side() == Side::Downstream {
                 // The client's body broke on its way upstream: the backend is not blamed.
@@ -318,7 +351,7 @@ impl Proxy {
             }
             error.count_in(pool.metrics());
             // The request again, if this failure allows it (the rule in the module doc).
-            let next = match error.retry() {
+            let mut next = match error.retry() {
                 Retry::Never => None,
                 Retry::AnyMethod | Retry::IfResendable => unsent.or_else(|| resend.request()),
                 Retry::IfTimeoutsRetried if upstream.config.retry.retry_on_timeout => {
@@ -329,10 +362,19 @@ impl Proxy {
             // The keep-alive race: a pooled connection the backend closed just as it was
             // reused. Once, on a fresh connection to the same server, which is not blamed.
             if reused && !retried_reused && error.retry() == Retry::IfResendable {
+                let mut cause =
+                    RetryCause::Failed(error.kind().unwrap_or(ErrorKind::ClosedBeforeResponse));
+                if next.is_none() {
+                    if let Some(written) = written {
+                        if written.never_received().await {
+                            next = resend.unreceived();
+                            cause = RetryCause::Unacknowledged;
+                        }
+                    }
+                }
                 let Some(req) = next else {
                     return Err(Failed::Server(backend, error));
                 };
-                let cause = error.kind().unwrap_or(ErrorKind::ClosedBeforeResponse);
                 pool.metrics().retry(cause);
                 warn!(upstream = %upstream.name, server = %pool.addr(), cause = cause.as_str(), error = %error,
                     "reused upstream connection failed before responding; retrying on a fresh connection");

@@ -26,6 +26,7 @@ use crate::body::UpstreamBody;
 use crate::config::PoolConfig;
 use crate::error::RequestError;
 use crate::ops::metrics::BackendMetrics;
+use crate::upstream::delivery::{Delivery, Tracked};
 use crate::upstream::tls::UpstreamTls;
 
 /// What the pool needs of a live connection: whether its peer has closed it, checked without
@@ -46,8 +47,9 @@ pub trait Connection: Send + 'static {
     }
     /// Called as the pool closes it, just before it is dropped (which closes the socket).
     fn close(&mut self) {}
-    /// Called as it goes back to the pool idle: the task that used it has moved on.
-    fn detach(&mut self) {}
+    /// Called as it goes back to the pool idle (the task that used it has moved on) and as
+    /// the sweep looks at it: what happens on it from now on (a FIN) wakes `sweep`.
+    fn detach(&mut self, _sweep: &Waker) {}
 }
 
 /// How a pool opens a connection to its backend: [`Http1`] for real traffic; the pool's unit
@@ -79,11 +81,19 @@ async fn dial(addr: SocketAddr, cfg: &PoolConfig) -> Result<TcpStream, RequestEr
 
 /// A connection to a backend: plain TCP, or TLS over it (`tls = true`).
 pub enum UpstreamStream {
-    Plain(TcpStream),
-    Tls(Box<TlsStream<TcpStream>>),
+    Plain(Tracked),
+    Tls(Box<TlsStream<Tracked>>),
 }
 
 impl UpstreamStream {
+    /// What the socket under it wrote and had acknowledged.
+    pub fn delivery(&self) -> Arc<Delivery> {
+        match self {
+            UpstreamStream::Plain(s) => s.delivery().clone(),
+            UpstreamStream::Tls(s) => s.get_ref().0.delivery().clone(),
+        }
+    }
+
     /// Queues TLS `close_notify` (RFC 8446 §6.1) and writes it if the socket takes it now,
     /// without waiting: the connection is being dropped, and a FIN follows either way.
     fn send_close_notify(&mut self) {
@@ -91,6 +101,7 @@ impl UpstreamStream {
             return;
         };
         let (tcp, conn) = tls.get_mut();
+        let tcp = tcp.get_ref();
         conn.send_close_notify();
         struct NonBlocking<'a>(&'a TcpStream);
         impl io::Write for NonBlocking<'_> {
@@ -200,7 +211,7 @@ impl Http1 {
     ) -> Result<UpstreamStream, RequestError> {
         let tls = self.tls.load_full();
         let open = async {
-            let tcp = dial(addr, cfg).await?;
+            let tcp = Tracked::new(dial(addr, cfg).await?);
             let Some(tls) = tls else {
                 return Ok(UpstreamStream::Plain(tcp));
             };
@@ -225,6 +236,8 @@ impl Http1 {
 pub struct Http1Conn {
     pub(crate) sender: SendRequest<UpstreamBody>,
     pub(crate) driver: Driver,
+    /// What its socket wrote and had acknowledged (the retry rule's proof).
+    pub(crate) delivery: Arc<Delivery>,
 }
 
 impl Connection for Http1Conn {
@@ -240,8 +253,8 @@ impl Connection for Http1Conn {
         !self.driver.poll_if_woken().is_ready() && self.sender.is_ready()
     }
 
-    fn detach(&mut self) {
-        self.driver.detach();
+    fn detach(&mut self, sweep: &Waker) {
+        self.driver.detach(sweep);
     }
 
     fn close(&mut self) {
@@ -255,7 +268,7 @@ impl Connection for Http1Conn {
     /// A backend may answer before it has read the whole request body (RFC 9112 §9.5 lets it);
     /// hyper then still writes the rest of the body, and the connection is idle only after.
     async fn settle(&mut self) -> bool {
-        let Http1Conn { sender, driver } = self;
+        let Http1Conn { sender, driver, .. } = self;
         driver
             .drive(poll_fn(|cx| sender.poll_ready(cx)))
             .await
@@ -353,9 +366,10 @@ impl Driver {
         }
     }
 
-    /// The connection goes back to the pool: no task is to be woken for it any more.
-    pub(crate) fn detach(&mut self) {
-        drop(self.wake.task.take());
+    /// The connection goes back to the pool: what happens on it wakes the pool's sweep
+    /// instead of the task that used it.
+    pub(crate) fn detach(&mut self, sweep: &Waker) {
+        self.wake.task.register(sweep);
     }
 
     /// Runs `fut` (a send or a wait for readiness) while driving the connection.
@@ -381,6 +395,7 @@ impl Connector for Http1 {
         id: u64,
     ) -> Result<Http1Conn, RequestError> {
         let stream = self.open(addr, cfg).await?;
+        let delivery = stream.delivery();
         let (sender, conn) = hyper::client::conn::http1::Builder::new()
             .max_buf_size(UPSTREAM_READ_BUFFER)
             .handshake::<_, UpstreamBody>(TokioIo::new(stream))
@@ -389,6 +404,7 @@ impl Connector for Http1 {
         Ok(Http1Conn {
             sender,
             driver: Driver::new(conn, addr, id),
+            delivery,
         })
     }
 }
@@ -475,7 +491,7 @@ mod tests {
         let mut req = http::Request::new(UpstreamBody::Empty);
         req.headers_mut()
             .insert(http::header::HOST, http::HeaderValue::from_static("b"));
-        let Http1Conn { sender, driver } = &mut conn;
+        let Http1Conn { sender, driver, .. } = &mut conn;
         driver
             .drive(poll_fn(|cx| sender.poll_ready(cx)))
             .await

@@ -5,6 +5,7 @@
 pub mod backend;
 pub mod balancer;
 pub mod connect;
+pub mod delivery;
 pub mod health;
 pub mod keep_alive;
 pub mod pool;

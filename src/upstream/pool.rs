@@ -4,17 +4,31 @@
 //!
 //! The rule (README, "How the upstream pool keeps the promise"): a pooled connection's idle
 //! deadline is the earliest of `last_used + idle_timeout`, `last_used + (keep-alive timeout −
-//! safety_margin)` where the keep-alive timeout is the one the backend last advertised in
-//! `Keep-Alive: timeout=N` (else the configured `keepalive_timeout`; shared by the workers'
-//! pools, [`Learned`]), and `born + max_lifetime`. A connection past its deadline, or whose
-//! peer already closed it (checked when it comes back and before it is handed out, see
+//! safety_margin)` and `born + max_lifetime`. A connection past its deadline, or whose peer
+//! already closed it (checked when it comes back and before it is handed out, see
 //! [`crate::upstream::connect::Connection`]), is never handed out; a sweep task closes expired
-//! idle connections so that kaproxy, not the backend, closes.
+//! idle connections so that kaproxy, not the backend, closes, and is woken by a backend's FIN
+//! on an idle connection, so that it sees the close as it happens.
+//!
+//! Where the keep-alive timeout comes from, per server and shared by the workers' pools
+//! ([`Learned`]; README, "Where a deadline comes from"), first that applies:
+//! 1. **header** — what the backend last advertised in `Keep-Alive: timeout=N`: its own word.
+//! 2. **observed** — the shortest idle time at which the backend was seen to close one of
+//!    these connections (by the sweep as its FIN comes in, at the check before reuse, or as a
+//!    reused connection failed). Most servers send no header (nginx, gunicorn, Go, Jetty), and
+//!    even Apache closes early when busy; a close is the backend showing its real timeout, or
+//!    less, so the shortest one is safe. It is raised only on evidence: now and then
+//!    ([`PROBE_INTERVAL`]) one connection that reached the observed deadline is kept, never
+//!    handed out, until the backend closes it (its age is then the timeout, higher or not) or
+//!    until the configured deadline (then the backend keeps connections at least that long,
+//!    and the observation is dropped). A backend restarted with a longer timeout, or a mass
+//!    close at a restart that taught a too-short one, is so found out within a probe.
+//! 3. **config** — `keepalive_timeout`.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -29,8 +43,9 @@ use tracing::{debug, warn};
 use crate::body::UpstreamBody;
 use crate::config::PoolConfig;
 use crate::error::RequestError;
-use crate::ops::metrics::{BackendMetrics, CloseReason};
+use crate::ops::metrics::{BackendMetrics, CloseReason, KeepAliveSource};
 use crate::upstream::connect::{Connection, Connector, Http1, Http1Conn};
+use crate::upstream::delivery::Written;
 use crate::upstream::keep_alive::{has_connection_close, KeepAliveHint, KEEP_ALIVE};
 use crate::upstream::tls::UpstreamTls;
 
@@ -72,17 +87,63 @@ pub struct Pool<C: Connector = Http1> {
     /// Requests waiting in [`Pool::wait_for_slot`] now.
     waiting: std::sync::atomic::AtomicUsize,
     sweeper: Mutex<Option<AbortHandle>>,
+    /// Wakes the sweep (`sweep`) when something happens on an idle connection (a FIN).
+    sweep_waker: Waker,
+    /// The connection kept past the observed deadline to find out whether the backend's
+    /// timeout went up; never handed out ([`PROBE_INTERVAL`]).
+    probe: Mutex<Option<Entry<C::Conn>>>,
     metrics: Arc<BackendMetrics>,
 }
 
-/// What kaproxy learned of one backend's keep-alive from its `Keep-Alive` header, shared by
-/// the pools of every worker to that backend (README, "Workers").
+/// How often one connection per server is let idle past the observed keep-alive timeout
+/// (module doc): a probe costs one connection held unused for at most the configured
+/// deadline, and a too-short observation costs reuse until the next probe.
+pub const PROBE_INTERVAL: Duration = Duration::from_secs(30);
+
+/// Wakes a pool's sweep task.
+struct SweepWake(Arc<Notify>);
+
+impl Wake for SweepWake {
+    fn wake(self: Arc<Self>) {
+        self.0.notify_one();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.0.notify_one();
+    }
+}
+
+/// What kaproxy learned of one backend's keep-alive, from its `Keep-Alive` header and from
+/// its closes, shared by the pools of every worker to that backend (README, "Workers").
 #[derive(Default)]
 pub struct Learned {
     /// The advertised keep-alive timeout in ms (0: none learned yet).
     timeout_ms: AtomicU64,
+    /// The shortest idle time in ms at which the backend was seen to close (0: none).
+    observed_ms: AtomicU64,
+    /// The probe of the observed timeout, across workers: one at a time.
+    probe: Mutex<ProbeTimes>,
+    /// The timeout and source last published (metric, log).
+    published: Mutex<Option<(Duration, KeepAliveSource)>>,
     /// Wakes every sweep when it changes, since deadlines move with it.
     changed: Notify,
+}
+
+#[derive(Default)]
+struct ProbeTimes {
+    running: bool,
+    /// No probe starts before this.
+    next: Option<Instant>,
+}
+
+/// How a probe of the observed timeout ended.
+enum ProbeEnd {
+    /// The backend closed it after this idle time: its timeout now.
+    Closed(Duration),
+    /// It stayed open to the configured deadline: the observation no longer holds.
+    Outlived,
+    /// kaproxy needed it gone (shutdown, relief): nothing learned.
+    Abandoned,
 }
 
 impl Pool<Http1> {
@@ -133,6 +194,8 @@ impl<C: Connector> Pool<C> {
         learned: Arc<Learned>,
         runtime: &tokio::runtime::Handle,
     ) -> Arc<Self> {
+        let sweep = Arc::new(Notify::new());
+        let sweep_waker = Waker::from(Arc::new(SweepWake(sweep.clone())));
         let pool = Arc::new(Pool {
             connector,
             addr,
@@ -142,12 +205,15 @@ impl<C: Connector> Pool<C> {
             learned,
             published_idle: std::sync::atomic::AtomicI64::new(0),
             next_id: AtomicU64::new(1),
-            sweep: Arc::new(Notify::new()),
+            sweep,
             returned: Notify::new(),
             waiting: std::sync::atomic::AtomicUsize::new(0),
             sweeper: Mutex::new(None),
+            sweep_waker,
+            probe: Mutex::new(None),
             metrics,
         });
+        pool.publish_keepalive();
         let task = runtime.spawn(sweep_loop(Arc::downgrade(&pool), pool.sweep.clone()));
         *crate::sync::lock(&pool.sweeper) = Some(task.abort_handle());
         pool
@@ -188,22 +254,48 @@ impl<C: Connector> Pool<C> {
         }
     }
 
+    /// The shortest idle time at which the backend was seen to close, if it was.
+    pub fn observed_timeout(&self) -> Option<Duration> {
+        match self.learned.observed_ms.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(Duration::from_millis(ms)),
+        }
+    }
+
+    /// The backend's keep-alive timeout as kaproxy believes it now, and where it comes from
+    /// (module doc: header, else observed, else config).
+    pub fn keepalive(&self) -> (Duration, KeepAliveSource) {
+        if self.cfg.learn_keep_alive {
+            if let Some(t) = self.learned_timeout() {
+                return (t, KeepAliveSource::Header);
+            }
+            if let Some(t) = self.observed_timeout() {
+                return (t.min(self.cfg.keepalive_timeout), KeepAliveSource::Observed);
+            }
+        }
+        (self.cfg.keepalive_timeout, KeepAliveSource::Config)
+    }
+
     /// The backend's keep-alive timeout as kaproxy believes it now.
     pub fn effective_keepalive(&self) -> Duration {
-        match self.learned_timeout() {
-            Some(t) if self.cfg.learn_keep_alive => t,
-            _ => self.cfg.keepalive_timeout,
-        }
+        self.keepalive().0
     }
 
     /// When an idle connection last used at `last_used` and born at `born` must be gone, and
     /// which limit decides it.
     fn deadline(&self, born: Instant, last_used: Instant) -> (Instant, CloseReason) {
+        self.deadline_with(self.effective_keepalive(), born, last_used)
+    }
+
+    /// [`Pool::deadline`] for a keep-alive timeout of `keepalive`.
+    fn deadline_with(
+        &self,
+        keepalive: Duration,
+        born: Instant,
+        last_used: Instant,
+    ) -> (Instant, CloseReason) {
         let by_idle = last_used + self.cfg.idle_timeout;
-        let by_keepalive = last_used
-            + self
-                .effective_keepalive()
-                .saturating_sub(self.cfg.safety_margin);
+        let by_keepalive = last_used + keepalive.saturating_sub(self.cfg.safety_margin);
         let by_lifetime = born + self.cfg.max_lifetime;
         let mut best = (by_idle, CloseReason::Idle);
         if by_keepalive < best.0 {
@@ -245,6 +337,7 @@ impl<C: Connector> Pool<C> {
                 conn?
             };
             if conn.is_closed() {
+                self.observe_close(now - conn.last_used);
                 self.close(conn, CloseReason::ServerClose);
                 continue;
             }
@@ -383,7 +476,7 @@ impl<C: Connector> Pool<C> {
             return;
         }
         let was_empty = idle.is_empty();
-        conn.conn.detach();
+        conn.conn.detach(&self.sweep_waker);
         debug!(server = %self.addr, conn = conn.id, requests = conn.requests, "pool: connection back to idle");
         idle.push(conn);
         self.publish_idle(idle.len());
@@ -421,10 +514,136 @@ impl<C: Connector> Pool<C> {
                 } else {
                     debug!(server = %self.addr, learned = ?timeout, "pool: learned keep-alive timeout");
                 }
-                self.learned.changed.notify_waiters();
-                self.sweep.notify_one();
+                self.keepalive_changed();
             }
         }
+    }
+
+    /// Learns from the backend closing a connection that had been idle `idle_for` (found by
+    /// the sweep or the check before reuse, or a reused connection that failed): the
+    /// observed timeout is the shortest such time (module doc).
+    pub(crate) fn observe_close(&self, idle_for: Duration) {
+        if !self.cfg.learn_keep_alive {
+            return;
+        }
+        let ms = (idle_for.as_millis() as u64).max(1);
+        let lowered = self
+            .learned
+            .observed_ms
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
+                (old == 0 || ms < old).then_some(ms)
+            })
+            .is_ok();
+        if lowered {
+            debug!(server = %self.addr, idle_ms = ms, "pool: backend closed an idle connection");
+            self.keepalive_changed();
+        }
+    }
+
+    /// Deadlines move: wakes every worker's sweep, and publishes the timeout if it changed.
+    fn keepalive_changed(&self) {
+        self.publish_keepalive();
+        self.learned.changed.notify_waiters();
+        self.sweep.notify_one();
+    }
+
+    /// Sets `kaproxy_upstream_keepalive_timeout_seconds` and logs when the timeout this server
+    /// is held to, or its source, changes.
+    fn publish_keepalive(&self) {
+        let now = self.keepalive();
+        let mut published = crate::sync::lock(&self.learned.published);
+        if *published == Some(now) {
+            return;
+        }
+        let (timeout, source) = now;
+        if published.is_some() {
+            warn!(server = %self.addr, keepalive_timeout = ?timeout, source = source.as_str(),
+                deadline = ?timeout.saturating_sub(self.cfg.safety_margin).min(self.cfg.idle_timeout),
+                "backend keep-alive timeout changed");
+        }
+        *published = Some(now);
+        self.metrics.keepalive_timeout(source, timeout);
+    }
+
+    /// Whether the connection that just reached its deadline should become the probe of the
+    /// observed timeout instead of closing: the observation decides its deadline, the
+    /// configured one is later, no probe runs (in any worker) and the last ended
+    /// [`PROBE_INTERVAL`] ago.
+    fn start_probe(&self, now: Instant, born: Instant, last_used: Instant) -> bool {
+        if self.keepalive().1 != KeepAliveSource::Observed {
+            return false;
+        }
+        let (configured, _) = self.deadline_with(self.cfg.keepalive_timeout, born, last_used);
+        if configured <= now {
+            return false;
+        }
+        let mut probe = crate::sync::lock(&self.learned.probe);
+        if probe.running || probe.next.is_some_and(|next| now < next) {
+            return false;
+        }
+        probe.running = true;
+        true
+    }
+
+    /// A probe ended: what it showed becomes the observed timeout.
+    fn end_probe(&self, now: Instant, end: ProbeEnd) {
+        {
+            let mut probe = crate::sync::lock(&self.learned.probe);
+            probe.running = false;
+            probe.next = Some(now + PROBE_INTERVAL);
+        }
+        let observed = &self.learned.observed_ms;
+        match end {
+            ProbeEnd::Closed(idle) => {
+                let ms = (idle.as_millis() as u64).max(1);
+                debug!(server = %self.addr, idle_ms = ms, "pool: probe closed by the backend");
+                observed.store(ms, Ordering::Relaxed);
+            }
+            ProbeEnd::Outlived => {
+                debug!(server = %self.addr, "pool: probe outlived the observed timeout");
+                observed.store(0, Ordering::Relaxed);
+            }
+            ProbeEnd::Abandoned => return,
+        }
+        self.keepalive_changed();
+    }
+
+    /// Sweeps the probe connection: ended when the backend closed it or it reached the
+    /// configured deadline; else when to look again.
+    fn sweep_probe(&self, now: Instant) -> Option<Instant> {
+        let mut slot = crate::sync::lock(&self.probe);
+        let conn = slot.as_mut()?;
+        let end = if conn.is_closed() {
+            Some((
+                ProbeEnd::Closed(now - conn.last_used),
+                CloseReason::ServerClose,
+            ))
+        } else {
+            let (deadline, reason) =
+                self.deadline_with(self.cfg.keepalive_timeout, conn.born, conn.last_used);
+            if now < deadline {
+                conn.conn.detach(&self.sweep_waker);
+                return Some(deadline);
+            }
+            Some((ProbeEnd::Outlived, reason))
+        };
+        let conn = slot.take().expect("checked above");
+        drop(slot);
+        if let Some((end, reason)) = end {
+            self.end_probe(now, end);
+            self.close(conn, reason);
+        }
+        None
+    }
+
+    /// Closes the probe connection, if there is one, learning nothing from it.
+    fn abandon_probe(&self) -> bool {
+        let Some(conn) = crate::sync::lock(&self.probe).take() else {
+            return false;
+        };
+        self.end_probe(Instant::now(), ProbeEnd::Abandoned);
+        self.close(conn, CloseReason::Surplus);
+        true
     }
 
     /// Closes dead and expired idle connections; returns the next deadline to wake at.
@@ -435,16 +654,31 @@ impl<C: Connector> Pool<C> {
         let mut next: Option<Instant> = None;
         for mut conn in all {
             if conn.is_closed() {
+                self.observe_close(now - conn.last_used);
                 doomed.push((conn, CloseReason::ServerClose));
                 continue;
             }
             let (deadline, reason) = self.deadline(conn.born, conn.last_used);
             if now >= deadline {
+                if reason == CloseReason::LearnedTimeout
+                    && crate::sync::lock(&self.probe).is_none()
+                    && self.start_probe(now, conn.born, conn.last_used)
+                {
+                    debug!(server = %self.addr, conn = conn.id, "pool: probing the observed keep-alive timeout");
+                    conn.conn.detach(&self.sweep_waker);
+                    *crate::sync::lock(&self.probe) = Some(conn);
+                    continue;
+                }
                 doomed.push((conn, reason));
             } else {
+                // Re-armed: the FIN that wakes the sweep for it may not have come yet.
+                conn.conn.detach(&self.sweep_waker);
                 next = Some(next.map_or(deadline, |n| n.min(deadline)));
                 keep.push(conn);
             }
+        }
+        if let Some(at) = self.sweep_probe(now) {
+            next = Some(next.map_or(at, |n| n.min(at)));
         }
         {
             let mut idle = crate::sync::lock(&self.idle);
@@ -473,6 +707,9 @@ impl<C: Connector> Pool<C> {
     /// Closes this pool's longest-idle connection (reason `surplus`), if it has one; see
     /// [`crate::upstream::backend::Backend::relieve`].
     pub fn close_longest_idle(&self) -> bool {
+        if self.abandon_probe() {
+            return true;
+        }
         let oldest = {
             let mut idle = crate::sync::lock(&self.idle);
             let oldest = (!idle.is_empty()).then(|| idle.remove(0));
@@ -490,6 +727,7 @@ impl<C: Connector> Pool<C> {
 
     /// Closes every idle connection (shutdown).
     pub fn close_idle(&self) {
+        self.abandon_probe();
         let all = std::mem::take(&mut *crate::sync::lock(&self.idle));
         self.publish_idle(0);
         for conn in all {
@@ -545,6 +783,8 @@ pub struct PooledConn<C: Connector = Http1> {
     conn: Option<Entry<C::Conn>>,
     pool: Arc<Pool<C>>,
     reused: bool,
+    /// How long it had idled when it was handed out (zero when new).
+    idle_for: Duration,
     retire: Option<CloseReason>,
 }
 
@@ -553,15 +793,32 @@ pub struct SendFailure {
     pub error: RequestError,
     /// The request, when hyper gave it back unsent: safe to send again whatever the method.
     pub unsent: Option<Request<UpstreamBody>>,
+    /// What of the request went to the socket, to ask whether the backend ever received it
+    /// (once the connection is dropped; see [`crate::upstream::delivery`]).
+    pub written: Option<Written>,
 }
 
 impl<C: Connector> PooledConn<C> {
     fn new(conn: Entry<C::Conn>, pool: Arc<Pool<C>>, reused: bool) -> Self {
+        let idle_for = if reused {
+            conn.last_used.elapsed()
+        } else {
+            Duration::ZERO
+        };
         PooledConn {
             conn: Some(conn),
             pool,
             reused,
+            idle_for,
             retire: None,
+        }
+    }
+
+    /// The backend closed or reset this reused connection before answering: evidence of its
+    /// keep-alive timeout, as a close found while idle is (the pool's module doc).
+    pub fn closed_on_reuse(&self) {
+        if self.reused {
+            self.pool.observe_close(self.idle_for);
         }
     }
 
@@ -628,7 +885,11 @@ impl PooledConn<Http1> {
     ) -> Result<Response<Incoming>, SendFailure> {
         let addr = self.pool.addr;
         let conn = self.conn.as_mut().expect("conn present until release");
-        let Http1Conn { sender, driver } = &mut conn.conn;
+        let Http1Conn {
+            sender,
+            driver,
+            delivery,
+        } = &mut conn.conn;
         if let Err(e) = driver
             .drive(std::future::poll_fn(|cx| sender.poll_ready(cx)))
             .await
@@ -637,9 +898,11 @@ impl PooledConn<Http1> {
             return Err(SendFailure {
                 error: RequestError::from_send(addr, e),
                 unsent: Some(req),
+                written: None,
             });
         }
         conn.requests += 1;
+        let written = Written::from_now(delivery);
         let sent = sender.try_send_request(req);
         match driver.drive(sent).await {
             Ok(resp) => {
@@ -651,6 +914,7 @@ impl PooledConn<Http1> {
                 Err(SendFailure {
                     error: RequestError::from_send(addr, e.into_error()),
                     unsent,
+                    written: Some(written),
                 })
             }
         }
@@ -853,6 +1117,155 @@ mod tests {
         assert_eq!(closed(&metrics, "learned_timeout"), 1);
     }
 
+    /// Marks fake connection `i` closed by the backend (its FIN).
+    fn backend_closes(pool: &Pool<FakeConnector>, i: usize) {
+        crate::sync::lock(&pool.connector.opened)[i].store(true, Ordering::Release);
+    }
+
+    /// Wakes the sweep as a FIN on an idle connection does, and lets it run.
+    async fn sweep_now(pool: &Pool<FakeConnector>) {
+        pool.sweep.notify_one();
+        settle().await;
+    }
+
+    fn keepalive_series(metrics: &crate::ops::metrics::Metrics) -> Vec<String> {
+        metrics
+            .encode()
+            .lines()
+            .filter(|l| l.starts_with("kaproxy_upstream_keepalive_timeout_seconds{"))
+            .map(str::to_string)
+            .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_shortest_close_a_backend_showed_becomes_its_timeout() {
+        let (pool, metrics) = fake_pool(cfg()); // keepalive_timeout 5 s, margin 500 ms
+        assert_eq!(
+            pool.keepalive(),
+            (Duration::from_secs(5), KeepAliveSource::Config)
+        );
+        pool.acquire().await.unwrap().release();
+        tokio::time::advance(Duration::from_secs(2)).await;
+        backend_closes(&pool, 0);
+        sweep_now(&pool).await;
+        assert_eq!(closed(&metrics, "server_close"), 1);
+        assert_eq!(
+            pool.keepalive(),
+            (Duration::from_secs(2), KeepAliveSource::Observed)
+        );
+        assert_eq!(
+            keepalive_series(&metrics),
+            [
+                r#"kaproxy_upstream_keepalive_timeout_seconds{server="127.0.0.1:9",source="observed"} 2.0"#
+            ]
+        );
+        // A later close does not raise it; a shorter one lowers it.
+        pool.observe_close(Duration::from_secs(3));
+        assert_eq!(pool.effective_keepalive(), Duration::from_secs(2));
+        pool.observe_close(Duration::from_millis(1800));
+        assert_eq!(pool.effective_keepalive(), Duration::from_millis(1800));
+        // Its deadline is the observed timeout less the margin: 1.3 s.
+        pool.acquire().await.unwrap().release();
+        tokio::time::advance(Duration::from_millis(1299)).await;
+        let conn = pool.acquire().await.unwrap();
+        assert!(conn.is_reused(), "1.299 s idle < 1.8 s - 500 ms");
+        conn.release();
+        tokio::time::advance(Duration::from_millis(1301)).await;
+        assert!(!pool.acquire().await.unwrap().is_reused());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reused_connection_that_failed_teaches_its_idle_time() {
+        let (pool, _metrics) = fake_pool(cfg());
+        pool.acquire().await.unwrap().release();
+        tokio::time::advance(Duration::from_millis(2500)).await;
+        let conn = pool.acquire().await.unwrap();
+        assert!(conn.is_reused());
+        conn.closed_on_reuse();
+        assert_eq!(
+            pool.keepalive(),
+            (Duration::from_millis(2500), KeepAliveSource::Observed)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_probe_raises_the_observed_timeout_only_on_evidence() {
+        let (pool, metrics) = fake_pool(cfg()); // configured deadline: idle_timeout 4 s
+        pool.observe_close(Duration::from_secs(2));
+        // Connection 0 reaches the observed deadline (1.5 s): kept as the probe, not closed,
+        // and never handed out.
+        pool.acquire().await.unwrap().release();
+        tokio::time::advance(Duration::from_millis(1501)).await;
+        settle().await;
+        assert_eq!(closed(&metrics, "learned_timeout"), 0, "kept as the probe");
+        assert_eq!(pool.idle_count(), 0, "the probe is not idle for use");
+        let other = pool.acquire().await.unwrap();
+        assert!(!other.is_reused(), "the probe is never handed out");
+        // The backend closes the probe at 3 s idle: its timeout went up to 3 s.
+        tokio::time::advance(Duration::from_millis(1499)).await;
+        backend_closes(&pool, 0);
+        sweep_now(&pool).await;
+        assert_eq!(
+            pool.keepalive(),
+            (Duration::from_secs(3), KeepAliveSource::Observed)
+        );
+        // No second probe within PROBE_INTERVAL: connection 1 closes at its deadline (2.5 s).
+        other.release();
+        tokio::time::advance(Duration::from_millis(2501)).await;
+        settle().await;
+        assert_eq!(closed(&metrics, "learned_timeout"), 1);
+        // After it, the next probe outlives the observed timeout up to the configured
+        // deadline (4 s): the observation is dropped.
+        tokio::time::advance(PROBE_INTERVAL).await;
+        pool.acquire().await.unwrap().release();
+        tokio::time::advance(Duration::from_millis(2501)).await;
+        settle().await;
+        assert_eq!(closed(&metrics, "learned_timeout"), 1, "the new probe");
+        tokio::time::advance(Duration::from_millis(1500)).await;
+        settle().await;
+        assert_eq!(
+            pool.keepalive(),
+            (Duration::from_secs(5), KeepAliveSource::Config)
+        );
+        assert_eq!(
+            closed(&metrics, "idle"),
+            1,
+            "the probe, closed by kaproxy at 4 s"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_header_wins_over_observation() {
+        let (pool, metrics) = fake_pool(cfg());
+        pool.observe_close(Duration::from_secs(2));
+        pool.learn(&KeepAliveHint {
+            timeout: Some(Duration::from_secs(3)),
+            max: None,
+        });
+        assert_eq!(
+            pool.keepalive(),
+            (Duration::from_secs(3), KeepAliveSource::Header)
+        );
+        assert_eq!(
+            keepalive_series(&metrics),
+            [
+                r#"kaproxy_upstream_keepalive_timeout_seconds{server="127.0.0.1:9",source="header"} 3.0"#
+            ]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn learning_off_ignores_closes() {
+        let mut c = cfg();
+        c.learn_keep_alive = false;
+        let (pool, _metrics) = fake_pool(c);
+        pool.observe_close(Duration::from_secs(1));
+        assert_eq!(
+            pool.keepalive(),
+            (Duration::from_secs(5), KeepAliveSource::Config)
+        );
+    }
+
     #[tokio::test(start_paused = true)]
     async fn surplus_idle_connections_and_old_ones_are_closed_on_release() {
         let mut c = cfg();
@@ -1046,12 +1459,14 @@ mod tests {
             backend.stats().idle_closes == 1
         })
         .await;
-        assert_eq!(pool.idle_count(), 1, "nobody polls an idle connection");
+        // Its FIN woke the sweep, which closed it as it came in.
+        wait_until("the sweep to see the FIN", || pool.idle_count() == 0).await;
+        assert_eq!(closed(&metrics, "server_close"), 1);
         assert!(
             !get(&pool).await.unwrap(),
             "a fresh connection, not the dead one"
         );
-        assert_eq!(closed(&metrics, "server_close"), 1);
+        assert_eq!(pool.observed_timeout(), None, "learning is off");
     }
 
     #[tokio::test]

@@ -19,6 +19,7 @@ mod proxy_protocol;
 mod proxying;
 mod race;
 mod reload;
+mod replay;
 mod sni;
 mod support;
 mod tls;
