@@ -1,9 +1,11 @@
-//! `kaproxy-bench race`: reproduces the field incident on loopback. Apache-like backends with a
-//! short keep-alive timeout sit behind kaproxy, run twice: once with a NAIVE pool (it trusts
-//! idle connections longer than the backend keeps them, never learns the backend's
-//! `Keep-Alive: timeout`, never retries) and once as configured by DEFAULT (kaproxy learns the
-//! backend's timeout from its header). Keep-alive clients pausing around that timeout drive
-//! both; the client-visible errors and kaproxy's pool metrics are printed side by side.
+//! `kaproxy-bench race`: reproduces the field incident on loopback. Backends with a short
+//! keep-alive timeout sit behind kaproxy — built-in Apache-like ones, real Apache, or real
+//! nginx, Gunicorn, Node or Go servers (`--real`, all but Node without a `Keep-Alive` header) —
+//! run twice: once with a NAIVE pool (it trusts idle connections longer than the backend keeps
+//! them, never learns the backend's timeout, never retries) and once as configured by DEFAULT
+//! (kaproxy learns the backend's timeout from its header, or from its closes). Keep-alive
+//! clients pausing around that timeout drive both; the client-visible errors and kaproxy's
+//! pool metrics are printed side by side.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -19,6 +21,7 @@ use http::Method;
 use kaproxy::config::Config;
 use kaproxy::Server;
 use kaproxy_testkit::apache::{apache_version, Apache, ApacheOptions};
+use kaproxy_testkit::backends::{BackendKind, RealBackend};
 use kaproxy_testkit::demo::{DemoBackend, DemoBackendConfig, DemoStats, StaleReuse};
 use kaproxy_testkit::relay::DelayRelay;
 use serde::Serialize;
@@ -29,7 +32,8 @@ use crate::load::{self, LoadPlan};
 use crate::stats::Report;
 
 /// How long the DEFAULT config claims the backend keeps connections: deliberately wrong, so
-/// that only the backend's `Keep-Alive: timeout=N` header can save the run.
+/// that only what kaproxy learns at run time (the backend's `Keep-Alive: timeout=N` header, or
+/// its closes) can save the run.
 const DEFAULT_MODE_TOML_POOL: &str = "keepalive_timeout = \"30s\"\nidle_timeout = \"20s\"";
 /// After the load, kaproxy's sweep gets this long to close the idle upstream connections, so
 /// that the metrics show who closed them.
@@ -63,6 +67,11 @@ pub struct RaceArgs {
     /// the deterministic model (drop a request that arrives on a connection idle >= timeout).
     #[arg(long, conflicts_with = "apache")]
     close_idle: bool,
+    /// Use real servers of this kind as the backends: nginx, gunicorn, go (no `Keep-Alive`
+    /// header: kaproxy must learn from their closes) or node (a header), `--backends` of them,
+    /// with `--backend-keepalive` as their idle timeout.
+    #[arg(long, value_parser = parse_kind, conflicts_with_all = ["apache", "close_idle"])]
+    real: Option<BackendKind>,
     /// Put a relay that delays everything by this much (each way) in front of every backend,
     /// as a network would: Apache's FIN then reaches kaproxy this late, which opens the race
     /// window loopback keeps shut. 0s: no relay.
@@ -138,10 +147,18 @@ struct RaceReport<'a> {
     clean: bool,
 }
 
+fn parse_kind(s: &str) -> Result<BackendKind, String> {
+    BackendKind::ALL
+        .into_iter()
+        .find(|k| k.name() == s)
+        .ok_or_else(|| format!("unknown server {s:?}: one of nginx, gunicorn, node, go"))
+}
+
 /// The backends both modes run against.
 enum Backends {
     Demo(Vec<DemoBackend>),
-    Apache(Apache),
+    Apache(Box<Apache>),
+    Real(Vec<RealBackend>),
 }
 
 impl Backends {
@@ -149,6 +166,7 @@ impl Backends {
         match self {
             Backends::Demo(b) => b.iter().map(DemoBackend::addr).collect(),
             Backends::Apache(a) => a.addrs().to_vec(),
+            Backends::Real(r) => r.iter().map(RealBackend::addr).collect(),
         }
     }
 
@@ -161,7 +179,7 @@ impl Backends {
                 }
                 Some(c)
             }
-            Backends::Apache(_) => None,
+            Backends::Apache(_) | Backends::Real(_) => None,
         }
     }
 
@@ -173,6 +191,8 @@ impl Backends {
                 }
             }
             Backends::Apache(mut a) => a.stop().await,
+            // Dropping each kills its process.
+            Backends::Real(r) => drop(r),
         }
     }
 }
@@ -185,6 +205,21 @@ pub async fn run(a: RaceArgs) -> anyhow::Result<bool> {
         ));
     }
     let description = match (a.apache, a.close_idle) {
+        _ if a.real.is_some() => {
+            let kind = a.real.expect("checked");
+            format!(
+                "{} real {} ({}), idle timeout {:?}, {}",
+                a.backends,
+                kind.name(),
+                kind.version(),
+                a.backend_keepalive,
+                if kind.sends_keep_alive_header() {
+                    "with a Keep-Alive header"
+                } else {
+                    "no Keep-Alive header"
+                }
+            )
+        }
         (true, _) => format!(
             "real Apache ({}), KeepAliveTimeout {:?}",
             apache_version(),
@@ -268,6 +303,17 @@ pub async fn run(a: RaceArgs) -> anyhow::Result<bool> {
 }
 
 async fn start_backends(a: &RaceArgs) -> anyhow::Result<Backends> {
+    if let Some(kind) = a.real {
+        let mut servers = Vec::new();
+        for _ in 0..a.backends {
+            servers.push(
+                RealBackend::start(kind, a.backend_keepalive)
+                    .await
+                    .with_context(|| format!("starting {}", kind.name()))?,
+            );
+        }
+        return Ok(Backends::Real(servers));
+    }
     if a.apache {
         let apache = Apache::start(
             ApacheOptions::new("apache")
@@ -277,7 +323,7 @@ async fn start_backends(a: &RaceArgs) -> anyhow::Result<Backends> {
         )
         .await
         .context("starting Apache")?;
-        return Ok(Backends::Apache(apache));
+        return Ok(Backends::Apache(Box::new(apache)));
     }
     let cfg = DemoBackendConfig {
         name: "race".to_string(),

@@ -141,6 +141,7 @@ fn status_json(generation: &Generation) -> String {
                         .map(|(reason, n)| (reason.to_string(), n.into()))
                         .collect();
                     let idle = b.idle_count();
+                    let (keepalive, source) = b.keepalive();
                     json!({
                         "addr": b.addr.to_string(),
                         "weight": b.weight,
@@ -148,7 +149,9 @@ fn status_json(generation: &Generation) -> String {
                         "idle_connections": idle,
                         "busy_connections": b.open_count().saturating_sub(idle),
                         "learned_keepalive_timeout_s": b.learned_timeout().map(secs),
-                        "effective_keepalive_timeout_s": secs(b.effective_keepalive()),
+                        "observed_keepalive_timeout_s": b.observed_timeout().map(secs),
+                        "effective_keepalive_timeout_s": secs(keepalive),
+                        "keepalive_timeout_source": source.as_str(),
                         "closed": closed,
                     })
                 })

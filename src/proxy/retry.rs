@@ -29,7 +29,9 @@ use crate::body::{SentWhole, UpstreamBody};
 use crate::config::RetryConfig;
 use crate::error::{RequestError, Retry, Side};
 use crate::ops::metrics::{ErrorKind, RetryCause};
-use crate::upstream::backend::{Backend, RELIEVE_AFTER, RELIEVE_CHECKS, RELIEVE_CLOSES};
+use crate::upstream::backend::{
+    Backend, RELIEVE_AFTER, RELIEVE_CHECKS, RELIEVE_CLOSES, RELIEVE_PROBE_CHECKS,
+};
 use crate::upstream::pool::{Pool, PooledConn, SendFailure};
 
 use super::response::*;
@@ -237,7 +239,7 @@ async fn exchange_with_care<F: std::future::Future>(
                 Err(elapsed) if check >= deadline => return Err(elapsed),
                 Err(_) => {
                     checks += 1;
-                    if backend.relieve() {
+                    if backend.relieve(checks >= RELIEVE_PROBE_CHECKS) {
                         closed += 1;
                         debug!(server = %backend.addr, "fresh connection unanswered: closed an idle one to free a backend worker");
                     }

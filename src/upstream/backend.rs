@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use tracing::warn;
 
 use crate::config::PoolConfig;
-use crate::ops::metrics::BackendMetrics;
+use crate::ops::metrics::{BackendMetrics, KeepAliveSource};
 use crate::upstream::pool::{Learned, Pool};
 use crate::upstream::tls::UpstreamTls;
 
@@ -107,6 +107,17 @@ impl Backend {
         self.pools[0].effective_keepalive()
     }
 
+    /// The shortest idle time at which this server was seen to close a connection, if any.
+    pub fn observed_timeout(&self) -> Option<Duration> {
+        self.pools[0].observed_timeout()
+    }
+
+    /// The keep-alive timeout this server is held to and where it comes from (the pool's
+    /// module doc).
+    pub fn keepalive(&self) -> (Duration, KeepAliveSource) {
+        self.pools[0].keepalive()
+    }
+
     /// Every worker's pool, kept for a new configuration (reload): warm connections stay,
     /// new ones are opened with `tls` (its files read again).
     pub fn keep_pools(&self, tls: Option<UpstreamTls>) -> Vec<Arc<Pool>> {
@@ -122,15 +133,16 @@ impl Backend {
     /// kaproxy's own idle keep-alive connections hold every worker. One idle connection — the
     /// longest idle, this worker's pool first — is closed (reason `surplus`), so that a worker
     /// is free for it; the request needed a new connection because none was idle then, so
-    /// what has gone idle since is more than the traffic needs. Returns whether one was.
-    pub fn relieve(&self) -> bool {
+    /// what has gone idle since is more than the traffic needs; the pools' probes of the
+    /// backend's timeout too when `probes_too`. Returns whether one was.
+    pub fn relieve(&self, probes_too: bool) -> bool {
         let own = crate::workers::index() % self.pools.len();
         self.pools
             .iter()
             .cycle()
             .skip(own)
             .take(self.pools.len())
-            .any(|pool| pool.close_longest_idle())
+            .any(|pool| pool.close_longest_idle(probes_too))
     }
 
     /// Closes every idle connection of every worker (shutdown).
@@ -186,6 +198,10 @@ pub const RELIEVE_AFTER: Duration = Duration::from_millis(100);
 /// [`RELIEVE_AFTER`], so for its first second), and how many it closes at most: an answer that
 /// is merely slow (a long page) costs the pool little.
 pub const RELIEVE_CHECKS: u32 = 10;
+/// After how many checks relief also closes the probe of a backend's timeout (the pool's
+/// module doc): a probe holds at most one worker, and a fresh connection through a slow
+/// network (a round trip above [`RELIEVE_AFTER`]) must not cost kaproxy what it is learning.
+pub const RELIEVE_PROBE_CHECKS: u32 = 5;
 pub const RELIEVE_CLOSES: u32 = 2;
 
 /// Consecutive connect/response failures that mark a server down when `[health]` sets no

@@ -115,7 +115,6 @@ impl Wake for SweepWake {
 
 /// What kaproxy learned of one backend's keep-alive, from its `Keep-Alive` header and from
 /// its closes, shared by the pools of every worker to that backend (README, "Workers").
-#[derive(Default)]
 pub struct Learned {
     /// The advertised keep-alive timeout in ms (0: none learned yet).
     timeout_ms: AtomicU64,
@@ -127,6 +126,31 @@ pub struct Learned {
     published: Mutex<Option<(Duration, KeepAliveSource)>>,
     /// Wakes every sweep when it changes, since deadlines move with it.
     changed: Notify,
+    /// While nothing is known of the backend's timeout and a probe runs: the probe's last use
+    /// plus the safety margin, in µs since `epoch` (0: no such probe). A connection last used
+    /// before it is not reused: the probe has not shown the backend keeps one that long.
+    unproven_before_us: AtomicU64,
+    epoch: Instant,
+}
+
+impl Default for Learned {
+    fn default() -> Self {
+        Learned {
+            timeout_ms: AtomicU64::new(0),
+            observed_ms: AtomicU64::new(0),
+            probe: Mutex::default(),
+            published: Mutex::new(None),
+            changed: Notify::new(),
+            unproven_before_us: AtomicU64::new(0),
+            epoch: Instant::now(),
+        }
+    }
+}
+
+impl Learned {
+    fn micros(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.epoch).as_micros() as u64 + 1
+    }
 }
 
 #[derive(Default)]
@@ -134,6 +158,9 @@ struct ProbeTimes {
     running: bool,
     /// No probe starts before this.
     next: Option<Instant>,
+    /// The backend has shown something of its timeout: a close, or a probe that outlived the
+    /// configured deadline. Until then, connections coming back idle start probes.
+    settled: bool,
 }
 
 /// How a probe of the observed timeout ended.
@@ -284,7 +311,14 @@ impl<C: Connector> Pool<C> {
     /// When an idle connection last used at `last_used` and born at `born` must be gone, and
     /// which limit decides it.
     fn deadline(&self, born: Instant, last_used: Instant) -> (Instant, CloseReason) {
-        self.deadline_with(self.effective_keepalive(), born, last_used)
+        let (keepalive, source) = self.keepalive();
+        if source == KeepAliveSource::Config {
+            let unproven = self.learned.unproven_before_us.load(Ordering::Relaxed);
+            if unproven != 0 && self.learned.micros(last_used) < unproven {
+                return (last_used, CloseReason::LearnedTimeout);
+            }
+        }
+        self.deadline_with(keepalive, born, last_used)
     }
 
     /// [`Pool::deadline`] for a keep-alive timeout of `keepalive`.
@@ -385,7 +419,7 @@ impl<C: Connector> Pool<C> {
             if let Ok(permit) = self.permits.clone().try_acquire_owned() {
                 return Ok(permit);
             }
-            if self.close_longest_idle() {
+            if self.close_longest_idle(true) {
                 continue;
             }
             match self.wait_for_slot().await? {
@@ -469,6 +503,16 @@ impl<C: Connector> Pool<C> {
             self.close(conn, reason);
             return;
         }
+        if self.keepalive().1 == KeepAliveSource::Config
+            && self.start_probe(now, conn.born, conn.last_used)
+        {
+            // Nothing known of the backend's timeout yet: this one finds it out, unused.
+            debug!(server = %self.addr, conn = conn.id, "pool: probing the backend's keep-alive timeout");
+            conn.conn.detach(&self.sweep_waker);
+            self.set_probe(conn);
+            self.sweep.notify_one();
+            return;
+        }
         let mut idle = crate::sync::lock(&self.idle);
         if idle.len() >= self.cfg.max_idle_per_server {
             drop(idle);
@@ -527,6 +571,7 @@ impl<C: Connector> Pool<C> {
             return;
         }
         let ms = (idle_for.as_millis() as u64).max(1);
+        crate::sync::lock(&self.learned.probe).settled = true;
         let lowered = self
             .learned
             .observed_ms
@@ -565,12 +610,18 @@ impl<C: Connector> Pool<C> {
         self.metrics.keepalive_timeout(source, timeout);
     }
 
-    /// Whether the connection that just reached its deadline should become the probe of the
-    /// observed timeout instead of closing: the observation decides its deadline, the
-    /// configured one is later, no probe runs (in any worker) and the last ended
-    /// [`PROBE_INTERVAL`] ago.
+    /// Whether a connection should become the probe: one that reached the observed deadline
+    /// (the configured one being later), or — while nothing is known of the backend's timeout
+    /// (no header, no close seen) — one coming back idle, which is then never reused; when
+    /// no probe runs (in any worker), the last ended [`PROBE_INTERVAL`] ago, and the probe
+    /// leaves a connection for requests (`max_connections_per_server` > 1).
     fn start_probe(&self, now: Instant, born: Instant, last_used: Instant) -> bool {
-        if self.keepalive().1 != KeepAliveSource::Observed {
+        let source = self.keepalive().1;
+        if !self.cfg.learn_keep_alive
+            || source == KeepAliveSource::Header
+            || self.cfg.max_connections_per_server < 2
+            || crate::sync::lock(&self.probe).is_some()
+        {
             return false;
         }
         let (configured, _) = self.deadline_with(self.cfg.keepalive_timeout, born, last_used);
@@ -578,10 +629,19 @@ impl<C: Connector> Pool<C> {
             return false;
         }
         let mut probe = crate::sync::lock(&self.learned.probe);
-        if probe.running || probe.next.is_some_and(|next| now < next) {
+        if probe.running
+            || probe.next.is_some_and(|next| now < next)
+            || (source == KeepAliveSource::Config && probe.settled)
+        {
             return false;
         }
         probe.running = true;
+        if source == KeepAliveSource::Config {
+            let mark = self.learned.micros(last_used + self.cfg.safety_margin);
+            self.learned
+                .unproven_before_us
+                .store(mark, Ordering::Relaxed);
+        }
         true
     }
 
@@ -590,7 +650,13 @@ impl<C: Connector> Pool<C> {
         {
             let mut probe = crate::sync::lock(&self.learned.probe);
             probe.running = false;
+            self.learned.unproven_before_us.store(0, Ordering::Relaxed);
+            if matches!(end, ProbeEnd::Abandoned) {
+                // Nothing learned: the next connection coming back may probe again.
+                return;
+            }
             probe.next = Some(now + PROBE_INTERVAL);
+            probe.settled = true;
         }
         let observed = &self.learned.observed_ms;
         match end {
@@ -603,7 +669,7 @@ impl<C: Connector> Pool<C> {
                 debug!(server = %self.addr, "pool: probe outlived the observed timeout");
                 observed.store(0, Ordering::Relaxed);
             }
-            ProbeEnd::Abandoned => return,
+            ProbeEnd::Abandoned => unreachable!("returned above"),
         }
         self.keepalive_changed();
     }
@@ -628,6 +694,8 @@ impl<C: Connector> Pool<C> {
             Some((ProbeEnd::Outlived, reason))
         };
         let conn = slot.take().expect("checked above");
+        // Out of the pool's idle connections (set_probe counted it in).
+        self.metrics.idle.dec();
         drop(slot);
         if let Some((end, reason)) = end {
             self.end_probe(now, end);
@@ -636,11 +704,20 @@ impl<C: Connector> Pool<C> {
         None
     }
 
+    /// Makes `conn` the probe: idle, and counted so in `kaproxy_upstream_connections_idle`,
+    /// but never handed out.
+    fn set_probe(&self, mut conn: Entry<C::Conn>) {
+        conn.conn.detach(&self.sweep_waker);
+        self.metrics.idle.inc();
+        *crate::sync::lock(&self.probe) = Some(conn);
+    }
+
     /// Closes the probe connection, if there is one, learning nothing from it.
     fn abandon_probe(&self) -> bool {
         let Some(conn) = crate::sync::lock(&self.probe).take() else {
             return false;
         };
+        self.metrics.idle.dec();
         self.end_probe(Instant::now(), ProbeEnd::Abandoned);
         self.close(conn, CloseReason::Surplus);
         true
@@ -661,12 +738,12 @@ impl<C: Connector> Pool<C> {
             let (deadline, reason) = self.deadline(conn.born, conn.last_used);
             if now >= deadline {
                 if reason == CloseReason::LearnedTimeout
-                    && crate::sync::lock(&self.probe).is_none()
+                    && self.keepalive().1 == KeepAliveSource::Observed
                     && self.start_probe(now, conn.born, conn.last_used)
                 {
                     debug!(server = %self.addr, conn = conn.id, "pool: probing the observed keep-alive timeout");
                     conn.conn.detach(&self.sweep_waker);
-                    *crate::sync::lock(&self.probe) = Some(conn);
+                    self.set_probe(conn);
                     continue;
                 }
                 doomed.push((conn, reason));
@@ -704,10 +781,11 @@ impl<C: Connector> Pool<C> {
         self.metrics.idle.inc_by(now as i64 - old);
     }
 
-    /// Closes this pool's longest-idle connection (reason `surplus`), if it has one; see
+    /// Closes this pool's longest-idle connection (reason `surplus`), if it has one, the
+    /// probe of the backend's timeout too when `probe_too`; see
     /// [`crate::upstream::backend::Backend::relieve`].
-    pub fn close_longest_idle(&self) -> bool {
-        if self.abandon_probe() {
+    pub fn close_longest_idle(&self, probe_too: bool) -> bool {
+        if probe_too && self.abandon_probe() {
             return true;
         }
         let oldest = {
@@ -1062,6 +1140,15 @@ mod tests {
         (pool, metrics)
     }
 
+    /// A fake pool whose backend's timeout is not being probed (no probe for a day): for the
+    /// tests of the other limits.
+    fn unprobed_pool(cfg: PoolConfig) -> (Arc<Pool<FakeConnector>>, crate::ops::metrics::Metrics) {
+        let (pool, metrics) = fake_pool(cfg);
+        crate::sync::lock(&pool.learned.probe).next =
+            Some(Instant::now() + Duration::from_secs(86_400));
+        (pool, metrics)
+    }
+
     fn opened(pool: &Pool<FakeConnector>) -> usize {
         crate::sync::lock(&pool.connector.opened).len()
     }
@@ -1075,7 +1162,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn an_idle_connection_is_reused_within_its_deadline_and_swept_after_it() {
-        let (pool, metrics) = fake_pool(cfg()); // idle_timeout 4 s < 5 s - 500 ms
+        let (pool, metrics) = unprobed_pool(cfg()); // idle_timeout 4 s < 5 s - 500 ms
         pool.acquire().await.unwrap().release();
         tokio::time::advance(Duration::from_millis(3900)).await;
         let again = pool.acquire().await.unwrap();
@@ -1091,7 +1178,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_connection_whose_peer_closed_is_never_handed_out() {
-        let (pool, metrics) = fake_pool(cfg());
+        let (pool, metrics) = unprobed_pool(cfg());
         pool.acquire().await.unwrap().release();
         crate::sync::lock(&pool.connector.opened)[0].store(true, Ordering::Release);
         let conn = pool.acquire().await.unwrap();
@@ -1176,7 +1263,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_reused_connection_that_failed_teaches_its_idle_time() {
-        let (pool, _metrics) = fake_pool(cfg());
+        let (pool, _metrics) = unprobed_pool(cfg());
         pool.acquire().await.unwrap().release();
         tokio::time::advance(Duration::from_millis(2500)).await;
         let conn = pool.acquire().await.unwrap();
@@ -1235,6 +1322,86 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn while_nothing_is_known_the_first_idle_connection_finds_the_timeout_unused() {
+        let (pool, metrics) = fake_pool(cfg()); // no header, nothing observed
+        pool.acquire().await.unwrap().release();
+        assert_eq!(pool.idle_count(), 0, "kept as the probe");
+        let second = pool.acquire().await.unwrap();
+        assert!(!second.is_reused(), "the probe is never handed out");
+        second.release();
+        assert_eq!(pool.idle_count(), 1, "one probe at a time");
+        // The backend closes the probe after 1.2 s idle: its timeout, before any reuse met it.
+        tokio::time::advance(Duration::from_millis(1200)).await;
+        backend_closes(&pool, 0);
+        sweep_now(&pool).await;
+        assert_eq!(
+            pool.keepalive(),
+            (Duration::from_millis(1200), KeepAliveSource::Observed)
+        );
+        assert_eq!(closed(&metrics, "server_close"), 1);
+        // The other connection, idle as long, is past the new deadline (700 ms): not reused.
+        assert!(!pool.acquire().await.unwrap().is_reused());
+        assert_eq!(closed(&metrics, "learned_timeout"), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn while_probing_a_connection_is_trusted_only_as_long_as_the_probe_stayed_open() {
+        let (pool, metrics) = fake_pool(cfg()); // margin 500 ms
+                                                // A wave: three connections come back together; the first is the probe.
+        let (a, b, c) = (
+            pool.acquire().await.unwrap(),
+            pool.acquire().await.unwrap(),
+            pool.acquire().await.unwrap(),
+        );
+        a.release();
+        tokio::time::advance(Duration::from_millis(100)).await;
+        b.release();
+        tokio::time::advance(Duration::from_millis(500)).await;
+        c.release();
+        // b came back 100 ms after the probe: the probe has not shown that the backend keeps
+        // a connection 100 ms + the margin longer than it, so b is not reused; c, 600 ms
+        // after, is.
+        let first = pool.acquire().await.unwrap();
+        assert!(
+            first.is_reused(),
+            "c, last used past the probe's last use + margin"
+        );
+        let second = pool.acquire().await.unwrap();
+        assert!(!second.is_reused(), "b is not trusted while the probe runs");
+        assert_eq!(closed(&metrics, "learned_timeout"), 1, "b");
+        // The backend closes the probe: its timeout is known, the rule ends with the probe.
+        tokio::time::advance(Duration::from_millis(400)).await;
+        backend_closes(&pool, 0);
+        sweep_now(&pool).await;
+        assert_eq!(
+            pool.keepalive(),
+            (Duration::from_secs(1), KeepAliveSource::Observed)
+        );
+        assert_eq!(pool.learned.unproven_before_us.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_probe_that_outlives_the_configured_deadline_settles_on_it() {
+        let (pool, metrics) = fake_pool(cfg()); // configured deadline: idle_timeout 4 s
+        pool.acquire().await.unwrap().release();
+        tokio::time::advance(Duration::from_millis(4001)).await;
+        settle().await;
+        assert_eq!(
+            closed(&metrics, "idle"),
+            1,
+            "the probe, at the configured deadline"
+        );
+        assert_eq!(
+            pool.keepalive(),
+            (Duration::from_secs(5), KeepAliveSource::Config)
+        );
+        // Settled: connections coming back are pooled, not probes, and all are reused.
+        pool.acquire().await.unwrap().release();
+        assert_eq!(pool.idle_count(), 1);
+        assert!(pool.acquire().await.unwrap().is_reused());
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn the_header_wins_over_observation() {
         let (pool, metrics) = fake_pool(cfg());
         pool.observe_close(Duration::from_secs(2));
@@ -1271,7 +1438,7 @@ mod tests {
         let mut c = cfg();
         c.max_idle_per_server = 1;
         c.max_lifetime = Duration::from_secs(10);
-        let (pool, metrics) = fake_pool(c);
+        let (pool, metrics) = unprobed_pool(c);
         let (a, b) = (pool.acquire().await.unwrap(), pool.acquire().await.unwrap());
         a.release();
         b.release();

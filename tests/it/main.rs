@@ -2,6 +2,7 @@
 
 mod apache;
 mod apache_buffering;
+mod backends;
 mod buffering;
 mod downstream;
 mod drain;

@@ -250,6 +250,7 @@ async fn status_json_shows_servers_health_pool_and_learned_keepalive_timeout() {
         "nothing learned before any response: {before:#}"
     );
     assert_eq!(server["effective_keepalive_timeout_s"], 4.0, "{before:#}");
+    assert_eq!(server["keepalive_timeout_source"], "config", "{before:#}");
 
     let mut client = KeepAliveClient::new(proxy.http(), None);
     let resp = client.send(&Request::get("/")).await.expect("request");
@@ -284,6 +285,8 @@ async fn status_json_shows_servers_health_pool_and_learned_keepalive_timeout() {
     assert_eq!(s["busy_connections"], 0, "{ctx}");
     assert_eq!(s["learned_keepalive_timeout_s"], 3.0, "{ctx}");
     assert_eq!(s["effective_keepalive_timeout_s"], 3.0, "{ctx}");
+    assert_eq!(s["keepalive_timeout_source"], "header", "{ctx}");
+    assert!(s["observed_keepalive_timeout_s"].is_null(), "{ctx}");
     let closed = s["closed"].as_object().expect("closed by reason");
     for reason in [
         "idle",
@@ -427,8 +430,8 @@ async fn status_page_in_chromium_draws_kaproxy_idle_left_of_backend_keepalive() 
         "upstream web's verdict is not OK:\n{card}"
     );
     assert!(
-        card.contains("(learned)"),
-        "learned timeout not shown:\n{card}"
+        card.contains(&format!("{} (header)", backend.addr())),
+        "the timeout's source (the backend's header) not shown:\n{card}"
     );
     assert!(
         card.contains(&backend.addr().to_string()),

@@ -375,7 +375,9 @@ impl Drop for ZeroWindowStream {
 // ---------------------------------------------------------------------------------------------
 
 /// A hyper HTTP/1.1 backend that answers `GET /bytes/N` with N bytes of `x` (with
-/// `Content-Length`) and anything else with `hello from NAME`. Stops when dropped.
+/// `Content-Length`) and anything else with `hello from NAME`, advertising Apache's default
+/// `Keep-Alive: timeout=5` (so kaproxy knows its timeout from the first response and keeps no
+/// probe connection: each connection given back is reused). Stops when dropped.
 pub struct BulkBackend {
     addr: SocketAddr,
     requests: Arc<AtomicUsize>,
@@ -429,6 +431,7 @@ impl BulkBackend {
                         let resp = http::Response::builder()
                             .status(200)
                             .header("x-backend", name.as_ref())
+                            .header("keep-alive", "timeout=5")
                             .header("content-length", body.len())
                             .body(Full::new(body))
                             .expect("response");
