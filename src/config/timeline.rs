@@ -326,7 +326,7 @@ pub(super) fn upstream_section(u: &UpstreamConfig) -> Section {
             "retired after its current request",
         ),
         Row::info(
-            "at run time a server's `Keep-Alive: timeout=N, max=M` header lowers these per server",
+            "at run time a server's `Keep-Alive: timeout=N, max=M` header, else the shortest idle time it was seen to close at, replaces keepalive_timeout per server",
             "",
             "",
         ),

@@ -201,12 +201,15 @@ async fn proxy_for(backend: &RawBackend) -> crate::support::proxy::TestProxy {
 }
 
 /// Two POSTs: the first connection becomes the pool's probe of the backend's timeout (it sends
-/// no header) and is never reused; the second is the pooled one the test's request reuses.
+/// no header) and is never reused; the second, sent more than kaproxy's default
+/// `safety_margin` (500 ms) after it so that the pool trusts it while the probe runs (README,
+/// "Where a deadline comes from"), is the pooled one the test's request reuses.
 async fn warm_up(client: &mut KeepAliveClient) {
-    for _ in 0..2 {
-        let resp = client.send(&post()).await.unwrap();
-        assert_eq!(resp.status, StatusCode::OK);
-    }
+    let resp = client.send(&post()).await.unwrap();
+    assert_eq!(resp.status, StatusCode::OK);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let resp = client.send(&post()).await.unwrap();
+    assert_eq!(resp.status, StatusCode::OK);
 }
 
 fn post() -> Request {

@@ -436,3 +436,51 @@ async fn retry_idempotent_false_turns_the_dropped_get_into_502() {
     assert_eq!(outcome.retries, 0.0, "{outcome:#?}");
     assert_eq!(outcome.backend.requests_served, 1, "{outcome:#?}");
 }
+
+#[tokio::test]
+async fn a_connect_failure_moves_to_another_server_without_the_back_off() {
+    // A back-off far longer than the client waits: only an attempt on the same servers again
+    // may wait it (README, "When a request is sent again").
+    let (dead, live) = (closed_port(), demo_named("live").await);
+    let proxy = TestProxy::start(&format!(
+        "[upstreams.web]\nservers = [\"{dead}\", \"{}\"]\nmax_retries = 2\nretry_backoff = \"30s\"\n",
+        live.addr()
+    ))
+    .await;
+    let mut client = KeepAliveClient::new(proxy.http(), None).with_timeout(Duration::from_secs(5));
+    for i in 0..4 {
+        let req = if i % 2 == 0 {
+            Request::get("/")
+        } else {
+            Request::post("/", "body")
+        };
+        let resp = send(&mut client, &req).await;
+        assert_eq!(resp.status, StatusCode::OK, "request {i}: {resp:?}");
+    }
+    let m = proxy.metrics();
+    assert!(
+        m.sum(RETRIES_TOTAL, &[("cause", "connect")]) >= 1.0,
+        "the dead server was tried and left: {}",
+        m.lines_of(RETRIES_TOTAL)
+    );
+}
+
+#[tokio::test]
+async fn with_every_server_tried_a_connect_failure_waits_the_back_off_and_tries_again() {
+    let dead = closed_port();
+    let proxy = TestProxy::start(&format!(
+        "[upstreams.web]\nservers = [\"{dead}\"]\nmax_retries = 2\nretry_backoff = \"50ms\"\n"
+    ))
+    .await;
+    let mut client = KeepAliveClient::new(proxy.http(), None);
+    let resp = send(&mut client, &Request::post("/", "body")).await;
+    assert_eq!(resp.status, StatusCode::BAD_GATEWAY, "{resp:?}");
+    let m = proxy.metrics();
+    assert_eq!(
+        m.sum(ERRORS_TOTAL, &[("kind", "connect")]),
+        3.0,
+        "the one server, tried again twice (max_retries): {}",
+        m.lines_of(ERRORS_TOTAL)
+    );
+    assert_eq!(m.sum(RETRIES_TOTAL, &[("cause", "connect")]), 2.0);
+}
