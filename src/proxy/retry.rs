@@ -191,18 +191,89 @@ impl Resend {
         }
     }
 
-    /// The request built again, if its method lets it go again after a reset or close.
-    fn request(&self) -> Option<Request<UpstreamBody>> {
-        if !self.idempotent {
-            return None;
-        }
-        self.unreceived()
+    /// Whether its body can be sent again (empty or buffered whole).
+    fn replayable(&self) -> bool {
+        self.parts.is_some()
     }
 
-    /// The request built again, whatever its method: for one the backend never received.
-    fn unreceived(&self) -> Option<Request<UpstreamBody>> {
+    /// The request built again (the rule decided it may go).
+    fn again(&self) -> Option<Request<UpstreamBody>> {
         let (m, u, h, b) = self.parts.as_ref()?;
         Some(build_request(m.clone(), u.clone(), h.clone(), b.replay()?))
+    }
+}
+
+/// What may let a failed request be sent again, as far as the rule needs to know.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) struct Resendable {
+    /// hyper gave it back unwritten.
+    pub(super) unsent: bool,
+    /// Idempotent with `retry_idempotent`, and its body can be sent again.
+    pub(super) idempotent: bool,
+    /// Its body can be sent again, and the backend provably never received it.
+    pub(super) unreceived: bool,
+}
+
+/// A failure before any response byte, as the rule sees it.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Failure {
+    /// The failure's part of the rule.
+    pub(super) retry: Retry,
+    pub(super) kind: Option<ErrorKind>,
+    /// On a pooled connection that had served a request before.
+    pub(super) reused: bool,
+    /// This request was already sent again once on a fresh connection.
+    pub(super) retried_reused: bool,
+}
+
+/// What the rule says to do after a [`Failure`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Step {
+    /// Once, on a fresh connection to the same server, which is not blamed.
+    FreshSameServer(RetryCause),
+    /// On another server, within `max_retries`; `blame`: booked against this server's health.
+    NextServer { blame: bool },
+    /// Answer the failure.
+    GiveUp { blame: bool },
+}
+
+impl Failure {
+    /// The keep-alive race: a pooled connection reset or closed as it was reused.
+    fn is_race(&self) -> bool {
+        self.reused && !self.retried_reused && self.retry == Retry::IfResendable
+    }
+
+    /// Whether the step depends on proof that the backend never received the request (worth
+    /// the wait for it only then).
+    pub(super) fn needs_proof(&self, again: Resendable) -> bool {
+        self.is_race() && !again.unsent && !again.idempotent
+    }
+
+    /// The rule of the module doc, as a decision.
+    pub(super) fn next_step(&self, again: Resendable, retry_on_timeout: bool) -> Step {
+        let may_resend = match self.retry {
+            Retry::Never => false,
+            Retry::AnyMethod | Retry::IfResendable => again.unsent || again.idempotent,
+            Retry::IfTimeoutsRetried => retry_on_timeout && again.idempotent,
+        };
+        if self.is_race() {
+            let cause = RetryCause::Failed(self.kind.unwrap_or(ErrorKind::ClosedBeforeResponse));
+            return if may_resend {
+                Step::FreshSameServer(cause)
+            } else if again.unreceived {
+                Step::FreshSameServer(RetryCause::Unacknowledged)
+            } else {
+                Step::GiveUp { blame: false }
+            };
+        }
+        // A fresh connection reset or closed before any response byte (a crashed worker, a
+        // backend going down), or a response timeout: the server is blamed.
+        let blame = !self.reused || self.retry == Retry::IfTimeoutsRetried;
+        if may_resend {
+            Step::NextServer { blame }
+        } else {
+            Step::GiveUp { blame }
+        }
     }
 }
 
@@ -304,7 +375,7 @@ impl Proxy {
                     .map_err(|answer| Failed::Answer(Box::new(answer)))?,
             };
             let pool = backend.pool();
-            let Some(req) = request.take().or_else(|| resend.request()) else {
+            let Some(req) = request.take() else {
                 unreachable!("an attempt is only made with a request to send");
             };
             let limit = upstream.config.response_timeout;
@@ -352,55 +423,155 @@ impl Proxy {
                 return Err(Failed::Client(error));
             }
             error.count_in(pool.metrics());
-            // The request again, if this failure allows it (the rule in the module doc).
-            let mut next = match error.retry() {
-                Retry::Never => None,
-                Retry::AnyMethod | Retry::IfResendable => unsent.or_else(|| resend.request()),
-                Retry::IfTimeoutsRetried if upstream.config.retry.retry_on_timeout => {
-                    resend.request()
-                }
-                Retry::IfTimeoutsRetried => None,
+            let failure = Failure {
+                retry: error.retry(),
+                kind: error.kind(),
+                reused,
+                retried_reused,
             };
-            // The keep-alive race: a pooled connection the backend closed just as it was
-            // reused. Once, on a fresh connection to the same server, which is not blamed.
-            if reused && !retried_reused && error.retry() == Retry::IfResendable {
-                let mut cause =
-                    RetryCause::Failed(error.kind().unwrap_or(ErrorKind::ClosedBeforeResponse));
-                if next.is_none() {
-                    if let Some(written) = written {
-                        if written.never_received().await {
-                            next = resend.unreceived();
-                            cause = RetryCause::Unacknowledged;
-                        }
-                    }
+            let mut again = Resendable {
+                unsent: unsent.is_some(),
+                idempotent: resend.idempotent && resend.replayable(),
+                unreceived: false,
+            };
+            if failure.needs_proof(again) && resend.replayable() {
+                if let Some(written) = written {
+                    again.unreceived = written.never_received().await;
                 }
-                let Some(req) = next else {
-                    return Err(Failed::Server(backend, error));
-                };
-                pool.metrics().retry(cause);
-                warn!(upstream = %upstream.name, server = %pool.addr(), cause = cause.as_str(), error = %error,
-                    "reused upstream connection failed before responding; retrying on a fresh connection");
-                fresh_on = Some(backend);
-                retried_reused = true;
-                request = Some(req);
-                continue;
             }
-            // A fresh connection reset or closed before any response byte (a crashed worker,
-            // a backend going down), or a response timeout: the server is blamed, and the
-            // request moves on if it may.
-            if !reused || error.retry() == Retry::IfTimeoutsRetried {
+            let step = failure.next_step(again, upstream.config.retry.retry_on_timeout);
+            let blame = match step {
+                Step::FreshSameServer(_) => false,
+                Step::NextServer { blame } | Step::GiveUp { blame } => blame,
+            };
+            if blame {
                 backend.record_failure();
             }
-            if let Some(req) = next {
-                if self
-                    .move_on(upstream, &backend, &error, &mut attempts)
-                    .await
-                {
-                    request = Some(req);
-                    continue;
+            let next = match step {
+                Step::GiveUp { .. } => None,
+                _ => unsent.or_else(|| resend.again()),
+            };
+            let Some(req) = next else {
+                return Err(Failed::Server(backend, error));
+            };
+            match step {
+                Step::FreshSameServer(cause) => {
+                    // The keep-alive race: a pooled connection the backend closed just as it
+                    // was reused.
+                    pool.metrics().retry(cause);
+                    warn!(upstream = %upstream.name, server = %pool.addr(), cause = cause.as_str(), error = %error,
+                        "reused upstream connection failed before responding; retrying on a fresh connection");
+                    fresh_on = Some(backend);
+                    retried_reused = true;
                 }
+                _ if self
+                    .move_on(upstream, &backend, &error, &mut attempts)
+                    .await => {}
+                _ => return Err(Failed::Server(backend, error)),
             }
-            return Err(Failed::Server(backend, error));
+            request = Some(req);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CLOSED: Option<ErrorKind> = Some(ErrorKind::ClosedBeforeResponse);
+    const RESET: Option<ErrorKind> = Some(ErrorKind::Reset);
+    const TIMEOUT: Option<ErrorKind> = Some(ErrorKind::Timeout);
+    const CONNECT: Option<ErrorKind> = Some(ErrorKind::Connect);
+
+    /// The request's side of a row.
+    const NOTHING: Resendable = Resendable {
+        unsent: false,
+        idempotent: false,
+        unreceived: false,
+    };
+    const UNSENT: Resendable = Resendable {
+        unsent: true,
+        ..NOTHING
+    };
+    const IDEMPOTENT: Resendable = Resendable {
+        idempotent: true,
+        ..NOTHING
+    };
+    const UNRECEIVED: Resendable = Resendable {
+        unreceived: true,
+        ..NOTHING
+    };
+
+    fn race(cause: Option<ErrorKind>) -> Step {
+        Step::FreshSameServer(RetryCause::Failed(cause.unwrap()))
+    }
+
+    /// Every row of the README's "When a request is sent again", and the failures around it.
+    #[test]
+    fn the_retry_rule_row_by_row() {
+        use Retry::*;
+        let next = |blame| Step::NextServer { blame };
+        let give_up = |blame| Step::GiveUp { blame };
+        #[rustfmt::skip]
+        let rows: &[(&str, Retry, Option<ErrorKind>, bool, bool, Resendable, bool, Step)] = &[
+            // what,                                    retry,  kind,   reused, retried, request, on_timeout, step
+            ("reused, closed, GET buffered",            IfResendable, CLOSED, true, false, IDEMPOTENT, false, race(CLOSED)),
+            ("reused, reset, GET",                      IfResendable, RESET,  true, false, IDEMPOTENT, false, race(RESET)),
+            ("reused, closed, never written (POST)",    IfResendable, CLOSED, true, false, UNSENT,     false, race(CLOSED)),
+            ("reused, reset, POST never received",      IfResendable, RESET,  true, false, UNRECEIVED, false, Step::FreshSameServer(RetryCause::Unacknowledged)),
+            ("reused, reset, POST acknowledged",        IfResendable, RESET,  true, false, NOTHING,    false, give_up(false)),
+            ("reused, closed, GET, retry_idempotent off", IfResendable, CLOSED, true, false, NOTHING, false, give_up(false)),
+            ("retried once already: fresh, GET",        IfResendable, CLOSED, false, true, IDEMPOTENT, false, next(true)),
+            ("fresh, reset, GET",                       IfResendable, RESET,  false, false, IDEMPOTENT, false, next(true)),
+            ("fresh, reset, POST",                      IfResendable, RESET,  false, false, NOTHING,   false, give_up(true)),
+            ("fresh, reset, POST never received",       IfResendable, RESET,  false, false, UNRECEIVED, false, give_up(true)),
+            ("fresh, never written (POST)",             IfResendable, CLOSED, false, false, UNSENT,    false, next(true)),
+            ("connect failure, POST",                   AnyMethod,    CONNECT, false, false, UNSENT,   false, next(true)),
+            ("timeout, GET, retry_on_timeout off",      IfTimeoutsRetried, TIMEOUT, true, false, IDEMPOTENT, false, give_up(true)),
+            ("timeout, GET, retry_on_timeout on",       IfTimeoutsRetried, TIMEOUT, false, false, IDEMPOTENT, true, next(true)),
+            ("timeout, POST never received",            IfTimeoutsRetried, TIMEOUT, true, false, UNRECEIVED, true, give_up(true)),
+            ("timeout, never written",                  IfTimeoutsRetried, TIMEOUT, false, false, UNSENT, true, give_up(true)),
+            ("a failure that allows nothing, reused",   Never,        None,   true, false, IDEMPOTENT, true, give_up(false)),
+            ("a failure that allows nothing, fresh",    Never,        None,   false, false, UNSENT,    true, give_up(true)),
+        ];
+        for (what, retry, kind, reused, retried_reused, again, on_timeout, step) in rows {
+            let failure = Failure {
+                retry: *retry,
+                kind: *kind,
+                reused: *reused,
+                retried_reused: *retried_reused,
+            };
+            assert_eq!(failure.next_step(*again, *on_timeout), *step, "{what}");
+        }
+    }
+
+    #[test]
+    fn proof_is_waited_for_only_where_it_decides() {
+        let race = Failure {
+            retry: Retry::IfResendable,
+            kind: RESET,
+            reused: true,
+            retried_reused: false,
+        };
+        assert!(race.needs_proof(NOTHING), "a POST on a reused connection");
+        assert!(!race.needs_proof(IDEMPOTENT), "a GET goes again anyway");
+        assert!(
+            !race.needs_proof(UNSENT),
+            "never written: goes again anyway"
+        );
+        let fresh = Failure {
+            reused: false,
+            ..race
+        };
+        assert!(
+            !fresh.needs_proof(NOTHING),
+            "only the race of a reused connection"
+        );
+        let timeout = Failure {
+            retry: Retry::IfTimeoutsRetried,
+            kind: TIMEOUT,
+            ..race
+        };
+        assert!(!timeout.needs_proof(NOTHING), "a timeout proves nothing");
     }
 }
