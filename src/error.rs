@@ -15,7 +15,7 @@ use http::StatusCode;
 
 use crate::body::BodyError;
 use crate::config::pem::PemError;
-use crate::ops::metrics::{BackendMetrics, ErrorKind};
+use crate::metrics::{BackendMetrics, ErrorKind};
 
 /// Which side of the proxy caused a failure (Pingora's split).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

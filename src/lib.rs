@@ -6,8 +6,11 @@
 //! The tree reads like the pipeline; data flows one way, and so do the imports:
 //!
 //! ```text
-//! downstream  →  proxy  →  upstream          (ops, config, body, error beside them)
+//! server → control → downstream → proxy → upstream → ground (metrics, config, body, headers, error)
 //! ```
+//!
+//! Each floor imports only from the floors below it; `downstream` never names `upstream` (the
+//! proxy is the only module that sees both sides).
 //!
 //! - [`downstream`]: the client side. [`downstream::listener`] binds and accepts (with the
 //!   connection cap in [`downstream::limit`]), [`downstream::proxy_protocol`] reads a PROXY
@@ -22,13 +25,17 @@
 //!   [`upstream::balancer`] (round-robin, ip-hash; no I/O), [`upstream::health`] (active
 //!   probes), [`upstream::pool`] (the keep-alive-aware pool, generic over a connector),
 //!   [`upstream::connect`] (dialing; hyper's HTTP/1.1 connection, driven by the request's
-//!   task) and [`upstream::keep_alive`] (the
-//!   backend's `Keep-Alive` header).
-//! - [`ops`]: what an operator runs and reads: [`ops::metrics`] (receives, imports nothing of
-//!   ours), [`ops::admin`] (`/metrics`, `/status`, the status page), [`ops::history`]
-//!   (the page's bounded history, `/history`), [`ops::reload`] (SIGHUP
-//!   and `POST /reload`), [`ops::probe`] (`kaproxy probe`).
+//!   task), [`upstream::delivery`] (what the backend acknowledged: the replay proof) and
+//!   [`upstream::keep_alive`] (the backend's `Keep-Alive` header).
+//! - [`control`]: what an operator runs and reads, above the pipeline: [`control::admin`]
+//!   (`/metrics`, `/status`, the status page), [`control::history`] (the page's bounded
+//!   history, `/history`), [`control::reload`] (SIGHUP and `POST /reload`),
+//!   [`control::probe`] (`kaproxy probe`), and [`control::generation`], which builds what a
+//!   loaded configuration runs with.
 //! - [`server`]: the running proxy: builds a generation, binds, spawns, drains.
+//! - [`metrics`]: the Prometheus registry and the hot path's handles (receives, imports nothing
+//!   of ours).
+//! - [`headers`]: `Keep-Alive` and the comma-separated token lists, parsed one way.
 //! - [`config`]: TOML → validated, typed [`config::Config`]; the keep-alive timeline of `check`.
 //! - [`body`]: bodies in transit: request bodies (`body_timeout`, the size cap, read whole
 //!   or streamed), the memory budget ([`body::budget`]), temporary files ([`body::spill`]),
@@ -42,13 +49,11 @@
 //!
 //! Words: the client side is *downstream*, the backend side *upstream*; one backend server is a
 //! *backend* ([`upstream::backend::Backend`], its [`upstream::pool::Pool`], its
-//! [`ops::metrics::BackendMetrics`]). "server" stays only where the configuration and the
+//! [`metrics::BackendMetrics`]). "server" stays only where the configuration and the
 //! metrics name it for operators (`servers = [...]`, the `server` label).
 //!
-//! `cargo test --test it layout` checks that no module imports from a layer above its own
-//! (`upstream` never names `proxy` or `downstream`, `proxy` never names `downstream`,
-//! `ops::metrics` names nothing of ours); a module cycle shows up there too, as one of its
-//! imports points upward.
+//! `cargo test --test it layout` checks that no module imports from a floor above its own, one
+//! rule per floor; a module cycle shows up there too, as one of its imports points upward.
 //!
 //! No `unsafe` but one function: reading Linux `TCP_INFO` (`upstream::delivery::tcp_state`),
 //! which neither socket2 nor rustix exposes.
@@ -56,9 +61,11 @@
 
 pub mod body;
 pub mod config;
+pub mod control;
 pub mod downstream;
 pub mod error;
-pub mod ops;
+pub mod headers;
+pub mod metrics;
 pub mod proxy;
 pub mod server;
 pub mod sync;

@@ -125,12 +125,12 @@ fn probe(target: &str, tls: bool) -> anyhow::Result<()> {
         .context("cannot start the tokio runtime")?;
     println!(
         "probing {target}: one keep-alive request, then waiting up to {}s for the backend to close it",
-        kaproxy::ops::probe::DEFAULT_MAX_WAIT.as_secs()
+        kaproxy::control::probe::DEFAULT_MAX_WAIT.as_secs()
     );
-    let report = runtime.block_on(kaproxy::ops::probe::probe(
+    let report = runtime.block_on(kaproxy::control::probe::probe(
         target,
         tls,
-        kaproxy::ops::probe::DEFAULT_MAX_WAIT,
+        kaproxy::control::probe::DEFAULT_MAX_WAIT,
     ))?;
     print!("{report}");
     Ok(())

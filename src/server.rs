@@ -13,12 +13,12 @@ use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use crate::config::Config;
+use crate::control::generation::{self, GenerationError};
+use crate::control::history::History;
+use crate::control::reload::{start_health_checks, Control, ReloadError};
 use crate::downstream::listener::{self, Kind};
 use crate::downstream::Generation;
-use crate::downstream::GenerationError;
-use crate::ops::history::History;
-use crate::ops::metrics::Metrics;
-use crate::ops::reload::{start_health_checks, Control, ReloadError};
+use crate::metrics::Metrics;
 
 /// Failures that stop kaproxy from starting (or a reload from taking effect).
 #[derive(Debug, thiserror::Error)]
@@ -38,7 +38,7 @@ pub enum StartError {
 #[derive(Debug, Clone)]
 pub struct ServerOptions {
     /// How often the status page's history samples the metrics (`KAPROXY_HISTORY_INTERVAL_MS`
-    /// for the binary; default 5 s, [`crate::ops::history::SAMPLES`] samples kept).
+    /// for the binary; default 5 s, [`crate::control::history::SAMPLES`] samples kept).
     pub history_interval: Duration,
     /// The worker runtimes that accept and serve connections, each with its own listeners
     /// and pools ([`crate::workers::Workers`]); empty: the runtime calling
@@ -50,7 +50,7 @@ pub struct ServerOptions {
 impl Default for ServerOptions {
     fn default() -> Self {
         ServerOptions {
-            history_interval: crate::ops::history::DEFAULT_INTERVAL,
+            history_interval: crate::control::history::DEFAULT_INTERVAL,
             workers: Arc::new([]),
         }
     }
@@ -83,7 +83,7 @@ impl Server {
             0 => Arc::new([Handle::current()]),
             _ => options.workers.clone(),
         };
-        let generation = Generation::build(&config, &metrics, &workers, None)?;
+        let generation = generation::build(&config, &metrics, &workers, None)?;
         let health_checks = start_health_checks(&generation.proxy);
         let current = Arc::new(ArcSwap::from_pointee(generation));
         let (shutdown, shutdown_rx) = watch::channel(false);
@@ -153,7 +153,7 @@ impl Server {
                 tasks.push(tokio::spawn(
                     history.clone().start(current.clone(), shutdown_rx.clone()),
                 ));
-                tasks.push(tokio::spawn(crate::ops::admin::serve(
+                tasks.push(tokio::spawn(crate::control::admin::serve(
                     l,
                     metrics.clone(),
                     control.clone(),

@@ -33,7 +33,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use kaproxy::downstream::tls::AnyCertificate;
+use kaproxy::upstream::tls::AnyCertificate;
 use rustls::client::Resumption;
 use rustls::crypto::ring::cipher_suite as suites;
 use rustls::pki_types::ServerName;

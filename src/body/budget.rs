@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use crate::config::BufferingConfig;
-use crate::ops::metrics::BufferMetrics;
+use crate::metrics::BufferMetrics;
 
 /// The process-wide budget, shared by every generation of the configuration (a reload changes
 /// its limit; bodies in flight keep counting).
@@ -151,7 +151,7 @@ mod tests {
             memory_limit: limit,
             temp_dir: None,
         };
-        Buffering::new(&cfg, crate::ops::metrics::Metrics::new().buffering())
+        Buffering::new(&cfg, crate::metrics::Metrics::new().buffering())
     }
 
     #[test]

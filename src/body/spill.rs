@@ -22,7 +22,7 @@ use super::BodyError;
 /// How much of a spilled body is read back at once.
 pub const READ_CHUNK: usize = 64 * 1024;
 
-pub use crate::ops::metrics::BodyDirection as Direction;
+pub use crate::metrics::BodyDirection as Direction;
 
 /// A temporary file could not be created or written: the directory is named, so the log line
 /// says where (a full disk, a directory removed or unwritable).
@@ -269,7 +269,7 @@ pub(crate) mod tests {
             memory_limit: limit,
             temp_dir: Some(dir.to_path_buf()),
         };
-        Buffering::new(&cfg, crate::ops::metrics::Metrics::new().buffering())
+        Buffering::new(&cfg, crate::metrics::Metrics::new().buffering())
     }
 
     #[tokio::test]

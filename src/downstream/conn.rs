@@ -587,7 +587,7 @@ where
                 if last {
                     headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
                 } else if cfg.advertise_keep_alive && !headers.contains_key(header::CONNECTION) {
-                    headers.insert(crate::upstream::keep_alive::KEEP_ALIVE, keep_alive_value);
+                    headers.insert(crate::headers::KEEP_ALIVE, keep_alive_value);
                 }
             }
             // A body streaming from a pooled upstream connection goes under send_timeout on

@@ -14,9 +14,6 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::config::TlsConfig;
-/// The accept-any client verifier lives with the other client-side TLS, in `upstream::tls`
-/// (`tls_verify = false`); named here too for the tools that import it from this module.
-pub use crate::upstream::tls::AnyCertificate;
 
 /// TLS 1.2 session-cache entries kept for resumption (about 4 MiB at most).
 const SESSION_CACHE_ENTRIES: usize = 16 * 1024;

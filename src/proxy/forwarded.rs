@@ -8,7 +8,7 @@ use http::header::{self, HeaderName, HeaderValue};
 use http::HeaderMap;
 
 use crate::config::ForwardedConfig;
-use crate::upstream::keep_alive::KEEP_ALIVE;
+use crate::headers::KEEP_ALIVE;
 
 pub(super) const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 pub(super) const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -41,14 +41,6 @@ impl DownstreamInfo {
             port_value: HeaderValue::from(local.port()),
         }
     }
-}
-
-pub(super) fn connection_has(headers: &HeaderMap, token: &str) -> bool {
-    headers.get_all(header::CONNECTION).iter().any(|v| {
-        v.to_str()
-            .map(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
-            .unwrap_or(false)
-    })
 }
 
 /// Where `Upgrade` is in [`HOP_BY_HOP`].

@@ -28,7 +28,7 @@ use crate::body::{
     buffer_request, read_whole, BodyDone, BodyError, Buffering, RequestBody, UpstreamBody,
 };
 use crate::config::{Config, ForwardedConfig, UpstreamConfig};
-use crate::ops::metrics::Metrics;
+use crate::metrics::Metrics;
 use crate::upstream::backend::worker_pools;
 use crate::upstream::backend::{
     Backend, BackendHealth, DEFAULT_PASSIVE_COOLDOWN, DEFAULT_PASSIVE_FALL,

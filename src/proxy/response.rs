@@ -20,7 +20,7 @@ use tracing::{info, warn};
 use crate::body::relay::{relay, RelayBody, RelayError, RelayLimits};
 use crate::body::{BodyError, Buffering, Collected, Memory};
 use crate::error::RequestError;
-use crate::ops::metrics::CloseReason;
+use crate::metrics::CloseReason;
 use crate::upstream::pool::{Pool, PooledBody, PooledConn};
 
 use super::forwarded::*;

@@ -28,7 +28,7 @@ use tracing::{debug, warn};
 use crate::body::{SentWhole, UpstreamBody};
 use crate::config::RetryConfig;
 use crate::error::{RequestError, Retry, Side};
-use crate::ops::metrics::{ErrorKind, RetryCause};
+use crate::metrics::{ErrorKind, RetryCause};
 use crate::upstream::backend::{
     Backend, RELIEVE_AFTER, RELIEVE_CHECKS, RELIEVE_CLOSES, RELIEVE_PROBE_CHECKS,
 };
@@ -502,6 +502,19 @@ mod tests {
         ..NOTHING
     };
 
+    /// What, the failure's retry, its kind, reused, retried already, the request's side,
+    /// `retry_on_timeout`, and the step the rule gives.
+    type Row = (
+        &'static str,
+        Retry,
+        Option<ErrorKind>,
+        bool,
+        bool,
+        Resendable,
+        bool,
+        Step,
+    );
+
     fn race(cause: Option<ErrorKind>) -> Step {
         Step::FreshSameServer(RetryCause::Failed(cause.unwrap()))
     }
@@ -513,7 +526,7 @@ mod tests {
         let next = |blame| Step::NextServer { blame };
         let give_up = |blame| Step::GiveUp { blame };
         #[rustfmt::skip]
-        let rows: &[(&str, Retry, Option<ErrorKind>, bool, bool, Resendable, bool, Step)] = &[
+        let rows: &[Row] = &[
             // what,                                    retry,  kind,   reused, retried, request, on_timeout, step
             ("reused, closed, GET buffered",            IfResendable, CLOSED, true, false, IDEMPOTENT, false, race(CLOSED)),
             ("reused, reset, GET",                      IfResendable, RESET,  true, false, IDEMPOTENT, false, race(RESET)),

@@ -24,7 +24,7 @@ use tracing::{debug, warn};
 
 use crate::body::{BodyDone, RequestBody, Streamed, UpstreamBody};
 use crate::error::RequestError;
-use crate::ops::metrics::{BackendMetrics, TunnelEnd};
+use crate::metrics::{BackendMetrics, TunnelEnd};
 use crate::upstream::pool::Pool;
 
 use super::forwarded::*;
@@ -33,16 +33,11 @@ use super::response::*;
 use super::retry::*;
 use super::route::*;
 use super::{build_request, Proxy, Upstream};
+use crate::headers::connection_has;
 
 /// The `Upgrade` tokens of `headers` (comma-separated, trimmed).
 fn upgrade_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
-    headers
-        .get_all(header::UPGRADE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
+    crate::headers::tokens(headers, &header::UPGRADE)
 }
 
 /// A token's protocol name, without its `/version` (RFC 9110 §7.8), for comparison.
@@ -74,12 +69,10 @@ pub(super) fn tunnelled_upgrade<B>(req: &Request<B>, allowed: &[String]) -> Opti
 /// Whether the backend's `101` switches to a protocol the request offered: its `Upgrade`
 /// names exactly one, and `offered` has it (RFC 9110 §15.2.2).
 fn switched_to_offered(response: &HeaderMap, offered: &HeaderValue) -> bool {
-    let offered = offered.to_str().unwrap_or_default();
     let mut chosen = upgrade_tokens(response);
     match (chosen.next(), chosen.next()) {
-        (Some(c), None) => offered
-            .split(',')
-            .any(|o| protocol_name(o.trim()).eq_ignore_ascii_case(protocol_name(c))),
+        (Some(c), None) => crate::headers::value_tokens(offered)
+            .any(|o| protocol_name(o).eq_ignore_ascii_case(protocol_name(c))),
         _ => false,
     }
 }
@@ -363,7 +356,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_tunnel_with_no_traffic_closes_after_the_idle_timeout_and_traffic_resets_it() {
-        let metrics = crate::ops::metrics::Metrics::new();
+        let metrics = crate::metrics::Metrics::new();
         let m = metrics.server("web", "127.0.0.1:9".parse().unwrap());
         let (down, mut client) = tokio::io::duplex(1024);
         let (up, mut backend) = tokio::io::duplex(1024);
@@ -391,7 +384,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_tunnel_closed_by_both_sides_ends_as_closed() {
-        let metrics = crate::ops::metrics::Metrics::new();
+        let metrics = crate::metrics::Metrics::new();
         let m = metrics.server("web", "127.0.0.1:9".parse().unwrap());
         let (down, mut client) = tokio::io::duplex(1024);
         let (up, mut backend) = tokio::io::duplex(1024);

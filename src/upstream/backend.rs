@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use tracing::warn;
 
 use crate::config::PoolConfig;
-use crate::ops::metrics::{BackendMetrics, KeepAliveSource};
+use crate::metrics::{BackendMetrics, KeepAliveSource};
 use crate::upstream::pool::{Learned, Pool};
 use crate::upstream::tls::UpstreamTls;
 

@@ -246,7 +246,7 @@ mod tests {
 
     /// A balancer over fresh backends for `cfg` (pools that never connect here).
     fn balancer(cfg: &UpstreamConfig) -> Balancer {
-        let metrics = crate::ops::metrics::Metrics::new();
+        let metrics = crate::metrics::Metrics::new();
         let fall = cfg.health.as_ref().map_or(DEFAULT_PASSIVE_FALL, |h| h.fall);
         let backends = cfg
             .servers

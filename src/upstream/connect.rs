@@ -25,7 +25,7 @@ use tracing::debug;
 use crate::body::UpstreamBody;
 use crate::config::PoolConfig;
 use crate::error::RequestError;
-use crate::ops::metrics::BackendMetrics;
+use crate::metrics::BackendMetrics;
 use crate::upstream::delivery::{Delivery, Tracked};
 use crate::upstream::tls::UpstreamTls;
 
@@ -482,7 +482,7 @@ mod tests {
             ..UpstreamTlsConfig::new()
         })
         .unwrap();
-        let metrics = crate::ops::metrics::Metrics::new();
+        let metrics = crate::metrics::Metrics::new();
         let connector = Http1::new(Some(tls), metrics.server("web", addr));
         let mut conn = connector
             .connect(addr, &PoolConfig::default(), 1)

@@ -381,7 +381,7 @@ mod tests {
     }
 
     fn backend(addr: SocketAddr) -> Arc<Backend> {
-        let metrics = crate::ops::metrics::Metrics::new();
+        let metrics = crate::metrics::Metrics::new();
         let pool = Pool::new(addr, PoolConfig::default(), metrics.server("web", addr));
         let health = BackendHealth::new(DEFAULT_PASSIVE_FALL, DEFAULT_PASSIVE_COOLDOWN);
         Arc::new(Backend::new(1, health, pool))

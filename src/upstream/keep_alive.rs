@@ -1,13 +1,11 @@
-//! Owns the backend's `Keep-Alive: timeout=N, max=M` header (parsed leniently) and the
-//! `Connection` tokens the pool reads: what kaproxy learns each backend's keep-alive limits from.
+//! Owns the backend's `Keep-Alive: timeout=N, max=M` header (parsed leniently): what kaproxy
+//! learns each backend's keep-alive limits from, and the `Connection: keep-alive` that asks
+//! for it.
 
 use std::time::Duration;
 
-use http::header::{HeaderName, CONNECTION};
+use http::header::CONNECTION;
 use http::{HeaderMap, HeaderValue};
-
-/// `Keep-Alive` (not among the `http` crate's constants).
-pub const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 
 /// What a backend said in `Keep-Alive: timeout=N, max=M`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -45,15 +43,6 @@ impl KeepAliveHint {
         }
         hint
     }
-}
-
-/// True when a `Connection` header names `close`.
-pub(crate) fn has_connection_close(headers: &HeaderMap) -> bool {
-    headers.get_all(CONNECTION).iter().any(|v| {
-        v.to_str()
-            .map(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("close")))
-            .unwrap_or(false)
-    })
 }
 
 /// Marks a request as asking for keep-alive: Apache only advertises `Keep-Alive:
@@ -95,14 +84,5 @@ mod tests {
             KeepAliveHint::parse(&[0xff, 0xfe]),
             KeepAliveHint::default()
         );
-    }
-
-    #[test]
-    fn connection_close_token() {
-        let mut h = HeaderMap::new();
-        h.insert(CONNECTION, HeaderValue::from_static("Keep-Alive"));
-        assert!(!has_connection_close(&h));
-        h.insert(CONNECTION, HeaderValue::from_static("x-foo, Close"));
-        assert!(has_connection_close(&h));
     }
 }

@@ -43,10 +43,11 @@ use tracing::{debug, warn};
 use crate::body::UpstreamBody;
 use crate::config::PoolConfig;
 use crate::error::RequestError;
-use crate::ops::metrics::{BackendMetrics, CloseReason, KeepAliveSource};
+use crate::headers::{connection_has, KEEP_ALIVE};
+use crate::metrics::{BackendMetrics, CloseReason, KeepAliveSource};
 use crate::upstream::connect::{Connection, Connector, Http1, Http1Conn};
 use crate::upstream::delivery::Written;
-use crate::upstream::keep_alive::{has_connection_close, KeepAliveHint, KEEP_ALIVE};
+use crate::upstream::keep_alive::KeepAliveHint;
 use crate::upstream::tls::UpstreamTls;
 
 /// One pooled connection and what kaproxy knows of it.
@@ -930,7 +931,7 @@ impl<C: Connector> PooledConn<C> {
         if hint.max.is_some() && self.pool.cfg.learn_keep_alive {
             conn.remaining = hint.max;
         }
-        if has_connection_close(headers) {
+        if connection_has(headers, "close") {
             self.retire = Some(if was_last {
                 CloseReason::MaxRequests
             } else {
@@ -1093,7 +1094,7 @@ mod tests {
     }
 
     fn pool(cfg: PoolConfig) -> Arc<Pool> {
-        let metrics = crate::ops::metrics::Metrics::new();
+        let metrics = crate::metrics::Metrics::new();
         let addr: SocketAddr = "127.0.0.1:9".parse().unwrap();
         Pool::new(addr, cfg, metrics.server("web", addr))
     }
@@ -1128,8 +1129,8 @@ mod tests {
         }
     }
 
-    fn fake_pool(cfg: PoolConfig) -> (Arc<Pool<FakeConnector>>, crate::ops::metrics::Metrics) {
-        let metrics = crate::ops::metrics::Metrics::new();
+    fn fake_pool(cfg: PoolConfig) -> (Arc<Pool<FakeConnector>>, crate::metrics::Metrics) {
+        let metrics = crate::metrics::Metrics::new();
         let addr: SocketAddr = "127.0.0.1:9".parse().unwrap();
         let pool = Pool::with_connector(
             addr,
@@ -1142,7 +1143,7 @@ mod tests {
 
     /// A fake pool whose backend's timeout is not being probed (no probe for a day): for the
     /// tests of the other limits.
-    fn unprobed_pool(cfg: PoolConfig) -> (Arc<Pool<FakeConnector>>, crate::ops::metrics::Metrics) {
+    fn unprobed_pool(cfg: PoolConfig) -> (Arc<Pool<FakeConnector>>, crate::metrics::Metrics) {
         let (pool, metrics) = fake_pool(cfg);
         crate::sync::lock(&pool.learned.probe).next =
             Some(Instant::now() + Duration::from_secs(86_400));
@@ -1215,7 +1216,7 @@ mod tests {
         settle().await;
     }
 
-    fn keepalive_series(metrics: &crate::ops::metrics::Metrics) -> Vec<String> {
+    fn keepalive_series(metrics: &crate::metrics::Metrics) -> Vec<String> {
         metrics
             .encode()
             .lines()
@@ -1529,8 +1530,8 @@ mod tests {
             .expect("demo backend")
     }
 
-    fn real_pool(addr: SocketAddr, cfg: PoolConfig) -> (Arc<Pool>, crate::ops::metrics::Metrics) {
-        let metrics = crate::ops::metrics::Metrics::new();
+    fn real_pool(addr: SocketAddr, cfg: PoolConfig) -> (Arc<Pool>, crate::metrics::Metrics) {
+        let metrics = crate::metrics::Metrics::new();
         let pool = Pool::new(addr, cfg, metrics.server("web", addr));
         (pool, metrics)
     }
@@ -1562,7 +1563,7 @@ mod tests {
         }
     }
 
-    fn closed(metrics: &crate::ops::metrics::Metrics, reason: &str) -> u64 {
+    fn closed(metrics: &crate::metrics::Metrics, reason: &str) -> u64 {
         let needle = format!("reason=\"{reason}\"");
         metrics
             .encode()

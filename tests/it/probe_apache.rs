@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use kaproxy::config::Config;
-use kaproxy::ops::probe::probe;
+use kaproxy::control::probe::probe;
 
 use kaproxy_testkit::apache::{require_apache, Apache, ApacheOptions};
 

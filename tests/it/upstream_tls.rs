@@ -258,7 +258,7 @@ async fn upstream_tls_probe_of_apache_over_tls_recommends_the_tls_keys() {
     }
     let pki = TestPki::generate().unwrap();
     let apache = apache_tls("tls-probe", &pki, false).await;
-    let report = kaproxy::ops::probe::probe(
+    let report = kaproxy::control::probe::probe(
         &apache.addr().to_string(),
         true,
         std::time::Duration::from_secs(10),

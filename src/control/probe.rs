@@ -15,7 +15,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use crate::upstream::keep_alive::{KeepAliveHint, KEEP_ALIVE};
+use crate::headers::{connection_has, KEEP_ALIVE};
+use crate::upstream::keep_alive::KeepAliveHint;
 
 /// How long `probe` waits for the backend to close an idle connection: a little over a
 /// minute, which covers Apache's 5 s default and the 60 s many backends use.
@@ -281,8 +282,7 @@ where
     let text = |v: Option<&HeaderValue>| v.and_then(|v| v.to_str().ok()).map(str::to_string);
     let keep_alive_header = text(resp.headers().get(KEEP_ALIVE));
     let server = text(resp.headers().get(SERVER));
-    let connection_close = text(resp.headers().get(CONNECTION))
-        .is_some_and(|c| c.split(',').any(|t| t.trim().eq_ignore_ascii_case("close")));
+    let connection_close = connection_has(resp.headers(), "close");
     let hint = keep_alive_header
         .as_deref()
         .map(|h| KeepAliveHint::parse(h.as_bytes()))

@@ -9,7 +9,7 @@ use tokio::sync::watch;
 use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::downstream::Generation;
-use crate::ops::metrics::{BackendMetrics, CloseReason, ErrorKind};
+use crate::metrics::{BackendMetrics, CloseReason, ErrorKind};
 
 /// Samples kept: 15 minutes at the default interval.
 pub const SAMPLES: usize = 180;

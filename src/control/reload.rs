@@ -9,9 +9,9 @@ use arc_swap::ArcSwap;
 use tracing::{info, warn};
 
 use crate::config::{Config, ConfigError};
+use crate::control::generation::{self, GenerationError};
 use crate::downstream::Generation;
-use crate::downstream::GenerationError;
-use crate::ops::metrics::Metrics;
+use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::upstream::health::{spawn_active_checks, ActiveChecks};
 
@@ -71,7 +71,7 @@ impl Control {
     pub fn apply(&self, config: Config) -> Result<(), ReloadError> {
         let old = self.current.load_full();
         let workers = old.proxy.workers().clone();
-        let generation = Generation::build(&config, &self.metrics, &workers, Some(&old.proxy))?;
+        let generation = generation::build(&config, &self.metrics, &workers, Some(&old.proxy))?;
         let checks = start_health_checks(&generation.proxy);
         let s = &self.started;
         if config.listen.https != s.listen.https

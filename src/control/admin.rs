@@ -15,10 +15,10 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use crate::control::history::History;
+use crate::control::reload::Control;
 use crate::downstream::Generation;
-use crate::ops::history::History;
-use crate::ops::metrics::Metrics;
-use crate::ops::reload::Control;
+use crate::metrics::Metrics;
 
 /// The status page: self-contained (no external assets); it fetches `/status` and draws each
 /// hop's keep-alive timeline, and `/history` for its charts.
