@@ -21,9 +21,11 @@
 //!   from one loaded configuration.
 //! - [`proxy`]: the per-request phases: route, forwarding headers, pick, send, retry,
 //!   response, access log. The only module that sees both sides.
-//! - [`upstream`]: the backend side. [`upstream::backend`] (a server and its health state),
+//! - [`upstream`]: the backend side. [`upstream::group`] (an upstream group, built and kept
+//!   across reloads), [`upstream::backend`] (a server and its health state),
 //!   [`upstream::balancer`] (round-robin, ip-hash; no I/O), [`upstream::health`] (active
-//!   probes), [`upstream::pool`] (the keep-alive-aware pool, generic over a connector),
+//!   probes), [`upstream::pool`] (the keep-alive-aware pool, generic over a connector; no
+//!   HTTP), [`upstream::exchange`] (the HTTP/1.1 exchange on a pooled connection),
 //!   [`upstream::connect`] (dialing; hyper's HTTP/1.1 connection, driven by the request's
 //!   task), [`upstream::delivery`] (what the backend acknowledged: the replay proof) and
 //!   [`upstream::keep_alive`] (the backend's `Keep-Alive` header).

@@ -141,7 +141,7 @@ const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
 /// HAProxy's default `rise 2`.
 const DEFAULT_HEALTH_RISE: u32 = 2;
 /// nginx's `fail_timeout` default (10 s): how long passive health keeps a failing server out.
-pub const DEFAULT_PASSIVE_COOLDOWN: Duration = Duration::from_secs(10);
+const DEFAULT_PASSIVE_COOLDOWN: Duration = Duration::from_secs(10);
 /// HAProxy's default `fall 3`.
 const DEFAULT_HEALTH_FALL: u32 = 3;
 /// Envoy's conventional admin port, on loopback only.
@@ -279,8 +279,38 @@ pub struct UpstreamConfig {
     pub ip_hash_prefix_v4: u8,
     pub ip_hash_prefix_v6: u8,
     pub health: Option<HealthConfig>,
+    /// Passive health, resolved at load from `health` or the defaults.
+    pub passive: PassiveHealth,
     /// TLS to the backends (`tls = true` and the `tls_*` keys); None: plain HTTP/1.1.
     pub tls: Option<UpstreamTlsConfig>,
+}
+
+/// How request failures take a server out of rotation (README, passive health): `fall`
+/// consecutive ones, for `cooldown`. From `[upstreams.NAME.health]` when it is there (its `fall`
+/// and `passive_cooldown`), else HAProxy's `fall 3` and nginx's `fail_timeout` 10 s.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PassiveHealth {
+    pub fall: u32,
+    pub cooldown: Duration,
+}
+
+impl Default for PassiveHealth {
+    fn default() -> Self {
+        PassiveHealth {
+            fall: DEFAULT_HEALTH_FALL,
+            cooldown: DEFAULT_PASSIVE_COOLDOWN,
+        }
+    }
+}
+
+impl PassiveHealth {
+    /// What `health` says, or the defaults.
+    pub fn of(health: Option<&HealthConfig>) -> PassiveHealth {
+        health.map_or_else(PassiveHealth::default, |h| PassiveHealth {
+            fall: h.fall,
+            cooldown: h.passive_cooldown,
+        })
+    }
 }
 
 /// The `tls_*` keys of `[upstreams.NAME]` when `tls = true` (README, "TLS to the backends").

@@ -227,6 +227,7 @@ impl RawUpstream {
             },
             ip_hash_prefix_v4: self.ip_hash_prefix_v4,
             ip_hash_prefix_v6: self.ip_hash_prefix_v6,
+            passive: PassiveHealth::of(self.health.as_ref()),
             health: self.health,
             tls,
         }

@@ -9,7 +9,6 @@ use bytes::Bytes;
 use http::header::{CONNECTION, HOST, SERVER, USER_AGENT};
 use http::{HeaderValue, Request};
 use http_body_util::{BodyExt, Empty};
-use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
@@ -256,10 +255,9 @@ where
         target: target.to_string(),
         source,
     };
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(io))
-            .await
-            .map_err(http)?;
+    let (mut sender, conn) = crate::upstream::connect::http1_handshake::<_, Empty<Bytes>>(io)
+        .await
+        .map_err(http)?;
     let mut conn = tokio::spawn(conn);
     let mut req = Request::new(Empty::new());
     *req.uri_mut() = "/".parse().expect("static URI");

@@ -19,7 +19,6 @@ use std::time::Duration;
 use http::{header, HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
 use hyper::body::Incoming;
-use prometheus_client::metrics::counter::Counter;
 use tokio::runtime::Handle;
 use tokio::time::Instant;
 use tracing::{info, warn};
@@ -27,45 +26,26 @@ use tracing::{info, warn};
 use crate::body::{
     buffer_request, read_whole, BodyDone, BodyError, Buffering, RequestBody, UpstreamBody,
 };
-use crate::config::{Config, ForwardedConfig, UpstreamConfig};
+use crate::config::{Config, ForwardedConfig};
 use crate::metrics::Metrics;
-use crate::upstream::backend::worker_pools;
-use crate::upstream::backend::{
-    Backend, BackendHealth, DEFAULT_PASSIVE_COOLDOWN, DEFAULT_PASSIVE_FALL,
-};
-use crate::upstream::balancer::Balancer;
-use crate::upstream::tls::{UpstreamTls, UpstreamTlsError};
-
-use forwarded::*;
-use log::*;
-use response::*;
-use retry::*;
-use route::*;
-use tunnel::*;
+use crate::upstream::group::{GroupError, UpstreamGroup};
+use forwarded::{client_ip, join_cookie_crumbs};
+use log::AccessRecord;
+use response::{client_failed, server_failed, with_log};
+use retry::{Failed, Resend};
+use route::{admit, origin_form, request_host, Route};
+use tunnel::tunnelled_upgrade;
 
 /// Why a configuration's proxy could not be built (a reload keeps the old one).
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
-    #[error("upstream {upstream}: {source}")]
-    Tls {
-        upstream: String,
-        source: Box<UpstreamTlsError>,
-    },
-}
-
-/// One named upstream group: its balancer and one pool per backend (same index).
-pub struct Upstream {
-    pub name: String,
-    pub balancer: Balancer,
-    /// The group's configuration as loaded (retry, buffers, timeouts; `/status` reads it).
-    pub config: UpstreamConfig,
-    /// `kaproxy_request_body_too_large_total` of this group.
-    pub(super) too_large: Counter,
+    #[error(transparent)]
+    Group(#[from] GroupError),
 }
 
 /// The request-handling half of a loaded configuration. Swapped whole on reload.
 pub struct Proxy {
-    upstreams: Vec<Upstream>,
+    upstreams: Vec<UpstreamGroup>,
     routes: Vec<Route>,
     forwarded: ForwardedConfig,
     access_log: bool,
@@ -98,60 +78,10 @@ impl Proxy {
             .upstreams
             .iter()
             .map(|u| {
-                let tls = match &u.tls {
-                    Some(t) => Some(UpstreamTls::new(t).map_err(|source| ProxyError::Tls {
-                        upstream: u.name.clone(),
-                        source: Box::new(source),
-                    })?),
-                    None => None,
-                };
-                let old = previous
-                    .and_then(|p| p.upstreams.iter().find(|o| o.name == u.name))
-                    .filter(|o| o.config.tls == u.tls);
-                let fall = u.health.as_ref().map_or(DEFAULT_PASSIVE_FALL, |h| h.fall);
-                let cooldown = u
-                    .health
-                    .as_ref()
-                    .map_or(DEFAULT_PASSIVE_COOLDOWN, |h| h.passive_cooldown);
-                let backends = u
-                    .servers
-                    .iter()
-                    .map(|server| {
-                        let old = old.and_then(|o| {
-                            o.balancer.backends().iter().find(|b| b.addr == server.addr)
-                        });
-                        // A server that stays with the same pool settings keeps its pool and
-                        // its warm connections.
-                        let pools = old
-                            .filter(|b| b.pool_config() == &u.pool)
-                            .filter(|b| b.pools().len() == workers.len())
-                            .map(|b| b.keep_pools(tls.clone()))
-                            .unwrap_or_else(|| {
-                                let m = metrics.server(&u.name, server.addr);
-                                worker_pools(server.addr, &u.pool, m, tls.clone(), workers)
-                            });
-                        let health = BackendHealth::new(fall, cooldown);
-                        // The probes' verdict survives a reload (only while probes run to
-                        // clear it).
-                        if let (Some(old), Some(_)) = (old, &u.health) {
-                            health.inherit_active(&old.health);
-                        }
-                        Arc::new(Backend::with_pools(
-                            server.weight,
-                            health,
-                            u.pool.clone(),
-                            pools,
-                        ))
-                    })
-                    .collect();
-                Ok(Upstream {
-                    name: u.name.clone(),
-                    balancer: Balancer::new(u, backends),
-                    config: u.clone(),
-                    too_large: metrics.request_body_too_large(&u.name),
-                })
+                let old = previous.and_then(|p| p.upstreams.iter().find(|o| o.name == u.name));
+                UpstreamGroup::build(u, &metrics, workers, old)
             })
-            .collect::<Result<Vec<Upstream>, ProxyError>>()?;
+            .collect::<Result<Vec<UpstreamGroup>, GroupError>>()?;
         let routes = cfg
             .routes
             .iter()
@@ -186,7 +116,7 @@ impl Proxy {
         &self.workers
     }
 
-    pub fn upstreams(&self) -> &[Upstream] {
+    pub fn upstreams(&self) -> &[UpstreamGroup] {
         &self.upstreams
     }
 

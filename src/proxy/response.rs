@@ -21,11 +21,12 @@ use crate::body::relay::{relay, RelayBody, RelayError, RelayLimits};
 use crate::body::{BodyError, Buffering, Collected, Memory};
 use crate::error::RequestError;
 use crate::metrics::CloseReason;
-use crate::upstream::pool::{Pool, PooledBody, PooledConn};
+use crate::upstream::exchange::PooledBody;
+use crate::upstream::pool::{Pool, PooledConn};
 
-use super::forwarded::*;
-use super::log::*;
-use super::{Proxy, Upstream};
+use super::forwarded::strip_hop_by_hop_and;
+use super::log::AccessRecord;
+use super::{Proxy, UpstreamGroup};
 
 impl Proxy {
     /// Response filter: framing checked, hop-by-hop headers out, a small body read ahead (so
@@ -35,7 +36,7 @@ impl Proxy {
         &self,
         resp: Response<Incoming>,
         mut conn: PooledConn,
-        upstream: &Upstream,
+        upstream: &UpstreamGroup,
         pool: &Pool,
         mut log: Option<Box<AccessRecord>>,
         start: Instant,
@@ -238,7 +239,7 @@ pub(super) fn closing(mut resp: Response<ProxyBody>, version: Version) -> Respon
 /// large: counted as a 413 of `upstream`) or could not be kept (no temporary file): never the
 /// backend's fault, so no backend is counted or blamed for it (README, "Hostile clients").
 pub(super) fn client_failed(
-    upstream: &Upstream,
+    upstream: &UpstreamGroup,
     err: &BodyError,
     client: IpAddr,
     version: Version,
@@ -267,7 +268,7 @@ pub(super) fn client_failed(
 /// kaproxy's answer when the picked server failed the request (the caller has counted the
 /// error): counted as an answer of that server, logged with its cause, access-logged.
 pub(super) fn server_failed(
-    upstream: &Upstream,
+    upstream: &UpstreamGroup,
     pool: &Pool,
     err: &RequestError,
     log: Option<Box<AccessRecord>>,

@@ -32,10 +32,11 @@ use crate::metrics::{ErrorKind, RetryCause};
 use crate::upstream::backend::{
     Backend, RELIEVE_AFTER, RELIEVE_CHECKS, RELIEVE_CLOSES, RELIEVE_PROBE_CHECKS,
 };
-use crate::upstream::pool::{Pool, PooledConn, SendFailure};
+use crate::upstream::exchange::SendFailure;
+use crate::upstream::pool::{Pool, PooledConn};
 
-use super::response::*;
-use super::{build_request, Proxy, Upstream};
+use super::response::{local_response, ProxyBody};
+use super::{build_request, Proxy, UpstreamGroup};
 
 /// The retry back-off doubles up to this (README, `retry_backoff`: "doubling, capped at 1 s").
 pub(super) const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(1);
@@ -70,7 +71,7 @@ impl Proxy {
     /// `max_retries` times with a doubling back-off. Errors become the answer to send.
     pub(super) async fn connect<T, F, Fut>(
         &self,
-        upstream: &Upstream,
+        upstream: &UpstreamGroup,
         client_ip: IpAddr,
         attempts: &mut Attempts,
         mut connect: F,
@@ -115,7 +116,7 @@ impl Proxy {
     /// (after the back-off, which it sleeps).
     pub(super) async fn connect_failed(
         &self,
-        upstream: &Upstream,
+        upstream: &UpstreamGroup,
         backend: &Arc<Backend>,
         err: &RequestError,
         attempts: &mut Attempts,
@@ -132,7 +133,7 @@ impl Proxy {
     /// failure's kind as cause (`connect` for every connect failure).
     pub(super) async fn move_on(
         &self,
-        upstream: &Upstream,
+        upstream: &UpstreamGroup,
         backend: &Arc<Backend>,
         err: &RequestError,
         attempts: &mut Attempts,
@@ -344,7 +345,7 @@ impl Proxy {
     /// rule of this module says stop.
     pub(super) async fn send(
         &self,
-        upstream: &Upstream,
+        upstream: &UpstreamGroup,
         client_ip: IpAddr,
         request: Request<UpstreamBody>,
         resend: Resend,

@@ -15,7 +15,7 @@ use http::{Method, Request, Response, StatusCode, Uri, Version};
 use crate::config::HostMatch;
 
 use super::response::closing;
-use super::{local_response, Proxy, ProxyBody, Upstream};
+use super::{local_response, Proxy, ProxyBody, UpstreamGroup};
 
 pub(super) struct Route {
     pub(super) host: Option<HostMatch>,
@@ -26,7 +26,7 @@ pub(super) struct Route {
 impl Proxy {
     /// Phase 1: which upstream group serves this request. `path` is the normalized path
     /// ([`admit`] put it in the request).
-    pub(super) fn route(&self, host: Option<&str>, path: &str) -> Option<&Upstream> {
+    pub(super) fn route(&self, host: Option<&str>, path: &str) -> Option<&UpstreamGroup> {
         if self.routes.is_empty() {
             return self.upstreams.first();
         }

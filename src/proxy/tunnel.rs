@@ -16,23 +16,20 @@ use http::header::{self, HeaderValue};
 use http::{HeaderMap, Request, Response, StatusCode, Version};
 use http_body::Body;
 use hyper::body::Incoming;
-use hyper::client::conn::http1::SendRequest;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use crate::body::{BodyDone, RequestBody, Streamed, UpstreamBody};
 use crate::error::RequestError;
 use crate::metrics::{BackendMetrics, TunnelEnd};
-use crate::upstream::pool::Pool;
 
-use super::forwarded::*;
-use super::log::*;
-use super::response::*;
-use super::retry::*;
-use super::route::*;
-use super::{build_request, Proxy, Upstream};
+use super::forwarded::{strip_hop_by_hop, upstream_request_headers, DownstreamInfo};
+use super::log::AccessRecord;
+use super::response::{server_failed, with_log, Inner, ProxyBody};
+use super::retry::Attempts;
+use super::route::origin_form;
+use super::{build_request, Proxy, UpstreamGroup};
 use crate::headers::connection_has;
 
 /// The `Upgrade` tokens of `headers` (comma-separated, trimmed).
@@ -85,7 +82,7 @@ impl Proxy {
         &self,
         mut req: Request<Incoming>,
         ds: &DownstreamInfo,
-        upstream: &Upstream,
+        upstream: &UpstreamGroup,
         client_ip: IpAddr,
         host: Option<HeaderValue>,
         mut log: Option<Box<AccessRecord>>,
@@ -280,29 +277,6 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Active<T> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-}
-
-impl Pool {
-    /// A dedicated, never pooled, upgrade-capable connection for a tunnel, with the slot of
-    /// `max_connections_per_server` it holds while it lives (see [`Pool::unpooled_slot`]).
-    pub(super) async fn tunnel_connect(
-        self: &Arc<Self>,
-    ) -> Result<(SendRequest<UpstreamBody>, Arc<OwnedSemaphorePermit>), RequestError> {
-        let slot = Arc::new(self.unpooled_slot().await?);
-        let addr = self.addr();
-        let stream = self.connector().open(addr, self.config()).await?;
-        let (sender, conn) = hyper::client::conn::http1::Builder::new()
-            .handshake::<_, UpstreamBody>(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .map_err(|source| RequestError::Handshake { addr, source })?;
-        // Until upgraded (or done), the connection holds the slot; then the tunnel does.
-        let held = slot.clone();
-        tokio::spawn(async move {
-            let _ = conn.with_upgrades().await;
-            drop(held);
-        });
-        Ok((sender, slot))
     }
 }
 

@@ -186,10 +186,6 @@ impl Backend {
     }
 }
 
-/// How long a server marked down by passive checks is skipped before it is tried again, when
-/// `[health] passive_cooldown` does not say (nginx's `fail_timeout` default).
-pub use crate::config::DEFAULT_PASSIVE_COOLDOWN;
-
 /// How long a request on a fresh connection waits for its answer before [`Backend::relieve`]
 /// frees a backend worker held by an idle connection: far above a LAN round trip and a static
 /// page (a millisecond), below what a client notices.
@@ -198,15 +194,11 @@ pub const RELIEVE_AFTER: Duration = Duration::from_millis(100);
 /// [`RELIEVE_AFTER`], so for its first second), and how many it closes at most: an answer that
 /// is merely slow (a long page) costs the pool little.
 pub const RELIEVE_CHECKS: u32 = 10;
+pub const RELIEVE_CLOSES: u32 = 2;
 /// After how many checks relief also closes the probe of a backend's timeout (the pool's
 /// module doc): a probe holds at most one worker, and a fresh connection through a slow
 /// network (a round trip above [`RELIEVE_AFTER`]) must not cost kaproxy what it is learning.
 pub const RELIEVE_PROBE_CHECKS: u32 = 5;
-pub const RELIEVE_CLOSES: u32 = 2;
-
-/// Consecutive connect/response failures that mark a server down when `[health]` sets no
-/// `fall`. Matches the `fall` default of `[upstreams.*.health]`.
-pub const DEFAULT_PASSIVE_FALL: u32 = 3;
 
 /// `down_until` value meaning "not marked down since the last success".
 const NOT_DOWN: u64 = 0;

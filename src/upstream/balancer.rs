@@ -214,8 +214,9 @@ fn splitmix64(mut x: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::PassiveHealth;
     use crate::config::{HealthConfig, PoolConfig, RetryConfig, ServerConfig};
-    use crate::upstream::backend::{BackendHealth, DEFAULT_PASSIVE_COOLDOWN, DEFAULT_PASSIVE_FALL};
+    use crate::upstream::backend::BackendHealth;
     use std::collections::HashMap;
     use std::net::Ipv4Addr;
     use std::time::Duration;
@@ -240,6 +241,7 @@ mod tests {
             ip_hash_prefix_v4: 32,
             ip_hash_prefix_v6: 64,
             health: None,
+            passive: PassiveHealth::default(),
             tls: None,
         }
     }
@@ -247,7 +249,7 @@ mod tests {
     /// A balancer over fresh backends for `cfg` (pools that never connect here).
     fn balancer(cfg: &UpstreamConfig) -> Balancer {
         let metrics = crate::metrics::Metrics::new();
-        let fall = cfg.health.as_ref().map_or(DEFAULT_PASSIVE_FALL, |h| h.fall);
+        let fall = cfg.passive.fall;
         let backends = cfg
             .servers
             .iter()
@@ -257,7 +259,7 @@ mod tests {
                     cfg.pool.clone(),
                     metrics.server(&cfg.name, s.addr),
                 );
-                let health = BackendHealth::new(fall, DEFAULT_PASSIVE_COOLDOWN);
+                let health = BackendHealth::new(fall, cfg.passive.cooldown);
                 Arc::new(Backend::new(s.weight, health, pool))
             })
             .collect();
@@ -334,7 +336,7 @@ mod tests {
         assert_eq!(counts, [100, 0, 300]);
 
         // After the cool-down it is tried again and takes its share.
-        let later = now + DEFAULT_PASSIVE_COOLDOWN;
+        let later = now + PassiveHealth::default().cooldown;
         let mut counts = [0; 3];
         for i in picks(&balancer, 600, &[], later) {
             counts[i] += 1;
@@ -393,6 +395,8 @@ mod tests {
             fall: 1,
             ..HealthConfig::default()
         });
+        // Resolved once, as the config loader does.
+        cfg.passive = PassiveHealth::of(cfg.health.as_ref());
         let with_fall_1 = balancer(&cfg);
         assert!(with_fall_1.backends()[0]
             .health
@@ -401,8 +405,8 @@ mod tests {
         let by_default = balancer(&upstream(BalanceKind::RoundRobin, &[(A, 1)]));
         let health = &by_default.backends()[0].health;
         let now = Instant::now();
-        let marked = (1..=DEFAULT_PASSIVE_FALL).find(|_| health.record_failure(now));
-        assert_eq!(marked, Some(DEFAULT_PASSIVE_FALL));
+        let marked = (1..=PassiveHealth::default().fall).find(|_| health.record_failure(now));
+        assert_eq!(marked, Some(PassiveHealth::default().fall));
     }
 
     #[tokio::test]
@@ -572,7 +576,7 @@ mod tests {
 
         // Also back after the cool-down alone (half-open).
         mark_down(&balancer, 2, now);
-        let later = now + DEFAULT_PASSIVE_COOLDOWN;
+        let later = now + PassiveHealth::default().cooldown;
         let after: Vec<usize> = (0..2000)
             .map(|i| balancer.pick_index(client(i), &[], later).unwrap())
             .collect();

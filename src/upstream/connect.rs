@@ -396,9 +396,7 @@ impl Connector for Http1 {
     ) -> Result<Http1Conn, RequestError> {
         let stream = self.open(addr, cfg).await?;
         let delivery = stream.delivery();
-        let (sender, conn) = hyper::client::conn::http1::Builder::new()
-            .max_buf_size(UPSTREAM_READ_BUFFER)
-            .handshake::<_, UpstreamBody>(TokioIo::new(stream))
+        let (sender, conn) = http1_handshake::<_, UpstreamBody>(stream)
             .await
             .map_err(|source| RequestError::Handshake { addr, source })?;
         Ok(Http1Conn {
@@ -407,6 +405,24 @@ impl Connector for Http1 {
             delivery,
         })
     }
+}
+
+/// hyper's HTTP/1.1 client handshake over `io`, as every connection to a backend makes it
+/// (the pool's, a tunnel's, a health probe's, `kaproxy probe`'s): its read buffer capped at
+/// [`UPSTREAM_READ_BUFFER`].
+pub async fn http1_handshake<IO, B>(
+    io: IO,
+) -> hyper::Result<(SendRequest<B>, HyperConn<TokioIo<IO>, B>)>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    B: http_body::Body + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    hyper::client::conn::http1::Builder::new()
+        .max_buf_size(UPSTREAM_READ_BUFFER)
+        .handshake(TokioIo::new(io))
+        .await
 }
 
 /// How large hyper lets its read buffer for a backend grow (reads of up to this much at once):

@@ -21,7 +21,6 @@ use bytes::Bytes;
 use http::header::{CONNECTION, HOST, USER_AGENT};
 use http::{HeaderValue, Method, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Empty};
-use hyper_util::rt::TokioIo;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior};
 use tracing::{debug, error, info, warn};
@@ -250,7 +249,7 @@ impl Probe {
             .await
             .map_err(CheckError::Connect)?;
         let (mut sender, conn) =
-            hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream)).await?;
+            crate::upstream::connect::http1_handshake::<_, Empty<Bytes>>(stream).await?;
         let mut request = Request::new(Empty::new());
         *request.method_mut() = Method::GET;
         *request.uri_mut() = self.path.clone();
@@ -293,8 +292,9 @@ mod tests {
     use std::net::SocketAddr;
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
+    use crate::config::PassiveHealth;
     use crate::config::PoolConfig;
-    use crate::upstream::backend::{BackendHealth, DEFAULT_PASSIVE_COOLDOWN, DEFAULT_PASSIVE_FALL};
+    use crate::upstream::backend::BackendHealth;
     use crate::upstream::pool::Pool;
     use prometheus_client::metrics::gauge::Gauge;
     use std::sync::Mutex;
@@ -383,7 +383,8 @@ mod tests {
     fn backend(addr: SocketAddr) -> Arc<Backend> {
         let metrics = crate::metrics::Metrics::new();
         let pool = Pool::new(addr, PoolConfig::default(), metrics.server("web", addr));
-        let health = BackendHealth::new(DEFAULT_PASSIVE_FALL, DEFAULT_PASSIVE_COOLDOWN);
+        let passive = PassiveHealth::default();
+        let health = BackendHealth::new(passive.fall, passive.cooldown);
         Arc::new(Backend::new(1, health, pool))
     }
 

@@ -6,6 +6,8 @@ pub mod backend;
 pub mod balancer;
 pub mod connect;
 pub mod delivery;
+pub mod exchange;
+pub mod group;
 pub mod health;
 pub mod keep_alive;
 pub mod pool;

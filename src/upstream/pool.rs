@@ -28,25 +28,18 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::task::{Context, Poll, Wake, Waker};
+use std::task::{Wake, Waker};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::{HeaderMap, Request, Response};
-use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
-use crate::body::UpstreamBody;
 use crate::config::PoolConfig;
 use crate::error::RequestError;
-use crate::headers::{connection_has, KEEP_ALIVE};
 use crate::metrics::{BackendMetrics, CloseReason, KeepAliveSource};
-use crate::upstream::connect::{Connection, Connector, Http1, Http1Conn};
-use crate::upstream::delivery::Written;
+use crate::upstream::connect::{Connection, Connector, Http1};
 use crate::upstream::keep_alive::KeepAliveHint;
 use crate::upstream::tls::UpstreamTls;
 
@@ -867,16 +860,6 @@ pub struct PooledConn<C: Connector = Http1> {
     retire: Option<CloseReason>,
 }
 
-/// A send that failed before any response arrived.
-pub struct SendFailure {
-    pub error: RequestError,
-    /// The request, when hyper gave it back unsent: safe to send again whatever the method.
-    pub unsent: Option<Request<UpstreamBody>>,
-    /// What of the request went to the socket, to ask whether the backend ever received it
-    /// (once the connection is dropped; see [`crate::upstream::delivery`]).
-    pub written: Option<Written>,
-}
-
 impl<C: Connector> PooledConn<C> {
     fn new(conn: Entry<C::Conn>, pool: Arc<Pool<C>>, reused: bool) -> Self {
         let idle_for = if reused {
@@ -920,24 +903,34 @@ impl<C: Connector> PooledConn<C> {
         (c.born.elapsed(), c.requests)
     }
 
-    fn observe(&mut self, headers: &HeaderMap) {
-        let hint = headers
-            .get(KEEP_ALIVE)
-            .map(|v| KeepAliveHint::parse(v.as_bytes()))
-            .unwrap_or_default();
-        self.pool.learn(&hint);
+    /// What the response head said of the backend's keep-alive (its `Keep-Alive` header, and
+    /// whether it closes this connection): learned for the server, and the connection retired
+    /// when it is done for.
+    pub(super) fn advertised(&mut self, hint: &KeepAliveHint, closing: bool) {
+        self.pool.learn(hint);
         let conn = self.conn.as_mut().expect("conn present until release");
         let was_last = conn.remaining == Some(1);
         if hint.max.is_some() && self.pool.cfg.learn_keep_alive {
             conn.remaining = hint.max;
         }
-        if connection_has(headers, "close") {
+        if closing {
             self.retire = Some(if was_last {
                 CloseReason::MaxRequests
             } else {
                 CloseReason::ServerClose
             });
         }
+    }
+
+    /// The live connection, and its request count to add this request to (the exchange).
+    pub(super) fn connection(&mut self) -> (&mut C::Conn, &mut u32) {
+        let entry = self.conn.as_mut().expect("conn present until release");
+        (&mut entry.conn, &mut entry.requests)
+    }
+
+    /// The live connection while it is checked out, if it still is.
+    pub(super) fn live(&mut self) -> Option<&mut C::Conn> {
+        self.conn.as_mut().map(|e| &mut e.conn)
     }
 
     /// Closes the connection with `reason` once its response is done, instead of pooling it
@@ -954,132 +947,11 @@ impl<C: Connector> PooledConn<C> {
     }
 }
 
-impl PooledConn<Http1> {
-    /// Sends one request and waits for the response head, learning the backend's keep-alive
-    /// settings from it. The caller bounds the wait with `response_timeout`. The connection is
-    /// driven by the calling task (see [`crate::upstream::connect::Driver`]).
-    pub async fn send(
-        &mut self,
-        req: Request<UpstreamBody>,
-    ) -> Result<Response<Incoming>, SendFailure> {
-        let addr = self.pool.addr;
-        let conn = self.conn.as_mut().expect("conn present until release");
-        let Http1Conn {
-            sender,
-            driver,
-            delivery,
-        } = &mut conn.conn;
-        if let Err(e) = driver
-            .drive(std::future::poll_fn(|cx| sender.poll_ready(cx)))
-            .await
-        {
-            self.retire = Some(CloseReason::ServerClose);
-            return Err(SendFailure {
-                error: RequestError::from_send(addr, e),
-                unsent: Some(req),
-                written: None,
-            });
-        }
-        conn.requests += 1;
-        let written = Written::from_now(delivery);
-        let sent = sender.try_send_request(req);
-        match driver.drive(sent).await {
-            Ok(resp) => {
-                self.observe(resp.headers());
-                Ok(resp)
-            }
-            Err(mut e) => {
-                let unsent = e.take_message();
-                Err(SendFailure {
-                    error: RequestError::from_send(addr, e.into_error()),
-                    unsent,
-                    written: Some(written),
-                })
-            }
-        }
-    }
-
-    /// Wraps a response body so that the connection returns to the pool when the body ends.
-    pub fn attach(self, body: Incoming) -> PooledBody {
-        PooledBody {
-            inner: body,
-            conn: Some(self),
-        }
-    }
-}
-
 impl<C: Connector> Drop for PooledConn<C> {
     fn drop(&mut self) {
         if let Some(conn) = self.conn.take() {
             self.pool
                 .close(conn, self.retire.unwrap_or(CloseReason::Error));
-        }
-    }
-}
-
-/// A response body streaming from a pooled connection; the connection goes back to the pool
-/// at end of stream (kaproxy's idle clock starts only when the whole response has arrived,
-/// which is never before the backend's own clock starts).
-pub struct PooledBody {
-    inner: Incoming,
-    conn: Option<PooledConn>,
-}
-
-impl Body for PooledBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        // This task drives the connection the body comes from (connect.rs, `Driver`).
-        if let Some(conn) = self.conn.as_mut().and_then(|c| c.conn.as_mut()) {
-            let _ = conn.conn.driver.poll(cx);
-        }
-        let res = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
-        match stream_end(&res, &self.inner) {
-            Some(true) => {
-                if let Some(conn) = self.conn.take() {
-                    conn.release();
-                }
-            }
-            Some(false) => drop(self.conn.take()),
-            None => {}
-        }
-        res
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-/// Whether the poll that gave `res` ended the body `inner`: `Some(true)` cleanly (its last
-/// frame, or the end), `Some(false)` with an error, `None` not yet.
-fn stream_end(
-    res: &Poll<Option<Result<Frame<Bytes>, hyper::Error>>>,
-    inner: &Incoming,
-) -> Option<bool> {
-    match res {
-        Poll::Ready(None) => Some(true),
-        Poll::Ready(Some(Err(_))) => Some(false),
-        Poll::Ready(Some(Ok(_))) if inner.is_end_stream() => Some(true),
-        _ => None,
-    }
-}
-
-impl Drop for PooledBody {
-    fn drop(&mut self) {
-        // An empty body (HEAD, 204, Content-Length: 0) may never be polled.
-        if let Some(conn) = self.conn.take() {
-            if self.inner.is_end_stream() {
-                conn.release();
-            }
         }
     }
 }
@@ -1512,6 +1384,8 @@ mod tests {
         );
     }
 
+    use crate::body::UpstreamBody;
+    use http::Request;
     use http_body_util::BodyExt;
     use kaproxy_testkit::demo::{DemoBackend, DemoBackendConfig, StaleReuse};
 

@@ -724,13 +724,13 @@ impl Load {
         if self.pacing == Pacing::Independent && self.pause.1 > Duration::ZERO {
             tokio::time::sleep(rng.duration(Duration::ZERO, self.pause.1)).await;
         }
-        for i in 0..self.requests_per_connection {
+        for (i, pause) in pauses.iter().enumerate().take(self.requests_per_connection) {
             match self.pacing {
                 Pacing::Rounds => {
                     if i > 0 {
                         // Every slot reaches the barrier: each request is bounded by its timeout.
                         barrier.wait().await;
-                        tokio::time::sleep(pauses[i] + jitter).await;
+                        tokio::time::sleep(*pause + jitter).await;
                     } else {
                         tokio::time::sleep(jitter).await;
                     }
