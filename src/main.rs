@@ -7,7 +7,6 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use kaproxy::config::{Config, LogColor, LogConfig, LogFormat};
-use kaproxy_testkit::demo::{DemoBackend, DemoBackendConfig};
 
 /// The configuration `kaproxy demo` serves: the repository's default config, built in.
 const DEMO_CONFIG: &str = include_str!("../config.toml");
@@ -208,7 +207,7 @@ fn serve(config: Config, demo: bool) -> anyhow::Result<()> {
         .build()
         .context("cannot start the tokio runtime")?;
     let result = runtime.block_on(async move {
-        let demo_backends = start_demo_backends(config.demo.as_ref()).await?;
+        let demo_backends = demo::start(config.demo.as_ref()).await?;
         let server = kaproxy::Server::start_with(config, options).await?;
         tokio::spawn(release_memory_every_second());
         if demo {
@@ -217,9 +216,7 @@ fn serve(config: Config, demo: bool) -> anyhow::Result<()> {
         wait_for_signal(&server).await;
         tracing::info!("shutting down: draining in-flight requests");
         server.shutdown().await;
-        for backend in demo_backends {
-            backend.stop().await;
-        }
+        demo::stop(demo_backends).await;
         Ok(())
     });
     // Lingering closes and demo tasks must not hold the exit.
@@ -230,24 +227,55 @@ fn serve(config: Config, demo: bool) -> anyhow::Result<()> {
     result
 }
 
-/// Starts the `[demo]` backends (Apache-like, `demo-1` … `demo-n`) before the proxy that sits in
-/// front of them; a backend that cannot bind stops startup.
-async fn start_demo_backends(
-    demo: Option<&kaproxy::config::DemoConfig>,
-) -> anyhow::Result<Vec<DemoBackend>> {
-    let mut backends = Vec::new();
-    for (i, addr) in demo.map_or(&[][..], |d| &d.backends).iter().enumerate() {
-        let cfg = DemoBackendConfig {
-            name: format!("demo-{}", i + 1),
-            ..DemoBackendConfig::default()
-        };
-        let backend = DemoBackend::start(*addr, cfg)
-            .await
-            .with_context(|| format!("cannot start demo backend on {addr}"))?;
-        tracing::info!(addr = %backend.addr(), "demo backend started (Apache-like, KeepAliveTimeout 5s, development only)");
-        backends.push(backend);
+/// `kaproxy demo` and the `[demo]` backends (Apache-like, `demo-1` … `demo-n`), started before
+/// the proxy that sits in front of them: development tooling, in the binary with the default
+/// `demo` feature.
+#[cfg(feature = "demo")]
+mod demo {
+    use anyhow::Context;
+    use kaproxy_testkit::demo::{DemoBackend, DemoBackendConfig};
+
+    pub type Backend = DemoBackend;
+
+    /// Starts the backends `[demo]` names; one that cannot bind stops startup.
+    pub async fn start(demo: Option<&kaproxy::config::DemoConfig>) -> anyhow::Result<Vec<Backend>> {
+        let mut backends = Vec::new();
+        for (i, addr) in demo.map_or(&[][..], |d| &d.backends).iter().enumerate() {
+            let cfg = DemoBackendConfig {
+                name: format!("demo-{}", i + 1),
+                ..DemoBackendConfig::default()
+            };
+            let backend = DemoBackend::start(*addr, cfg)
+                .await
+                .with_context(|| format!("cannot start demo backend on {addr}"))?;
+            tracing::info!(addr = %backend.addr(), "demo backend started (Apache-like, KeepAliveTimeout 5s, development only)");
+            backends.push(backend);
+        }
+        Ok(backends)
     }
-    Ok(backends)
+
+    pub async fn stop(backends: Vec<Backend>) {
+        for backend in backends {
+            backend.stop().await;
+        }
+    }
+}
+
+/// Built without the `demo` feature: a config that asks for `[demo]` backends is refused.
+#[cfg(not(feature = "demo"))]
+mod demo {
+    pub enum Backend {}
+
+    pub async fn start(demo: Option<&kaproxy::config::DemoConfig>) -> anyhow::Result<Vec<Backend>> {
+        if demo.is_some_and(|d| !d.backends.is_empty()) {
+            anyhow::bail!(
+                "[demo] backends need kaproxy built with the `demo` feature (a default one)"
+            );
+        }
+        Ok(Vec::new())
+    }
+
+    pub async fn stop(_: Vec<Backend>) {}
 }
 
 /// Raises the soft open-file limit to the hard one before anything is served (nginx's
