@@ -85,9 +85,20 @@ pub struct Pool<C: Connector = Http1> {
     sweep_waker: Waker,
     /// The connection kept past the observed deadline to find out whether the backend's
     /// timeout went up; never handed out ([`PROBE_INTERVAL`]).
-    probe: Mutex<Option<Entry<C::Conn>>>,
+    probe: Mutex<Option<Probe<C::Conn>>>,
     metrics: Arc<BackendMetrics>,
 }
+
+/// The connection kept to find out the backend's timeout, and when it was last seen open.
+struct Probe<T> {
+    conn: Entry<T>,
+    seen_open: Instant,
+}
+
+/// How often the sweep looks at a probe: a close is dated no later than this after it
+/// happened, and never later than it happened (the probe's idle time when last seen open), so
+/// a missed wake-up can only make the observed timeout shorter, never longer.
+const PROBE_LOOK_EVERY: Duration = Duration::from_millis(100);
 
 /// How often one connection per server is let idle past the observed keep-alive timeout
 /// (module doc): a probe costs one connection held unused for at most the configured
@@ -672,22 +683,25 @@ impl<C: Connector> Pool<C> {
     /// configured deadline; else when to look again.
     fn sweep_probe(&self, now: Instant) -> Option<Instant> {
         let mut slot = crate::sync::lock(&self.probe);
-        let conn = slot.as_mut()?;
+        let probe = slot.as_mut()?;
+        let conn = &mut probe.conn;
         let end = if conn.is_closed() {
+            // It closed after it was last seen open: that idle time is proven.
             Some((
-                ProbeEnd::Closed(now - conn.last_used),
+                ProbeEnd::Closed(probe.seen_open - conn.last_used),
                 CloseReason::ServerClose,
             ))
         } else {
             let (deadline, reason) =
                 self.deadline_with(self.cfg.keepalive_timeout, conn.born, conn.last_used);
             if now < deadline {
+                probe.seen_open = now;
                 conn.conn.detach(&self.sweep_waker);
-                return Some(deadline);
+                return Some(deadline.min(now + PROBE_LOOK_EVERY));
             }
             Some((ProbeEnd::Outlived, reason))
         };
-        let conn = slot.take().expect("checked above");
+        let conn = slot.take().expect("checked above").conn;
         // Out of the pool's idle connections (set_probe counted it in).
         self.metrics.idle.dec();
         drop(slot);
@@ -703,12 +717,13 @@ impl<C: Connector> Pool<C> {
     fn set_probe(&self, mut conn: Entry<C::Conn>) {
         conn.conn.detach(&self.sweep_waker);
         self.metrics.idle.inc();
-        *crate::sync::lock(&self.probe) = Some(conn);
+        let seen_open = Instant::now();
+        *crate::sync::lock(&self.probe) = Some(Probe { conn, seen_open });
     }
 
     /// Closes the probe connection, if there is one, learning nothing from it.
     fn abandon_probe(&self) -> bool {
-        let Some(conn) = crate::sync::lock(&self.probe).take() else {
+        let Some(Probe { conn, .. }) = crate::sync::lock(&self.probe).take() else {
             return false;
         };
         self.metrics.idle.dec();
@@ -1082,6 +1097,29 @@ mod tests {
         crate::sync::lock(&pool.connector.opened)[i].store(true, Ordering::Release);
     }
 
+    /// Lets `d` pass in steps, the sweep running at each (as a probe is looked at).
+    async fn pass(d: Duration) {
+        let step = Duration::from_millis(20);
+        let mut left = d;
+        while left > Duration::ZERO {
+            let now = step.min(left);
+            tokio::time::advance(now).await;
+            settle().await;
+            left -= now;
+        }
+    }
+
+    /// The observed timeout, which a probe dates from its last look (at most
+    /// `PROBE_LOOK_EVERY` early): within that of `real`, and never above it.
+    fn observed_about(pool: &Pool<FakeConnector>, real: Duration) {
+        let (t, source) = pool.keepalive();
+        assert_eq!(source, KeepAliveSource::Observed);
+        assert!(
+            t <= real && t + PROBE_LOOK_EVERY >= real,
+            "observed {t:?}, the backend closed at {real:?}"
+        );
+    }
+
     /// Wakes the sweep as a FIN on an idle connection does, and lets it run.
     async fn sweep_now(pool: &Pool<FakeConnector>) {
         pool.sweep.notify_one();
@@ -1162,13 +1200,10 @@ mod tests {
         let other = pool.acquire().await.unwrap();
         assert!(!other.is_reused(), "the probe is never handed out");
         // The backend closes the probe at 3 s idle: its timeout went up to 3 s.
-        tokio::time::advance(Duration::from_millis(1499)).await;
+        pass(Duration::from_millis(1499)).await;
         backend_closes(&pool, 0);
         sweep_now(&pool).await;
-        assert_eq!(
-            pool.keepalive(),
-            (Duration::from_secs(3), KeepAliveSource::Observed)
-        );
+        observed_about(&pool, Duration::from_secs(3));
         // No second probe within PROBE_INTERVAL: connection 1 closes at its deadline (2.5 s).
         other.release();
         tokio::time::advance(Duration::from_millis(2501)).await;
@@ -1204,13 +1239,10 @@ mod tests {
         second.release();
         assert_eq!(pool.idle_count(), 1, "one probe at a time");
         // The backend closes the probe after 1.2 s idle: its timeout, before any reuse met it.
-        tokio::time::advance(Duration::from_millis(1200)).await;
+        pass(Duration::from_millis(1200)).await;
         backend_closes(&pool, 0);
         sweep_now(&pool).await;
-        assert_eq!(
-            pool.keepalive(),
-            (Duration::from_millis(1200), KeepAliveSource::Observed)
-        );
+        observed_about(&pool, Duration::from_millis(1200));
         assert_eq!(closed(&metrics, "server_close"), 1);
         // The other connection, idle as long, is past the new deadline (700 ms): not reused.
         assert!(!pool.acquire().await.unwrap().is_reused());
@@ -1243,13 +1275,10 @@ mod tests {
         assert!(!second.is_reused(), "b is not trusted while the probe runs");
         assert_eq!(closed(&metrics, "learned_timeout"), 1, "b");
         // The backend closes the probe: its timeout is known, the rule ends with the probe.
-        tokio::time::advance(Duration::from_millis(400)).await;
+        pass(Duration::from_millis(400)).await;
         backend_closes(&pool, 0);
         sweep_now(&pool).await;
-        assert_eq!(
-            pool.keepalive(),
-            (Duration::from_secs(1), KeepAliveSource::Observed)
-        );
+        observed_about(&pool, Duration::from_secs(1));
         assert_eq!(pool.learned.unproven_before_us.load(Ordering::Relaxed), 0);
     }
 
