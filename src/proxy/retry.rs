@@ -240,14 +240,8 @@ pub(super) enum Step {
 
 impl Failure {
     /// The keep-alive race: a pooled connection reset or closed as it was reused.
-    fn is_race(&self) -> bool {
+    pub(super) fn is_race(&self) -> bool {
         self.reused && !self.retried_reused && self.retry == Retry::IfResendable
-    }
-
-    /// Whether the step depends on proof that the backend never received the request (worth
-    /// the wait for it only then).
-    pub(super) fn needs_proof(&self, again: Resendable) -> bool {
-        self.is_race() && !again.unsent && !again.idempotent
     }
 
     /// The rule of the module doc, as a decision.
@@ -413,9 +407,7 @@ impl Proxy {
                 })) => (error, unsent, written),
             };
             let reused = conn.is_reused();
-            if error.retry() == Retry::IfResendable && error.side() == Side::Upstream {
-                conn.closed_on_reuse();
-            }
+            let reused_after = conn.reused_after();
             // Dropping the connection closes it (reason `error`), and settles what its socket
             // had acknowledged (`written`).
             drop(conn);
@@ -435,7 +427,11 @@ impl Proxy {
                 idempotent: resend.idempotent && resend.replayable(),
                 unreceived: false,
             };
-            if failure.needs_proof(again) && resend.replayable() {
+            if let (true, Some(idle)) = (failure.is_race(), reused_after) {
+                pool.closed_on_reuse(idle);
+            }
+            // The proof decides only a request that may not go again otherwise.
+            if failure.is_race() && !again.unsent && !again.idempotent && resend.replayable() {
                 if let Some(written) = written {
                     again.unreceived = written.never_received().await;
                 }
@@ -560,32 +556,32 @@ mod tests {
     }
 
     #[test]
-    fn proof_is_waited_for_only_where_it_decides() {
+    fn proof_is_asked_for_only_in_the_race() {
         let race = Failure {
             retry: Retry::IfResendable,
             kind: RESET,
             reused: true,
             retried_reused: false,
         };
-        assert!(race.needs_proof(NOTHING), "a POST on a reused connection");
-        assert!(!race.needs_proof(IDEMPOTENT), "a GET goes again anyway");
         assert!(
-            !race.needs_proof(UNSENT),
-            "never written: goes again anyway"
+            race.is_race(),
+            "a reused connection reset before any response byte"
         );
         let fresh = Failure {
             reused: false,
             ..race
         };
-        assert!(
-            !fresh.needs_proof(NOTHING),
-            "only the race of a reused connection"
-        );
+        assert!(!fresh.is_race(), "a fresh connection is no keep-alive race");
+        let again = Failure {
+            retried_reused: true,
+            ..race
+        };
+        assert!(!again.is_race(), "once per request");
         let timeout = Failure {
             retry: Retry::IfTimeoutsRetried,
             kind: TIMEOUT,
             ..race
         };
-        assert!(!timeout.needs_proof(NOTHING), "a timeout proves nothing");
+        assert!(!timeout.is_race(), "a timeout proves nothing");
     }
 }
