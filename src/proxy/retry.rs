@@ -240,8 +240,14 @@ pub(super) enum Step {
 
 impl Failure {
     /// The keep-alive race: a pooled connection reset or closed as it was reused.
-    pub(super) fn is_race(&self) -> bool {
+    fn is_race(&self) -> bool {
         self.reused && !self.retried_reused && self.retry == Retry::IfResendable
+    }
+
+    /// Whether the step depends on proof that the backend never received the request (worth
+    /// the wait for it only then).
+    pub(super) fn needs_proof(&self, again: Resendable) -> bool {
+        self.is_race() && !again.unsent && !again.idempotent
     }
 
     /// The rule of the module doc, as a decision.
@@ -407,7 +413,9 @@ impl Proxy {
                 })) => (error, unsent, written),
             };
             let reused = conn.is_reused();
-            let reused_after = conn.reused_after();
+            if error.retry() == Retry::IfResendable && error.side() == Side::Upstream {
+                conn.closed_on_reuse();
+            }
             // Dropping the connection closes it (reason `error`), and settles what its socket
             // had acknowledged (`written`).
             drop(conn);
@@ -427,11 +435,7 @@ impl Proxy {
                 idempotent: resend.idempotent && resend.replayable(),
                 unreceived: false,
             };
-            if let (true, Some(idle)) = (failure.is_race(), reused_after) {
-                pool.closed_on_reuse(idle);
-            }
-            // The proof decides only a request that may not go again otherwise.
-            if failure.is_race() && !again.unsent && !again.idempotent && resend.replayable() {
+            if failure.needs_proof(again) && resend.replayable() {
                 if let Some(written) = written {
                     again.unreceived = written.never_received().await;
                 }
@@ -556,32 +560,32 @@ mod tests {
     }
 
     #[test]
-    fn proof_is_asked_for_only_in_the_race() {
+    fn proof_is_waited_for_only_where_it_decides() {
         let race = Failure {
             retry: Retry::IfResendable,
             kind: RESET,
             reused: true,
             retried_reused: false,
         };
+        assert!(race.needs_proof(NOTHING), "a POST on a reused connection");
+        assert!(!race.needs_proof(IDEMPOTENT), "a GET goes again anyway");
         assert!(
-            race.is_race(),
-            "a reused connection reset before any response byte"
+            !race.needs_proof(UNSENT),
+            "never written: goes again anyway"
         );
         let fresh = Failure {
             reused: false,
             ..race
         };
-        assert!(!fresh.is_race(), "a fresh connection is no keep-alive race");
-        let again = Failure {
-            retried_reused: true,
-            ..race
-        };
-        assert!(!again.is_race(), "once per request");
+        assert!(
+            !fresh.needs_proof(NOTHING),
+            "only the race of a reused connection"
+        );
         let timeout = Failure {
             retry: Retry::IfTimeoutsRetried,
             kind: TIMEOUT,
             ..race
         };
-        assert!(!timeout.is_race(), "a timeout proves nothing");
+        assert!(!timeout.needs_proof(NOTHING), "a timeout proves nothing");
     }
 }

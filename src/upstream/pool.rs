@@ -15,7 +15,7 @@
 //! 1. **header** — what the backend last advertised in `Keep-Alive: timeout=N`: its own word.
 //! 2. **observed** — the shortest idle time at which the backend was seen to close one of
 //!    these connections (by the sweep as its FIN comes in, at the check before reuse, or as a
-//!    reused connection failed before any response byte). Most servers send no header (nginx, gunicorn, Go, Jetty), and
+//!    reused connection failed). Most servers send no header (nginx, gunicorn, Go, Jetty), and
 //!    even Apache closes early when busy; a close is the backend showing its real timeout, or
 //!    less, so the shortest one is safe. It is raised only on evidence: now and then
 //!    ([`PROBE_INTERVAL`]) one connection that reached the observed deadline is kept, never
@@ -569,11 +569,11 @@ impl<C: Connector> Pool<C> {
     }
 
     /// Learns from the backend closing a connection that had been idle `idle_for` (found by
-    /// the sweep or the check before reuse, or [`Pool::closed_on_reuse`]): the
-    /// observed timeout is the shortest such time (module doc). True when it lowered it.
-    pub(crate) fn observe_close(&self, idle_for: Duration) -> bool {
+    /// the sweep or the check before reuse, or a reused connection that failed): the
+    /// observed timeout is the shortest such time (module doc).
+    pub(crate) fn observe_close(&self, idle_for: Duration) {
         if !self.cfg.learn_keep_alive {
-            return false;
+            return;
         }
         let ms = (idle_for.as_millis() as u64).max(1);
         crate::sync::lock(&self.learned.probe).settled = true;
@@ -587,18 +587,6 @@ impl<C: Connector> Pool<C> {
         if lowered {
             debug!(server = %self.addr, idle_ms = ms, "pool: backend closed an idle connection");
             self.keepalive_changed();
-        }
-        lowered
-    }
-
-    /// A connection reused after idling `idle_for` was reset or closed before any response
-    /// byte: most often the backend's keep-alive timer, evidence as a close found while idle is;
-    /// but a crash that read the request looks the same, and may teach a far too short
-    /// timeout. So when it lowers the observation, a probe may start at once (not only
-    /// [`PROBE_INTERVAL`] after the last): within one real timeout the probe restores it.
-    pub fn closed_on_reuse(&self, idle_for: Duration) {
-        if self.observe_close(idle_for) {
-            crate::sync::lock(&self.learned.probe).next = None;
         }
     }
 
@@ -903,10 +891,12 @@ impl<C: Connector> PooledConn<C> {
         }
     }
 
-    /// How long this connection had idled when it was handed out for reuse (None when new):
-    /// what [`Pool::closed_on_reuse`] learns from.
-    pub fn reused_after(&self) -> Option<Duration> {
-        self.reused.then_some(self.idle_for)
+    /// The backend closed or reset this reused connection before answering: evidence of its
+    /// keep-alive timeout, as a close found while idle is (the pool's module doc).
+    pub fn closed_on_reuse(&self) {
+        if self.reused {
+            self.pool.observe_close(self.idle_for);
+        }
     }
 
     /// Whether this connection had served a request before this one.
@@ -1189,7 +1179,7 @@ mod tests {
         tokio::time::advance(Duration::from_millis(2500)).await;
         let conn = pool.acquire().await.unwrap();
         assert!(conn.is_reused());
-        pool.closed_on_reuse(conn.reused_after().unwrap());
+        conn.closed_on_reuse();
         assert_eq!(
             pool.keepalive(),
             (Duration::from_millis(2500), KeepAliveSource::Observed)
@@ -1311,23 +1301,6 @@ mod tests {
         pool.acquire().await.unwrap().release();
         assert_eq!(pool.idle_count(), 1);
         assert!(pool.acquire().await.unwrap().is_reused());
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_failed_reuse_that_lowers_the_timeout_lets_a_probe_start_at_once() {
-        let (pool, metrics) = unprobed_pool(cfg()); // as if a probe had just ended
-        pool.observe_close(Duration::from_secs(2));
-        // A crash that read a request on a busy connection looks like a 10 ms timeout.
-        pool.closed_on_reuse(Duration::from_millis(10));
-        assert_eq!(pool.effective_keepalive(), Duration::from_millis(10));
-        pool.acquire().await.unwrap().release();
-        settle().await;
-        assert_eq!(closed(&metrics, "learned_timeout"), 0, "kept as the probe");
-        // The probe finds the real timeout, 1.5 s, without waiting PROBE_INTERVAL.
-        pass(Duration::from_millis(1500)).await;
-        backend_closes(&pool, 0);
-        sweep_now(&pool).await;
-        observed_about(&pool, Duration::from_millis(1500));
     }
 
     #[tokio::test(start_paused = true)]
