@@ -166,6 +166,10 @@ struct ProbeTimes {
     /// The backend has shown something of its timeout: a close, or a probe that outlived the
     /// configured deadline. Until then, connections coming back idle start probes.
     settled: bool,
+    /// The shortest close (ms) seen while the probe runs: the probe cannot raise the observed
+    /// timeout above it (a backend whose timer is coarse closes some connections later than
+    /// others; the earliest is what holds).
+    shortest_meanwhile: Option<u64>,
 }
 
 /// How a probe of the observed timeout ended.
@@ -576,7 +580,13 @@ impl<C: Connector> Pool<C> {
             return;
         }
         let ms = (idle_for.as_millis() as u64).max(1);
-        crate::sync::lock(&self.learned.probe).settled = true;
+        {
+            let mut probe = crate::sync::lock(&self.learned.probe);
+            probe.settled = true;
+            if probe.running {
+                probe.shortest_meanwhile = Some(probe.shortest_meanwhile.map_or(ms, |s| s.min(ms)));
+            }
+        }
         let lowered = self
             .learned
             .observed_ms
@@ -641,6 +651,7 @@ impl<C: Connector> Pool<C> {
             return false;
         }
         probe.running = true;
+        probe.shortest_meanwhile = None;
         if source == KeepAliveSource::Config {
             let mark = self.learned.micros(last_used + self.cfg.safety_margin);
             self.learned
@@ -652,9 +663,11 @@ impl<C: Connector> Pool<C> {
 
     /// A probe ended: what it showed becomes the observed timeout.
     fn end_probe(&self, now: Instant, end: ProbeEnd) {
+        let shortest_meanwhile;
         {
             let mut probe = crate::sync::lock(&self.learned.probe);
             probe.running = false;
+            shortest_meanwhile = probe.shortest_meanwhile.take();
             self.learned.unproven_before_us.store(0, Ordering::Relaxed);
             if matches!(end, ProbeEnd::Abandoned) {
                 // Nothing learned: the next connection coming back may probe again.
@@ -666,14 +679,20 @@ impl<C: Connector> Pool<C> {
         let observed = &self.learned.observed_ms;
         match end {
             ProbeEnd::Closed(idle) => {
-                let ms = (idle.as_millis() as u64).max(1);
+                let ms = (idle.as_millis() as u64)
+                    .max(1)
+                    .min(shortest_meanwhile.unwrap_or(u64::MAX));
                 debug!(server = %self.addr, idle_ms = ms, "pool: probe closed by the backend");
                 observed.store(ms, Ordering::Relaxed);
             }
-            ProbeEnd::Outlived => {
-                debug!(server = %self.addr, "pool: probe outlived the observed timeout");
-                observed.store(0, Ordering::Relaxed);
-            }
+            ProbeEnd::Outlived => match shortest_meanwhile {
+                // Outlived, but another connection closed sooner meanwhile: that holds.
+                Some(ms) => observed.store(ms, Ordering::Relaxed),
+                None => {
+                    debug!(server = %self.addr, "pool: probe outlived the observed timeout");
+                    observed.store(0, Ordering::Relaxed);
+                }
+            },
             ProbeEnd::Abandoned => unreachable!("returned above"),
         }
         self.keepalive_changed();
@@ -1301,6 +1320,23 @@ mod tests {
         pool.acquire().await.unwrap().release();
         assert_eq!(pool.idle_count(), 1);
         assert!(pool.acquire().await.unwrap().is_reused());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_probe_never_raises_the_timeout_above_a_close_seen_meanwhile() {
+        // Gunicorn's timer is coarse: it closes some connections a second late. The probe's
+        // late close must not undo what an earlier close showed while it ran.
+        let (pool, _metrics) = fake_pool(cfg());
+        pool.acquire().await.unwrap().release(); // the start probe
+        pass(Duration::from_millis(900)).await;
+        pool.observe_close(Duration::from_millis(850)); // another connection, closed sooner
+        pass(Duration::from_millis(1100)).await;
+        backend_closes(&pool, 0); // the probe, at 2 s
+        sweep_now(&pool).await;
+        assert_eq!(
+            pool.keepalive(),
+            (Duration::from_millis(850), KeepAliveSource::Observed)
+        );
     }
 
     #[tokio::test(start_paused = true)]
