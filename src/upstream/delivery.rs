@@ -209,6 +209,11 @@ impl Tracked {
         &self.delivery
     }
 
+    /// The socket, for what sets its options or reads its addresses.
+    pub fn get_ref(&self) -> &TcpStream {
+        self.tcp.as_ref().expect("socket present until drop")
+    }
+
     fn tcp(self: Pin<&mut Self>) -> Pin<&mut TcpStream> {
         Pin::new(
             self.get_mut()
@@ -276,13 +281,6 @@ impl AsyncWrite for Tracked {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.tcp().poll_shutdown(cx)
-    }
-}
-
-impl Tracked {
-    /// The socket, for what sets its options or reads its addresses.
-    pub fn get_ref(&self) -> &TcpStream {
-        self.tcp.as_ref().expect("socket present until drop")
     }
 }
 

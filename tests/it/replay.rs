@@ -216,16 +216,6 @@ fn post() -> Request {
     Request::post("/pay", Bytes::from_static(b"amount=10"))
 }
 
-async fn wait_for(what: &str, cond: impl Fn() -> bool) {
-    tokio::time::timeout(Duration::from_secs(5), async {
-        while !cond() {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("timed out waiting for {what}"));
-}
-
 #[tokio::test]
 async fn a_post_the_backend_never_received_is_replayed_on_a_fresh_connection() {
     if !repair_allowed() {
@@ -236,9 +226,11 @@ async fn a_post_the_backend_never_received_is_replayed_on_a_fresh_connection() {
     let mut client = KeepAliveClient::new(proxy.http(), None);
     warm_up(&mut client).await;
     // The backend forgets both connections; kaproxy sees nothing and reuses the pooled one.
-    wait_for("the backend to drop the idle connections", || {
-        backend.vanished.load(Ordering::SeqCst) == 2
-    })
+    kaproxy_testkit::eventually(
+        "the backend to drop the idle connections",
+        Duration::from_secs(5),
+        || backend.vanished.load(Ordering::SeqCst) == 2,
+    )
     .await;
     let second = client.send(&post()).await.unwrap();
     assert_eq!(second.status, StatusCode::OK, "{second:?}");
