@@ -10,6 +10,8 @@ use http::HeaderMap;
 use crate::config::ForwardedConfig;
 use crate::headers::KEEP_ALIVE;
 
+use super::route::origin_form;
+
 pub(super) const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 pub(super) const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub(super) const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -157,6 +159,22 @@ pub fn join_cookie_crumbs(headers: &mut HeaderMap) {
     if let Ok(value) = HeaderValue::from_bytes(&joined) {
         headers.insert(header::COOKIE, value);
     }
+}
+
+/// Phase 2's head, one way for a plain request and a tunnel's handshake: an HTTP/2
+/// request's cookie crumbs joined ([`join_cookie_crumbs`]), the headers filtered and the
+/// forwarding headers set ([`upstream_request_headers`]), the target in origin form.
+pub(super) fn filter_head(
+    parts: &mut http::request::Parts,
+    ds: &DownstreamInfo,
+    cfg: &ForwardedConfig,
+    host: Option<&HeaderValue>,
+) {
+    if parts.version == http::Version::HTTP_2 {
+        join_cookie_crumbs(&mut parts.headers);
+    }
+    upstream_request_headers(&mut parts.headers, ds, cfg, host);
+    parts.uri = origin_form(&parts.uri);
 }
 
 /// Request filter: hop-by-hop out (an `Upgrade` with its `HTTP2-Settings`: a tunnel puts back

@@ -1,8 +1,12 @@
 //! Owns the per-request phases, each a step in its own file: [`route`] → [`forwarded`]
 //! (request filter) → pick and connect ([`retry`]) → send → retry → [`response`] (response
-//! filter, kaproxy's own answers) → [`log`]; [`tunnel`] for `Upgrade`. The only module that
-//! sees both downstream and upstream; [`Proxy::handle`] reads as the sequence of phases.
+//! filter) → [`log`]; [`tunnel`] for `Upgrade`. After routing, one [`context`] travels
+//! through the phases (group, client IP, version, start, access record) and gives kaproxy's
+//! own answers. The only module that sees both downstream and upstream; [`Proxy::handle`]
+//! reads as the sequence of phases.
 
+mod answer;
+mod context;
 mod forwarded;
 mod log;
 mod response;
@@ -10,8 +14,8 @@ mod retry;
 mod route;
 mod tunnel;
 
+pub use answer::{local_response, ProxyBody};
 pub use forwarded::{strip_hop_by_hop, upstream_request_headers, DownstreamInfo};
-pub use response::{local_response, ProxyBody};
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,11 +33,11 @@ use crate::body::{
 use crate::config::{Config, ForwardedConfig};
 use crate::metrics::Metrics;
 use crate::upstream::group::{GroupError, UpstreamGroup};
-use forwarded::{client_ip, join_cookie_crumbs};
+use context::RequestContext;
+use forwarded::{client_ip, filter_head};
 use log::AccessRecord;
-use response::{client_failed, server_failed, with_log};
-use retry::{Failed, Resend};
-use route::{admit, origin_form, request_host, Route};
+use retry::{Failed, Failover, Resend};
+use route::{admit, request_host, Route};
 use tunnel::tunnelled_upgrade;
 
 /// Why a configuration's proxy could not be built (a reload keeps the old one).
@@ -164,22 +168,23 @@ impl Proxy {
                 ..AccessRecord::default()
             })
         });
+        let ctx = RequestContext {
+            group: upstream,
+            client_ip,
+            version: req.version(),
+            start,
+            log,
+        };
         if let Some(offered) = tunnelled_upgrade(&req, &upstream.config.upgrade_protocols) {
             // Rare: boxed so its state does not enlarge every request's future.
-            let tunnel = self.tunnel(req, ds, upstream, client_ip, host, log, offered);
+            let tunnel = self.tunnel(ctx, req, ds, host, offered);
             return Box::pin(tunnel).await;
         }
 
         // Phase 2: request filter (forwarded.rs); the body is read whole first (body.rs), so
         // a slow client never holds an upstream connection and the body can be sent again.
         let (mut parts, body) = req.into_parts();
-        let version = parts.version;
-        let mut headers = parts.headers;
-        if version == Version::HTTP_2 {
-            join_cookie_crumbs(&mut headers);
-        }
-        upstream_request_headers(&mut headers, ds, &self.forwarded, host.as_ref());
-        let uri = origin_form(&parts.uri);
+        filter_head(&mut parts, ds, &self.forwarded, host.as_ref());
         let buffers = &upstream.config.buffers;
         let body = if body.is_end_stream() {
             UpstreamBody::Empty
@@ -188,17 +193,10 @@ impl Proxy {
             // `Expect: 100-continue` gets the 413 instead of a 100).
             if let Some(max) = buffers.max_request_body_bytes {
                 if body.size_hint().lower() > max {
-                    let err = BodyError::TooLarge(max);
-                    return client_failed(upstream, &err, client_ip, version, log);
+                    return ctx.client_failed(&BodyError::TooLarge(max));
                 }
             }
-            let done = parts.extensions.remove::<BodyDone>();
-            let body = RequestBody::new(
-                body,
-                done,
-                self.body_timeout,
-                buffers.max_request_body_bytes,
-            );
+            let body = self.request_body(body, &mut parts, upstream);
             let limit = buffers.request_buffer_bytes;
             let read = if buffers.request_buffering {
                 Box::pin(read_whole(body, limit, &self.buffering)).await
@@ -207,31 +205,45 @@ impl Proxy {
             };
             // hyper answered `Expect: 100-continue` when the body was first read; the backend
             // gets the body without being asked (as behind nginx).
-            headers.remove(header::EXPECT);
+            parts.headers.remove(header::EXPECT);
             match read {
                 Ok(body) => body,
-                Err(err) => return client_failed(upstream, &err, client_ip, version, log),
+                Err(err) => return ctx.client_failed(&err),
             }
         };
-        let resend = Resend::new(&upstream.config.retry, &parts.method, &uri, &headers, &body);
-        let request = build_request(parts.method, uri, headers, body);
+        let resend = Resend::new(&upstream.config.retry, &parts, &body);
+        let request = build_request(parts.method, parts.uri, parts.headers, body);
 
         // Phase 3: pick a server, connect, send; fail over and retry (retry.rs).
-        match self.send(upstream, client_ip, request, resend).await {
+        match Failover::new(&ctx).send(request, resend).await {
             // Phase 4: response filter (response.rs); the access log line (log.rs) is written
             // when the body ends.
-            Ok(sent) => {
-                let pool = sent.backend.pool();
-                self.respond(sent.response, sent.conn, upstream, pool, log, start)
-                    .await
-            }
+            Ok(sent) => self.respond(ctx, sent).await,
             Err(Failed::Client(err)) => match err.body_error() {
-                Some(fault) => client_failed(upstream, fault, client_ip, version, log),
+                Some(fault) => ctx.client_failed(fault),
                 None => unreachable!("Failed::Client carries a body error"),
             },
-            Err(Failed::Server(backend, err)) => server_failed(upstream, backend.pool(), &err, log),
-            Err(Failed::Answer(answer)) => with_log(*answer, log),
+            Err(Failed::Server(backend, err)) => ctx.server_failed(backend.pool(), &err),
+            Err(Failed::Answer(answer)) => ctx.answer(*answer),
         }
+    }
+
+    /// A request body as it is read from the client: each gap bounded by `body_timeout`, its
+    /// size by the group's `max_request_body_bytes`, and its end told to the downstream
+    /// connection ([`BodyDone`], taken from the request's extensions).
+    fn request_body(
+        &self,
+        body: Incoming,
+        parts: &mut http::request::Parts,
+        group: &UpstreamGroup,
+    ) -> RequestBody {
+        let done = parts.extensions.remove::<BodyDone>();
+        RequestBody::new(
+            body,
+            done,
+            self.body_timeout,
+            group.config.buffers.max_request_body_bytes,
+        )
     }
 }
 

@@ -20,8 +20,8 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use http::request::Parts;
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
-use hyper::body::Incoming;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
@@ -33,29 +33,24 @@ use crate::upstream::backend::{
     Backend, RELIEVE_AFTER, RELIEVE_CHECKS, RELIEVE_CLOSES, RELIEVE_PROBE_CHECKS,
 };
 use crate::upstream::exchange::SendFailure;
-use crate::upstream::pool::{Pool, PooledConn};
+use crate::upstream::pool::Pool;
 
-use super::response::{local_response, ProxyBody};
-use super::{build_request, Proxy, UpstreamGroup};
+use super::answer::{local_response, ProxyBody};
+use super::context::{RequestContext, ResponseDeadline};
+use super::response::Sent;
+use super::{build_request, UpstreamGroup};
 
 /// The retry back-off doubles up to this (README, `retry_backoff`: "doubling, capped at 1 s").
 pub(super) const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(1);
 
-/// What is left of a request's connect retries, and the servers already tried.
-pub(super) struct Attempts {
-    pub(super) tried: Vec<Arc<Backend>>,
-    pub(super) retries_left: u32,
-    pub(super) backoff: Duration,
-}
-
-impl Attempts {
-    pub(super) fn new(retry: &RetryConfig) -> Self {
-        Attempts {
-            tried: Vec::new(),
-            retries_left: retry.max_retries,
-            backoff: retry.retry_backoff,
-        }
-    }
+/// A request's failover state: its group and client (whom the balancer picks for), the
+/// servers already tried, what is left of `max_retries`, and the next back-off.
+pub(super) struct Failover<'a> {
+    group: &'a UpstreamGroup,
+    client_ip: IpAddr,
+    tried: Vec<Arc<Backend>>,
+    retries_left: u32,
+    backoff: Duration,
 }
 
 pub(super) fn is_idempotent(method: &Method) -> bool {
@@ -65,28 +60,37 @@ pub(super) fn is_idempotent(method: &Method) -> bool {
     )
 }
 
-impl Proxy {
+impl<'a> Failover<'a> {
+    pub(super) fn new(ctx: &RequestContext<'a>) -> Self {
+        let retry = &ctx.group.config.retry;
+        Failover {
+            group: ctx.group,
+            client_ip: ctx.client_ip,
+            tried: Vec::new(),
+            retries_left: retry.max_retries,
+            backoff: retry.retry_backoff,
+        }
+    }
+
     /// Picks a server and connects to it. A connect failure sent nothing, so for any method
     /// kaproxy marks it against the server's health and moves on to the next server, up to
     /// `max_retries` times with a doubling back-off. Errors become the answer to send.
     pub(super) async fn connect<T, F, Fut>(
-        &self,
-        upstream: &UpstreamGroup,
-        client_ip: IpAddr,
-        attempts: &mut Attempts,
+        &mut self,
         mut connect: F,
     ) -> Result<(Arc<Backend>, T), Response<ProxyBody>>
     where
         F: FnMut(Arc<Pool>) -> Fut,
         Fut: std::future::Future<Output = Result<T, RequestError>>,
     {
+        let group = self.group;
         loop {
-            let Some(backend) = upstream
+            let Some(backend) = group
                 .balancer
-                .pick(client_ip, &attempts.tried, Instant::now())
+                .pick(self.client_ip, &self.tried, Instant::now())
                 .cloned()
             else {
-                warn!(upstream = %upstream.name, tried = attempts.tried.len(), "every server of the upstream failed; 502");
+                warn!(upstream = %group.name, tried = self.tried.len(), "every server of the upstream failed; 502");
                 return Err(local_response(
                     StatusCode::BAD_GATEWAY,
                     "no upstream server could be reached\n",
@@ -95,16 +99,13 @@ impl Proxy {
             match connect(backend.pool().clone()).await {
                 Ok(conn) => return Ok((backend, conn)),
                 Err(err) if err.retry() == Retry::AnyMethod => {
-                    if !self
-                        .connect_failed(upstream, &backend, &err, attempts)
-                        .await
-                    {
+                    if !self.connect_failed(&backend, &err).await {
                         return Err(local_response(err.status(), "upstream unavailable\n"));
                     }
                 }
                 Err(err) => {
                     err.count_in(backend.metrics());
-                    warn!(upstream = %upstream.name, server = %backend.addr, error = %err,
+                    warn!(upstream = %group.name, server = %backend.addr, error = %err,
                         status = err.status().as_u16(), "upstream failed");
                     return Err(local_response(err.status(), "upstream unavailable\n"));
                 }
@@ -114,16 +115,10 @@ impl Proxy {
 
     /// Books a connect failure on `backend`; returns whether another server may be tried
     /// (after the back-off, which it sleeps).
-    pub(super) async fn connect_failed(
-        &self,
-        upstream: &UpstreamGroup,
-        backend: &Arc<Backend>,
-        err: &RequestError,
-        attempts: &mut Attempts,
-    ) -> bool {
+    async fn connect_failed(&mut self, backend: &Arc<Backend>, err: &RequestError) -> bool {
         err.count_in(backend.metrics());
         backend.record_failure();
-        self.move_on(upstream, backend, err, attempts).await
+        self.move_on(backend, err).await
     }
 
     /// `backend` failed the request (already counted and booked against its health):
@@ -131,16 +126,11 @@ impl Proxy {
     /// not tried yet, else — every server tried — after the doubling back-off (which it
     /// sleeps), on them all again. Counted in `kaproxy_upstream_retries_total` with the
     /// failure's kind as cause (`connect` for every connect failure).
-    pub(super) async fn move_on(
-        &self,
-        upstream: &UpstreamGroup,
-        backend: &Arc<Backend>,
-        err: &RequestError,
-        attempts: &mut Attempts,
-    ) -> bool {
-        attempts.tried.push(backend.clone());
-        if attempts.retries_left == 0 {
-            warn!(upstream = %upstream.name, server = %backend.addr, error = %err, "upstream failed; no retries left");
+    async fn move_on(&mut self, backend: &Arc<Backend>, err: &RequestError) -> bool {
+        let group = self.group;
+        self.tried.push(backend.clone());
+        if self.retries_left == 0 {
+            warn!(upstream = %group.name, server = %backend.addr, error = %err, "upstream failed; no retries left");
             return false;
         }
         // Every connect failure (refused, timed out, handshake) is cause `connect`.
@@ -149,20 +139,20 @@ impl Proxy {
             (_, Some(kind)) => kind,
             (_, None) => return false,
         };
-        attempts.retries_left -= 1;
+        self.retries_left -= 1;
         backend.metrics().retry(RetryCause::Failed(cause));
-        let servers = upstream.balancer.backends().len();
-        if attempts.tried.len() < servers {
+        let servers = group.balancer.backends().len();
+        if self.tried.len() < servers {
             // Another server is not this one's failure: nginx moves on at once too.
-            warn!(upstream = %upstream.name, server = %backend.addr, error = %err,
+            warn!(upstream = %group.name, server = %backend.addr, error = %err,
                 "upstream failed; trying the next server");
             return true;
         }
-        warn!(upstream = %upstream.name, server = %backend.addr, error = %err, backoff = ?attempts.backoff,
+        warn!(upstream = %group.name, server = %backend.addr, error = %err, backoff = ?self.backoff,
             "upstream failed; every server tried, trying them again after the back-off");
-        tokio::time::sleep(attempts.backoff).await;
-        attempts.backoff = (attempts.backoff * 2).min(MAX_RETRY_BACKOFF);
-        attempts.tried.clear();
+        tokio::time::sleep(self.backoff).await;
+        self.backoff = (self.backoff * 2).min(MAX_RETRY_BACKOFF);
+        self.tried.clear();
         true
     }
 }
@@ -177,18 +167,17 @@ pub(super) struct Resend {
 }
 
 impl Resend {
-    pub(super) fn new(
-        retry: &RetryConfig,
-        method: &Method,
-        uri: &Uri,
-        headers: &HeaderMap,
-        body: &UpstreamBody,
-    ) -> Resend {
+    pub(super) fn new(retry: &RetryConfig, head: &Parts, body: &UpstreamBody) -> Resend {
         Resend {
-            parts: body
-                .replay()
-                .map(|b| (method.clone(), uri.clone(), headers.clone(), b)),
-            idempotent: is_idempotent(method) && retry.retry_idempotent,
+            parts: body.replay().map(|b| {
+                (
+                    head.method.clone(),
+                    head.uri.clone(),
+                    head.headers.clone(),
+                    b,
+                )
+            }),
+            idempotent: is_idempotent(&head.method) && retry.retry_idempotent,
         }
     }
 
@@ -278,7 +267,7 @@ impl Failure {
     }
 }
 
-/// An exchange bounded by `response_timeout` (`limit`) the careful way, for the two rare
+/// An exchange bounded by `response_timeout` (`deadline`) the careful way, for the two rare
 /// cases (the common one, a reused connection and a body read whole, is a plain timeout):
 /// - a body that streams from the client (`sent`): the timeout counts from the end of the
 ///   body (its gaps are bounded by `body_timeout` meanwhile), since the time to the first
@@ -288,10 +277,10 @@ impl Failure {
 ///   connections holds, and [`Backend::relieve`] closes one (again every `RELIEVE_AFTER`).
 async fn exchange_with_care<F: std::future::Future>(
     exchange: F,
-    limit: Duration,
+    deadline: ResponseDeadline,
     sent: Option<SentWhole>,
     relieve: Option<&Backend>,
-) -> Result<F::Output, tokio::time::error::Elapsed> {
+) -> Result<F::Output, RequestError> {
     tokio::pin!(exchange);
     if let Some(sent) = sent {
         tokio::select! {
@@ -299,16 +288,16 @@ async fn exchange_with_care<F: std::future::Future>(
             () = sent.wait() => {}
         }
     }
-    let deadline = Instant::now() + limit;
+    let until = Instant::now() + deadline.limit;
     if let Some(backend) = relieve {
         // Every RELIEVE_AFTER for a while, since a worker the backend frees may go to another
         // connection in its backlog first.
         let (mut checks, mut closed) = (0, 0);
         while checks < RELIEVE_CHECKS && closed < RELIEVE_CLOSES {
-            let check = (Instant::now() + RELIEVE_AFTER).min(deadline);
+            let check = (Instant::now() + RELIEVE_AFTER).min(until);
             match tokio::time::timeout_at(check, &mut exchange).await {
                 Ok(done) => return Ok(done),
-                Err(elapsed) if check >= deadline => return Err(elapsed),
+                Err(_) if check >= until => return Err(deadline.elapsed()),
                 Err(_) => {
                     checks += 1;
                     if backend.relieve(checks >= RELIEVE_PROBE_CHECKS) {
@@ -319,14 +308,9 @@ async fn exchange_with_care<F: std::future::Future>(
             }
         }
     }
-    tokio::time::timeout_at(deadline, exchange).await
-}
-
-/// A response head from `backend`, with the connection its body comes on.
-pub(super) struct Sent {
-    pub(super) backend: Arc<Backend>,
-    pub(super) response: Response<Incoming>,
-    pub(super) conn: PooledConn,
+    tokio::time::timeout_at(until, exchange)
+        .await
+        .map_err(|_| deadline.elapsed())
 }
 
 /// Why no response came back.
@@ -340,18 +324,16 @@ pub(super) enum Failed {
     Answer(Box<Response<ProxyBody>>),
 }
 
-impl Proxy {
+impl Failover<'_> {
     /// Picks a server, connects and sends `request`, until a response head comes back or the
     /// rule of this module says stop.
     pub(super) async fn send(
-        &self,
-        upstream: &UpstreamGroup,
-        client_ip: IpAddr,
+        mut self,
         request: Request<UpstreamBody>,
         resend: Resend,
     ) -> Result<Sent, Failed> {
+        let upstream = self.group;
         let mut request = Some(request);
-        let mut attempts = Attempts::new(&upstream.config.retry);
         let mut fresh_on: Option<Arc<Backend>> = None;
         let mut retried_reused = false;
         loop {
@@ -359,8 +341,7 @@ impl Proxy {
                 Some(backend) => match backend.pool().acquire_fresh().await {
                     Ok(conn) => Some((backend, conn)),
                     Err(err) => {
-                        self.connect_failed(upstream, &backend, &err, &mut attempts)
-                            .await;
+                        self.connect_failed(&backend, &err).await;
                         None
                     }
                 },
@@ -369,9 +350,7 @@ impl Proxy {
             let (backend, mut conn) = match fresh {
                 Some(pair) => pair,
                 None => self
-                    .connect(upstream, client_ip, &mut attempts, |p| async move {
-                        p.acquire().await
-                    })
+                    .connect(|p| async move { p.acquire().await })
                     .await
                     .map_err(|answer| Failed::Answer(Box::new(answer)))?,
             };
@@ -379,14 +358,17 @@ impl Proxy {
             let Some(req) = request.take() else {
                 unreachable!("an attempt is only made with a request to send");
             };
-            let limit = upstream.config.response_timeout;
+            let deadline = ResponseDeadline {
+                addr: pool.addr(),
+                limit: upstream.config.response_timeout,
+            };
             let streaming = req.body().streaming_sent();
             let relieve = (!conn.is_reused()).then_some(&*backend);
             let sent = if streaming.is_none() && relieve.is_none() {
-                tokio::time::timeout(limit, conn.send(req)).await
+                deadline.bound(conn.send(req)).await
             } else {
                 // Rare: boxed, to keep every request's future small.
-                let exchange = exchange_with_care(conn.send(req), limit, streaming, relieve);
+                let exchange = exchange_with_care(conn.send(req), deadline, streaming, relieve);
                 Box::pin(exchange).await
             };
             let (error, unsent, written) = match sent {
@@ -398,14 +380,7 @@ impl Proxy {
                         conn,
                     });
                 }
-                Err(_elapsed) => {
-                    let timeout = upstream.config.response_timeout;
-                    let err = RequestError::ResponseTimeout {
-                        addr: pool.addr(),
-                        timeout,
-                    };
-                    (err, None, None)
-                }
+                Err(elapsed) => (elapsed, None, None),
                 Ok(Err(SendFailure {
                     error,
                     unsent,
@@ -465,9 +440,7 @@ impl Proxy {
                     fresh_on = Some(backend);
                     retried_reused = true;
                 }
-                _ if self
-                    .move_on(upstream, &backend, &error, &mut attempts)
-                    .await => {}
+                _ if self.move_on(&backend, &error).await => {}
                 _ => return Err(Failed::Server(backend, error)),
             }
             request = Some(req);

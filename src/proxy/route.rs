@@ -14,8 +14,8 @@ use http::{Method, Request, Response, StatusCode, Uri, Version};
 
 use crate::config::HostMatch;
 
-use super::response::closing;
-use super::{local_response, Proxy, ProxyBody, UpstreamGroup};
+use super::answer::{closing, local_response, ProxyBody};
+use super::{Proxy, UpstreamGroup};
 
 pub(super) struct Route {
     pub(super) host: Option<HostMatch>,

@@ -5,7 +5,6 @@
 //! (RFC 9110 §15.2.2), then bytes copied both ways until a side closes or nothing has moved
 //! either way for `tunnel_idle_timeout`.
 
-use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -20,17 +19,17 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
-use crate::body::{BodyDone, RequestBody, Streamed, UpstreamBody};
+use crate::body::{Streamed, UpstreamBody};
 use crate::error::RequestError;
 use crate::metrics::{BackendMetrics, TunnelEnd};
 
-use super::forwarded::{strip_hop_by_hop, upstream_request_headers, DownstreamInfo};
-use super::log::AccessRecord;
-use super::response::{server_failed, with_log, Inner, ProxyBody};
-use super::retry::Attempts;
-use super::route::origin_form;
-use super::{build_request, Proxy, UpstreamGroup};
 use crate::headers::connection_has;
+
+use super::answer::{Inner, ProxyBody};
+use super::context::{RequestContext, ResponseDeadline};
+use super::forwarded::{filter_head, strip_hop_by_hop, DownstreamInfo};
+use super::retry::Failover;
+use super::{build_request, Proxy};
 
 /// The `Upgrade` tokens of `headers` (comma-separated, trimmed).
 fn upgrade_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
@@ -77,78 +76,64 @@ fn switched_to_offered(response: &HeaderMap, offered: &HeaderValue) -> bool {
 impl Proxy {
     /// An upgrade this group tunnels (`offered`, see [`tunnelled_upgrade`]): a dedicated
     /// upstream connection, the handshake, then bytes both ways.
-    #[allow(clippy::too_many_arguments)]
     pub(super) async fn tunnel(
         &self,
+        mut ctx: RequestContext<'_>,
         mut req: Request<Incoming>,
         ds: &DownstreamInfo,
-        upstream: &UpstreamGroup,
-        client_ip: IpAddr,
         host: Option<HeaderValue>,
-        mut log: Option<Box<AccessRecord>>,
         offered: HeaderValue,
     ) -> Response<ProxyBody> {
+        let upstream = ctx.group;
         let downstream_upgrade = hyper::upgrade::on(&mut req);
         let (mut parts, body) = req.into_parts();
-        let mut headers = parts.headers;
-        upstream_request_headers(&mut headers, ds, &self.forwarded, host.as_ref());
-        headers.insert(header::UPGRADE, offered.clone());
-        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        filter_head(&mut parts, ds, &self.forwarded, host.as_ref());
+        parts.headers.insert(header::UPGRADE, offered.clone());
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         let body = if body.is_end_stream() {
             UpstreamBody::Empty
         } else {
-            let done = parts.extensions.remove::<BodyDone>();
-            UpstreamBody::Stream(Box::new(Streamed::new(
-                None,
-                RequestBody::new(
-                    body,
-                    done,
-                    self.body_timeout,
-                    upstream.config.buffers.max_request_body_bytes,
-                ),
-            )))
+            let body = self.request_body(body, &mut parts, upstream);
+            UpstreamBody::Stream(Box::new(Streamed::new(None, body)))
         };
-        let req = build_request(parts.method, origin_form(&parts.uri), headers, body);
-        let mut attempts = Attempts::new(&upstream.config.retry);
-        let (backend, (mut sender, slot)) = match self
-            .connect(upstream, client_ip, &mut attempts, |p| async move {
-                p.tunnel_connect().await
-            })
-            .await
-        {
+        let req = build_request(parts.method, parts.uri, parts.headers, body);
+        let connected = Failover::new(&ctx)
+            .connect(|p| async move { p.tunnel_connect().await })
+            .await;
+        let (backend, (mut sender, slot)) = match connected {
             Ok(pair) => pair,
-            Err(resp) => return with_log(resp, log),
+            Err(resp) => return ctx.answer(resp),
         };
         let pool = backend.pool();
-        let sent =
-            tokio::time::timeout(upstream.config.response_timeout, sender.send_request(req)).await;
+        let deadline = ResponseDeadline {
+            addr: pool.addr(),
+            limit: upstream.config.response_timeout,
+        };
+        let sent = match deadline.bound(sender.send_request(req)).await {
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(e)) => Err(RequestError::from_send(pool.addr(), e)),
+            Err(elapsed) => Err(elapsed),
+        };
         let mut resp = match sent {
-            Ok(Ok(resp)) => {
+            Ok(resp) => {
                 backend.record_success();
                 resp
             }
-            Ok(Err(e)) => {
-                let err = RequestError::from_send(pool.addr(), e);
+            Err(err) => {
                 err.count_in(pool.metrics());
-                return server_failed(upstream, pool, &err, log);
-            }
-            Err(_) => {
-                let err = RequestError::ResponseTimeout {
-                    addr: pool.addr(),
-                    timeout: upstream.config.response_timeout,
-                };
-                err.count_in(pool.metrics());
-                return server_failed(upstream, pool, &err, log);
+                return ctx.server_failed(pool, &err);
             }
         };
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS
             && !switched_to_offered(resp.headers(), &offered)
         {
             let err = RequestError::UnexpectedUpgrade { addr: pool.addr() };
-            return server_failed(upstream, pool, &err, log);
+            return ctx.server_failed(pool, &err);
         }
         pool.metrics().request(resp.status().as_u16());
-        if let Some(log) = log.as_mut() {
+        if let Some(log) = ctx.log.as_mut() {
             log.status = resp.status().as_u16();
             log.server = Some(pool.addr());
         }
@@ -171,7 +156,7 @@ impl Proxy {
                 drop(slot);
             });
             let (parts, _) = resp.into_parts();
-            return Response::from_parts(parts, ProxyBody::empty(log));
+            return Response::from_parts(parts, ProxyBody::empty(ctx.log));
         }
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
@@ -180,7 +165,7 @@ impl Proxy {
             ProxyBody {
                 inner: Inner::Tunnel(body),
                 bytes: 0,
-                log,
+                log: ctx.log,
             },
         )
     }
