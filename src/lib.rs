@@ -14,13 +14,15 @@
 //!
 //! - [`downstream`]: the client side. [`downstream::listener`] binds and accepts (with the
 //!   connection cap in [`downstream::limit`]), [`downstream::proxy_protocol`] reads a PROXY
-//!   header, [`downstream::tls`] terminates TLS, [`downstream::conn`] serves one connection
-//!   (HTTP/1.1 and HTTP/2, timers, parking), [`downstream::send_watch`] cuts off HTTP/2
+//!   header, [`downstream::tls`] terminates TLS, [`downstream::socket`] is an accepted
+//!   socket (its write deadline, its lingering close), [`downstream::conn`] serves one
+//!   connection (HTTP/1.1 and HTTP/2, timers, parking), [`downstream::send_watch`] cuts off HTTP/2
 //!   streams whose window stays closed and [`downstream::h2_head`] bounds an HTTP/2 header
 //!   block by `header_timeout`. [`downstream::Generation`] is what a connection needs
 //!   from one loaded configuration.
 //! - [`proxy`]: the per-request phases: route, forwarding headers, pick, send, retry,
-//!   response, access log. The only module that sees both sides.
+//!   response, access log, with one request context carried through them after routing.
+//!   The only module that sees both sides.
 //! - [`upstream`]: the backend side. [`upstream::group`] (an upstream group, built and kept
 //!   across reloads), [`upstream::backend`] (a server and its health state),
 //!   [`upstream::balancer`] (round-robin, ip-hash; no I/O), [`upstream::health`] (active

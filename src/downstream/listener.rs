@@ -14,7 +14,8 @@ use tracing::{debug, error, warn};
 
 use crate::downstream::limit::{AcceptErrors, ListenerLimit, Slot};
 
-use crate::downstream::conn::{self, LingeringTcp};
+use crate::downstream::conn;
+use crate::downstream::socket::LingeringTcp;
 use crate::downstream::{ConnContext, Generation};
 use crate::proxy::DownstreamInfo;
 

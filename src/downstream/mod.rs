@@ -8,6 +8,7 @@ pub mod limit;
 pub mod listener;
 pub mod proxy_protocol;
 pub mod send_watch;
+pub mod socket;
 pub mod tls;
 
 use std::sync::Arc;

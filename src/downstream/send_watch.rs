@@ -8,7 +8,7 @@
 //! close it (the client sees the connection closed; its other streams end with it).
 //!
 //! A full socket is caught below, by the connection's write deadline
-//! ([`crate::downstream::conn::LingeringTcp`]); a closed HTTP/2 window is not a full socket: hyper
+//! ([`crate::downstream::socket::LingeringTcp`]); a closed HTTP/2 window is not a full socket: hyper
 //! simply stops polling the stream's body, so no poll can notice. A small task per streamed
 //! HTTP/2 response watches the time since hyper last asked for data; a body whose last poll
 //! was answered "pending" waits on its backend, not on the client, and is never cut.
