@@ -6,7 +6,7 @@
 //! The tree reads like the pipeline; data flows one way, and so do the imports:
 //!
 //! ```text
-//! server → control → downstream → proxy → upstream → ground (metrics, config, body, headers, error)
+//! server → control → downstream → proxy → upstream → ground (metrics, config, body, headers, error, shutdown)
 //! ```
 //!
 //! Each floor imports only from the floors below it; `downstream` never names `upstream` (the
@@ -16,7 +16,8 @@
 //!   connection cap in [`downstream::limit`]), [`downstream::proxy_protocol`] reads a PROXY
 //!   header, [`downstream::tls`] terminates TLS, [`downstream::socket`] is an accepted
 //!   socket (its write deadline, its lingering close), [`downstream::conn`] serves one
-//!   connection (HTTP/1.1 and HTTP/2, timers, parking), [`downstream::send_watch`] cuts off HTTP/2
+//!   connection (HTTP/1.1 with parking, HTTP/2), [`downstream::timers`] holds its head, idle
+//!   and park timers, [`downstream::send_watch`] cuts off HTTP/2
 //!   streams whose window stays closed and [`downstream::h2_head`] bounds an HTTP/2 header
 //!   block by `header_timeout`. [`downstream::Generation`] is what a connection needs
 //!   from one loaded configuration.
@@ -45,6 +46,7 @@
 //!   or streamed), the memory budget ([`body::budget`]), temporary files ([`body::spill`]),
 //!   responses read as fast as the backend sends them ([`body::relay`]); [`body::BodyError`].
 //! - [`workers`]: the worker threads, one current-thread runtime each, and [`workers::index`].
+//! - [`shutdown`]: the server's shutdown signal and each task's handle on it.
 //! - [`sync`]: how a lock is taken (a poisoned lock is used as is), one way everywhere.
 //! - [`error`]: typed upstream errors, each knowing its kind and whether it may be retried.
 //!
@@ -72,6 +74,7 @@ pub mod headers;
 pub mod metrics;
 pub mod proxy;
 pub mod server;
+pub mod shutdown;
 pub mod sync;
 pub mod upstream;
 pub mod workers;

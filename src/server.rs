@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tokio::runtime::Handle;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
@@ -16,9 +16,11 @@ use crate::config::Config;
 use crate::control::generation::{self, GenerationError};
 use crate::control::history::History;
 use crate::control::reload::{start_health_checks, Control, ReloadError};
-use crate::downstream::listener::{self, Kind};
+use crate::downstream::limit::{self, Limiter, ListenerLimit};
+use crate::downstream::listener::{self, Kind, Listener};
 use crate::downstream::Generation;
 use crate::metrics::Metrics;
+use crate::shutdown::ShutdownSignal;
 
 /// Failures that stop kaproxy from starting (or a reload from taking effect).
 #[derive(Debug, thiserror::Error)]
@@ -63,7 +65,7 @@ pub struct Server {
     admin: Option<SocketAddr>,
     metrics: Arc<Metrics>,
     control: Arc<Control>,
-    shutdown: watch::Sender<bool>,
+    shutdown: ShutdownSignal,
     connections: mpsc::Receiver<()>,
     tasks: Vec<JoinHandle<()>>,
     shutdown_timeout: Duration,
@@ -86,7 +88,7 @@ impl Server {
         let generation = generation::build(&config, &metrics, &workers, None)?;
         let health_checks = start_health_checks(&generation.proxy);
         let current = Arc::new(ArcSwap::from_pointee(generation));
-        let (shutdown, shutdown_rx) = watch::channel(false);
+        let shutdown = ShutdownSignal::new();
         let (done_tx, connections) = mpsc::channel::<()>(1);
         let mut tasks = Vec::new();
         let control = Arc::new(Control {
@@ -100,7 +102,7 @@ impl Server {
             move |source| StartError::Bind { what, addr, source }
         };
         let (max_connections, derived_from) =
-            crate::downstream::limit::effective_max_connections(config.downstream.max_connections);
+            limit::effective_max_connections(config.downstream.max_connections);
         match derived_from {
             Some(nofile) => info!(
                 max_connections,
@@ -109,7 +111,7 @@ impl Server {
             ),
             None => info!(max_connections, "downstream connection cap"),
         }
-        let limiter = crate::downstream::limit::Limiter::new(max_connections);
+        let limiter = Limiter::new(max_connections);
         let mut addrs = [None, None];
         for (slot, kind, addr) in [
             (0, Kind::Https, config.listen.https),
@@ -125,23 +127,24 @@ impl Server {
             let shed = metrics.downstream_connections_shed(what);
             for (socket, worker) in sockets.into_iter().zip(workers.iter()) {
                 // Registered with the worker's reactor, accepted and served on its thread.
-                let l = {
+                let socket = {
                     let _on_worker = worker.enter();
                     tokio::net::TcpListener::from_std(socket).map_err(bind_error(what, addr))?
                 };
-                tasks.push(worker.spawn(listener::accept_loop(
-                    l,
+                let listener = Listener {
+                    socket,
                     kind,
-                    current.clone(),
-                    shutdown_rx.clone(),
-                    done_tx.clone(),
-                    listener::Gauges {
+                    proxy_protocol: config.listen.proxy_protocol,
+                    current: current.clone(),
+                    shutdown: shutdown.subscribe(),
+                    done: done_tx.clone(),
+                    gauges: listener::Gauges {
                         open: metrics.downstream_connections(what),
                         waiting: metrics.downstream_connections_waiting(what),
                     },
-                    config.listen.proxy_protocol,
-                    crate::downstream::limit::ListenerLimit::new(limiter.clone(), shed.clone()),
-                )));
+                    limit: ListenerLimit::new(limiter.clone(), shed.clone()),
+                };
+                tasks.push(worker.spawn(listener.run()));
             }
         }
         let admin = match config.admin.listen {
@@ -151,14 +154,14 @@ impl Server {
                 info!(addr = %local, "admin listening (/ status page, /metrics, /healthz, /status, /history, POST /reload)");
                 let history = History::new(options.history_interval);
                 tasks.push(tokio::spawn(
-                    history.clone().start(current.clone(), shutdown_rx.clone()),
+                    history.clone().start(current.clone(), shutdown.subscribe()),
                 ));
                 tasks.push(tokio::spawn(crate::control::admin::serve(
                     l,
                     metrics.clone(),
                     control.clone(),
                     history,
-                    shutdown_rx.clone(),
+                    shutdown.subscribe(),
                 )));
                 Some(local)
             }
@@ -213,7 +216,7 @@ impl Server {
     /// ones get `Connection: close` / GOAWAY) for up to `shutdown_timeout`, then closes the
     /// upstream pools.
     pub async fn shutdown(mut self) {
-        let _ = self.shutdown.send(true);
+        self.shutdown.begin();
         for t in self.tasks.drain(..) {
             let _ = t.await;
         }

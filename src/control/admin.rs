@@ -12,13 +12,13 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::json;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::control::history::History;
 use crate::control::reload::Control;
 use crate::downstream::Generation;
 use crate::metrics::Metrics;
+use crate::shutdown::Shutdown;
 
 /// The status page: self-contained (no external assets); it fetches `/status` and draws each
 /// hop's keep-alive timeline, and `/history` for its charts.
@@ -30,13 +30,13 @@ pub async fn serve(
     metrics: Arc<Metrics>,
     control: Arc<Control>,
     history: Arc<History>,
-    mut shutdown: watch::Receiver<bool>,
+    mut shutdown: Shutdown,
 ) {
     let mut errors = crate::downstream::limit::AcceptErrors::new("admin");
     loop {
         let accepted = tokio::select! {
             res = listener.accept() => res,
-            _ = shutdown.changed() => return,
+            _ = shutdown.begun() => return,
         };
         let stream = match accepted {
             Ok((stream, _)) => {
@@ -48,7 +48,7 @@ pub async fn serve(
                 let pause = errors.failed(&e, None);
                 tokio::select! {
                     _ = tokio::time::sleep(pause) => continue,
-                    _ = shutdown.changed() => return,
+                    _ = shutdown.begun() => return,
                 }
             }
         };

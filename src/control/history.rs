@@ -5,11 +5,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Map, Value};
-use tokio::sync::watch;
 use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::downstream::Generation;
 use crate::metrics::{BackendMetrics, CloseReason, ErrorKind};
+use crate::shutdown::Shutdown;
 
 /// Samples kept: 15 minutes at the default interval.
 pub const SAMPLES: usize = 180;
@@ -182,7 +182,7 @@ impl History {
     pub fn start(
         self: Arc<Self>,
         current: Arc<arc_swap::ArcSwap<Generation>>,
-        shutdown: watch::Receiver<bool>,
+        shutdown: Shutdown,
     ) -> impl std::future::Future<Output = ()> + Send + 'static {
         self.sample(&current.load());
         self.run(current, shutdown)
@@ -191,7 +191,7 @@ impl History {
     async fn run(
         self: Arc<Self>,
         current: Arc<arc_swap::ArcSwap<Generation>>,
-        mut shutdown: watch::Receiver<bool>,
+        mut shutdown: Shutdown,
     ) {
         // The baseline was taken by `start`; the first tick is one interval on.
         let mut ticker = tokio::time::interval_at(Instant::now() + self.interval, self.interval);
@@ -199,7 +199,7 @@ impl History {
         loop {
             tokio::select! {
                 _ = ticker.tick() => self.sample(&current.load()),
-                _ = shutdown.changed() => return,
+                _ = shutdown.begun() => return,
             }
         }
     }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tracing::{debug, error, warn};
 
 use crate::downstream::limit::{AcceptErrors, ListenerLimit, Slot};
@@ -18,6 +18,7 @@ use crate::downstream::conn;
 use crate::downstream::socket::LingeringTcp;
 use crate::downstream::{ConnContext, Generation};
 use crate::proxy::DownstreamInfo;
+use crate::shutdown::Shutdown;
 
 /// Pending connections the kernel queues for us (nginx's default backlog is 511; kaproxy
 /// aims at bursts of TLS handshakes).
@@ -87,88 +88,92 @@ pub struct Gauges {
     pub waiting: Gauge,
 }
 
-/// Accepts connections until shutdown; each connection runs in its own task and holds a
-/// clone of `done` so the server can wait for all of them to finish, and a slot of `limit`'s
-/// limiter. With every slot taken, the connection just accepted waits (unserved) while the
-/// longest-idle parked connection is closed, or until a slot frees; meanwhile nothing more is
-/// accepted and new clients wait in the kernel's backlog.
-#[allow(clippy::too_many_arguments)]
-pub async fn accept_loop(
-    listener: TcpListener,
-    kind: Kind,
-    current: Arc<ArcSwap<Generation>>,
-    mut shutdown: watch::Receiver<bool>,
-    done: mpsc::Sender<()>,
-    gauges: Gauges,
-    proxy_protocol: bool,
-    limit: ListenerLimit,
-) {
-    let local = match listener.local_addr() {
-        Ok(a) => a,
-        Err(e) => {
-            error!(error = %e, "listener has no local address");
-            return;
-        }
-    };
-    let mut errors = AcceptErrors::new(kind.label());
-    loop {
-        let accepted = tokio::select! {
-            res = listener.accept() => res,
-            _ = shutdown.changed() => return,
-        };
-        let (stream, peer) = match accepted {
-            Ok(pair) => {
-                errors.accepted();
-                pair
-            }
+/// One listening socket and what its connections share (mini-redis's `Listener`).
+pub struct Listener {
+    pub socket: TcpListener,
+    pub kind: Kind,
+    /// Each connection starts with a PROXY protocol header (`listen.proxy_protocol`).
+    pub proxy_protocol: bool,
+    /// The configuration generation current now (swapped by a reload).
+    pub current: Arc<ArcSwap<Generation>>,
+    pub shutdown: Shutdown,
+    /// Each connection's task holds a clone, so the server can wait for all of them to end.
+    pub done: mpsc::Sender<()>,
+    pub gauges: Gauges,
+    /// The connection cap, shared with the server's other listeners.
+    pub limit: ListenerLimit,
+}
+
+impl Listener {
+    /// Accepts connections until shutdown, each served in its own task holding a slot of the
+    /// limiter. With every slot taken, the connection just accepted waits (unserved) while the
+    /// longest-idle parked connection is closed, or until a slot frees; meanwhile nothing more
+    /// is accepted and new clients wait in the kernel's backlog.
+    pub async fn run(mut self) {
+        let local = match self.socket.local_addr() {
+            Ok(a) => a,
             Err(e) => {
-                // Out of file descriptors or similar: the listener stays readable, so back
-                // off rather than spin (and shed an idle connection to free a descriptor).
-                let pause = errors.failed(&e, Some(limit.limiter()));
-                tokio::select! {
-                    _ = tokio::time::sleep(pause) => continue,
-                    _ = shutdown.changed() => return,
-                }
+                error!(error = %e, "listener has no local address");
+                return;
             }
         };
-        let slot = match limit.limiter().try_acquire() {
-            Some(slot) => slot,
-            None => {
-                debug!(
-                    listener = kind.label(),
-                    max_connections = limit.limiter().max(),
-                    "at max_connections; making room"
-                );
-                tokio::select! {
-                    slot = limit.limiter().acquire() => slot,
-                    _ = shutdown.changed() => return,
+        let label = self.kind.label();
+        let mut errors = AcceptErrors::new(label);
+        loop {
+            let accepted = tokio::select! {
+                res = self.socket.accept() => res,
+                _ = self.shutdown.begun() => return,
+            };
+            let (stream, peer) = match accepted {
+                Ok(pair) => {
+                    errors.accepted();
+                    pair
                 }
-            }
-        };
-        let current = current.clone();
-        let limit = limit.clone();
-        let shutdown = shutdown.clone();
-        let done = done.clone();
-        let gauges = gauges.clone();
-        tokio::spawn(async move {
-            gauges.open.inc();
+                Err(e) => {
+                    // Out of file descriptors or similar: the listener stays readable, so back
+                    // off rather than spin (and shed an idle connection to free a descriptor).
+                    let pause = errors.failed(&e, Some(self.limit.limiter()));
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause) => continue,
+                        _ = self.shutdown.begun() => return,
+                    }
+                }
+            };
+            let slot = match self.limit.limiter().try_acquire() {
+                Some(slot) => slot,
+                None => {
+                    debug!(
+                        listener = label,
+                        max_connections = self.limit.limiter().max(),
+                        "at max_connections; making room"
+                    );
+                    tokio::select! {
+                        slot = self.limit.limiter().acquire() => slot,
+                        _ = self.shutdown.begun() => return,
+                    }
+                }
+            };
             let on = Accepted {
                 peer,
                 local,
-                kind,
-                proxy_protocol,
+                kind: self.kind,
+                proxy_protocol: self.proxy_protocol,
             };
             let listening = Listening {
-                current,
-                shutdown,
-                waiting: gauges.waiting.clone(),
-                limit,
+                current: self.current.clone(),
+                shutdown: self.shutdown.clone(),
+                waiting: self.gauges.waiting.clone(),
+                limit: self.limit.clone(),
             };
-            handle(stream, on, listening).await;
-            gauges.open.dec();
-            drop::<Slot>(slot);
-            drop(done);
-        });
+            let (open, done) = (self.gauges.open.clone(), self.done.clone());
+            tokio::spawn(async move {
+                open.inc();
+                handle(stream, on, listening).await;
+                open.dec();
+                drop::<Slot>(slot);
+                drop(done);
+            });
+        }
     }
 }
 
@@ -183,7 +188,7 @@ struct Accepted {
 /// The listener's handles each of its connections gets a clone of.
 struct Listening {
     current: Arc<ArcSwap<Generation>>,
-    shutdown: watch::Receiver<bool>,
+    shutdown: Shutdown,
     waiting: Gauge,
     limit: ListenerLimit,
 }

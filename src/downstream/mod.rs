@@ -9,17 +9,18 @@ pub mod listener;
 pub mod proxy_protocol;
 pub mod send_watch;
 pub mod socket;
+pub mod timers;
 pub mod tls;
 
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use prometheus_client::metrics::gauge::Gauge;
-use tokio::sync::watch;
 
 use crate::config::{Config, DownstreamConfig};
 use crate::downstream::limit::ListenerLimit;
 use crate::proxy::{DownstreamInfo, Proxy};
+use crate::shutdown::Shutdown;
 
 /// Everything a downstream connection needs from one loaded configuration. A connection keeps
 /// the generation it was accepted under; a reload swaps in a new one for new connections.
@@ -41,7 +42,7 @@ pub struct ConnContext {
     /// The connection-level settings current at accept (timeouts, limits).
     pub cfg: Arc<DownstreamConfig>,
     /// Flips to true when the server shuts down.
-    pub shutdown: watch::Receiver<bool>,
+    pub shutdown: Shutdown,
     /// `kaproxy_downstream_connections_waiting` of the listener (parked connections).
     pub waiting: Gauge,
     /// The listener's view of the connection cap, where a parked connection registers.

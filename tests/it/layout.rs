@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 /// The ground floor: what every floor may name.
 const GROUND: &[&str] = &[
-    "metrics", "config", "body", "headers", "error", "sync", "workers",
+    "metrics", "config", "body", "headers", "error", "sync", "workers", "shutdown",
 ];
 
 /// Each floor (a folder or file of `src/`) and the top-level modules of ours it may name,
@@ -35,6 +35,7 @@ fn floors() -> Vec<(&'static str, Vec<&'static str>)> {
         ("src/metrics.rs", vec![]),
         ("src/headers.rs", vec![]),
         ("src/sync.rs", vec![]),
+        ("src/shutdown.rs", vec![]),
         ("src/workers.rs", vec![]),
     ]
 }
