@@ -24,9 +24,11 @@ mod validate;
 pub use error::{ConfigError, Problem};
 pub use timeline::Timeline;
 
-use error::*;
-use raw::*;
-use validate::*;
+use error::{line_at, locate, toml_problem};
+use raw::{
+    addrs, host_match, ip_nets, optional_addr, optional_dir, zero_is_none, RawConfig, RawUpstream,
+};
+use validate::validate;
 
 use std::fmt;
 use std::net::SocketAddr;

@@ -7,10 +7,24 @@ use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::*;
 use ipnet::IpNet;
+use rustls_pki_types::ServerName;
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
+
+use super::{
+    default_idle_timeout, AdminConfig, BalanceKind, BufferConfig, BufferingConfig, Config,
+    DemoConfig, DownstreamConfig, ForwardedConfig, HealthConfig, HostMatch, ListenConfig,
+    LogConfig, PassiveHealth, PoolConfig, Problem, RetryConfig, RouteConfig, RuntimeConfig,
+    ServerConfig, TlsConfig, UpstreamConfig, UpstreamTlsConfig, DEFAULT_ACQUIRE_TIMEOUT,
+    DEFAULT_CONNECT_TIMEOUT, DEFAULT_IP_HASH_PREFIX_V4, DEFAULT_IP_HASH_PREFIX_V6,
+    DEFAULT_KEEPALIVE_TIMEOUT, DEFAULT_MAX_CONNECTIONS_PER_SERVER, DEFAULT_MAX_IDLE_PER_SERVER,
+    DEFAULT_MAX_LIFETIME, DEFAULT_MAX_REQUEST_BODY_BYTES, DEFAULT_MAX_RESPONSE_SPILL_BYTES,
+    DEFAULT_MAX_RETRIES, DEFAULT_REQUEST_BUFFER_BYTES, DEFAULT_RESPONSE_BUFFER_BYTES,
+    DEFAULT_RESPONSE_TIMEOUT, DEFAULT_RETRY_BACKOFF, DEFAULT_SAFETY_MARGIN,
+    DEFAULT_TUNNEL_IDLE_TIMEOUT, DEFAULT_UPGRADE_PROTOCOLS, DEFAULT_UPSTREAM_MAX_REQUESTS,
+    DEFAULT_UPSTREAM_TCP_KEEPALIVE, DEFAULT_WEIGHT,
+};
 
 // ---- The file as written ----
 

@@ -1,6 +1,7 @@
 //! The configuration's unit tests: parsing, defaults, every problem with its file, line and
 //! key, and the timeline `check` prints.
 
+use super::validate::{human, round_below};
 use super::*;
 
 const MINIMAL: &str = r#"

@@ -4,7 +4,13 @@
 use std::fmt;
 use std::path::PathBuf;
 
-use super::*;
+use rustls_pki_types::ServerName;
+
+use super::validate::{downstream_order, human, upstream_order};
+use super::{
+    BalanceKind, BufferingConfig, Config, DownstreamConfig, Problem, UpstreamConfig,
+    UpstreamTlsConfig, APACHE_MAX_KEEPALIVE_REQUESTS,
+};
 
 // ---- The keep-alive timeline ----
 

@@ -2,7 +2,10 @@
 
 use std::time::Duration;
 
-use super::*;
+use super::{
+    pem, BufferingConfig, Config, DownstreamConfig, Problem, UpstreamConfig, UpstreamTlsConfig,
+    DEFAULT_MAX_HEADER_BYTES, MIN_MAX_HEADER_BYTES,
+};
 
 // ---- Validation ----
 
