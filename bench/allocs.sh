@@ -17,7 +17,7 @@
 # accepting and closing the C client connections of the measured load (C of them, not per request).
 #
 # Setup: the backend is nginx serving a 77-byte file with keep-alive (as in compare.sh), in its
-# own process: `kaproxy demo`'s backends (kaproxy-testkit) would run inside the kaproxy process
+# own process: `kaproxy demo`'s backends (kaproxy-demo) would run inside the kaproxy process
 # heaptrack watches, and close every connection after 100 requests as Apache does. kaproxy
 # has one upstream, `[runtime] worker_threads = 1`, the pool and limits of compare.sh, and the
 # access log OFF (the proxy's own work; --access-log turns it on, at log level info, as by

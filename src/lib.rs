@@ -50,8 +50,10 @@
 //! - [`sync`]: how a lock is taken (a poisoned lock is used as is), one way everywhere.
 //! - [`error`]: typed upstream errors, each knowing its kind and whether it may be retried.
 //!
-//! Development tooling (`kaproxy demo`'s backends, the delay relay, the Apache launcher of the
-//! tests and the bench) is the workspace crate `kaproxy-testkit` (`testkit/`), not this library.
+//! Development tooling is not this library: `kaproxy demo`'s backends are the workspace crate
+//! `kaproxy-demo` (`demo/`, the binary's default `demo` feature), and the test tooling (the
+//! delay relay, the Apache and peer launchers, the naive pool) is `kaproxy-testkit`
+//! (`testkit/`), which the binary does not depend on.
 //!
 //! Words: the client side is *downstream*, the backend side *upstream*; one backend server is a
 //! *backend* ([`upstream::backend::Backend`], its [`upstream::pool::Pool`], its

@@ -233,7 +233,7 @@ fn serve(config: Config, demo: bool) -> anyhow::Result<()> {
 #[cfg(feature = "demo")]
 mod demo {
     use anyhow::Context;
-    use kaproxy_testkit::demo::{DemoBackend, DemoBackendConfig};
+    use kaproxy_demo::{DemoBackend, DemoBackendConfig};
 
     pub type Backend = DemoBackend;
 

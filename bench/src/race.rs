@@ -358,7 +358,7 @@ fn race_config(mode: Mode, servers: &[SocketAddr]) -> anyhow::Result<Config> {
     if mode == Mode::Naive {
         // The hidden test-only switches: what `kaproxy check` refuses in a file.
         for upstream in &mut config.upstreams {
-            upstream.make_naive(false);
+            kaproxy_testkit::naive::make_naive(upstream, false);
         }
     }
     Ok(config)
@@ -680,7 +680,10 @@ mod tests {
         let servers = ["127.0.0.1:1".parse().unwrap()];
         let naive = race_config(Mode::Naive, &servers).unwrap();
         let pool = &naive.upstreams[0].pool;
-        assert_eq!(pool.idle_timeout, kaproxy::config::NAIVE_IDLE_TIMEOUT);
+        assert_eq!(
+            pool.idle_timeout,
+            kaproxy_testkit::naive::NAIVE_IDLE_TIMEOUT
+        );
         assert!(!pool.learn_keep_alive);
         assert!(!naive.upstreams[0].retry.retry_idempotent);
         let default = race_config(Mode::Default, &servers).unwrap();

@@ -372,7 +372,7 @@ pub struct PoolConfig {
     /// None when configured as "0s".
     pub tcp_keepalive: Option<Duration>,
     /// Learn each server's keep-alive timeout/max from its `Keep-Alive` header. Always true
-    /// from TOML; tests and `kaproxy-bench race` turn it off to build a naive pool.
+    /// from TOML; kaproxy-testkit's naive pool (the control experiment) turns it off.
     pub learn_keep_alive: bool,
 }
 
@@ -567,26 +567,6 @@ impl Default for ForwardedConfig {
             forwarded: false,
             x_real_ip: false,
         }
-    }
-}
-
-/// The naive pool's belief about the backend: Apache-like 10 s, whatever the backend says.
-pub const NAIVE_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
-/// The naive pool's idle timeout: 9 s, longer than a short real keep-alive timeout.
-pub const NAIVE_IDLE_TIMEOUT: Duration = Duration::from_secs(9);
-
-impl UpstreamConfig {
-    /// Turns this group's pool into a naive one, the control experiment of the keep-alive race
-    /// (the race tests and `kaproxy-bench race`): it believes the backend keeps connections
-    /// [`NAIVE_KEEPALIVE_TIMEOUT`], evicts after [`NAIVE_IDLE_TIMEOUT`] with no safety margin,
-    /// learns nothing from `Keep-Alive`, and re-sends written requests only when
-    /// `retry_idempotent`. No config file can say this (`check` refuses it).
-    pub fn make_naive(&mut self, retry_idempotent: bool) {
-        self.pool.keepalive_timeout = NAIVE_KEEPALIVE_TIMEOUT;
-        self.pool.idle_timeout = NAIVE_IDLE_TIMEOUT;
-        self.pool.safety_margin = Duration::ZERO;
-        self.pool.learn_keep_alive = false;
-        self.retry.retry_idempotent = retry_idempotent;
     }
 }
 

@@ -312,7 +312,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kaproxy_testkit::demo::{DemoBackend, DemoBackendConfig};
+    use kaproxy_demo::{DemoBackend, DemoBackendConfig};
 
     #[test]
     fn recommendations_leave_a_margin() {

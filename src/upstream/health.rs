@@ -302,7 +302,7 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
-    use kaproxy_testkit::demo::{DemoBackend, DemoBackendConfig};
+    use kaproxy_demo::{DemoBackend, DemoBackendConfig};
 
     #[test]
     fn streak_goes_down_after_fall_and_up_after_rise() {

@@ -1,7 +1,8 @@
-//! kaproxy-testkit owns kaproxy's development tooling, kept out of the proxy library: what
-//! `kaproxy demo`, the integration tests and `kaproxy-bench` put around a running proxy.
+//! kaproxy-testkit owns kaproxy's test tooling, kept out of the proxy library and the binary:
+//! what the integration tests and `kaproxy-bench` put around a running proxy.
 //!
-//! - [`demo`]: Apache-like HTTP/1.1 backends (`kaproxy demo`'s backends, the tests', the bench's).
+//! - [`demo`]: the kaproxy-demo crate's Apache-like HTTP/1.1 backends (`kaproxy demo`'s), re-exported.
+//! - [`naive`]: the naive pool, the control experiment of the keep-alive race.
 //! - [`relay`]: a TCP relay that delays everything, to widen the keep-alive race on loopback.
 //! - [`apache`]: a real Apache httpd 2.4 on loopback ports, for the tests and `race --apache`,
 //!   optionally serving TLS with mod_ssl.
@@ -10,14 +11,15 @@
 //! - [`pki`]: a test CA and the server and client certificates it signs, as PEM files.
 //! - [`eventually`]: polling a condition until it holds, bounded.
 //!
-//! It does not depend on the `kaproxy` crate (the kaproxy binary depends on it).
+//! The kaproxy binary does not depend on it; it depends on the `kaproxy` library.
 #![forbid(unsafe_code)]
 
 pub mod apache;
 pub mod backends;
-pub mod demo;
+pub mod naive;
 pub mod pki;
 mod poll;
 pub mod relay;
 
+pub use kaproxy_demo as demo;
 pub use poll::{eventually, eventually_async, poll_until, POLL_INTERVAL};

@@ -459,7 +459,7 @@ async fn learning_off_ignores_the_header() {
 use crate::body::UpstreamBody;
 use http::Request;
 use http_body_util::BodyExt;
-use kaproxy_testkit::demo::{DemoBackend, DemoBackendConfig, StaleReuse};
+use kaproxy_demo::{DemoBackend, DemoBackendConfig, StaleReuse};
 
 fn demo(keepalive_ms: u64, stale_reuse: StaleReuse) -> DemoBackendConfig {
     DemoBackendConfig {

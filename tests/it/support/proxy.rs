@@ -71,7 +71,7 @@ impl TestConfig {
     /// a pool that trusts connections for 9 s, never learns the backend's `Keep-Alive` and
     /// retries nothing unless `retry_idempotent`.
     pub fn naive_pool(&mut self, retry_idempotent: bool) -> &mut Self {
-        self.upstream().make_naive(retry_idempotent);
+        kaproxy_testkit::naive::make_naive(self.upstream(), retry_idempotent);
         self
     }
 
