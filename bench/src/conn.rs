@@ -16,10 +16,10 @@ use http_body_util::{BodyExt, Full};
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use kaproxy::upstream::tls::AnyCertificate;
+use kaproxy_testkit::client::connect_from;
 use rustls::client::Resumption;
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls_pki_types::pem::PemObject;
-use tokio::net::TcpSocket;
 
 use crate::args::SourceIps;
 
@@ -144,16 +144,11 @@ impl Connector {
 
     /// TCP connect (from the next source address, if any), TLS, then the HTTP handshake.
     pub async fn connect(&self) -> Result<Sender, BoxError> {
-        let socket = match self.addr {
-            SocketAddr::V4(_) => TcpSocket::new_v4()?,
-            SocketAddr::V6(_) => TcpSocket::new_v6()?,
-        };
-        if let Some(ips) = &self.source_ips {
+        let source = self.source_ips.as_ref().map(|ips| {
             let i = self.next_source.fetch_add(1, Ordering::Relaxed);
-            socket.bind(SocketAddr::new(IpAddr::V4(ips.nth(i)), 0))?;
-        }
-        let stream = socket.connect(self.addr).await?;
-        stream.set_nodelay(true)?;
+            IpAddr::V4(ips.nth(i))
+        });
+        let stream = connect_from(self.addr, source).await?;
         match &self.tls {
             None => handshake(TokioIo::new(stream), self.version).await,
             Some((connector, name)) => {
@@ -368,7 +363,45 @@ pub async fn request_once(
 
 #[cfg(test)]
 mod tests {
+    use kaproxy_testkit::client::{classify, one_request_server, ErrorClass};
+
     use super::*;
+
+    /// One request through the load generator's own connector to a server that reads the
+    /// request head and then runs `then` on the socket; the error's class.
+    async fn failed_request<F>(then: F, timeout: Duration) -> ErrorClass
+    where
+        F: FnOnce(tokio::net::TcpStream) + Send + 'static,
+    {
+        let (addr, _) = one_request_server(then).await.unwrap();
+        let target = Target::parse(&format!("http://{addr}/")).unwrap();
+        let connector = Connector::new(&target, HttpVersion::Http1, &TlsOptions::default(), None)
+            .await
+            .unwrap();
+        let template = RequestTemplate::get(&target, HttpVersion::Http1);
+        match request_once(&connector, &template, timeout).await {
+            Ok(r) => panic!("expected an error, got status {}", r.status),
+            Err(e) => classify(e.as_ref()),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_close_before_the_response_is_classed_so() {
+        let class = failed_request(drop, Duration::from_secs(5)).await;
+        assert_eq!(class, ErrorClass::ClosedBeforeResponse);
+    }
+
+    #[tokio::test]
+    async fn our_own_deadline_is_classed_a_timeout() {
+        let (keep_tx, keep_rx) = std::sync::mpsc::channel();
+        // Never answers; the socket is kept open until the test ends.
+        let class = failed_request(
+            move |s| keep_tx.send(s).unwrap(),
+            Duration::from_millis(200),
+        );
+        assert_eq!(class.await, ErrorClass::Timeout);
+        drop(keep_rx);
+    }
 
     #[test]
     fn targets() {

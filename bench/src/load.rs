@@ -10,9 +10,9 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
-use crate::classify::{classify, ErrorClass};
 use crate::conn::{timed_out, BoxError, Connector, HttpVersion, Outcome, RequestTemplate, Sender};
 use crate::stats::Stats;
+use kaproxy_testkit::client::{classify, ErrorClass};
 
 /// After a failed connect, a worker waits this long before trying again, so that a dead target
 /// does not turn the run into a busy loop of refused connects.

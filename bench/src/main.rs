@@ -9,7 +9,8 @@
 //! - [`args`]: parsing of durations, ranges, source addresses, headers.
 //! - [`conn`]: target URL, connect (source address, TLS, HTTP/1.1 or HTTP/2), one exchange.
 //! - [`load`]: the workers: closed or open loop, idle gaps, new connection per request.
-//! - [`classify`]: error classes (connect refused, reset, closed before response, timeout).
+//! - error classes (connect refused, reset, closed before response, timeout) and the connect
+//!   from a source address: kaproxy-testkit's `client`, shared with the integration tests.
 //! - [`stats`]: HDR latency histogram, status classes, the report (text and JSON).
 //! - [`race`]: `kaproxy-bench race`, naive pool vs kaproxy against Apache-like backends.
 //! - [`slow`]: `kaproxy-bench slow`, slow uploaders, slow readers and stalled HTTP/2 streams
@@ -24,7 +25,6 @@
 
 mod apache;
 mod args;
-mod classify;
 mod conn;
 mod load;
 mod probe;

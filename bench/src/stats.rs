@@ -7,7 +7,7 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
-use crate::classify::ErrorClass;
+use kaproxy_testkit::client::ErrorClass;
 
 /// Latencies are recorded in microseconds, from 1 µs to one hour, 3 significant figures.
 const LATENCY_MAX_US: u64 = 3_600_000_000;

@@ -8,6 +8,8 @@
 //!   optionally serving TLS with mod_ssl.
 //! - [`backends`]: real nginx, Gunicorn, Node and Go HTTP/1.1 servers on loopback ports, with a
 //!   short idle keep-alive timeout and (but for Node) no `Keep-Alive` header.
+//! - [`client`]: what the tests' client and the bench's share: connecting from a 127.0.0.x
+//!   source, and the classes of a failed request.
 //! - [`pki`]: a test CA and the server and client certificates it signs, as PEM files.
 //! - [`eventually`]: polling a condition until it holds, bounded.
 //!
@@ -16,6 +18,7 @@
 
 pub mod apache;
 pub mod backends;
+pub mod client;
 pub mod naive;
 pub mod pki;
 mod poll;

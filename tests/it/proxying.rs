@@ -12,7 +12,7 @@ use kaproxy_testkit::demo::DemoBackend;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::support::client::{
-    tcp_connect, tls_connect, Endpoint, KeepAliveClient, Request, Response,
+    connect_from, tls_connect, Endpoint, KeepAliveClient, Request, Response,
 };
 use crate::support::proxy::TestProxy;
 
@@ -172,7 +172,9 @@ async fn absolute_form_target_routes_by_its_authority_not_the_host_header() {
         ("http://api.example.com/", "alpha"),
         ("http://www.example.com/alpha/x", "beta"),
     ] {
-        let mut stream = tcp_connect(proxy.http().addr, None).await.expect("connect");
+        let mut stream = connect_from(proxy.http().addr, None)
+            .await
+            .expect("connect");
         let req = format!("GET {target} HTTP/1.1\r\nHost: other.test\r\nConnection: close\r\n\r\n");
         stream.write_all(req.as_bytes()).await.expect("send");
         let mut out = String::new();

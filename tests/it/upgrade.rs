@@ -11,7 +11,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 
-use crate::support::client::{tcp_connect, tls_connect};
+use crate::support::client::{connect_from, tls_connect};
 use crate::support::proxy::TestProxy;
 
 /// Bound on every read in this file (and on the backend's wait for a request head).
@@ -327,7 +327,9 @@ async fn websocket_upgrade_is_tunnelled_on_plain_http() {
     let backend = EchoUpgradeBackend::start().await;
     let proxy = TestProxy::start(&upstream_toml(&backend)).await;
     let key = "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n";
-    let stream = tcp_connect(proxy.http().addr, None).await.expect("connect");
+    let stream = connect_from(proxy.http().addr, None)
+        .await
+        .expect("connect");
     exercise_tunnel(stream, "websocket", key).await;
 
     let heads = backend.heads();
@@ -366,7 +368,7 @@ async fn concurrent_tunnels_stay_separate() {
     let proxy = TestProxy::start(&upstream_toml(&backend)).await;
     let addr = proxy.http().addr;
     let tunnels = (0..4).map(|i| async move {
-        let stream = tcp_connect(addr, None).await.expect("connect");
+        let stream = connect_from(addr, None).await.expect("connect");
         exercise_tunnel(stream, &format!("echo-{i}"), "").await;
     });
     futures_util::future::join_all(tunnels).await;
@@ -378,7 +380,9 @@ async fn concurrent_tunnels_stay_separate() {
 async fn declined_upgrade_is_relayed_as_a_normal_response() {
     let backend = EchoUpgradeBackend::start().await;
     let proxy = TestProxy::start(&upstream_toml(&backend)).await;
-    let mut stream = tcp_connect(proxy.http().addr, None).await.expect("connect");
+    let mut stream = connect_from(proxy.http().addr, None)
+        .await
+        .expect("connect");
     stream
         .write_all(upgrade_request(DECLINE_PATH, "websocket", "").as_bytes())
         .await
@@ -423,7 +427,9 @@ async fn upgrade_moves_on_to_the_next_server_when_connect_fails() {
     // SPEC.md: "connect failures move on to the next server for any method".
     let mut statuses = Vec::new();
     for _ in 0..8 {
-        let mut stream = tcp_connect(proxy.http().addr, None).await.expect("connect");
+        let mut stream = connect_from(proxy.http().addr, None)
+            .await
+            .expect("connect");
         stream
             .write_all(upgrade_request("/chat", "echo-proto", "").as_bytes())
             .await
@@ -476,7 +482,9 @@ async fn upgrade_is_tunnelled_over_tls_to_a_tls_upstream() {
         pki.ca_cert.display().to_string()
     ))
     .await;
-    let stream = tcp_connect(proxy.http().addr, None).await.expect("connect");
+    let stream = connect_from(proxy.http().addr, None)
+        .await
+        .expect("connect");
     exercise_tunnel(stream, "websocket", "").await;
     let heads = backend.heads();
     assert_eq!(
@@ -502,7 +510,9 @@ async fn upgrade_is_tunnelled_over_tls_to_a_tls_upstream() {
 /// Sends `request` on a fresh connection to kaproxy's plain listener; the connection, the
 /// response head, and what came after it.
 async fn exchange_head(proxy: &TestProxy, request: &str) -> (TcpStream, Head, Vec<u8>) {
-    let mut stream = tcp_connect(proxy.http().addr, None).await.expect("connect");
+    let mut stream = connect_from(proxy.http().addr, None)
+        .await
+        .expect("connect");
     stream.write_all(request.as_bytes()).await.expect("send");
     let (head, early) = read_head(&mut stream).await.expect("response head");
     (stream, head, early)
@@ -523,7 +533,9 @@ async fn an_h2c_upgrade_is_never_tunnelled_on_either_listener() {
     let request = "GET /_be/upgrade/h2c HTTP/1.1\r\nHost: ws.example.test\r\n\
                    Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\
                    Connection: Upgrade, HTTP2-Settings\r\n\r\n";
-    let mut plain = tcp_connect(proxy.http().addr, None).await.expect("connect");
+    let mut plain = connect_from(proxy.http().addr, None)
+        .await
+        .expect("connect");
     plain.write_all(request.as_bytes()).await.unwrap();
     let (head, _) = read_head(&mut plain).await.expect("response head");
     assert_eq!(

@@ -13,10 +13,12 @@ use http::{HeaderMap, Method, StatusCode, Version};
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+pub use kaproxy_testkit::client::connect_from;
+use kaproxy_testkit::client::ErrorClass;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -86,31 +88,13 @@ pub fn tls_config(cert_pem: &Path, alpn: &[&str]) -> Arc<rustls::ClientConfig> {
     Arc::new(config)
 }
 
-/// Opens a TCP connection to `addr`, from `source` if given (any 127.0.0.x works on Linux).
-pub async fn tcp_connect(addr: SocketAddr, source: Option<IpAddr>) -> std::io::Result<TcpStream> {
-    let stream = match source {
-        None => TcpStream::connect(addr).await?,
-        Some(ip) => {
-            let socket = if ip.is_ipv4() {
-                TcpSocket::new_v4()?
-            } else {
-                TcpSocket::new_v6()?
-            };
-            socket.bind(SocketAddr::new(ip, 0))?;
-            socket.connect(addr).await?
-        }
-    };
-    stream.set_nodelay(true)?;
-    Ok(stream)
-}
-
 /// A TLS connection to the endpoint; returns the stream and the negotiated ALPN protocol.
 pub async fn tls_connect(
     addr: SocketAddr,
     config: Arc<rustls::ClientConfig>,
     source: Option<IpAddr>,
 ) -> std::io::Result<(tokio_rustls::client::TlsStream<TcpStream>, Option<Vec<u8>>)> {
-    let tcp = tcp_connect(addr, source).await?;
+    let tcp = connect_from(addr, source).await?;
     let connector = tokio_rustls::TlsConnector::from(config);
     let name = ServerName::try_from(TLS_SERVER_NAME).expect("server name");
     let tls = connector.connect(name, tcp).await?;
@@ -121,7 +105,7 @@ pub async fn tls_connect(
 /// Connects to the endpoint (TCP, then TLS when configured).
 pub async fn connect(endpoint: &Endpoint, source: Option<IpAddr>) -> std::io::Result<Box<dyn Io>> {
     match &endpoint.tls {
-        None => Ok(Box::new(tcp_connect(endpoint.addr, source).await?)),
+        None => Ok(Box::new(connect_from(endpoint.addr, source).await?)),
         Some(config) => {
             let (tls, _) = tls_connect(endpoint.addr, config.clone(), source).await?;
             Ok(Box::new(tls))
@@ -129,21 +113,13 @@ pub async fn connect(endpoint: &Endpoint, source: Option<IpAddr>) -> std::io::Re
     }
 }
 
-/// What went wrong with a request, in the words of the field reports.
+/// What went wrong with a request, in the words of the field reports: a transport failure
+/// (kaproxy-testkit's classes, the bench's too) or a 5xx answer (502 from a proxy that lost the
+/// race, 503, 504, ...).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum ErrorKind {
-    /// Could not connect to kaproxy at all.
-    Connect,
-    /// `Connection reset by peer` (or a broken pipe while sending).
-    Reset,
-    /// `Connection prematurely closed BEFORE response` / `connection closed before message completed`.
-    ClosedBeforeResponse,
-    /// No complete response within the request timeout.
-    Timeout,
-    /// A 5xx answer (502 from a proxy that lost the race, 503, 504, ...).
+    Transport(ErrorClass),
     Status5xx,
-    /// Anything else hyper reports.
-    Other,
 }
 
 /// A failed request.
@@ -161,27 +137,7 @@ impl std::fmt::Display for RequestError {
 
 /// Classifies a hyper error the way an application's HTTP client would report it.
 pub fn classify(e: &hyper::Error) -> ErrorKind {
-    if e.is_timeout() {
-        return ErrorKind::Timeout;
-    }
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = source {
-        if let Some(io) = err.downcast_ref::<std::io::Error>() {
-            return match io.kind() {
-                std::io::ErrorKind::ConnectionReset
-                | std::io::ErrorKind::ConnectionAborted
-                | std::io::ErrorKind::BrokenPipe => ErrorKind::Reset,
-                std::io::ErrorKind::UnexpectedEof => ErrorKind::ClosedBeforeResponse,
-                std::io::ErrorKind::TimedOut => ErrorKind::Timeout,
-                _ => ErrorKind::Other,
-            };
-        }
-        source = err.source();
-    }
-    if e.is_incomplete_message() || e.is_canceled() || e.is_closed() {
-        return ErrorKind::ClosedBeforeResponse;
-    }
-    ErrorKind::Other
+    ErrorKind::Transport(kaproxy_testkit::client::classify(e))
 }
 
 /// One request to send.
@@ -372,11 +328,11 @@ impl KeepAliveClient {
             let io = tokio::time::timeout(self.timeout, connect(&self.endpoint, self.source))
                 .await
                 .map_err(|_| RequestError {
-                    kind: ErrorKind::Timeout,
+                    kind: ErrorKind::Transport(ErrorClass::Timeout),
                     message: format!("connect to {} timed out", self.endpoint.addr),
                 })?
                 .map_err(|e| RequestError {
-                    kind: ErrorKind::Connect,
+                    kind: ErrorKind::Transport(kaproxy_testkit::client::classify(&e)),
                     message: format!("connect to {}: {e}", self.endpoint.addr),
                 })?;
             self.conn = Some(http1_handshake(io).await?);
@@ -397,7 +353,7 @@ impl KeepAliveClient {
             Err(_) => {
                 self.conn = None;
                 Err(RequestError {
-                    kind: ErrorKind::Timeout,
+                    kind: ErrorKind::Transport(ErrorClass::Timeout),
                     message: format!("no complete response within {:?}", self.timeout),
                 })
             }
@@ -440,7 +396,7 @@ pub async fn h2_send(
         let (tls, alpn) = tls_connect(endpoint.addr, config, None)
             .await
             .map_err(|e| RequestError {
-                kind: ErrorKind::Connect,
+                kind: ErrorKind::Transport(kaproxy_testkit::client::classify(&e)),
                 message: format!("tls connect: {e}"),
             })?;
         let hyper_err = |e: hyper::Error| RequestError {
@@ -475,7 +431,7 @@ pub async fn h2_send(
         .await
         .unwrap_or_else(|_| {
             Err(RequestError {
-                kind: ErrorKind::Timeout,
+                kind: ErrorKind::Transport(ErrorClass::Timeout),
                 message: "h2 request timed out".into(),
             })
         })

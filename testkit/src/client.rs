@@ -1,15 +1,19 @@
-//! Sorts a failed request into the classes an operator finds in client logs during a keep-alive
-//! race: connect refused, reset by peer, closed before response, timeout (anything else is
-//! "other").
+//! Owns what every test client of kaproxy shares, the integration tests' keep-alive client and
+//! `kaproxy-bench`'s load generator alike: the TCP connect from a chosen 127.0.0.x source
+//! address, and sorting a failed request into the classes an operator finds in client logs
+//! during a keep-alive race (connect refused, reset by peer, closed before response, timeout;
+//! anything else is "other").
 
 use std::error::Error as StdError;
 use std::io;
+use std::net::{IpAddr, SocketAddr};
 
-use serde::Serialize;
+use tokio::io::AsyncReadExt;
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::oneshot;
 
 /// Why a request got no complete response.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum ErrorClass {
     /// `ECONNREFUSED` on connect: nothing listens (or the backlog is full).
     ConnectRefused,
@@ -88,67 +92,98 @@ fn classify_io(kind: io::ErrorKind) -> Option<ErrorClass> {
     }
 }
 
+/// Opens a TCP connection to `addr` with `TCP_NODELAY`, from `source` if given (any 127.0.0.x
+/// works on Linux without configuring it), so that kaproxy sees distinct client IPs.
+pub async fn connect_from(addr: SocketAddr, source: Option<IpAddr>) -> io::Result<TcpStream> {
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    if let Some(ip) = source {
+        socket.bind(SocketAddr::new(ip, 0))?;
+    }
+    let stream = socket.connect(addr).await?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// A server for one failed request: it accepts one connection on a fresh loopback port, reads
+/// the request head, then runs `then` on the socket (drop it, reset it, keep it unanswered).
+/// Returns its address and, once a client connected, the client's address.
+pub async fn one_request_server<F>(
+    then: F,
+) -> io::Result<(SocketAddr, oneshot::Receiver<SocketAddr>)>
+where
+    F: FnOnce(TcpStream) + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let (peer_tx, peer_rx) = oneshot::channel();
+    tokio::spawn(async move {
+        let Ok((mut s, peer)) = listener.accept().await else {
+            return;
+        };
+        let _ = peer_tx.send(peer);
+        let mut buf = vec![0u8; 4096];
+        let mut seen = Vec::new();
+        while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+            }
+        }
+        then(s);
+    });
+    Ok((addr, peer_rx))
+}
+
 #[cfg(test)]
 mod tests {
-    //! Classification against real loopback sockets: the errors come from the same client code
-    //! the load generator uses.
-    use std::net::SocketAddr;
-    use std::sync::Arc;
+    //! Classification against real loopback sockets, through a hyper HTTP/1.1 client as both
+    //! test clients use one.
     use std::time::Duration;
 
-    use tokio::io::AsyncReadExt;
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::rt::TokioIo;
     use tokio::net::TcpListener;
 
     use super::*;
-    use crate::conn::{Connector, HttpVersion, RequestTemplate, Target, TlsOptions};
 
-    async fn one_request(addr: SocketAddr, timeout: Duration) -> ErrorClass {
-        let target = Target::parse(&format!("http://{addr}/")).unwrap();
-        let connector = Arc::new(
-            Connector::new(&target, HttpVersion::Http1, &TlsOptions::default(), None)
-                .await
-                .unwrap(),
-        );
-        let template = RequestTemplate::get(&target, HttpVersion::Http1);
-        let result = crate::conn::request_once(&connector, &template, timeout).await;
-        match result {
-            Ok(r) => panic!("expected an error, got status {}", r.status),
-            Err(e) => classify(e.as_ref()),
-        }
+    type BoxError = Box<dyn StdError + Send + Sync>;
+
+    async fn get(addr: SocketAddr, source: Option<IpAddr>) -> Result<http::StatusCode, BoxError> {
+        let io = TokioIo::new(connect_from(addr, source).await?);
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await?;
+        tokio::spawn(conn);
+        let request = http::Request::get("/")
+            .header(http::header::HOST, "localhost")
+            .body(Empty::<Bytes>::new())?;
+        let response = sender.send_request(request).await?;
+        let status = response.status();
+        response.into_body().collect().await?;
+        Ok(status)
     }
 
-    /// Accepts one connection, reads the request head, then runs `then` on the socket.
-    async fn server<F>(then: F) -> SocketAddr
-    where
-        F: FnOnce(tokio::net::TcpStream) + Send + 'static,
-    {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            let (mut s, _) = listener.accept().await.unwrap();
-            let mut buf = vec![0u8; 4096];
-            let mut seen = Vec::new();
-            while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
-                match s.read(&mut buf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => seen.extend_from_slice(&buf[..n]),
-                }
-            }
-            then(s);
-        });
-        addr
+    async fn one_request(addr: SocketAddr, timeout: Duration) -> ErrorClass {
+        match tokio::time::timeout(timeout, get(addr, None)).await {
+            Err(_) => ErrorClass::Timeout,
+            Ok(Ok(status)) => panic!("expected an error, got status {status}"),
+            Ok(Err(e)) => classify(e.as_ref()),
+        }
     }
 
     #[tokio::test]
     async fn reset_by_peer() {
-        let addr = server(|s| {
+        let (addr, _) = one_request_server(|s| {
             // SO_LINGER 0: close() sends an RST instead of a FIN.
             socket2::SockRef::from(&s)
                 .set_linger(Some(Duration::ZERO))
                 .unwrap();
             drop(s);
         })
-        .await;
+        .await
+        .unwrap();
         assert_eq!(
             one_request(addr, Duration::from_secs(5)).await,
             ErrorClass::ResetByPeer
@@ -157,7 +192,7 @@ mod tests {
 
     #[tokio::test]
     async fn closed_before_response() {
-        let addr = server(drop).await;
+        let (addr, _) = one_request_server(drop).await.unwrap();
         assert_eq!(
             one_request(addr, Duration::from_secs(5)).await,
             ErrorClass::ClosedBeforeResponse
@@ -168,7 +203,9 @@ mod tests {
     async fn timeout() {
         let (keep_tx, keep_rx) = std::sync::mpsc::channel();
         // Never answers; the socket is kept open until the test ends.
-        let addr = server(move |s| keep_tx.send(s).unwrap()).await;
+        let (addr, _) = one_request_server(move |s| keep_tx.send(s).unwrap())
+            .await
+            .unwrap();
         assert_eq!(
             one_request(addr, Duration::from_millis(200)).await,
             ErrorClass::Timeout
@@ -188,6 +225,14 @@ mod tests {
             one_request(addr, Duration::from_secs(5)).await,
             ErrorClass::ConnectRefused
         );
+    }
+
+    #[tokio::test]
+    async fn connects_from_the_chosen_source_address() {
+        let (addr, peer) = one_request_server(drop).await.unwrap();
+        let source: IpAddr = "127.0.0.7".parse().unwrap();
+        let _ = get(addr, Some(source)).await;
+        assert_eq!(peer.await.unwrap().ip(), source);
     }
 
     #[test]
