@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Runs each coverage-guided fuzz target in fuzz/ for a bounded time; exits 1 if any crashed.
 #
-#   bench/fuzz.sh [--seconds N] [--only config,keep_alive,proxy_header,forwarded] [--merge]
+#   bench/fuzz.sh [--seconds N] [--only config,keep_alive,proxy_header,forwarded,http1_body] [--merge]
 #
 # Targets: config (the config loader and `check` report), keep_alive (the backend's Keep-Alive
-# header), proxy_header (the PROXY v1/v2 reader), forwarded (the forwarding-header policy).
+# header), proxy_header (the PROXY v1/v2 reader), forwarded (the forwarding-header policy),
+# http1_body (kaproxy::http1 against hyper's server: where a request body ends).
 # Uses cargo-fuzz (libFuzzer) with `--sanitizer none`, which builds on the stable toolchain;
 # installs cargo-fuzz with `cargo install` if it is missing. Each run starts from the committed
 # seeds in fuzz/corpus/TARGET and writes what it finds to fuzz/target/corpus/TARGET (not
@@ -15,13 +16,13 @@
 set -euo pipefail
 
 SECONDS_EACH=20
-ONLY="config,keep_alive,proxy_header,forwarded"
+ONLY="config,keep_alive,proxy_header,forwarded,http1_body"
 MERGE=0
 HERE="$(cd "$(dirname "$0")" && pwd)"
 ROOT="$(cd "$HERE/.." && pwd)"
 FUZZ="$ROOT/fuzz"
 
-usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; }
 while [ $# -gt 0 ]; do
     case "$1" in
         --seconds) SECONDS_EACH="${2:-}"; shift 2 ;;

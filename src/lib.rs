@@ -6,7 +6,7 @@
 //! The tree reads like the pipeline; data flows one way, and so do the imports:
 //!
 //! ```text
-//! server → control → downstream → proxy → upstream → ground (metrics, config, body, headers, error, shutdown)
+//! server → control → downstream → proxy → upstream → ground (metrics, config, body, headers, http1, error, shutdown)
 //! ```
 //!
 //! Each floor imports only from the floors below it; `downstream` never names `upstream` (the
@@ -41,6 +41,8 @@
 //! - [`metrics`]: the Prometheus registry and the hot path's handles (receives, imports nothing
 //!   of ours).
 //! - [`headers`]: `Keep-Alive` and the comma-separated token lists, parsed one way.
+//! - [`http1`]: kaproxy's own HTTP/1.1 codec without I/O (heads kept as bytes, body framing,
+//!   chunked coding), differentially fuzzed against hyper; not yet on the data path.
 //! - [`config`]: TOML → validated, typed [`config::Config`]; the keep-alive timeline of `check`.
 //! - [`body`]: bodies in transit: request bodies (`body_timeout`, the size cap, read whole
 //!   or streamed), the memory budget ([`body::budget`]), temporary files ([`body::spill`]),
@@ -73,6 +75,7 @@ pub mod control;
 pub mod downstream;
 pub mod error;
 pub mod headers;
+pub mod http1;
 pub mod metrics;
 pub mod proxy;
 pub mod server;
