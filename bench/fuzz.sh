@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Runs each coverage-guided fuzz target in fuzz/ for a bounded time; exits 1 if any crashed.
 #
-#   bench/fuzz.sh [--seconds N] [--only config,keep_alive,proxy_header,forwarded,http1_body] [--merge]
+#   bench/fuzz.sh [--seconds N] [--only config,keep_alive,proxy_header,forwarded,http1_body,http1_response] [--merge]
 #
 # Targets: config (the config loader and `check` report), keep_alive (the backend's Keep-Alive
 # header), proxy_header (the PROXY v1/v2 reader), forwarded (the forwarding-header policy),
-# http1_body (kaproxy::http1 against hyper's server: where a request body ends).
+# http1_body and http1_response (kaproxy::http1 against hyper's server and client: where a
+# request or response body ends).
 # Uses cargo-fuzz (libFuzzer) with `--sanitizer none`, which builds on the stable toolchain;
 # installs cargo-fuzz with `cargo install` if it is missing. Each run starts from the committed
 # seeds in fuzz/corpus/TARGET and writes what it finds to fuzz/target/corpus/TARGET (not
@@ -16,7 +17,7 @@
 set -euo pipefail
 
 SECONDS_EACH=20
-ONLY="config,keep_alive,proxy_header,forwarded,http1_body"
+ONLY="config,keep_alive,proxy_header,forwarded,http1_body,http1_response"
 MERGE=0
 HERE="$(cd "$(dirname "$0")" && pwd)"
 ROOT="$(cd "$HERE/.." && pwd)"

@@ -42,7 +42,8 @@
 //!   of ours).
 //! - [`headers`]: `Keep-Alive` and the comma-separated token lists, parsed one way.
 //! - [`http1`]: kaproxy's own HTTP/1.1 codec without I/O (heads kept as bytes, body framing,
-//!   chunked coding), differentially fuzzed against hyper; not yet on the data path.
+//!   chunked coding), differentially fuzzed against hyper's server and client; not yet on the
+//!   data path.
 //! - [`config`]: TOML → validated, typed [`config::Config`]; the keep-alive timeline of `check`.
 //! - [`body`]: bodies in transit: request bodies (`body_timeout`, the size cap, read whole
 //!   or streamed), the memory budget ([`body::budget`]), temporary files ([`body::spill`]),

@@ -51,8 +51,9 @@ pub struct ResponseFraming {
 }
 
 /// The transfer codings of every `Transfer-Encoding` field: whether any was present, and
-/// whether `chunked` is the last one and appears once.
-fn transfer_codings<'a>(values: impl Iterator<Item = &'a [u8]>) -> Option<bool> {
+/// whether `chunked` is the last one (and, with `once`, the only `chunked`: a request's rule
+/// here; a response naming it twice is read as chunked, as hyper's client reads it).
+fn transfer_codings<'a>(values: impl Iterator<Item = &'a [u8]>, once: bool) -> Option<bool> {
     let mut present = false;
     let mut chunked_count = 0;
     let mut last_is_chunked = false;
@@ -67,7 +68,7 @@ fn transfer_codings<'a>(values: impl Iterator<Item = &'a [u8]>) -> Option<bool> 
             chunked_count += usize::from(last_is_chunked);
         }
     }
-    present.then_some(last_is_chunked && chunked_count == 1)
+    present.then_some(last_is_chunked && (chunked_count == 1 || !once))
 }
 
 /// The one length every `Content-Length` field agrees on, if any field. A request's field is
@@ -119,7 +120,7 @@ pub fn request<'a, I>(version: Version, fields: I) -> Result<Framing, FramingErr
 where
     I: IntoIterator<Item = (&'a [u8], &'a [u8])> + Clone,
 {
-    let chunked = transfer_codings(named(fields.clone(), "transfer-encoding"));
+    let chunked = transfer_codings(named(fields.clone(), "transfer-encoding"), true);
     let length = content_length(named(fields, "content-length"), false)?;
     match (chunked, length) {
         (Some(_), _) if version == Version::Http10 => Err(FramingError::TransferEncodingInHttp10),
@@ -149,7 +150,7 @@ where
     if to_head || (100..200).contains(&status) || status == 204 || status == 304 {
         return Ok(no_body(Framing::Empty));
     }
-    let chunked = transfer_codings(named(fields.clone(), "transfer-encoding"));
+    let chunked = transfer_codings(named(fields.clone(), "transfer-encoding"), false);
     let length = content_length(named(fields.clone(), "content-length"), true);
     Ok(match chunked {
         Some(true) => ResponseFraming {
