@@ -69,6 +69,9 @@
 //! No `unsafe` but one function: reading Linux `TCP_INFO` (`upstream::delivery::tcp_state`),
 //! which neither socket2 nor rustix exposes.
 #![deny(unsafe_code)]
+// These docs are written for kaproxy's engineers, module docs naming private items:
+// `cargo doc --document-private-items` renders them with every link resolved.
+#![allow(rustdoc::private_intra_doc_links)]
 
 pub mod body;
 pub mod config;

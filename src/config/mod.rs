@@ -11,7 +11,7 @@
 //! its flat keys, a server written as a string or a table).
 //!
 //! Files: this one holds the typed structs, their defaults and loading; [`raw`] the file as
-//! written (serde), [`error`] problems with file/line/key, [`validate`] the semantic checks,
+//! written (serde), [`error`] problems with file/line/key, [`mod@validate`] the semantic checks,
 //! [`pem`] the PEM files upstream TLS names (read at load time, so a bad file is a problem
 //! with its line), [`timeline`] what `kaproxy check` prints.
 

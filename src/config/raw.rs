@@ -250,7 +250,7 @@ impl RawUpstream {
 
 impl RawConfig {
     /// The typed config, and the problems only the file as written shows (a `tls_*` key with
-    /// `tls = false`); keys set, lines not yet, as [`validate`]'s.
+    /// `tls = false`); keys set, lines not yet, as [`mod@super::validate`]'s.
     pub(super) fn into_config(self, path: &Path) -> (Config, Vec<Problem>) {
         let mut problems = Vec::new();
         let upstreams = self

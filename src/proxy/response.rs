@@ -1,8 +1,8 @@
 //! Owns the response phase: the response filter (framing per RFC 9112 §6.3, hop-by-hop
 //! headers, a small body read ahead, a larger one handed to a relay, an event stream passed
-//! through), kaproxy's own answers' form ([`local_response`]; when each is given is the
-//! request context's, [`super::context`]), and [`ProxyBody`], the body of every response sent
-//! downstream.
+//! through), kaproxy's own answers' form ([`super::answer::local_response`]; when each is
+//! given is the request context's, [`super::context`]), and [`ProxyBody`], the body of every
+//! response sent downstream.
 
 use std::sync::Arc;
 

@@ -209,9 +209,9 @@ const NOT_DOWN: u64 = 0;
 /// After the cool-down it is tried again (half-open): a success clears the mark, a single
 /// failure marks it down for another cool-down without waiting for a new streak of `fall`.
 ///
-/// Active: a flag only the probe task of [`spawn_active_checks`] writes (`rise`/`fall` are
-/// counted there). It starts up, so traffic flows before the first probe has answered, and
-/// stays up for good when the upstream has no `[health]`.
+/// Active: a flag only the probe task of [`crate::upstream::health::spawn_active_checks`]
+/// writes (`rise`/`fall` are counted there). It starts up, so traffic flows before the first
+/// probe has answered, and stays up for good when the upstream has no `[health]`.
 ///
 /// The two are independent and [`is_up`](Self::is_up) needs both: a server is up only if
 /// neither says down. A request that succeeds does not clear an active "down" (probing only
