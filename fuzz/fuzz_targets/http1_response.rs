@@ -11,55 +11,25 @@ use std::time::Duration;
 use arbitrary::Arbitrary;
 use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
-use kaproxy::http1::chunked::{Chunk, Decoder};
-use kaproxy::http1::framing::{self, Framing};
+use kaproxy::http1::framing;
 use kaproxy::http1::head::parse_response;
 use libfuzzer_sys::fuzz_target;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-#[derive(Arbitrary, Debug)]
-enum Name {
-    ContentLength,
-    TransferEncoding,
-}
+#[path = "shared/http1_message.rs"]
+mod message;
+use message::{read_body, Message, Outcome};
 
 #[derive(Arbitrary, Debug)]
 struct Input {
     status: u16,
     head_request: bool,
-    fields: Vec<(Name, Vec<u8>)>,
-    /// When true, the body is a well-formed chunked encoding of `body`, else `body` itself.
-    encode: bool,
-    body: Vec<u8>,
+    message: Message,
 }
 
-/// Refused (`None`), or the body read whole (`Ok`) or refused part way (`Err`).
-type Outcome = Option<Result<Vec<u8>, ()>>;
-
-fn response_bytes(input: &Input, status: u16) -> Vec<u8> {
+fn response_bytes(message: &Message, status: u16) -> Vec<u8> {
     let mut out = format!("HTTP/1.1 {status} X\r\n").into_bytes();
-    for (name, value) in input.fields.iter().take(4) {
-        out.extend_from_slice(match name {
-            Name::ContentLength => b"Content-Length: ",
-            Name::TransferEncoding => b"Transfer-Encoding: ",
-        });
-        out.extend(value.iter().take(24).map(|&b| match b {
-            b' ' | b'!'..=b'~' => b,
-            _ => b' ',
-        }));
-        out.extend_from_slice(b"\r\n");
-    }
-    out.extend_from_slice(b"\r\n");
-    if input.encode {
-        for piece in input.body.chunks(7) {
-            out.extend_from_slice(format!("{:x}\r\n", piece.len()).as_bytes());
-            out.extend_from_slice(piece);
-            out.extend_from_slice(b"\r\n");
-        }
-        out.extend_from_slice(b"0\r\n\r\n");
-    } else {
-        out.extend_from_slice(&input.body);
-    }
+    message.write(&mut out);
     out
 }
 
@@ -70,23 +40,7 @@ fn ours(bytes: &[u8], to_head: bool) -> Outcome {
     let framing = framing::response(head.status, to_head, head.fields.iter().collect::<Vec<_>>())
         .ok()?
         .framing;
-    Some(match framing {
-        Framing::Empty => Ok(Vec::new()),
-        Framing::Length(n) if (buf.len() as u64) >= n => Ok(buf[..n as usize].to_vec()),
-        Framing::Length(_) => Err(()),
-        Framing::UntilClose => Ok(buf.to_vec()),
-        Framing::Chunked => {
-            let mut d = Decoder::new();
-            let mut body = Vec::new();
-            loop {
-                match d.decode(&mut buf) {
-                    Ok(Some(Chunk::Data(b))) => body.extend_from_slice(&b),
-                    Ok(Some(Chunk::End { .. })) => break Ok(body),
-                    Ok(None) | Err(_) => break Err(()),
-                }
-            }
-        }
-    })
+    Some(read_body(framing, &mut buf).map_err(|_| ()))
 }
 
 /// hyper's client on an in-memory connection whose backend writes `bytes` and closes.
@@ -117,15 +71,20 @@ fn hypers(bytes: &[u8], to_head: bool) -> Outcome {
                 }
             }
         });
-        let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, http_body_util::Empty<Bytes>>(
-            hyper_util::rt::TokioIo::new(client),
-        )
+        let (mut sender, conn) = hyper::client::conn::http1::handshake::<
+            _,
+            http_body_util::Empty<Bytes>,
+        >(hyper_util::rt::TokioIo::new(client))
         .await
         .unwrap();
         tokio::spawn(async move {
             let _ = conn.await;
         });
-        let method = if to_head { http::Method::HEAD } else { http::Method::GET };
+        let method = if to_head {
+            http::Method::HEAD
+        } else {
+            http::Method::GET
+        };
         let req = http::Request::builder()
             .method(method)
             .uri("/")
@@ -134,7 +93,13 @@ fn hypers(bytes: &[u8], to_head: bool) -> Outcome {
             .unwrap();
         let outcome = tokio::time::timeout(Duration::from_secs(5), async {
             let resp = sender.send_request(req).await.ok()?;
-            Some(resp.into_body().collect().await.map(|c| c.to_bytes().to_vec()).map_err(|_| ()))
+            Some(
+                resp.into_body()
+                    .collect()
+                    .await
+                    .map(|c| c.to_bytes().to_vec())
+                    .map_err(|_| ()),
+            )
         })
         .await
         .expect("hyper's client finishes on a closed connection");
@@ -147,7 +112,7 @@ fn hypers(bytes: &[u8], to_head: bool) -> Outcome {
 fuzz_target!(|input: Input| {
     // 200-599; interim responses are hyper's to skip.
     let status = 200 + input.status % 400;
-    let bytes = response_bytes(&input, status);
+    let bytes = response_bytes(&input.message, status);
     let mine = ours(&bytes, input.head_request);
     let theirs = hypers(&bytes, input.head_request);
     assert_eq!(

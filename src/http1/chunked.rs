@@ -4,6 +4,8 @@
 //! codec of its own it accepts still, with one exception: a bare LF inside a trailer line is
 //! refused here, where hyper reads on to the next CR.
 
+use std::fmt::Write;
+
 use bytes::{Buf, Bytes, BytesMut};
 
 /// Chunk extensions (`;name=value`, which kaproxy does not forward) are bounded over a
@@ -252,8 +254,8 @@ fn check_trailers(trailers: &[u8]) -> Result<(), ChunkError> {
 /// The line that starts a chunk of `len` bytes (`len` must not be 0: that is [`LAST_CHUNK`]).
 pub fn chunk_start(len: usize, out: &mut BytesMut) {
     debug_assert!(len > 0);
-    let digits = format!("{len:x}\r\n");
-    out.extend_from_slice(digits.as_bytes());
+    // Writing to a BytesMut cannot fail.
+    let _ = write!(out, "{len:x}\r\n");
 }
 
 /// What ends a chunk's data.

@@ -104,7 +104,7 @@ fn decimal(digits: &[u8]) -> Option<u64> {
     })
 }
 
-/// A request's fields as (name, value).
+/// The values of the fields named `name` among (name, value) pairs.
 fn named<'a, I>(fields: I, name: &'static str) -> impl Iterator<Item = &'a [u8]>
 where
     I: IntoIterator<Item = (&'a [u8], &'a [u8])>,
@@ -127,8 +127,16 @@ where
         (Some(_), Some(_)) => Err(FramingError::LengthAndTransferEncoding),
         (Some(true), None) => Ok(Framing::Chunked),
         (Some(false), None) => Err(FramingError::NotChunked),
-        (None, Some(0) | None) => Ok(Framing::Empty),
-        (None, Some(n)) => Ok(Framing::Length(n)),
+        (None, length) => Ok(by_length(length, Framing::Empty)),
+    }
+}
+
+/// A body of `length` bytes; `absent` when no `Content-Length` says.
+fn by_length(length: Option<u64>, absent: Framing) -> Framing {
+    match length {
+        Some(0) => Framing::Empty,
+        Some(n) => Framing::Length(n),
+        None => absent,
     }
 }
 
@@ -143,29 +151,24 @@ pub fn response<'a, I>(
 where
     I: IntoIterator<Item = (&'a [u8], &'a [u8])> + Clone,
 {
-    let no_body = |framing| ResponseFraming {
+    let untouched = |framing| ResponseFraming {
         framing,
         length_overridden: false,
     };
     if to_head || (100..200).contains(&status) || status == 204 || status == 304 {
-        return Ok(no_body(Framing::Empty));
+        return Ok(untouched(Framing::Empty));
     }
-    let chunked = transfer_codings(named(fields.clone(), "transfer-encoding"), false);
-    let length = content_length(named(fields.clone(), "content-length"), true);
-    Ok(match chunked {
-        Some(true) => ResponseFraming {
-            framing: Framing::Chunked,
-            length_overridden: named(fields, "content-length").next().is_some(),
+    let Some(chunked) = transfer_codings(named(fields.clone(), "transfer-encoding"), false) else {
+        let length = content_length(named(fields, "content-length"), true)?;
+        return Ok(untouched(by_length(length, Framing::UntilClose)));
+    };
+    Ok(ResponseFraming {
+        framing: if chunked {
+            Framing::Chunked
+        } else {
+            Framing::UntilClose
         },
-        Some(false) => ResponseFraming {
-            framing: Framing::UntilClose,
-            length_overridden: named(fields, "content-length").next().is_some(),
-        },
-        None => match length? {
-            Some(0) => no_body(Framing::Empty),
-            Some(n) => no_body(Framing::Length(n)),
-            None => no_body(Framing::UntilClose),
-        },
+        length_overridden: named(fields, "content-length").next().is_some(),
     })
 }
 
