@@ -15,6 +15,9 @@ use http::StatusCode;
 
 use crate::body::BodyError;
 use crate::config::pem::PemError;
+use crate::http1::chunked::ChunkError;
+use crate::http1::framing::FramingError;
+use crate::http1::head::HeadError;
 use crate::metrics::{BackendMetrics, ErrorKind};
 
 /// Which side of the proxy caused a failure (Pingora's split).
@@ -50,12 +53,12 @@ pub enum RequestError {
     /// The client's request body, read by kaproxy (buffering), failed.
     #[error(transparent)]
     Body(#[from] BodyError),
-    /// The client's request body failed while hyper wrote it upstream (a [`BodyError`] is in
-    /// the source chain).
+    /// The client's request body failed while it was written upstream (a [`BodyError`] is in
+    /// the source chain: kaproxy's own writer gives it as is, hyper's tunnel connection wraps it).
     #[error("request body to {addr} failed: {source}")]
     BodyStreamed {
         addr: SocketAddr,
-        source: hyper::Error,
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     #[error("connect to {addr} failed: {source}")]
     Connect { addr: SocketAddr, source: io::Error },
@@ -73,23 +76,18 @@ pub enum RequestError {
     #[error("{addr} sent no response within {timeout:?}")]
     ResponseTimeout { addr: SocketAddr, timeout: Duration },
     #[error("{addr} closed the connection before responding: {source}")]
-    ClosedBeforeResponse {
-        addr: SocketAddr,
-        source: hyper::Error,
-    },
+    ClosedBeforeResponse { addr: SocketAddr, source: WireError },
     #[error("{addr} reset the connection: {source}")]
-    Reset {
-        addr: SocketAddr,
-        source: hyper::Error,
-    },
+    Reset { addr: SocketAddr, source: WireError },
     /// The backend answered `101 Switching Protocols` to a request that offered no protocol,
     /// or to another one than it offered (RFC 9110 §15.2.2): a protocol violation, answered
     /// 502 and its connection closed; not one of the metrics' kinds.
     #[error("{addr} switched protocols without being asked (RFC 9110 §15.2.2)")]
     UnexpectedUpgrade { addr: SocketAddr },
-    /// The response body could not be taken before its first byte: malformed (hyper could
-    /// not parse it, e.g. a chunk line with an oversized extension), or a temporary file that
-    /// cannot be read: 502, not one of the metrics' kinds (the backend did answer).
+    /// The response cannot be forwarded: a head or framing that is not HTTP/1.1 (conflicting
+    /// lengths, an oversized head), a body that breaks before its first byte is sent on (a
+    /// chunk line with an oversized extension), or a temporary file that cannot be read: 502,
+    /// not one of the metrics' kinds (the backend did answer), never retried.
     #[error("the response body from {addr} cannot be forwarded: {source}")]
     BrokenResponse {
         addr: SocketAddr,
@@ -102,6 +100,50 @@ pub enum RequestError {
         addr: SocketAddr,
         source: UpstreamTlsError,
     },
+}
+
+/// What broke an exchange on a backend connection: its socket, an end before the message did,
+/// or bytes that are not HTTP/1.1 by kaproxy's codec ([`crate::http1`]); hyper's errors for
+/// the connections hyper still drives (a tunnel's).
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    #[error(transparent)]
+    Io(#[from] io::Error),
+    /// The backend closed the connection (a FIN, or TLS `close_notify`) before the message ended.
+    #[error("connection closed {0}")]
+    Closed(&'static str),
+    #[error(transparent)]
+    Head(#[from] HeadError),
+    #[error(transparent)]
+    Framing(#[from] FramingError),
+    #[error(transparent)]
+    Chunk(#[from] ChunkError),
+    #[error(transparent)]
+    Hyper(#[from] hyper::Error),
+}
+
+impl WireError {
+    /// The backend's bytes were not HTTP/1.1 (as opposed to a connection that ended or broke).
+    pub fn is_malformed(&self) -> bool {
+        match self {
+            WireError::Head(_) | WireError::Framing(_) | WireError::Chunk(_) => true,
+            WireError::Hyper(e) => e.is_parse() || e.is_parse_too_large(),
+            WireError::Io(_) | WireError::Closed(_) => false,
+        }
+    }
+
+    /// The error this one wraps, itself: `transparent` variants pass `source()` on to the
+    /// wrapped error's own source, which would skip an `io::Error` when a chain is searched.
+    fn wrapped(&self) -> &(dyn std::error::Error + 'static) {
+        match self {
+            WireError::Io(e) => e,
+            WireError::Head(e) => e,
+            WireError::Framing(e) => e,
+            WireError::Chunk(e) => e,
+            WireError::Hyper(e) => e,
+            WireError::Closed(_) => self,
+        }
+    }
 }
 
 /// Why upstream TLS could not be set up from `[upstreams.NAME]`'s `tls_*` keys, or why a
@@ -138,12 +180,30 @@ pub enum UpstreamTlsError {
 }
 
 impl RequestError {
-    /// Sorts a hyper send error: the client's body, the backend refusing the TLS session, a
-    /// reset, or a close before a response.
+    /// Sorts a hyper send error (a tunnel's connection): the client's body, else as
+    /// [`Self::from_wire`] sorts it.
     pub fn from_send(addr: SocketAddr, source: hyper::Error) -> Self {
         if BodyError::in_chain(&source).is_some() {
-            RequestError::BodyStreamed { addr, source }
-        } else if let Some(refusal) = rustls_error_in(&source).filter(|e| is_tls_refusal(e)) {
+            RequestError::BodyStreamed {
+                addr,
+                source: Box::new(source),
+            }
+        } else {
+            RequestError::from_wire(addr, WireError::Hyper(source))
+        }
+    }
+
+    /// Sorts what broke an exchange before its response could be forwarded: bytes that are
+    /// not HTTP/1.1, the backend refusing the TLS session, a reset, or a close.
+    pub fn from_wire(addr: SocketAddr, source: WireError) -> Self {
+        if source.is_malformed() {
+            RequestError::BrokenResponse {
+                addr,
+                source: Box::new(source),
+            }
+        } else if let Some(refusal) =
+            rustls_error_in(source.wrapped()).filter(|e| is_tls_refusal(e))
+        {
             // Under TLS 1.3 a backend checks the client's certificate after kaproxy's side of
             // the handshake is done (RFC 8446 §4.4.2.4), so its refusal arrives with the first
             // read: a failed handshake all the same, and the request was never processed.
@@ -220,7 +280,7 @@ impl RequestError {
     pub fn body_error(&self) -> Option<&BodyError> {
         match self {
             RequestError::Body(e) => Some(e),
-            RequestError::BodyStreamed { source, .. } => BodyError::in_chain(source),
+            RequestError::BodyStreamed { source, .. } => BodyError::in_chain(&**source),
             _ => None,
         }
     }
@@ -278,8 +338,8 @@ pub fn rustls_error_in<'a>(
     None
 }
 
-fn is_reset(err: &hyper::Error) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
+fn is_reset(err: &WireError) -> bool {
+    let mut source = Some(err.wrapped());
     while let Some(e) = source {
         if let Some(io) = e.downcast_ref::<io::Error>() {
             return matches!(

@@ -60,8 +60,8 @@ impl BodyError {
         }
     }
 
-    /// The [`BodyError`] somewhere in `err`'s source chain: how a body that failed inside
-    /// hyper's client (while being written upstream) is told apart from a backend failure.
+    /// The [`BodyError`] somewhere in `err`'s source chain: how a body that failed
+    /// while being written upstream is told apart from a backend failure.
     pub fn in_chain<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a BodyError> {
         let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
         while let Some(e) = source {

@@ -84,7 +84,7 @@ impl Fields {
     }
 
     /// Every field as (name, value), in the order received.
-    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> + '_ {
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> + Clone + '_ {
         self.fields
             .iter()
             .map(|f| (f.name.get(&self.bytes), f.value.get(&self.bytes)))

@@ -10,15 +10,14 @@ use http::header::{self, HeaderName, HeaderValue};
 use http::{HeaderMap, Response, StatusCode, Version};
 use http_body::Body;
 use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
 use tracing::warn;
 
 use crate::body::relay::{relay, RelayError, RelayLimits};
 use crate::body::{Buffering, Collected};
-use crate::error::RequestError;
+use crate::error::{RequestError, WireError};
 use crate::metrics::CloseReason;
 use crate::upstream::backend::Backend;
-use crate::upstream::exchange::PooledBody;
+use crate::upstream::exchange::{PooledBody, ResponseBody};
 use crate::upstream::pool::PooledConn;
 
 use super::answer::{Inner, ProxyBody};
@@ -112,7 +111,7 @@ impl Proxy {
 /// A response head from `backend`, with the connection its body comes on.
 pub(super) struct Sent {
     pub(super) backend: Arc<Backend>,
-    pub(super) response: Response<Incoming>,
+    pub(super) response: Response<ResponseBody>,
     pub(super) conn: PooledConn,
 }
 
@@ -175,7 +174,7 @@ impl ReadAhead<'_> {
                         read.push(data);
                     }
                 }
-                Ok::<_, hyper::Error>(read.into_bytes())
+                Ok::<_, WireError>(read.into_bytes())
             })
             .await;
         match read {
@@ -188,34 +187,17 @@ impl ReadAhead<'_> {
         }
     }
 
-    /// The body failed after its head: a malformed body (hyper could not parse it, e.g. an
-    /// oversized chunk extension) is the backend's broken response, not a closed connection;
-    /// a reset or close mid-body is sorted as usual.
-    fn broken(&self, e: hyper::Error) -> RequestError {
-        // hyper's body decoder reports bad framing (a chunk size or line, an extension or
-        // trailers over its limits) as an I/O error of kind InvalidData or InvalidInput.
-        let bad_framing = std::error::Error::source(&e)
-            .and_then(|s| s.downcast_ref::<std::io::Error>())
-            .is_some_and(|io| {
-                matches!(
-                    io.kind(),
-                    std::io::ErrorKind::InvalidData | std::io::ErrorKind::InvalidInput
-                )
-            });
-        if e.is_parse() || e.is_parse_too_large() || bad_framing {
-            RequestError::BrokenResponse {
-                addr: self.deadline.addr,
-                source: Box::new(e),
-            }
-        } else {
-            RequestError::from_send(self.deadline.addr, e)
-        }
+    /// The body failed after its head: a malformed body (e.g. an oversized chunk extension)
+    /// is the backend's broken response, not a closed connection; a reset or close mid-body
+    /// is sorted as usual ([`RequestError::from_wire`]).
+    fn broken(&self, e: WireError) -> RequestError {
+        RequestError::from_wire(self.deadline.addr, e)
     }
 
     fn failed(&self, e: RelayError) -> RequestError {
         match e {
             RelayError::ReadTimeout(_) => self.deadline.elapsed(),
-            RelayError::Upstream(e) => match e.downcast::<hyper::Error>() {
+            RelayError::Upstream(e) => match e.downcast::<WireError>() {
                 Ok(e) => self.broken(*e),
                 Err(source) => RequestError::BrokenResponse {
                     addr: self.deadline.addr,

@@ -1,33 +1,30 @@
 //! Owns how kaproxy connects to a backend: the TCP dial (connect timeout, TCP_NODELAY,
 //! keepalive), TLS on top when the group says `tls = true` ([`UpstreamStream`]), and
-//! [`Http1`], the pool's real connector — hyper's HTTP/1.1 client connection, driven by the
-//! task of the request that uses it (no task or channel hop per request), and checked without
-//! blocking before it is reused.
+//! [`Http1`], the pool's real connector: [`Http1Conn`], kaproxy's own HTTP/1.1 client
+//! connection ([`crate::upstream::wire`]), used by the task of the request that has it (no
+//! task or channel hop per request), and checked without blocking before it is reused.
+//! hyper's client handshake ([`http1_handshake`]) serves the connections that are not pooled:
+//! a tunnel's, a health check's, `kaproxy probe`'s.
 
 use std::future::{poll_fn, Future};
-use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll, Wake, Waker};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
-use futures_util::task::AtomicWaker;
 use hyper::client::conn::http1::{Connection as HyperConn, SendRequest};
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
-use tokio_rustls::client::TlsStream;
-use tracing::debug;
 
-use crate::body::UpstreamBody;
 use crate::config::PoolConfig;
 use crate::error::RequestError;
 use crate::metrics::BackendMetrics;
 use crate::upstream::delivery::{Delivery, Tracked};
+use crate::upstream::stream::UpstreamStream;
 use crate::upstream::tls::UpstreamTls;
+use crate::upstream::wire::{Outgoing, Wire};
 
 /// What the pool needs of a live connection: whether its peer has closed it, checked without
 /// blocking (as hyper-util's pool needs `is_open`). Everything else the pool decides from its
@@ -77,105 +74,6 @@ async fn dial(addr: SocketAddr, cfg: &PoolConfig) -> Result<TcpStream, RequestEr
         .map_err(|source| RequestError::Connect { addr, source })?;
     set_socket_options(&stream, cfg.tcp_keepalive);
     Ok(stream)
-}
-
-/// A connection to a backend: plain TCP, or TLS over it (`tls = true`).
-pub enum UpstreamStream {
-    Plain(Tracked),
-    Tls(Box<TlsStream<Tracked>>),
-}
-
-impl UpstreamStream {
-    /// What the socket under it wrote and had acknowledged.
-    pub fn delivery(&self) -> Arc<Delivery> {
-        match self {
-            UpstreamStream::Plain(s) => s.delivery().clone(),
-            UpstreamStream::Tls(s) => s.get_ref().0.delivery().clone(),
-        }
-    }
-
-    /// Queues TLS `close_notify` (RFC 8446 §6.1) and writes it if the socket takes it now,
-    /// without waiting: the connection is being dropped, and a FIN follows either way.
-    fn send_close_notify(&mut self) {
-        let UpstreamStream::Tls(tls) = self else {
-            return;
-        };
-        let (tcp, conn) = tls.get_mut();
-        let tcp = tcp.get_ref();
-        conn.send_close_notify();
-        struct NonBlocking<'a>(&'a TcpStream);
-        impl io::Write for NonBlocking<'_> {
-            fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-                self.0.try_write(buf)
-            }
-            fn flush(&mut self) -> io::Result<()> {
-                Ok(())
-            }
-        }
-        while conn.wants_write() {
-            if conn.write_tls(&mut NonBlocking(tcp)).is_err() {
-                break;
-            }
-        }
-    }
-}
-
-impl AsyncRead for UpstreamStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            UpstreamStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for UpstreamStream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            UpstreamStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            UpstreamStream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
-        }
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            UpstreamStream::Plain(s) => s.is_write_vectored(),
-            UpstreamStream::Tls(s) => s.is_write_vectored(),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            UpstreamStream::Plain(s) => Pin::new(s).poll_flush(cx),
-            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            UpstreamStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
-    }
 }
 
 /// The real connector: TCP (`connect_timeout`, TCP_NODELAY, keepalive), TLS when the group
@@ -231,157 +129,63 @@ impl Http1 {
     }
 }
 
-/// A live HTTP/1.1 connection: hyper's sender and its connection state machine, which the
-/// request's own task polls (see [`Driver`]).
+/// A live HTTP/1.1 connection to a backend: its bytes ([`Wire`]), the rest of a request still
+/// being written after its response head came, and what its socket wrote and had acknowledged
+/// (the retry rule's proof).
 pub struct Http1Conn {
-    pub(crate) sender: SendRequest<UpstreamBody>,
-    pub(crate) driver: Driver,
-    /// What its socket wrote and had acknowledged (the retry rule's proof).
+    pub(crate) wire: Wire,
+    /// The request being written; after its head arrived, the rest of a request the backend
+    /// answered early. Boxed: the connection moves in and out of the pool with every request.
+    pub(crate) outgoing: Option<Box<Outgoing>>,
     pub(crate) delivery: Arc<Delivery>,
 }
 
-impl Connection for Http1Conn {
-    fn is_closed(&mut self) -> bool {
-        // An idle hyper connection reads; a backend's FIN (or a stray byte, which hyper treats
-        // as an error) wakes it, and running it now ends it.
-        self.driver.poll_if_woken().is_ready() || self.sender.is_closed()
+impl Http1Conn {
+    pub fn new(stream: UpstreamStream) -> Http1Conn {
+        Http1Conn {
+            delivery: stream.delivery(),
+            wire: Wire::new(stream),
+            outgoing: None,
+        }
     }
 
-    /// hyper's dispatcher is idle: false while it is still writing an earlier request's body
-    /// (a backend that answered early), for example.
+    /// Writes what it can of the rest of the last request; `Ready(true)` once it is all
+    /// written, `Ready(false)` when it cannot be.
+    pub(crate) fn poll_outgoing(&mut self, cx: &mut Context<'_>) -> Poll<bool> {
+        let Some(out) = self.outgoing.as_mut() else {
+            return Poll::Ready(true);
+        };
+        let done = std::task::ready!(out.poll_write(&mut self.wire, cx));
+        self.outgoing = None;
+        Poll::Ready(done.is_ok())
+    }
+}
+
+impl Connection for Http1Conn {
+    /// A backend's FIN, TLS `close_notify`, or a stray byte, seen without blocking (see
+    /// [`Wire::closed_if_woken`]).
+    fn is_closed(&mut self) -> bool {
+        self.wire.closed_if_woken()
+    }
+
+    /// False while the rest of an earlier request is still being written (a backend that
+    /// answered early).
     fn is_idle(&mut self) -> bool {
-        !self.driver.poll_if_woken().is_ready() && self.sender.is_ready()
+        self.outgoing.is_none()
     }
 
     fn detach(&mut self, sweep: &Waker) {
-        self.driver.detach(sweep);
+        self.wire.detach(sweep);
     }
 
     fn close(&mut self) {
-        if let Some(conn) = self.driver.conn.take() {
-            // Pin<Box<_>> of an Unpin connection: its parts can be taken back.
-            let mut io = Pin::into_inner(conn).into_parts().io.into_inner();
-            io.send_close_notify();
-        }
+        self.wire.stream_mut().send_close_notify();
     }
 
     /// A backend may answer before it has read the whole request body (RFC 9112 §9.5 lets it);
-    /// hyper then still writes the rest of the body, and the connection is idle only after.
+    /// the rest is still written, and the connection is idle only after.
     async fn settle(&mut self) -> bool {
-        let Http1Conn { sender, driver, .. } = self;
-        driver
-            .drive(poll_fn(|cx| sender.poll_ready(cx)))
-            .await
-            .is_ok()
-    }
-}
-
-/// hyper's client connection state machine (it reads and writes the socket), polled inline by
-/// whichever task uses the connection: the request's while it is checked out, nobody while it
-/// idles in the pool.
-///
-/// hyper is polled only when something woke it (its socket became readable or writable, a
-/// request or a body was handed to it), as an executor polls a task: it gets a waker of its
-/// own ([`DriverWake`]) that records the wake-up and passes it on to the task using the
-/// connection. So the request's task, woken for anything else, does not run hyper's machine
-/// for nothing, and the check before reuse costs one atomic load unless an event (a FIN, a
-/// stray byte) came in while the connection idled.
-pub struct Driver {
-    conn: Option<Pin<Box<HyperHttp1>>>,
-    wake: Arc<DriverWake>,
-    /// `wake` as a [`Waker`], made once.
-    waker: Waker,
-    addr: SocketAddr,
-    id: u64,
-}
-
-/// hyper's HTTP/1.1 client connection over a backend stream.
-type HyperHttp1 = HyperConn<TokioIo<UpstreamStream>, UpstreamBody>;
-
-/// The waker hyper's connection is polled with: sets `woken`, then wakes the task that uses
-/// the connection now, if any.
-struct DriverWake {
-    woken: AtomicBool,
-    task: AtomicWaker,
-}
-
-impl Wake for DriverWake {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        self.woken.store(true, Ordering::Release);
-        self.task.wake();
-    }
-}
-
-impl Driver {
-    fn new(
-        conn: HyperConn<TokioIo<UpstreamStream>, UpstreamBody>,
-        addr: SocketAddr,
-        id: u64,
-    ) -> Self {
-        // Woken from the start: the first poll must run.
-        let wake = Arc::new(DriverWake {
-            woken: AtomicBool::new(true),
-            task: AtomicWaker::new(),
-        });
-        Driver {
-            conn: Some(Box::pin(conn)),
-            waker: Waker::from(wake.clone()),
-            wake,
-            addr,
-            id,
-        }
-    }
-
-    /// Makes progress on the connection for the task of `cx`; `Ready` once it has ended (peer
-    /// close, error, or `Connection: close` done), after which the connection is gone.
-    pub(crate) fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        // Registered before the flag is read: a wake-up in between is seen either way.
-        self.wake.task.register(cx.waker());
-        self.poll_if_woken()
-    }
-
-    /// Runs hyper's machine if something woke it since it last ran.
-    fn poll_if_woken(&mut self) -> Poll<()> {
-        let Some(conn) = self.conn.as_mut() else {
-            return Poll::Ready(());
-        };
-        if !self.wake.woken.swap(false, Ordering::AcqRel) {
-            return Poll::Pending;
-        }
-        match conn.as_mut().poll(&mut Context::from_waker(&self.waker)) {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(result) => {
-                if let Err(e) = result {
-                    debug!(server = %self.addr, conn = self.id, error = %e, "pool: upstream connection ended with error");
-                }
-                // Dropping hyper's connection fails what still waits on it (a response head,
-                // a body), as when its task ended.
-                self.conn = None;
-                Poll::Ready(())
-            }
-        }
-    }
-
-    /// The connection goes back to the pool: what happens on it wakes the pool's sweep
-    /// instead of the task that used it.
-    pub(crate) fn detach(&mut self, sweep: &Waker) {
-        self.wake.task.register(sweep);
-    }
-
-    /// Runs `fut` (a send or a wait for readiness) while driving the connection.
-    pub(crate) async fn drive<F: Future>(&mut self, fut: F) -> F::Output {
-        let mut fut = std::pin::pin!(fut);
-        poll_fn(|cx| {
-            // The connection first: it writes the request and reads what answers it, so that
-            // the send below finds its response in the same poll when it is there.
-            let _ = self.poll(cx);
-            fut.as_mut().poll(cx)
-        })
-        .await
+        poll_fn(|cx| self.poll_outgoing(cx)).await
     }
 }
 
@@ -392,18 +196,9 @@ impl Connector for Http1 {
         &self,
         addr: SocketAddr,
         cfg: &PoolConfig,
-        id: u64,
+        _id: u64,
     ) -> Result<Http1Conn, RequestError> {
-        let stream = self.open(addr, cfg).await?;
-        let delivery = stream.delivery();
-        let (sender, conn) = http1_handshake::<_, UpstreamBody>(stream)
-            .await
-            .map_err(|source| RequestError::Handshake { addr, source })?;
-        Ok(Http1Conn {
-            sender,
-            driver: Driver::new(conn, addr, id),
-            delivery,
-        })
+        Ok(Http1Conn::new(self.open(addr, cfg).await?))
     }
 }
 
@@ -445,6 +240,7 @@ mod tests {
     use crate::config::UpstreamTlsConfig;
     use kaproxy_testkit::pki::TestPki;
     use rustls_pki_types::pem::PemObject;
+    use std::io;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     /// A TLS backend on 127.0.0.1:0 that answers one request and then reports how its client
@@ -504,16 +300,21 @@ mod tests {
             .connect(addr, &PoolConfig::default(), 1)
             .await
             .expect("TLS connection");
-        let mut req = http::Request::new(UpstreamBody::Empty);
+        let mut req = http::Request::new(crate::body::UpstreamBody::Empty);
         req.headers_mut()
             .insert(http::header::HOST, http::HeaderValue::from_static("b"));
-        let Http1Conn { sender, driver, .. } = &mut conn;
-        driver
-            .drive(poll_fn(|cx| sender.poll_ready(cx)))
+        let (parts, body) = req.into_parts();
+        conn.outgoing = Some(Box::new(Outgoing::new(&parts, body)));
+        assert!(poll_fn(|cx| conn.poll_outgoing(cx)).await, "written");
+        let head = poll_fn(|cx| crate::upstream::wire::poll_head(&mut conn.wire, cx))
             .await
             .unwrap();
-        let resp = driver.drive(sender.send_request(req)).await.unwrap();
-        assert_eq!(resp.status(), 200);
+        let (resp, ends) = crate::upstream::wire::read_head(head, false).unwrap();
+        assert_eq!((resp.status().as_u16(), ends), (200, false));
+        let mut body = resp.into_body();
+        let data = poll_fn(|cx| body.poll_frame(&mut conn.wire, cx)).await;
+        assert_eq!(data.unwrap().unwrap().into_data().unwrap(), "ok");
+        assert!(body.is_done());
         assert!(!conn.is_closed());
         conn.close();
         drop(conn);

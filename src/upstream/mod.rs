@@ -11,4 +11,6 @@ pub mod group;
 pub mod health;
 pub mod keep_alive;
 pub mod pool;
+pub mod stream;
 pub mod tls;
+pub mod wire;

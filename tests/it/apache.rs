@@ -647,7 +647,22 @@ async fn apache_prefork_is_not_starved_by_kaproxy_idle_connections() {
             (resp.map(|r| r.status.as_u16()), started.elapsed())
         }
     };
-    let (slow, quick) = tokio::join!(get("/slow.txt"), get("/"));
+    // The quick request starts once the slow one holds a connection (and with it Apache's one
+    // worker, for ~200 ms), so it cannot reuse that one: it needs a second.
+    let slow = tokio::spawn(get("/slow.txt"));
+    kaproxy_testkit::eventually(
+        "the slow request opened a connection",
+        Duration::from_secs(5),
+        || {
+            proxy
+                .metrics()
+                .sum("kaproxy_upstream_connections_opened_total", &[])
+                >= 1.0
+        },
+    )
+    .await;
+    let quick = get("/").await;
+    let slow = slow.await.expect("slow request task");
     for (what, (status, took)) in [("/slow.txt", slow), ("/", quick)] {
         assert_eq!(status.as_ref().ok(), Some(&200), "{what}: {status:?}");
         assert!(
