@@ -3,26 +3,29 @@
 # figure on this shared machine that does not move with the load of others (±1 % between runs),
 # so it decides A/B questions that wall-clock runs cannot (bench/RESULTS.md, 2026-11-29).
 #
-#   bench/instructions.sh [--nginx] [--n1 2000] [--n2 12000] [BIN...]
+#   bench/instructions.sh [--nginx] [--n1 2000] [--n2 12000] [--keep DIR] [BIN...]
 #
 # Each BIN (default: this tree's release kaproxy, built if missing) proxies to a static nginx
 # backend (a 77-byte file) with one worker and the access log off; kaproxy-bench sends N1, then
 # in a second run N2, keep-alive GETs over 16 connections, and the figure is
 # (instructions(N2) - instructions(N1)) / (N2 - N1): start-up and shutdown cancel out.
 # --nginx adds nginx as the proxy (`master_process off`, upstream keepalive 256) for scale.
-# Ports 19180-19182 on 127.0.0.1; every process started is stopped by PID.
+# --keep DIR keeps each run's callgrind profile there (kaproxy-1.2000, kaproxy-1.12000, ..., nginx.N) for
+# callgrind_annotate. Ports 19180-19182 on 127.0.0.1; every process started is stopped by PID.
 set -euo pipefail
 
 N1=2000
 N2=12000
 NGINX_TOO=0
+KEEP=""
 BINS=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --n1) N1="$2"; shift 2 ;;
         --n2) N2="$2"; shift 2 ;;
         --nginx) NGINX_TOO=1; shift ;;
-        -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --keep) KEEP="$2"; mkdir -p "$KEEP"; shift 2 ;;
+        -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) BINS+=("$1"); shift ;;
     esac
 done
@@ -111,6 +114,7 @@ instructions() {
     # Under valgrind, exiting (and writing the profile) takes a while.
     stop_pid "$pid" 300
     awk '/^(summary|totals):/ { print $2; exit }' "$out"
+    [ -z "$KEEP" ] || cp "$out" "$KEEP/$TAG.$n"
 }
 
 per_request() { # LABEL PORT CMD...
@@ -122,10 +126,12 @@ per_request() { # LABEL PORT CMD...
         "$label" $(( (b - a) / (N2 - N1) )) "$a" "$N1" "$b" "$N2"
 }
 
+i=0
 for bin in "${BINS[@]}"; do
-    per_request "kaproxy $bin" 19181 "$bin" -c "$WORK/kaproxy.toml" run
+    i=$((i + 1))
+    TAG="kaproxy-$i" per_request "kaproxy $bin" 19181 "$bin" -c "$WORK/kaproxy.toml" run
 done
 if [ "$NGINX_TOO" = 1 ]; then
-    per_request "nginx $("$NGINX" -v 2>&1 | sed 's/.*\///')" 19182 \
+    TAG=nginx per_request "nginx $("$NGINX" -v 2>&1 | sed 's/.*\///')" 19182 \
         "$NGINX" -p "$WORK/proxy" -c "$WORK/proxy/nginx.conf" -g 'daemon off; master_process off;'
 fi

@@ -3,6 +3,8 @@
 //! so that a proxy reads a field without copying it and writes the head out again from the
 //! same bytes.
 
+use std::mem::MaybeUninit;
+
 use bytes::{Bytes, BytesMut};
 
 /// At most this many fields in a head (hyper's and kaproxy's limit on HTTP/1 and HTTP/2
@@ -182,9 +184,10 @@ fn complete(
 /// more), an error once it cannot become a head of at most `limit` bytes. Empty lines before
 /// the request line are skipped (RFC 9112 §2.2).
 pub fn parse_request(buf: &mut BytesMut, limit: usize) -> Result<Option<RequestHead>, HeadError> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_FIELDS];
-    let mut req = httparse::Request::new(&mut headers);
-    let Some(len) = complete(req.parse(buf), buf.len(), limit)? else {
+    let mut headers = [const { MaybeUninit::uninit() }; MAX_FIELDS];
+    let mut req = httparse::Request::new(&mut []);
+    let parsed = req.parse_with_uninit_headers(buf, &mut headers);
+    let Some(len) = complete(parsed, buf.len(), limit)? else {
         return Ok(None);
     };
     let base: &[u8] = buf;
@@ -206,9 +209,19 @@ pub fn parse_request(buf: &mut BytesMut, limit: usize) -> Result<Option<RequestH
 /// Takes a response head off the front of `buf` (see [`parse_request`]). Interim (1xx)
 /// responses are heads of their own; the caller reads on past them.
 pub fn parse_response(buf: &mut BytesMut, limit: usize) -> Result<Option<ResponseHead>, HeadError> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_FIELDS];
-    let mut resp = httparse::Response::new(&mut headers);
-    let Some(len) = complete(resp.parse(buf), buf.len(), limit)? else {
+    if buf.is_empty() {
+        return Ok(None);
+    }
+    // Left uninitialized: httparse writes only the fields it finds (zeroing all 100 slots
+    // would cost more than parsing a small head).
+    let mut headers = [const { MaybeUninit::uninit() }; MAX_FIELDS];
+    let mut resp = httparse::Response::new(&mut []);
+    let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut resp,
+        buf,
+        &mut headers,
+    );
+    let Some(len) = complete(parsed, buf.len(), limit)? else {
         return Ok(None);
     };
     let base: &[u8] = buf;
