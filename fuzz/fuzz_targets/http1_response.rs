@@ -1,7 +1,8 @@
-//! Differential: where a response body ends, by kaproxy's HTTP/1.1 codec (`kaproxy::http1`)
-//! and by hyper's client (which reads backends today), on the same bytes from a backend: a
-//! status line, fuzzed `Content-Length` / `Transfer-Encoding` fields, then fuzzed body bytes,
-//! then the connection closes. Both must take or refuse the response alike and, when both
+//! Differential: where a response body ends, by kaproxy's upstream HTTP/1.1 client
+//! (`kaproxy::upstream::wire` on the codec of `kaproxy::http1`, which reads pooled backend
+//! connections) and by hyper's client (which read them before), on the same bytes from a
+//! backend over a socket: a status line, fuzzed `Content-Length` / `Transfer-Encoding`
+//! fields, then fuzzed body bytes, then the connection closes. Both must take or refuse the response alike and, when both
 //! take it, read the same body. Interim (1xx) responses are left out: hyper's client skips
 //! them itself.
 #![no_main]
@@ -9,16 +10,20 @@
 use std::time::Duration;
 
 use arbitrary::Arbitrary;
-use bytes::{Bytes, BytesMut};
+use std::future::poll_fn;
+
+use bytes::Bytes;
 use http_body_util::BodyExt;
-use kaproxy::http1::framing;
-use kaproxy::http1::head::parse_response;
+use kaproxy::upstream::delivery::Tracked;
+use kaproxy::upstream::stream::UpstreamStream;
+use kaproxy::upstream::wire::{poll_head, read_head, Wire};
 use libfuzzer_sys::fuzz_target;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 
 #[path = "shared/http1_message.rs"]
 mod message;
-use message::{read_body, Message, Outcome};
+use message::{Message, Outcome};
 
 #[derive(Arbitrary, Debug)]
 struct Input {
@@ -33,14 +38,47 @@ fn response_bytes(message: &Message, status: u16) -> Vec<u8> {
     out
 }
 
-/// kaproxy's codec; the connection closes after `bytes`.
+/// kaproxy's upstream client, as it reads a pooled connection (`kaproxy::upstream::wire`:
+/// the head, then the body by its framing, from a socket), on a loopback connection whose
+/// backend writes `bytes` and closes.
 fn ours(bytes: &[u8], to_head: bool) -> Outcome {
-    let mut buf = BytesMut::from(bytes);
-    let head = parse_response(&mut buf, 64 * 1024).ok()??;
-    let framing = framing::response(head.status, to_head, head.fields.iter().collect::<Vec<_>>())
-        .ok()?
-        .framing;
-    Some(read_body(framing, &mut buf).map_err(|_| ()))
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let bytes = bytes.to_vec();
+    rt.block_on(async move {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        let mut backend = accepted.unwrap().0;
+        let serve = tokio::spawn(async move {
+            let _ = backend.write_all(&bytes).await;
+            let _ = backend.shutdown().await;
+        });
+        let mut wire = Wire::new(UpstreamStream::Plain(Tracked::new(client.unwrap())));
+        let outcome = tokio::time::timeout(Duration::from_secs(5), async {
+            let head = poll_fn(|cx| poll_head(&mut wire, cx)).await.ok()?;
+            let (resp, _ends) = read_head(head, to_head).ok()?;
+            let mut state = resp.into_body();
+            let mut body = Vec::new();
+            while let Some(frame) = poll_fn(|cx| state.poll_frame(&mut wire, cx)).await {
+                match frame {
+                    Ok(frame) => {
+                        if let Ok(data) = frame.into_data() {
+                            body.extend_from_slice(&data);
+                        }
+                    }
+                    Err(_) => return Some(Err(())),
+                }
+            }
+            Some(Ok(body))
+        })
+        .await
+        .expect("kaproxy's client finishes on a closed connection");
+        let _ = serve.await;
+        outcome
+    })
 }
 
 /// hyper's client on an in-memory connection whose backend writes `bytes` and closes.

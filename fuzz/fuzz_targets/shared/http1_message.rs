@@ -1,6 +1,6 @@
 //! What both HTTP/1.1 differential targets (`http1_body`, `http1_response`) share: the fuzzed
-//! framing fields and body they write after a start line, and how kaproxy's codec reads the
-//! body back.
+//! framing fields and body they write after a start line, and how kaproxy's codec reads a
+//! request body back (`http1_response` reads through kaproxy's upstream client instead).
 
 use arbitrary::Arbitrary;
 use bytes::BytesMut;
@@ -59,6 +59,7 @@ impl Message {
 
 /// The body kaproxy's codec reads from `buf` (what follows the head) as `framing` says, the
 /// connection closing after it: `Err(None)` when it is truncated.
+#[allow(dead_code)] // http1_body's only
 pub fn read_body(framing: Framing, buf: &mut BytesMut) -> Result<Vec<u8>, Option<ChunkError>> {
     match framing {
         Framing::Empty => Ok(Vec::new()),
