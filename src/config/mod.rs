@@ -252,6 +252,19 @@ pub struct ForwardedConfig {
 pub enum BalanceKind {
     RoundRobin,
     IpHash,
+    /// Power of two choices over in-flight requests (Envoy's `LEAST_REQUEST`).
+    LeastRequest,
+}
+
+impl BalanceKind {
+    /// The name written in the file (`balance = "..."`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BalanceKind::RoundRobin => "round_robin",
+            BalanceKind::IpHash => "ip_hash",
+            BalanceKind::LeastRequest => "least_request",
+        }
+    }
 }
 
 /// One backend of an upstream group: `"host:port"` or `{ addr = "host:port", weight = N }`

@@ -797,3 +797,20 @@ fn upgrade_protocols_default_to_websocket_and_never_take_h2c() {
     let p = problems(&with_upstream("upgrade_protocols = [\"a b\"]\n"));
     assert!(p[0].message.contains("not a protocol token"), "{:?}", p[0]);
 }
+
+#[test]
+fn balance_least_request_is_accepted_and_a_misspelling_names_its_line() {
+    let src = "[listen]\nhttp = \"127.0.0.1:8080\"\n[upstreams.web]\nservers = [\"127.0.0.1:8081\"]\nbalance = \"least_request\"\n";
+    let c = parse(src).unwrap();
+    assert_eq!(c.upstreams[0].balance, BalanceKind::LeastRequest);
+    let text = c.timeline().to_string();
+    assert!(text.contains("(least_request, 1 server)"), "{text}");
+
+    let p = problems(&src.replace("least_request", "least_conn"));
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!(
+        (p[0].line, p[0].key.as_str()),
+        (Some(5), "upstreams.web.balance")
+    );
+    assert!(p[0].to_string().contains("least_request"), "{}", p[0]);
+}

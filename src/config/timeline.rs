@@ -8,8 +8,8 @@ use rustls_pki_types::ServerName;
 
 use super::validate::{downstream_order, human, upstream_order};
 use super::{
-    BalanceKind, BufferingConfig, Config, DownstreamConfig, Problem, UpstreamConfig,
-    UpstreamTlsConfig, APACHE_MAX_KEEPALIVE_REQUESTS,
+    BufferingConfig, Config, DownstreamConfig, Problem, UpstreamConfig, UpstreamTlsConfig,
+    APACHE_MAX_KEEPALIVE_REQUESTS,
 };
 
 // ---- The keep-alive timeline ----
@@ -285,10 +285,7 @@ fn kib(bytes: usize) -> String {
 
 pub(super) fn upstream_section(u: &UpstreamConfig) -> Section {
     let pool = &u.pool;
-    let balance = match u.balance {
-        BalanceKind::RoundRobin => "round_robin",
-        BalanceKind::IpHash => "ip_hash",
-    };
+    let balance = u.balance.as_str();
     let n = u.servers.len();
     let title = format!(
         "upstream {}  ({balance}, {n} server{}): kaproxy reuses, the backends accept",

@@ -158,10 +158,7 @@ fn status_json(generation: &Generation) -> String {
                 .collect();
             json!({
                 "name": u.name,
-                "balance": match u.balancer.kind() {
-                    crate::config::BalanceKind::RoundRobin => "round_robin",
-                    crate::config::BalanceKind::IpHash => "ip_hash",
-                },
+                "balance": u.balancer.kind().as_str(),
                 "idle_timeout_s": secs(u.config.pool.idle_timeout),
                 "safety_margin_s": secs(u.config.pool.safety_margin),
                 "keepalive_timeout_s": secs(u.config.pool.keepalive_timeout),

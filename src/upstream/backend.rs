@@ -92,6 +92,18 @@ impl Backend {
         self.pools.iter().map(|p| p.idle_count()).sum()
     }
 
+    /// Requests in flight to this server now, every worker's together (connecting, waiting
+    /// for a slot, or on a checked-out connection); what `least_request` compares.
+    pub fn in_flight(&self) -> usize {
+        self.pools.iter().map(|p| p.in_flight()).sum()
+    }
+
+    /// Whether the caller's worker has an idle connection to this server pooled, i.e. a
+    /// request sent there now would reuse a warm connection.
+    pub fn has_idle_here(&self) -> bool {
+        self.pool().has_idle()
+    }
+
     /// Open connections (idle and busy) in all workers' pools.
     pub fn open_count(&self) -> usize {
         self.pools.iter().map(|p| p.open_count()).sum()

@@ -1,6 +1,9 @@
-//! Owns backend selection for one upstream group: smooth weighted round-robin and consistent
-//! ip-hash over its [`Backend`]s, skipping down ones; pure selection, no I/O.
+//! Owns backend selection for one upstream group: smooth weighted round-robin, consistent
+//! ip-hash and least-request (power of two choices) over its [`Backend`]s, skipping down ones;
+//! pure selection, no I/O.
 
+use std::cell::Cell;
+use std::hash::{BuildHasher, Hasher};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 
@@ -74,6 +77,72 @@ impl Balancer {
                 self.ip_hash(key, healthy)
                     .or_else(|| self.ip_hash(key, untried))
             }
+            BalanceKind::LeastRequest => self
+                .least_request(healthy, next_random)
+                .or_else(|| self.least_request(untried, next_random)),
+        }
+    }
+
+    /// Power of two choices (Mitzenmacher 2001; Envoy's `LEAST_REQUEST`, HAProxy's
+    /// `leastconn` compares all servers instead): two distinct eligible backends drawn at
+    /// random in proportion to their weights, and the one with fewer requests in flight per
+    /// unit of weight (every worker's requests: [`Backend::in_flight`]) wins. Comparing two
+    /// rather than all keeps a pick O(1) in the comparisons and avoids the herd that always
+    /// picking the global minimum sends to one server between two updates of the counts.
+    ///
+    /// Even loads (idle traffic above all: both have 0 in flight) go to the one with an idle
+    /// pooled connection on this worker, so a warm connection is reused rather than a new one
+    /// opened; else to the first drawn, so that at low load traffic follows the weights.
+    fn least_request(
+        &self,
+        eligible: impl Fn(usize) -> bool,
+        mut random: impl FnMut() -> u64,
+    ) -> Option<usize> {
+        let weight = |i: usize| u64::from(self.backends[i].weight);
+        let total: u64 = (0..self.backends.len())
+            .filter(|&i| eligible(i))
+            .map(weight)
+            .sum();
+        let first = self.draw(total, random(), &eligible)?;
+        let rest = total - weight(first);
+        let Some(second) = self.draw(rest, random(), |i| i != first && eligible(i)) else {
+            return Some(first);
+        };
+        Some(self.less_loaded(first, second))
+    }
+
+    /// The eligible backend at `r % total` along the weights of the eligible ones (a draw in
+    /// proportion to weight); None when nothing is eligible.
+    fn draw(&self, total: u64, r: u64, eligible: impl Fn(usize) -> bool) -> Option<usize> {
+        if total == 0 {
+            return None;
+        }
+        let mut point = r % total;
+        for (i, backend) in self.backends.iter().enumerate() {
+            if !eligible(i) {
+                continue;
+            }
+            let weight = u64::from(backend.weight);
+            if point < weight {
+                return Some(i);
+            }
+            point -= weight;
+        }
+        None
+    }
+
+    /// Of `a` and `b`, the one with fewer requests in flight per unit of weight
+    /// (`in_flight_a / weight_a < in_flight_b / weight_b`, cross-multiplied); on even loads
+    /// the one with an idle pooled connection here, else `a`.
+    fn less_loaded(&self, a: usize, b: usize) -> usize {
+        let (ba, bb) = (&self.backends[a], &self.backends[b]);
+        let load_a = ba.in_flight() as u128 * u128::from(bb.weight);
+        let load_b = bb.in_flight() as u128 * u128::from(ba.weight);
+        match load_a.cmp(&load_b) {
+            std::cmp::Ordering::Less => a,
+            std::cmp::Ordering::Greater => b,
+            std::cmp::Ordering::Equal if !ba.has_idle_here() && bb.has_idle_here() => b,
+            std::cmp::Ordering::Equal => a,
         }
     }
 
@@ -152,6 +221,22 @@ impl Balancer {
             }
         }
     }
+}
+
+/// A random number from this thread's generator: splitmix64 over a counter seeded once per
+/// thread from std's randomly keyed hasher. Not for secrets; per thread so that workers share
+/// no state for it.
+fn next_random() -> u64 {
+    thread_local! {
+        static STATE: Cell<u64> = Cell::new(
+            std::collections::hash_map::RandomState::new().build_hasher().finish(),
+        );
+    }
+    STATE.with(|state| {
+        let next = state.get().wrapping_add(0x9e37_79b9_7f4a_7c15);
+        state.set(next);
+        splitmix64(next)
+    })
 }
 
 fn prefix_mask_v4(prefix: u8) -> u32 {
@@ -378,7 +463,11 @@ mod tests {
 
     #[tokio::test]
     async fn empty_upstream_picks_nothing() {
-        for kind in [BalanceKind::RoundRobin, BalanceKind::IpHash] {
+        for kind in [
+            BalanceKind::RoundRobin,
+            BalanceKind::IpHash,
+            BalanceKind::LeastRequest,
+        ] {
             let balancer = balancer(&upstream(kind, &[]));
             assert_eq!(balancer.pick_index(ANY_IP, &[], Instant::now()), None);
         }
@@ -581,5 +670,152 @@ mod tests {
             .map(|i| balancer.pick_index(client(i), &[], later).unwrap())
             .collect();
         assert_eq!(before, after);
+    }
+
+    /// How often each backend is picked in `n` picks.
+    fn counts(balancer: &Balancer, n: usize, now: Instant) -> Vec<u32> {
+        let mut counts = vec![0; balancer.backends().len()];
+        for i in picks(balancer, n, &[], now) {
+            counts[i] += 1;
+        }
+        counts
+    }
+
+    /// `n` requests in flight on backend `i` for as long as the guards live.
+    fn load(balancer: &Balancer, i: usize, n: usize) -> Vec<crate::upstream::pool::InFlight> {
+        let pool = balancer.backends()[i].pool();
+        (0..n).map(|_| pool.track_in_flight()).collect()
+    }
+
+    #[tokio::test]
+    async fn least_request_at_no_load_follows_weights() {
+        let weights = [1, 1, 2, 4];
+        let balancer = balancer(&upstream(
+            BalanceKind::LeastRequest,
+            &[
+                (A, weights[0]),
+                (B, weights[1]),
+                (C, weights[2]),
+                (D, weights[3]),
+            ],
+        ));
+        let n = 16_000;
+        let counts = counts(&balancer, n, Instant::now());
+        for (i, weight) in weights.iter().enumerate() {
+            let expected = (n as u32 * weight / 8) as f64;
+            let got = f64::from(counts[i]);
+            assert!(
+                (got - expected).abs() < expected * 0.1,
+                "server {i}: {got} picks, expected about {expected} ({counts:?})"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn least_request_never_picks_the_most_loaded_of_three() {
+        let balancer = balancer(&upstream(
+            BalanceKind::LeastRequest,
+            &[(A, 1), (B, 1), (C, 1)],
+        ));
+        let _busy = load(&balancer, 0, 5);
+        assert_eq!(balancer.backends()[0].in_flight(), 5);
+        let counts = counts(&balancer, 3000, Instant::now());
+        // Two distinct servers are compared: A always meets a less loaded one.
+        assert_eq!(counts[0], 0, "{counts:?}");
+        assert!(counts[1] > 1200 && counts[2] > 1200, "{counts:?}");
+    }
+
+    #[tokio::test]
+    async fn least_request_follows_load_as_it_changes() {
+        let balancer = balancer(&upstream(BalanceKind::LeastRequest, &[(A, 1), (B, 1)]));
+        let now = Instant::now();
+        let busy_a = load(&balancer, 0, 2);
+        let busy_b = load(&balancer, 1, 1);
+        assert_eq!(picks(&balancer, 50, &[], now), [1; 50]);
+        drop(busy_a);
+        assert_eq!(picks(&balancer, 50, &[], now), [0; 50]);
+        drop(busy_b);
+        let counts = counts(&balancer, 2000, now);
+        assert!(counts[0] > 800 && counts[1] > 800, "even again: {counts:?}");
+    }
+
+    #[tokio::test]
+    async fn least_request_compares_in_flight_per_weight() {
+        // A weighs 1, B 4: B takes four times A's load before A is preferred.
+        let balancer = balancer(&upstream(BalanceKind::LeastRequest, &[(A, 1), (B, 4)]));
+        let now = Instant::now();
+        let _a = load(&balancer, 0, 1);
+        let mut b = load(&balancer, 1, 3);
+        assert_eq!(picks(&balancer, 50, &[], now), [1; 50], "3/4 < 1/1");
+        b.extend(load(&balancer, 1, 2));
+        assert_eq!(picks(&balancer, 50, &[], now), [0; 50], "5/4 > 1/1");
+        // Even (4/4 = 1/1): the first drawn, which is B four times in five.
+        b.pop();
+        let counts = counts(&balancer, 5000, now);
+        assert!(
+            (3700..4300).contains(&counts[1]),
+            "even loads follow the weights: {counts:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn least_request_even_loads_go_to_an_idle_pooled_connection() {
+        let demo = kaproxy_demo::DemoBackend::start(
+            "127.0.0.1:0".parse().unwrap(),
+            kaproxy_demo::DemoBackendConfig::default(),
+        )
+        .await
+        .unwrap();
+        let warm = demo.addr().to_string();
+        let mut cfg = upstream(BalanceKind::LeastRequest, &[(A, 1), (&warm, 1)]);
+        // No probe of the backend's timeout: the connection goes straight to the idle list.
+        cfg.pool.learn_keep_alive = false;
+        let balancer = balancer(&cfg);
+        let now = Instant::now();
+        let cold = counts(&balancer, 2000, now);
+        assert!(cold[0] > 800 && cold[1] > 800, "no idle anywhere: {cold:?}");
+
+        let pool = balancer.backends()[1].pool().clone();
+        let conn = pool.acquire().await.unwrap();
+        assert_eq!(
+            balancer.backends()[1].in_flight(),
+            1,
+            "checked out: in flight"
+        );
+        conn.release();
+        assert!(pool.has_idle());
+        assert_eq!(balancer.backends()[1].in_flight(), 0);
+        assert_eq!(
+            picks(&balancer, 50, &[], now),
+            [1; 50],
+            "the warm one wins ties"
+        );
+
+        // Load still decides first: one more in flight there, and the cold one wins.
+        let _busy = load(&balancer, 1, 1);
+        assert_eq!(picks(&balancer, 50, &[], now), [0; 50]);
+    }
+
+    #[tokio::test]
+    async fn least_request_skips_down_and_tried_and_fails_open() {
+        let balancer = balancer(&upstream(
+            BalanceKind::LeastRequest,
+            &[(A, 1), (B, 1), (C, 1)],
+        ));
+        let now = Instant::now();
+        mark_down(&balancer, 1, now);
+        let counts = counts(&balancer, 1000, now);
+        assert_eq!(counts[1], 0, "down: {counts:?}");
+        assert!(picks(&balancer, 100, &[0], now).iter().all(|&i| i == 2));
+
+        // Every untried server down: picked anyway.
+        mark_down(&balancer, 0, now);
+        mark_down(&balancer, 2, now);
+        let mut seen = picks(&balancer, 300, &[], now);
+        seen.sort();
+        seen.dedup();
+        assert_eq!(seen, [0, 1, 2], "all down: still spread over every server");
+        assert_eq!(picks(&balancer, 10, &[0, 2], now), [1; 10]);
+        assert_eq!(balancer.pick_index(ANY_IP, &[0, 1, 2], now), None);
     }
 }

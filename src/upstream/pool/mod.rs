@@ -14,7 +14,7 @@
 //! it out is [`learn`]'s.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Wake, Waker};
 use std::time::Duration;
@@ -73,6 +73,9 @@ pub struct Pool<C: Connector = Http1> {
     returned: Notify,
     /// Requests waiting in [`Pool::wait_for_slot`] now.
     waiting: std::sync::atomic::AtomicUsize,
+    /// Requests this pool is serving now: connecting (or waiting for a slot) or holding a
+    /// checked-out connection ([`InFlight`]); what `least_request` balances on.
+    in_flight: Arc<AtomicUsize>,
     sweeper: Mutex<Option<AbortHandle>>,
     /// Wakes the sweep (`sweep`) when something happens on an idle connection (a FIN).
     sweep_waker: Waker,
@@ -157,6 +160,7 @@ impl<C: Connector> Pool<C> {
             sweep,
             returned: Notify::new(),
             waiting: std::sync::atomic::AtomicUsize::new(0),
+            in_flight: Arc::default(),
             sweeper: Mutex::new(None),
             sweep_waker,
             probe: Mutex::new(None),
@@ -193,6 +197,24 @@ impl<C: Connector> Pool<C> {
     /// Number of idle pooled connections.
     pub fn idle_count(&self) -> usize {
         crate::sync::lock(&self.idle).len()
+    }
+
+    /// Whether an idle connection is pooled now (without taking the idle list's lock: the
+    /// count last published; the balancer asks on every pick).
+    pub fn has_idle(&self) -> bool {
+        self.published_idle.load(Ordering::Relaxed) > 0
+    }
+
+    /// Requests in flight through this pool now: connecting, waiting for a slot, or on a
+    /// checked-out connection until it is released or closed.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Counts one request in [`Pool::in_flight`] until the guard is dropped.
+    pub fn track_in_flight(&self) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(self.in_flight.clone())
     }
 
     /// When an idle connection last used at `last_used` and born at `born` must be gone, and
@@ -272,6 +294,8 @@ impl<C: Connector> Pool<C> {
     }
 
     async fn connect(self: &Arc<Self>) -> Result<PooledConn<C>, RequestError> {
+        // In flight from now on, so that the balancer sees a slow connect as load.
+        let _connecting = self.track_in_flight();
         let addr = self.addr;
         let permit = match self.permits.clone().try_acquire_owned() {
             Ok(permit) => permit,
@@ -571,6 +595,17 @@ pub struct PooledConn<C: Connector = Http1> {
     /// How long it had idled when it was handed out (zero when new).
     idle_for: Duration,
     retire: Option<CloseReason>,
+    _in_flight: InFlight,
+}
+
+/// One request counted in its pool's [`Pool::in_flight`]; dropping it ends the count.
+#[derive(Debug)]
+pub struct InFlight(Arc<AtomicUsize>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl<C: Connector> PooledConn<C> {
@@ -582,6 +617,7 @@ impl<C: Connector> PooledConn<C> {
         };
         PooledConn {
             conn: Some(conn),
+            _in_flight: pool.track_in_flight(),
             pool,
             reused,
             idle_for,
