@@ -41,6 +41,28 @@ enum Command {
     },
     /// Start two built-in Apache-like demo backends and the proxy in front of them.
     Demo,
+    /// Per-server control through the admin listener of the running kaproxy that --config
+    /// describes (its [admin] listen and token).
+    Server {
+        #[command(subcommand)]
+        action: ServerAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum ServerAction {
+    /// List the servers (of one upstream, or of all) with weight, drain state and load.
+    List { upstream: Option<String> },
+    /// No new requests to ADDR; its idle connections closed, requests in flight finish.
+    Drain { upstream: String, addr: String },
+    /// ADDR takes requests again (ramping over slow_start).
+    Enable { upstream: String, addr: String },
+    /// Set ADDR's weight to N (until a reload that changes its configured weight).
+    Weight {
+        upstream: String,
+        addr: String,
+        n: u32,
+    },
 }
 
 /// mimalloc, because it gives freed pages back to the system (see [`release_memory_every_second`]):
@@ -93,6 +115,7 @@ fn main() -> ExitCode {
             .map_err(anyhow::Error::from)
             .and_then(|c| serve(c, true)),
         Command::Probe { target, tls } => probe(&target, tls),
+        Command::Server { action } => server(&cli.config, action),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -132,6 +155,82 @@ fn probe(target: &str, tls: bool) -> anyhow::Result<()> {
         kaproxy::control::probe::DEFAULT_MAX_WAIT,
     ))?;
     print!("{report}");
+    Ok(())
+}
+
+/// `kaproxy server ...`: one request to the admin listener, its answer printed; exit 1 unless
+/// it was a 2xx.
+fn server(config: &Path, action: ServerAction) -> anyhow::Result<()> {
+    use kaproxy::control::admin_client;
+    let cfg = load(config)?;
+    let listen = cfg.admin.listen.with_context(|| {
+        format!(
+            "{}: [admin] listen is disabled; kaproxy server needs the admin listener",
+            config.display()
+        )
+    })?;
+    let seg = |s: &str| {
+        s.replace('%', "%25")
+            .replace('[', "%5B")
+            .replace(']', "%5D")
+    };
+    let (method, path) = match &action {
+        ServerAction::List { upstream: None } => ("GET", "/servers".to_string()),
+        ServerAction::List { upstream: Some(u) } => ("GET", format!("/servers/{}", seg(u))),
+        ServerAction::Drain { upstream, addr } => (
+            "POST",
+            format!("/servers/{}/{}/drain", seg(upstream), seg(addr)),
+        ),
+        ServerAction::Enable { upstream, addr } => (
+            "POST",
+            format!("/servers/{}/{}/enable", seg(upstream), seg(addr)),
+        ),
+        ServerAction::Weight { upstream, addr, n } => (
+            "POST",
+            format!("/servers/{}/{}/weight?value={n}", seg(upstream), seg(addr)),
+        ),
+    };
+    let addr = admin_client::dial_addr(listen);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the tokio runtime")?;
+    let token = cfg.admin.token.as_deref();
+    let answer = runtime.block_on(admin_client::request(addr, method, &path, token))?;
+    if !(200..300).contains(&answer.status) {
+        let reason = serde_json::from_str::<serde_json::Value>(&answer.body)
+            .ok()
+            .and_then(|v| v["error"].as_str().map(str::to_string))
+            .unwrap_or_else(|| answer.body.trim().to_string());
+        anyhow::bail!("{method} {path}: {} {reason}", answer.status);
+    }
+    let body: serde_json::Value =
+        serde_json::from_str(&answer.body).context("the admin listener's answer is not JSON")?;
+    let servers = match body {
+        serde_json::Value::Array(list) => list,
+        one => vec![one],
+    };
+    println!(
+        "{:<12} {:<24} {:>7} {:>10} {:>8} {:>9} {:>5}",
+        "UPSTREAM", "SERVER", "WEIGHT", "CONFIGURED", "STATE", "IN_FLIGHT", "IDLE"
+    );
+    for s in &servers {
+        let state = match (s["drained"].as_bool(), s["up"].as_bool()) {
+            (Some(true), _) => "drained",
+            (_, Some(false)) => "down",
+            _ => "up",
+        };
+        println!(
+            "{:<12} {:<24} {:>7} {:>10} {:>8} {:>9} {:>5}",
+            s["upstream"].as_str().unwrap_or("?"),
+            s["addr"].as_str().unwrap_or("?"),
+            s["weight"].to_string(),
+            s["configured_weight"].to_string(),
+            state,
+            s["in_flight"].to_string(),
+            s["idle_connections"].to_string(),
+        );
+    }
     Ok(())
 }
 

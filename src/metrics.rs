@@ -30,10 +30,12 @@ pub enum CloseReason {
     /// Came back idle while `max_idle_per_server` were idle already: more connections than
     /// steady traffic needs (a burst), not an expiry.
     Surplus = 6,
+    /// Idle, or back from its last request, while its server was drained (the admin API).
+    Drained = 7,
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 7] = [
+    pub const ALL: [CloseReason; 8] = [
         CloseReason::Idle,
         CloseReason::LearnedTimeout,
         CloseReason::Lifetime,
@@ -41,6 +43,7 @@ impl CloseReason {
         CloseReason::ServerClose,
         CloseReason::Error,
         CloseReason::Surplus,
+        CloseReason::Drained,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -52,6 +55,7 @@ impl CloseReason {
             CloseReason::ServerClose => "server_close",
             CloseReason::Error => "error",
             CloseReason::Surplus => "surplus",
+            CloseReason::Drained => "drained",
         }
     }
 }

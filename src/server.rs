@@ -151,7 +151,7 @@ impl Server {
             Some(addr) => {
                 let l = listener::bind(addr).map_err(bind_error("admin", addr))?;
                 let local = l.local_addr().map_err(bind_error("admin", addr))?;
-                info!(addr = %local, "admin listening (/ status page, /metrics, /healthz, /status, /history, POST /reload)");
+                info!(addr = %local, "admin listening (/ status page, /metrics, /healthz, /status, /history, POST /reload, /servers)");
                 let history = History::new(options.history_interval);
                 tasks.push(tokio::spawn(
                     history.clone().start(current.clone(), shutdown.subscribe()),

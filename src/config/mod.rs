@@ -498,6 +498,9 @@ pub struct AdminConfig {
     pub listen: Option<SocketAddr>,
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    /// Required by the admin API's changes (`/servers/...`, `/reload`) from a peer that is
+    /// not loopback, as `Authorization: Bearer <token>`; None: only loopback may change.
+    pub token: Option<String>,
 }
 
 /// `[runtime]`.
@@ -613,6 +616,7 @@ impl Default for AdminConfig {
         AdminConfig {
             listen: DEFAULT_ADMIN_LISTEN.parse().ok(),
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
+            token: None,
         }
     }
 }

@@ -814,3 +814,20 @@ fn balance_least_request_is_accepted_and_a_misspelling_names_its_line() {
     );
     assert!(p[0].to_string().contains("least_request"), "{}", p[0]);
 }
+
+#[test]
+fn admin_token_is_optional_and_a_blank_one_names_its_line() {
+    let base = "[listen]\nhttp = \"127.0.0.1:8080\"\n[upstreams.web]\nservers = [\"127.0.0.1:8081\"]\n[admin]\n";
+    assert_eq!(parse(base).unwrap().admin.token, None);
+    let c = parse(&format!("{base}token = \"0123abcd\"\n")).unwrap();
+    assert_eq!(c.admin.token.as_deref(), Some("0123abcd"));
+    for bad in ["", "two words"] {
+        let p = problems(&format!("{base}token = \"{bad}\"\n"));
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(
+            (p[0].line, p[0].key.as_str()),
+            (Some(6), "admin.token"),
+            "{bad:?}"
+        );
+    }
+}

@@ -30,6 +30,14 @@ pub(super) fn validate(c: &Config) -> Vec<Problem> {
     }
     validate_routes(c, &mut out);
     validate_buffering(&c.buffering, &mut out);
+    if let Some(token) = &c.admin.token {
+        if token.is_empty() || !token.bytes().all(|b| b.is_ascii_graphic()) {
+            out.push(
+                Problem::new("admin.token", "must be printable ASCII without spaces")
+                .fix("set a long random token, e.g. the output of `openssl rand -hex 32`, or remove the key"),
+            );
+        }
+    }
     out
 }
 

@@ -1,7 +1,9 @@
 //! Owns the admin listener: `/` (status page), `/metrics` (Prometheus text), `/healthz`,
-//! `/status` (JSON), `/history` (JSON) and `POST /reload`.
+//! `/status` (JSON), `/history` (JSON), `POST /reload`, and `/servers` (per-server control,
+//! [`crate::control::servers`]).
 
 use std::convert::Infallible;
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -16,6 +18,7 @@ use tokio::time::Instant;
 
 use crate::control::history::History;
 use crate::control::reload::Control;
+use crate::control::servers;
 use crate::downstream::Generation;
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
@@ -38,10 +41,10 @@ pub async fn serve(
             res = listener.accept() => res,
             _ = shutdown.begun() => return,
         };
-        let stream = match accepted {
-            Ok((stream, _)) => {
+        let (stream, peer) = match accepted {
+            Ok((stream, peer)) => {
                 errors.accepted();
-                stream
+                (stream, peer.ip())
             }
             Err(e) => {
                 // Out of descriptors the listener stays readable: retrying at once would spin.
@@ -60,7 +63,7 @@ pub async fn serve(
                 let metrics = metrics.clone();
                 let control = control.clone();
                 let history = history.clone();
-                async move { Ok::<_, Infallible>(answer(req, &metrics, &control, &history).await) }
+                async move { Ok::<_, Infallible>(answer(req, peer, &metrics, &control, &history).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -72,11 +75,35 @@ pub async fn serve(
 
 async fn answer(
     req: Request<Incoming>,
+    peer: IpAddr,
     metrics: &Metrics,
     control: &Control,
     history: &History,
 ) -> Response<Full<Bytes>> {
-    match (req.method(), req.uri().path()) {
+    let path = req.uri().path();
+    if servers::is_servers_path(path) {
+        let generation = control.generation();
+        let (method, query, headers) = (req.method(), req.uri().query(), req.headers());
+        let answer = servers::answer(method, path, query, headers, peer, &generation);
+        let mut body = serde_json::to_string_pretty(&answer.body).expect("JSON serializes");
+        body.push('\n');
+        return text(answer.status, "application/json", body);
+    }
+    match (req.method(), path) {
+        (&Method::POST, "/reload")
+            if !servers::authorized(
+                peer,
+                req.headers(),
+                control.generation().config.admin.token.as_deref(),
+            ) =>
+        {
+            tracing::info!(client = %peer, "admin: reload refused (not loopback, no valid token)");
+            text(
+                StatusCode::FORBIDDEN,
+                "text/plain",
+                "reload needs a loopback peer or Authorization: Bearer <[admin] token>\n".into(),
+            )
+        }
         (&Method::POST, "/reload") => match control.reload().await {
             Ok(()) => text(StatusCode::OK, "text/plain", "reloaded\n".into()),
             Err(e) => {
@@ -144,7 +171,10 @@ fn status_json(generation: &Generation) -> String {
                     let (keepalive, source) = b.keepalive();
                     json!({
                         "addr": b.addr.to_string(),
-                        "weight": b.weight,
+                        "weight": b.weight(),
+                        "configured_weight": b.configured_weight(),
+                        "drained": b.is_drained(),
+                        "in_flight": b.in_flight(),
                         "up": b.health.is_up(now),
                         "idle_connections": idle,
                         "busy_connections": b.open_count().saturating_sub(idle),

@@ -1,8 +1,9 @@
 //! Owns what kaproxy knows of one backend server: its address and weight, its connection
-//! pools (one per worker, see [`crate::workers`]; through them its metrics), and its health
+//! pools (one per worker, see [`crate::workers`]; through them its metrics), its health
 //! state — the passive verdict
 //! (consecutive failures, cool-down) and the active one (written by the probes of
-//! [`crate::upstream::health`]). `kaproxy_server_up` is written here only.
+//! [`crate::upstream::health`]) — and what the admin API set on it (drained, a weight).
+//! `kaproxy_server_up` is written here only.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -21,8 +22,12 @@ use crate::upstream::tls::UpstreamTls;
 /// worker it runs on and reports outcomes to it, the health probes write its active verdict.
 pub struct Backend {
     pub addr: SocketAddr,
-    /// At least 1.
-    pub weight: u32,
+    /// As configured; at least 1.
+    configured_weight: u32,
+    /// The weight in force: the configured one, or the one the admin API set (at least 1).
+    weight: AtomicU32,
+    /// Drained by the admin API: the balancer hands it no new request.
+    drained: AtomicBool,
     pub health: BackendHealth,
     /// One pool per worker, in worker order (nginx keeps its keepalive cache per worker too);
     /// they share what they learn of the backend and its metrics.
@@ -35,7 +40,8 @@ impl std::fmt::Debug for Backend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Backend")
             .field("addr", &self.addr)
-            .field("weight", &self.weight)
+            .field("weight", &self.weight())
+            .field("drained", &self.is_drained())
             .field("health", &self.health)
             .finish_non_exhaustive()
     }
@@ -59,13 +65,73 @@ impl Backend {
         assert!(!pools.is_empty(), "a backend has at least one pool");
         let backend = Backend {
             addr: pools[0].addr(),
-            weight: weight.max(1),
+            configured_weight: weight.max(1),
+            weight: AtomicU32::new(weight.max(1)),
+            drained: AtomicBool::new(false),
             health,
             pools: pools.into(),
             config,
         };
         backend.publish(Instant::now());
         backend
+    }
+
+    /// The weight in force (configured, or set by the admin API).
+    pub fn weight(&self) -> u32 {
+        self.weight.load(Ordering::Relaxed)
+    }
+
+    /// The weight the configuration gives it.
+    pub fn configured_weight(&self) -> u32 {
+        self.configured_weight
+    }
+
+    /// The share the balancer gives it now, in thousandths of a unit of weight.
+    pub fn effective_weight(&self, _now: Instant) -> u64 {
+        u64::from(self.weight()) * WEIGHT_SCALE
+    }
+
+    /// Sets the weight in force (the admin API); `weight` at least 1. Returns the old one.
+    pub fn set_weight(&self, weight: u32) -> u32 {
+        self.weight.swap(weight.max(1), Ordering::Relaxed)
+    }
+
+    /// Whether the admin API drained it (no new requests).
+    pub fn is_drained(&self) -> bool {
+        self.drained.load(Ordering::SeqCst)
+    }
+
+    /// Drains it (HAProxy's `set server ... state drain`): the balancer hands it no new
+    /// request, requests in flight finish, and its idle connections are closed, as are the
+    /// connections that come back from their last request (reason `drained`). Returns whether
+    /// it was not drained already.
+    pub fn drain(&self) -> bool {
+        let changed = !self.drained.swap(true, Ordering::SeqCst);
+        for pool in self.pools.iter() {
+            pool.set_draining(true);
+        }
+        changed
+    }
+
+    /// Ends a drain: it takes requests again. Returns whether it was drained.
+    pub fn enable(&self) -> bool {
+        let changed = self.drained.swap(false, Ordering::SeqCst);
+        for pool in self.pools.iter() {
+            pool.set_draining(false);
+        }
+        changed
+    }
+
+    /// Takes over what the admin API set on the same server in the previous configuration
+    /// (reload): drained stays drained; a weight set by the API stays while the configured
+    /// weight is unchanged (an edited weight in the file wins).
+    pub fn inherit_admin(&self, previous: &Backend) {
+        if previous.is_drained() {
+            self.drain();
+        }
+        if previous.configured_weight == self.configured_weight {
+            self.set_weight(previous.weight());
+        }
     }
 
     /// The pool of the worker the caller runs on.
@@ -211,6 +277,10 @@ pub const RELIEVE_CLOSES: u32 = 2;
 /// module doc): a probe holds at most one worker, and a fresh connection through a slow
 /// network (a round trip above [`RELIEVE_AFTER`]) must not cost kaproxy what it is learning.
 pub const RELIEVE_PROBE_CHECKS: u32 = 5;
+
+/// [`Backend::effective_weight`]'s unit: a thousandth of a unit of weight, so that a share
+/// ramped by `slow_start` stays an integer for the balancers.
+pub const WEIGHT_SCALE: u64 = 1000;
 
 /// `down_until` value meaning "not marked down since the last success".
 const NOT_DOWN: u64 = 0;

@@ -66,20 +66,22 @@ impl Balancer {
 
     /// [`Self::pick`] by position in [`Self::backends`]: what the selection works on.
     fn pick_index(&self, client_ip: IpAddr, tried: &[usize], now: Instant) -> Option<usize> {
-        let untried = |i: usize| !tried.contains(&i);
+        // A drained server gets no new request, even when every other one is down: draining
+        // is the operator's promise that it can be stopped.
+        let untried = |i: usize| !tried.contains(&i) && !self.backends[i].is_drained();
         let healthy = |i: usize| untried(i) && self.backends[i].health.is_up(now);
         match self.kind {
             BalanceKind::RoundRobin => self
-                .round_robin(healthy)
-                .or_else(|| self.round_robin(untried)),
+                .round_robin(healthy, now)
+                .or_else(|| self.round_robin(untried, now)),
             BalanceKind::IpHash => {
                 let key = self.client_key(client_ip);
-                self.ip_hash(key, healthy)
-                    .or_else(|| self.ip_hash(key, untried))
+                self.ip_hash(key, healthy, now)
+                    .or_else(|| self.ip_hash(key, untried, now))
             }
             BalanceKind::LeastRequest => self
-                .least_request(healthy, next_random)
-                .or_else(|| self.least_request(untried, next_random)),
+                .least_request(healthy, now, next_random)
+                .or_else(|| self.least_request(untried, now, next_random)),
         }
     }
 
@@ -96,24 +98,31 @@ impl Balancer {
     fn least_request(
         &self,
         eligible: impl Fn(usize) -> bool,
+        now: Instant,
         mut random: impl FnMut() -> u64,
     ) -> Option<usize> {
-        let weight = |i: usize| u64::from(self.backends[i].weight);
+        let weight = |i: usize| self.backends[i].effective_weight(now);
         let total: u64 = (0..self.backends.len())
             .filter(|&i| eligible(i))
             .map(weight)
             .sum();
-        let first = self.draw(total, random(), &eligible)?;
+        let first = self.draw(total, random(), now, &eligible)?;
         let rest = total - weight(first);
-        let Some(second) = self.draw(rest, random(), |i| i != first && eligible(i)) else {
+        let Some(second) = self.draw(rest, random(), now, |i| i != first && eligible(i)) else {
             return Some(first);
         };
-        Some(self.less_loaded(first, second))
+        Some(self.less_loaded(first, second, now))
     }
 
     /// The eligible backend at `r % total` along the weights of the eligible ones (a draw in
     /// proportion to weight); None when nothing is eligible.
-    fn draw(&self, total: u64, r: u64, eligible: impl Fn(usize) -> bool) -> Option<usize> {
+    fn draw(
+        &self,
+        total: u64,
+        r: u64,
+        now: Instant,
+        eligible: impl Fn(usize) -> bool,
+    ) -> Option<usize> {
         if total == 0 {
             return None;
         }
@@ -122,7 +131,7 @@ impl Balancer {
             if !eligible(i) {
                 continue;
             }
-            let weight = u64::from(backend.weight);
+            let weight = backend.effective_weight(now);
             if point < weight {
                 return Some(i);
             }
@@ -134,10 +143,10 @@ impl Balancer {
     /// Of `a` and `b`, the one with fewer requests in flight per unit of weight
     /// (`in_flight_a / weight_a < in_flight_b / weight_b`, cross-multiplied); on even loads
     /// the one with an idle pooled connection here, else `a`.
-    fn less_loaded(&self, a: usize, b: usize) -> usize {
+    fn less_loaded(&self, a: usize, b: usize, now: Instant) -> usize {
         let (ba, bb) = (&self.backends[a], &self.backends[b]);
-        let load_a = ba.in_flight() as u128 * u128::from(bb.weight);
-        let load_b = bb.in_flight() as u128 * u128::from(ba.weight);
+        let load_a = ba.in_flight() as u128 * u128::from(bb.effective_weight(now));
+        let load_b = bb.in_flight() as u128 * u128::from(ba.effective_weight(now));
         match load_a.cmp(&load_b) {
             std::cmp::Ordering::Less => a,
             std::cmp::Ordering::Greater => b,
@@ -150,7 +159,7 @@ impl Balancer {
     /// backend gains its weight, the one with the most wins (the first on ties) and pays back
     /// the total. Weights 5:1:1 give a,a,b,a,c,a,a rather than a burst of five a's. Ineligible
     /// backends keep their `current_weight` untouched, as in nginx.
-    fn round_robin(&self, eligible: impl Fn(usize) -> bool) -> Option<usize> {
+    fn round_robin(&self, eligible: impl Fn(usize) -> bool, now: Instant) -> Option<usize> {
         // The state is plain numbers: a panic elsewhere can't leave it inconsistent.
         let mut current = crate::sync::lock(&self.current_weights);
         let mut total: i64 = 0;
@@ -159,7 +168,7 @@ impl Balancer {
             if !eligible(i) {
                 continue;
             }
-            let weight = i64::from(backend.weight);
+            let weight = backend.effective_weight(now) as i64;
             current[i] += weight;
             total += weight;
             if best.is_none_or(|b| current[i] > current[b]) {
@@ -186,13 +195,13 @@ impl Balancer {
     ///   `DefaultHasher`, so every instance with the same config maps a client the same way,
     ///   across restarts and builds. (`ln` comes from the platform's libm; instances on
     ///   different platforms could disagree only when two scores are within an ulp.)
-    fn ip_hash(&self, key: u64, eligible: impl Fn(usize) -> bool) -> Option<usize> {
+    fn ip_hash(&self, key: u64, eligible: impl Fn(usize) -> bool, _now: Instant) -> Option<usize> {
         let mut best: Option<(usize, f64)> = None;
         for (i, backend) in self.backends.iter().enumerate() {
             if !eligible(i) {
                 continue;
             }
-            let score = hrw_score(key, self.server_hashes[i], backend.weight);
+            let score = hrw_score(key, self.server_hashes[i], backend.weight());
             if best.is_none_or(|(_, best_score)| score > best_score) {
                 best = Some((i, score));
             }
@@ -817,5 +826,39 @@ mod tests {
         assert_eq!(seen, [0, 1, 2], "all down: still spread over every server");
         assert_eq!(picks(&balancer, 10, &[0, 2], now), [1; 10]);
         assert_eq!(balancer.pick_index(ANY_IP, &[0, 1, 2], now), None);
+    }
+
+    #[tokio::test]
+    async fn a_drained_server_gets_no_new_request_in_any_balancer() {
+        for kind in [
+            BalanceKind::RoundRobin,
+            BalanceKind::IpHash,
+            BalanceKind::LeastRequest,
+        ] {
+            let balancer = balancer(&upstream(kind, &[(A, 1), (B, 1), (C, 1)]));
+            let now = Instant::now();
+            assert!(balancer.backends()[1].drain());
+            let hit = |tried: &[usize]| {
+                (0..300).any(|i| balancer.pick_index(client(i), tried, now) == Some(1))
+            };
+            assert!(!hit(&[]), "{kind:?}");
+            // Not even when every other server is down (fail open skips it too).
+            mark_down(&balancer, 0, now);
+            mark_down(&balancer, 2, now);
+            assert!(!hit(&[]), "{kind:?}: others down");
+            assert_eq!(balancer.pick_index(ANY_IP, &[0, 2], now), None, "{kind:?}");
+
+            assert!(balancer.backends()[1].enable());
+            assert!(hit(&[]), "{kind:?}: enabled again");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_weight_set_at_run_time_counts_at_once() {
+        let balancer = balancer(&upstream(BalanceKind::RoundRobin, &[(A, 1), (B, 1)]));
+        let now = Instant::now();
+        assert_eq!(counts(&balancer, 200, now), [100, 100]);
+        assert_eq!(balancer.backends()[1].set_weight(3), 1);
+        assert_eq!(counts(&balancer, 400, now), [100, 300]);
     }
 }

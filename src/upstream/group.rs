@@ -73,12 +73,15 @@ impl UpstreamGroup {
                 if let (Some(old), Some(_)) = (old, &u.health) {
                     health.inherit_active(&old.health);
                 }
-                Arc::new(Backend::with_pools(
-                    server.weight,
-                    health,
-                    u.pool.clone(),
-                    pools,
-                ))
+                let backend = Backend::with_pools(server.weight, health, u.pool.clone(), pools);
+                // Drained or re-weighted by the admin API: still so after the reload, whatever
+                // else changed.
+                let same_server = previous
+                    .and_then(|o| o.balancer.backends().iter().find(|b| b.addr == server.addr));
+                if let Some(old) = same_server {
+                    backend.inherit_admin(old);
+                }
+                Arc::new(backend)
             })
             .collect();
         Ok(UpstreamGroup {

@@ -272,6 +272,15 @@ impl Apache {
         self.wait_ports_closed().await;
     }
 
+    /// Starts it again on the same ports after [`Apache::stop`] (a restart in two steps, as a
+    /// rolling upgrade does one); does nothing if it is running.
+    pub async fn start_again(&mut self) -> std::io::Result<()> {
+        if self.child.is_some() {
+            return Ok(());
+        }
+        self.spawn_and_wait().await
+    }
+
     /// Kills the whole process tree at once with SIGKILL (every pooled connection dies with
     /// it, as in a crash or a container restart) and starts Apache again on the same ports.
     pub async fn hard_restart(&mut self) -> std::io::Result<()> {

@@ -21,6 +21,7 @@ mod proxying;
 mod race;
 mod reload;
 mod replay;
+mod rolling;
 mod sni;
 mod support;
 mod tls;

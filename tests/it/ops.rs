@@ -491,6 +491,50 @@ async fn status_page_draws_kaproxy_deadline_left_of_a_shorter_learned_keepalive(
     proxy.shutdown().await;
 }
 
+#[tokio::test]
+async fn status_page_in_chromium_shows_a_drained_server_and_a_weight_set_at_run_time() {
+    if !chromium::require_chromium() {
+        return;
+    }
+    let a = demo_backend("a", Duration::from_secs(5)).await;
+    let b = demo_backend("b", Duration::from_secs(5)).await;
+    let proxy = TestProxy::start(&format!(
+        "[upstreams.web]\nservers = [\"{}\", \"{}\"]\n",
+        a.addr(),
+        b.addr()
+    ))
+    .await;
+    let admin = proxy.server.admin_addr().expect("admin listener");
+    let post = |path: String| async move {
+        let answer = kaproxy::control::admin_client::request(admin, "POST", &path, None)
+            .await
+            .expect("admin answers");
+        assert_eq!(answer.status, 200, "{path}: {}", answer.body);
+    };
+    post(format!("/servers/web/{}/drain", a.addr())).await;
+    post(format!("/servers/web/{}/weight?value=5", b.addr())).await;
+
+    let dom = render_status_page(admin, None).await;
+    let card = upstream_card(&dom, "web");
+    let row = |addr: SocketAddr| {
+        let marker = format!("data-server=\"{addr}\"");
+        let rows: Vec<&str> = card.split("<tr").filter(|r| r.contains(&marker)).collect();
+        rows.last()
+            .map(|r| r.to_string())
+            .unwrap_or_else(|| panic!("no table row {marker}:\n{card}"))
+    };
+    let (row_a, row_b) = (row(a.addr()), row(b.addr()));
+    assert!(
+        row_a.contains("data-state=\"drained\"") && row_a.contains("up, drained"),
+        "{row_a}"
+    );
+    assert!(
+        row_b.contains("data-state=\"up\"") && row_b.contains("5 (config 1)"),
+        "{row_b}"
+    );
+    proxy.shutdown().await;
+}
+
 // Single-threaded: the support client sends back-to-back requests on one connection without
 // awaiting hyper's readiness, which only holds when the connection task cannot lag behind.
 #[tokio::test]

@@ -76,6 +76,8 @@ pub struct Pool<C: Connector = Http1> {
     /// Requests this pool is serving now: connecting (or waiting for a slot) or holding a
     /// checked-out connection ([`InFlight`]); what `least_request` balances on.
     in_flight: Arc<AtomicUsize>,
+    /// Set while the server is drained (the admin API): no connection goes back to idle.
+    draining: std::sync::atomic::AtomicBool,
     sweeper: Mutex<Option<AbortHandle>>,
     /// Wakes the sweep (`sweep`) when something happens on an idle connection (a FIN).
     sweep_waker: Waker,
@@ -161,6 +163,7 @@ impl<C: Connector> Pool<C> {
             returned: Notify::new(),
             waiting: std::sync::atomic::AtomicUsize::new(0),
             in_flight: Arc::default(),
+            draining: std::sync::atomic::AtomicBool::new(false),
             sweeper: Mutex::new(None),
             sweep_waker,
             probe: Mutex::new(None),
@@ -398,7 +401,9 @@ impl<C: Connector> Pool<C> {
         let now = Instant::now();
         conn.last_used = now;
         let reason = retire.or_else(|| {
-            if closed {
+            if self.is_draining() {
+                Some(CloseReason::Drained)
+            } else if closed {
                 Some(CloseReason::ServerClose)
             } else if conn.requests >= self.cfg.max_requests_per_connection
                 || conn.remaining == Some(0)
@@ -425,6 +430,13 @@ impl<C: Connector> Pool<C> {
             return;
         }
         let mut idle = crate::sync::lock(&self.idle);
+        // Under the lock, as `drain` empties the list under it: a connection released while
+        // the server is being drained is either emptied by `drain` or closed here.
+        if self.is_draining() {
+            drop(idle);
+            self.close(conn, CloseReason::Drained);
+            return;
+        }
         if idle.len() >= self.cfg.max_idle_per_server {
             drop(idle);
             self.close(conn, CloseReason::Surplus);
@@ -536,12 +548,30 @@ impl<C: Connector> Pool<C> {
 
     /// Closes every idle connection (shutdown).
     pub fn close_idle(&self) {
+        self.close_all_idle(CloseReason::Idle);
+    }
+
+    fn close_all_idle(&self, reason: CloseReason) {
         self.abandon_probe();
         let all = std::mem::take(&mut *crate::sync::lock(&self.idle));
         self.publish_idle(0);
         for conn in all {
-            self.close(conn, CloseReason::Idle);
+            self.close(conn, reason);
         }
+    }
+
+    /// The server is drained (or enabled again, `false`): while drained, idle connections
+    /// are closed (reason `drained`) and connections coming back from their request are closed
+    /// instead of pooled; the requests on them finish as they would.
+    pub fn set_draining(&self, draining: bool) {
+        self.draining.store(draining, Ordering::SeqCst);
+        if draining {
+            self.close_all_idle(CloseReason::Drained);
+        }
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
     }
 }
 

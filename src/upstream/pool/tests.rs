@@ -93,6 +93,28 @@ async fn an_idle_connection_is_reused_within_its_deadline_and_swept_after_it() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn draining_closes_idle_and_returning_connections_and_enable_pools_again() {
+    let (pool, metrics) = unprobed_pool(cfg());
+    let busy = pool.acquire().await.unwrap();
+    pool.acquire_fresh().await.unwrap().release();
+    assert_eq!((pool.idle_count(), pool.in_flight()), (1, 1));
+
+    pool.set_draining(true);
+    assert_eq!(pool.idle_count(), 0, "idle connections closed at once");
+    assert_eq!(closed(&metrics, "drained"), 1);
+    assert!(!pool.has_idle());
+    // The request in flight finishes; its connection is closed, not pooled.
+    busy.release();
+    assert_eq!((pool.idle_count(), pool.in_flight()), (0, 0));
+    assert_eq!(closed(&metrics, "drained"), 2);
+
+    pool.set_draining(false);
+    pool.acquire().await.unwrap().release();
+    assert_eq!(pool.idle_count(), 1, "enabled: pooled again");
+    assert_eq!(closed(&metrics, "drained"), 2);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_connection_whose_peer_closed_is_never_handed_out() {
     let (pool, metrics) = unprobed_pool(cfg());
     pool.acquire().await.unwrap().release();
