@@ -293,6 +293,9 @@ pub struct UpstreamConfig {
     pub tunnel_idle_timeout: Duration,
     pub ip_hash_prefix_v4: u8,
     pub ip_hash_prefix_v6: u8,
+    /// A server that comes back up or is enabled ramps to its full weight over this; zero:
+    /// at once (nginx's `slow_start`, HAProxy's `slowstart`).
+    pub slow_start: Duration,
     pub health: Option<HealthConfig>,
     /// Passive health, resolved at load from `health` or the defaults.
     pub passive: PassiveHealth,

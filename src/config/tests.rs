@@ -831,3 +831,18 @@ fn admin_token_is_optional_and_a_blank_one_names_its_line() {
         );
     }
 }
+
+#[test]
+fn slow_start_is_off_by_default_and_read_as_a_duration() {
+    let base =
+        "[listen]\nhttp = \"127.0.0.1:8080\"\n[upstreams.web]\nservers = [\"127.0.0.1:8081\"]\n";
+    assert_eq!(parse(base).unwrap().upstreams[0].slow_start, Duration::ZERO);
+    let c = parse(&format!("{base}slow_start = \"30s\"\n")).unwrap();
+    assert_eq!(c.upstreams[0].slow_start, Duration::from_secs(30));
+    let p = problems(&format!("{base}slow_start = \"soon\"\n"));
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!(
+        (p[0].line, p[0].key.as_str()),
+        (Some(5), "upstreams.web.slow_start")
+    );
+}

@@ -192,11 +192,18 @@ pub fn server_json(upstream: &str, b: &Backend, now: Instant) -> Value {
         "addr": b.addr.to_string(),
         "weight": b.weight(),
         "configured_weight": b.configured_weight(),
+        "effective_weight": effective_weight(b, now),
+        "slow_start_share": b.ramp(now),
         "drained": b.is_drained(),
         "up": b.health.is_up(now),
         "in_flight": b.in_flight(),
         "idle_connections": b.idle_count(),
     })
+}
+
+/// The weight the balancer uses now (below `weight` while it ramps over `slow_start`).
+pub fn effective_weight(b: &Backend, now: Instant) -> f64 {
+    b.effective_weight(now) as f64 / crate::upstream::backend::WEIGHT_SCALE as f64
 }
 
 /// `%XX` escapes decoded (an IPv6 server is `%5B::1%5D:8080` in a path); anything that does

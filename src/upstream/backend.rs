@@ -2,16 +2,16 @@
 //! pools (one per worker, see [`crate::workers`]; through them its metrics), its health
 //! state — the passive verdict
 //! (consecutive failures, cool-down) and the active one (written by the probes of
-//! [`crate::upstream::health`]) — and what the admin API set on it (drained, a weight).
-//! `kaproxy_server_up` is written here only.
+//! [`crate::upstream::health`]) — what the admin API set on it (drained, a weight), and its
+//! `slow_start` ramp after it comes back. `kaproxy_server_up` is written here only.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::config::PoolConfig;
 use crate::metrics::{BackendMetrics, KeepAliveSource};
@@ -28,6 +28,13 @@ pub struct Backend {
     weight: AtomicU32,
     /// Drained by the admin API: the balancer hands it no new request.
     drained: AtomicBool,
+    /// The group's `slow_start` (zero: no ramp).
+    slow_start: Duration,
+    /// When the current ramp began, in nanoseconds from `base` (negative when it began
+    /// before this backend was built: a ramp carried over a reload), or [`NO_RAMP`].
+    ramp_start: AtomicI64,
+    /// Origin of `ramp_start`.
+    base: Instant,
     pub health: BackendHealth,
     /// One pool per worker, in worker order (nginx keeps its keepalive cache per worker too);
     /// they share what they learn of the backend and its metrics.
@@ -68,6 +75,9 @@ impl Backend {
             configured_weight: weight.max(1),
             weight: AtomicU32::new(weight.max(1)),
             drained: AtomicBool::new(false),
+            slow_start: Duration::ZERO,
+            ramp_start: AtomicI64::new(NO_RAMP),
+            base: Instant::now(),
             health,
             pools: pools.into(),
             config,
@@ -86,9 +96,65 @@ impl Backend {
         self.configured_weight
     }
 
-    /// The share the balancer gives it now, in thousandths of a unit of weight.
-    pub fn effective_weight(&self, _now: Instant) -> u64 {
-        u64::from(self.weight()) * WEIGHT_SCALE
+    /// The same backend, ramping over `slow_start` when it comes back (the group's key).
+    pub fn with_slow_start(mut self, slow_start: Duration) -> Backend {
+        self.slow_start = slow_start;
+        self
+    }
+
+    /// The share the balancer gives it now, in thousandths of a unit of weight: its weight,
+    /// times [`Backend::ramp`] while it ramps.
+    pub fn effective_weight(&self, now: Instant) -> u64 {
+        let full = u64::from(self.weight()) * WEIGHT_SCALE;
+        match self.ramp(now) {
+            Some(fraction) => ((full as f64 * fraction) as u64).max(1),
+            None => full,
+        }
+    }
+
+    /// While it ramps after coming back (`slow_start`, as nginx's and HAProxy's do): the share
+    /// of its weight it has now, `elapsed / slow_start` but at least [`SLOW_START_FLOOR`] so
+    /// that it gets a few requests from the first moment. None once at full weight (or with
+    /// no `slow_start`).
+    pub fn ramp(&self, now: Instant) -> Option<f64> {
+        let start = self.ramp_start.load(Ordering::Relaxed);
+        if start == NO_RAMP || self.slow_start.is_zero() {
+            return None;
+        }
+        let elapsed = self.nanos(now).saturating_sub(start);
+        let total = i64::try_from(self.slow_start.as_nanos()).unwrap_or(i64::MAX);
+        if elapsed >= total {
+            // Done: later picks skip the arithmetic. Lost to a newer ramp only if one began
+            // in between, which then stays.
+            let _ = self.ramp_start.compare_exchange(
+                start,
+                NO_RAMP,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+            return None;
+        }
+        Some((elapsed.max(0) as f64 / total as f64).max(SLOW_START_FLOOR))
+    }
+
+    /// Starts a ramp from now (it came back up, or was enabled), with `slow_start` set.
+    fn start_ramp(&self, why: &str) {
+        if self.slow_start.is_zero() {
+            return;
+        }
+        self.ramp_start
+            .store(self.nanos(Instant::now()), Ordering::Relaxed);
+        info!(server = %self.addr, slow_start = ?self.slow_start, why,
+            "slow start: server ramps to its full weight");
+    }
+
+    fn nanos(&self, now: Instant) -> i64 {
+        let (later, earlier, sign) = if now >= self.base {
+            (now, self.base, 1)
+        } else {
+            (self.base, now, -1)
+        };
+        sign * i64::try_from((later - earlier).as_nanos()).unwrap_or(i64::MAX)
     }
 
     /// Sets the weight in force (the admin API); `weight` at least 1. Returns the old one.
@@ -113,11 +179,15 @@ impl Backend {
         changed
     }
 
-    /// Ends a drain: it takes requests again. Returns whether it was drained.
+    /// Ends a drain: it takes requests again, ramping over `slow_start`. Returns whether it
+    /// was drained.
     pub fn enable(&self) -> bool {
         let changed = self.drained.swap(false, Ordering::SeqCst);
         for pool in self.pools.iter() {
             pool.set_draining(false);
+        }
+        if changed {
+            self.start_ramp("enabled");
         }
         changed
     }
@@ -131,6 +201,15 @@ impl Backend {
         }
         if previous.configured_weight == self.configured_weight {
             self.set_weight(previous.weight());
+        }
+        // A ramp under way goes on from where it was.
+        let start = previous.ramp_start.load(Ordering::Relaxed);
+        if start != NO_RAMP {
+            let began = previous.base + Duration::from_nanos(start.max(0) as u64);
+            let began = began
+                .checked_sub(Duration::from_nanos(start.min(0).unsigned_abs()))
+                .unwrap_or(began);
+            self.ramp_start.store(self.nanos(began), Ordering::Relaxed);
         }
     }
 
@@ -234,9 +313,12 @@ impl Backend {
         self.health.is_up(now)
     }
 
-    /// A request it answered: ends a passive failure streak or cool-down.
+    /// A request it answered: ends a passive failure streak or cool-down (and a server that
+    /// was marked down ramps up again, with `slow_start`).
     pub fn record_success(&self) {
-        self.health.record_success();
+        if self.health.record_success() && self.health.is_active_up() {
+            self.start_ramp("passive health: answered again");
+        }
         self.publish(Instant::now());
     }
 
@@ -250,9 +332,13 @@ impl Backend {
         self.publish(now);
     }
 
-    /// The probes' verdict; returns true when it changed.
+    /// The probes' verdict; returns true when it changed (back up: the ramp starts, with
+    /// `slow_start`).
     pub fn set_active_up(&self, up: bool) -> bool {
         let changed = self.health.set_active_up(up);
+        if changed && up {
+            self.start_ramp("active health: up again");
+        }
         self.publish(Instant::now());
         changed
     }
@@ -281,6 +367,13 @@ pub const RELIEVE_PROBE_CHECKS: u32 = 5;
 /// [`Backend::effective_weight`]'s unit: a thousandth of a unit of weight, so that a share
 /// ramped by `slow_start` stays an integer for the balancers.
 pub const WEIGHT_SCALE: u64 = 1000;
+
+/// The least share of its weight a ramping server gets (`slow_start`): a twentieth, so that
+/// it is tried with a few requests from the first moment rather than none.
+pub const SLOW_START_FLOOR: f64 = 0.05;
+
+/// `ramp_start` value meaning "not ramping".
+const NO_RAMP: i64 = i64::MIN;
 
 /// `down_until` value meaning "not marked down since the last success".
 const NOT_DOWN: u64 = 0;
@@ -359,10 +452,13 @@ impl BackendHealth {
     }
 
     /// Resets the passive failure streak and ends a passive cool-down. Leaves the active
-    /// verdict alone.
-    pub fn record_success(&self) {
+    /// verdict alone. Returns whether it had been marked down (it recovered).
+    pub fn record_success(&self) -> bool {
         self.consecutive_failures.store(0, Ordering::Relaxed);
-        self.down_until.store(NOT_DOWN, Ordering::Release);
+        // Loaded first: on the hot path the mark is almost never set, and a load does not
+        // take the cache line from the other workers.
+        self.down_until.load(Ordering::Acquire) != NOT_DOWN
+            && self.down_until.swap(NOT_DOWN, Ordering::AcqRel) != NOT_DOWN
     }
     /// Counts a connect/response failure; returns true when this call marked the server down.
     ///

@@ -195,18 +195,31 @@ impl Balancer {
     ///   `DefaultHasher`, so every instance with the same config maps a client the same way,
     ///   across restarts and builds. (`ln` comes from the platform's libm; instances on
     ///   different platforms could disagree only when two scores are within an ulp.)
-    fn ip_hash(&self, key: u64, eligible: impl Fn(usize) -> bool, _now: Instant) -> Option<usize> {
+    ///
+    /// `slow_start`: a ramping backend at a share `r` of its weight takes only the clients
+    /// whose [`ramp_point`] (a second fixed hash of client and backend, uniform in [0, 1)) is
+    /// below `r`; its other clients stay on their next choice until `r` passes their point.
+    /// So each client moves back once, and stays: none flaps between two backends while the
+    /// share grows. (Scaling the HRW weight instead would move clients to and from the
+    /// backends of the rest of the group as the scores cross.)
+    fn ip_hash(&self, key: u64, eligible: impl Fn(usize) -> bool, now: Instant) -> Option<usize> {
         let mut best: Option<(usize, f64)> = None;
+        // The best one whose ramp does not take this client yet, if nothing else is eligible.
+        let mut held_back: Option<(usize, f64)> = None;
         for (i, backend) in self.backends.iter().enumerate() {
             if !eligible(i) {
                 continue;
             }
             let score = hrw_score(key, self.server_hashes[i], backend.weight());
-            if best.is_none_or(|(_, best_score)| score > best_score) {
-                best = Some((i, score));
+            let slot = match backend.ramp(now) {
+                Some(share) if ramp_point(key, self.server_hashes[i]) >= share => &mut held_back,
+                _ => &mut best,
+            };
+            if slot.is_none_or(|(_, best_score)| score > best_score) {
+                *slot = Some((i, score));
             }
         }
-        best.map(|(i, _)| i)
+        best.or(held_back).map(|(i, _)| i)
     }
 
     /// Hash of the client address masked to the configured prefix (24 for IPv4 = nginx's
@@ -288,6 +301,13 @@ fn hrw_score(client_key: u64, server_hash: u64, weight: u32) -> f64 {
     f64::from(weight) / -u.ln()
 }
 
+/// Where a client falls in a ramping backend's share: in [0, 1), from a hash of (client key,
+/// backend) other than [`hrw_score`]'s, so that it does not favour the backend's best clients.
+fn ramp_point(client_key: u64, server_hash: u64) -> f64 {
+    let h = splitmix64(splitmix64(client_key ^ server_hash.rotate_left(32)));
+    (h >> 11) as f64 / (1u64 << 53) as f64
+}
+
 /// 64-bit FNV-1a (offset basis 0xcbf29ce484222325, prime 0x100000001b3). Fixed forever: changing
 /// it remaps every ip_hash client.
 fn fnv1a(bytes: &[u8]) -> u64 {
@@ -334,6 +354,7 @@ mod tests {
             tunnel_idle_timeout: Duration::from_secs(60),
             ip_hash_prefix_v4: 32,
             ip_hash_prefix_v6: 64,
+            slow_start: Duration::ZERO,
             health: None,
             passive: PassiveHealth::default(),
             tls: None,
@@ -354,7 +375,7 @@ mod tests {
                     metrics.server(&cfg.name, s.addr),
                 );
                 let health = BackendHealth::new(fall, cfg.passive.cooldown);
-                Arc::new(Backend::new(s.weight, health, pool))
+                Arc::new(Backend::new(s.weight, health, pool).with_slow_start(cfg.slow_start))
             })
             .collect();
         Balancer::new(cfg, backends)
@@ -860,5 +881,164 @@ mod tests {
         assert_eq!(counts(&balancer, 200, now), [100, 100]);
         assert_eq!(balancer.backends()[1].set_weight(3), 1);
         assert_eq!(counts(&balancer, 400, now), [100, 300]);
+    }
+
+    const SLOW_START: Duration = Duration::from_secs(10);
+
+    /// A balancer of `kind` over `servers` with a 10 s slow_start, and server `ramping`
+    /// drained and enabled now (its ramp starts).
+    fn ramping(kind: BalanceKind, servers: &[(&str, u32)], ramping: usize) -> Balancer {
+        let mut cfg = upstream(kind, servers);
+        cfg.slow_start = SLOW_START;
+        let balancer = balancer(&cfg);
+        let b = &balancer.backends()[ramping];
+        assert!(b.drain() && b.enable());
+        balancer
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn slow_start_ramps_an_enabled_server_in_round_robin() {
+        let balancer = ramping(BalanceKind::RoundRobin, &[(A, 1), (B, 1)], 1);
+        // Shares of 1000 + B's ramped weight in thousandths: the floor (5%), 20%, 50%, full.
+        let enabled = Instant::now();
+        for (at_ms, b_weight) in [(0, 50), (2000, 200), (5000, 500), (10_000, 1000)] {
+            tokio::time::advance(Duration::from_millis(at_ms).saturating_sub(enabled.elapsed()))
+                .await;
+            let now = Instant::now();
+            let expected = b_weight as f64 / (1000 + b_weight) as f64;
+            let counts = counts(&balancer, 2000 + 2 * b_weight, now);
+            let got = f64::from(counts[1]) / f64::from(counts[0] + counts[1]);
+            assert!(
+                (got - expected).abs() < 0.01,
+                "{at_ms} ms into the ramp: B got {got:.3} of the picks, expected {expected:.3}"
+            );
+        }
+        assert_eq!(balancer.backends()[1].ramp(Instant::now()), None, "done");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn slow_start_ramps_an_enabled_server_in_least_request() {
+        let balancer = ramping(BalanceKind::LeastRequest, &[(A, 1), (B, 1)], 1);
+        let share = |balancer: &Balancer| {
+            let counts = counts(balancer, 20_000, Instant::now());
+            f64::from(counts[1]) / 20_000.0
+        };
+        let at_start = share(&balancer);
+        assert!((0.03..0.07).contains(&at_start), "floor 5/105: {at_start}");
+        tokio::time::advance(Duration::from_millis(2500)).await;
+        let quarter = share(&balancer);
+        assert!((0.18..0.22).contains(&quarter), "250/1250: {quarter}");
+        tokio::time::advance(Duration::from_millis(7500)).await;
+        let full = share(&balancer);
+        assert!((0.47..0.53).contains(&full), "even again: {full}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn slow_start_in_ip_hash_brings_a_growing_part_of_its_clients_back_for_good() {
+        let servers = [(A, 1), (B, 1), (C, 1), (D, 1)];
+        let steady = balancer(&upstream(BalanceKind::IpHash, &servers));
+        let balancer = ramping(BalanceKind::IpHash, &servers, 2);
+        let now = Instant::now();
+        let home: Vec<usize> = (0..4000)
+            .map(|i| steady.pick_index(client(i), &[], now).unwrap())
+            .collect();
+        let on_c: Vec<u32> = (0..4000).filter(|&i| home[i as usize] == 2).collect();
+        let back_at = |balancer: &Balancer| -> Vec<u32> {
+            let now = Instant::now();
+            for i in 0..4000 {
+                let pick = balancer.pick_index(client(i), &[], now).unwrap();
+                if home[i as usize] != 2 {
+                    assert_eq!(pick, home[i as usize], "other servers' clients never move");
+                }
+            }
+            on_c.iter()
+                .copied()
+                .filter(|&i| balancer.pick_index(client(i), &[], now) == Some(2))
+                .collect()
+        };
+        let n = on_c.len() as f64;
+        let first = back_at(&balancer);
+        assert!(
+            (first.len() as f64 / n) < 0.09,
+            "the floor: {} of {n}",
+            first.len()
+        );
+        tokio::time::advance(Duration::from_secs(3)).await;
+        let third = back_at(&balancer);
+        let share = third.len() as f64 / n;
+        assert!((0.25..0.35).contains(&share), "30%: {share}");
+        assert!(
+            first.iter().all(|c| third.contains(c)),
+            "who came back stays"
+        );
+        tokio::time::advance(Duration::from_secs(3)).await;
+        let more = back_at(&balancer);
+        assert!((0.55..0.65).contains(&(more.len() as f64 / n)), "60%");
+        assert!(
+            third.iter().all(|c| more.contains(c)),
+            "who came back stays"
+        );
+        tokio::time::advance(Duration::from_secs(4)).await;
+        assert_eq!(back_at(&balancer), on_c, "full weight: all of them");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_ramp_under_way_goes_on_after_a_reload() {
+        let servers = [(A, 1), (B, 1)];
+        let old = ramping(BalanceKind::RoundRobin, &servers, 1);
+        tokio::time::advance(Duration::from_secs(3)).await;
+        let mut cfg = upstream(BalanceKind::RoundRobin, &servers);
+        cfg.slow_start = SLOW_START;
+        let new = balancer(&cfg);
+        new.backends()[1].inherit_admin(&old.backends()[1]);
+        let share = new.backends()[1].ramp(Instant::now()).unwrap();
+        assert!((share - 0.3).abs() < 1e-6, "3 s of 10 s: {share}");
+        assert_eq!(new.backends()[0].ramp(Instant::now()), None);
+        tokio::time::advance(Duration::from_secs(7)).await;
+        assert_eq!(new.backends()[1].ramp(Instant::now()), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn slow_start_begins_when_health_brings_a_server_back() {
+        let mut cfg = upstream(BalanceKind::RoundRobin, &[(A, 1)]);
+        cfg.slow_start = SLOW_START;
+        let balancer = balancer(&cfg);
+        let b = &balancer.backends()[0];
+        assert_eq!(
+            b.ramp(Instant::now()),
+            None,
+            "a server starts at full weight"
+        );
+        assert!(b.set_active_up(false));
+        assert!(b.set_active_up(true));
+        assert_eq!(
+            b.ramp(Instant::now()),
+            Some(0.05),
+            "probes' rise: from the floor"
+        );
+        tokio::time::advance(SLOW_START).await;
+        assert_eq!(b.ramp(Instant::now()), None);
+
+        while !b.health.record_failure(Instant::now()) {}
+        b.record_success();
+        tokio::time::advance(SLOW_START / 2).await;
+        assert_eq!(
+            b.ramp(Instant::now()),
+            Some(0.5),
+            "passive recovery ramps too"
+        );
+        b.record_success();
+        assert_eq!(
+            b.ramp(Instant::now()),
+            Some(0.5),
+            "a success while up starts nothing"
+        );
+
+        // Without slow_start nothing ramps.
+        let plain = self::balancer(&upstream(BalanceKind::RoundRobin, &[(A, 1)]));
+        let p = &plain.backends()[0];
+        assert!(p.drain() && p.enable());
+        assert_eq!(p.ramp(Instant::now()), None);
+        assert_eq!(p.effective_weight(Instant::now()), 1000);
     }
 }

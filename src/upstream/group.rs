@@ -73,7 +73,8 @@ impl UpstreamGroup {
                 if let (Some(old), Some(_)) = (old, &u.health) {
                     health.inherit_active(&old.health);
                 }
-                let backend = Backend::with_pools(server.weight, health, u.pool.clone(), pools);
+                let backend = Backend::with_pools(server.weight, health, u.pool.clone(), pools)
+                    .with_slow_start(u.slow_start);
                 // Drained or re-weighted by the admin API: still so after the reload, whatever
                 // else changed.
                 let same_server = previous
