@@ -97,7 +97,9 @@ impl Server {
             source: config.source.clone(),
             started: config.clone(),
             health_checks: Mutex::new(health_checks),
+            resolving: Mutex::new(None),
         });
+        *crate::sync::lock(&control.resolving) = Some(crate::control::resolve::spawn(&control));
         let bind_error = |what: &'static str, addr: SocketAddr| {
             move |source| StartError::Bind { what, addr, source }
         };
@@ -228,6 +230,9 @@ impl Server {
             warn!(timeout = ?self.shutdown_timeout, "shutdown_timeout passed with requests still in flight");
         }
         crate::sync::lock(&self.control.health_checks).clear();
+        if let Some(task) = crate::sync::lock(&self.control.resolving).take() {
+            task.abort();
+        }
         self.control.current.load().proxy.close_idle();
         info!("stopped");
     }

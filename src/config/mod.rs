@@ -15,6 +15,7 @@
 //! [`pem`] the PEM files upstream TLS names (read at load time, so a bad file is a problem
 //! with its line), [`timeline`] what `kaproxy check` prints.
 
+pub mod dns;
 mod error;
 pub mod pem;
 mod raw;
@@ -175,6 +176,17 @@ pub struct Config {
     pub buffering: BufferingConfig,
     /// `[demo]`: built-in Apache-like backends started before serving (development only).
     pub demo: Option<DemoConfig>,
+    /// `[resolver]`: the DNS servers that resolve server names.
+    pub resolver: ResolverConfig,
+}
+
+/// `[resolver]`: which DNS servers resolve the names in `servers` (at load and, with
+/// `resolve`, at run time); empty: the system's (getaddrinfo at load, `/etc/resolv.conf` at
+/// run time).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ResolverConfig {
+    pub servers: Vec<SocketAddr>,
 }
 
 /// `[listen]`. An address written as "" or left out disables that listener.
@@ -273,6 +285,8 @@ impl BalanceKind {
 pub struct ServerConfig {
     pub addr: SocketAddr,
     pub weight: u32,
+    /// The host name as written, when it is not an IP address: what `resolve` looks up again.
+    pub name: Option<String>,
 }
 
 /// `[upstreams.NAME]`: one named group of backends and how kaproxy pools connections to them.
@@ -296,6 +310,8 @@ pub struct UpstreamConfig {
     /// A server that comes back up or is enabled ramps to its full weight over this; zero:
     /// at once (nginx's `slow_start`, HAProxy's `slowstart`).
     pub slow_start: Duration,
+    /// How often the servers' names are resolved again at run time; zero: once, at load.
+    pub resolve: Duration,
     pub health: Option<HealthConfig>,
     /// Passive health, resolved at load from `health` or the defaults.
     pub passive: PassiveHealth,

@@ -15,15 +15,15 @@ use serde::Deserialize;
 use super::{
     default_idle_timeout, AdminConfig, BalanceKind, BufferConfig, BufferingConfig, Config,
     DemoConfig, DownstreamConfig, ForwardedConfig, HealthConfig, HostMatch, ListenConfig,
-    LogConfig, PassiveHealth, PoolConfig, Problem, RetryConfig, RouteConfig, RuntimeConfig,
-    ServerConfig, TlsConfig, UpstreamConfig, UpstreamTlsConfig, DEFAULT_ACQUIRE_TIMEOUT,
-    DEFAULT_CONNECT_TIMEOUT, DEFAULT_IP_HASH_PREFIX_V4, DEFAULT_IP_HASH_PREFIX_V6,
-    DEFAULT_KEEPALIVE_TIMEOUT, DEFAULT_MAX_CONNECTIONS_PER_SERVER, DEFAULT_MAX_IDLE_PER_SERVER,
-    DEFAULT_MAX_LIFETIME, DEFAULT_MAX_REQUEST_BODY_BYTES, DEFAULT_MAX_RESPONSE_SPILL_BYTES,
-    DEFAULT_MAX_RETRIES, DEFAULT_REQUEST_BUFFER_BYTES, DEFAULT_RESPONSE_BUFFER_BYTES,
-    DEFAULT_RESPONSE_TIMEOUT, DEFAULT_RETRY_BACKOFF, DEFAULT_SAFETY_MARGIN,
-    DEFAULT_TUNNEL_IDLE_TIMEOUT, DEFAULT_UPGRADE_PROTOCOLS, DEFAULT_UPSTREAM_MAX_REQUESTS,
-    DEFAULT_UPSTREAM_TCP_KEEPALIVE, DEFAULT_WEIGHT,
+    LogConfig, PassiveHealth, PoolConfig, Problem, ResolverConfig, RetryConfig, RouteConfig,
+    RuntimeConfig, ServerConfig, TlsConfig, UpstreamConfig, UpstreamTlsConfig,
+    DEFAULT_ACQUIRE_TIMEOUT, DEFAULT_CONNECT_TIMEOUT, DEFAULT_IP_HASH_PREFIX_V4,
+    DEFAULT_IP_HASH_PREFIX_V6, DEFAULT_KEEPALIVE_TIMEOUT, DEFAULT_MAX_CONNECTIONS_PER_SERVER,
+    DEFAULT_MAX_IDLE_PER_SERVER, DEFAULT_MAX_LIFETIME, DEFAULT_MAX_REQUEST_BODY_BYTES,
+    DEFAULT_MAX_RESPONSE_SPILL_BYTES, DEFAULT_MAX_RETRIES, DEFAULT_REQUEST_BUFFER_BYTES,
+    DEFAULT_RESPONSE_BUFFER_BYTES, DEFAULT_RESPONSE_TIMEOUT, DEFAULT_RETRY_BACKOFF,
+    DEFAULT_SAFETY_MARGIN, DEFAULT_TUNNEL_IDLE_TIMEOUT, DEFAULT_UPGRADE_PROTOCOLS,
+    DEFAULT_UPSTREAM_MAX_REQUESTS, DEFAULT_UPSTREAM_TCP_KEEPALIVE, DEFAULT_WEIGHT,
 };
 
 // ---- The file as written ----
@@ -43,6 +43,7 @@ pub(super) struct RawConfig {
     log: LogConfig,
     buffering: BufferingConfig,
     demo: Option<DemoConfig>,
+    resolver: ResolverConfig,
 }
 
 /// `[upstreams.NAME]` as written: pool and retry keys sit flat in the table. `servers` has no
@@ -84,6 +85,8 @@ pub(super) struct RawUpstream {
     ip_hash_prefix_v6: u8,
     #[serde(with = "humantime_serde")]
     slow_start: Duration,
+    #[serde(with = "humantime_serde")]
+    resolve: Duration,
     request_buffer_bytes: usize,
     response_buffer_bytes: usize,
     request_buffering: bool,
@@ -131,6 +134,7 @@ impl Default for RawUpstream {
             ip_hash_prefix_v4: DEFAULT_IP_HASH_PREFIX_V4,
             ip_hash_prefix_v6: DEFAULT_IP_HASH_PREFIX_V6,
             slow_start: Duration::ZERO,
+            resolve: Duration::ZERO,
             request_buffer_bytes: DEFAULT_REQUEST_BUFFER_BYTES,
             response_buffer_bytes: DEFAULT_RESPONSE_BUFFER_BYTES,
             request_buffering: true,
@@ -245,6 +249,7 @@ impl RawUpstream {
             ip_hash_prefix_v4: self.ip_hash_prefix_v4,
             ip_hash_prefix_v6: self.ip_hash_prefix_v6,
             slow_start: self.slow_start,
+            resolve: self.resolve,
             passive: PassiveHealth::of(self.health.as_ref()),
             health: self.health,
             tls,
@@ -257,7 +262,7 @@ impl RawConfig {
     /// `tls = false`); keys set, lines not yet, as [`mod@super::validate`]'s.
     pub(super) fn into_config(self, path: &Path) -> (Config, Vec<Problem>) {
         let mut problems = Vec::new();
-        let upstreams = self
+        let mut upstreams: Vec<UpstreamConfig> = self
             .upstreams
             .into_iter()
             .map(|(name, raw)| {
@@ -265,6 +270,7 @@ impl RawConfig {
                 raw.into_upstream(name)
             })
             .collect();
+        problems.extend(resolve_names(&mut upstreams, &self.resolver));
         let config = Config {
             source: Some(path.to_path_buf()),
             listen: self.listen,
@@ -278,17 +284,91 @@ impl RawConfig {
             log: self.log,
             buffering: self.buffering,
             demo: self.demo,
+            resolver: self.resolver,
         };
         (config, problems)
     }
+}
+
+/// The servers' host names resolved, each to its first address: by the `[resolver] servers`
+/// when there are some (what getaddrinfo found is replaced), else by getaddrinfo, whose
+/// failures are reported here, with the server's key.
+fn resolve_names(upstreams: &mut [UpstreamConfig], resolver: &ResolverConfig) -> Vec<Problem> {
+    let mut problems = Vec::new();
+    let named: Vec<(usize, usize, String)> = upstreams
+        .iter()
+        .enumerate()
+        .flat_map(|(u, up)| {
+            up.servers
+                .iter()
+                .enumerate()
+                .filter_map(move |(s, server)| Some((u, s, server.name.clone()?)))
+        })
+        .collect();
+    if named.is_empty() {
+        return problems;
+    }
+    let found: Vec<Result<IpAddr, String>> = if resolver.servers.is_empty() {
+        named
+            .iter()
+            .map(|(u, s, name)| {
+                let addr = upstreams[*u].servers[*s].addr;
+                if addr.ip().is_unspecified() {
+                    resolve(&format!("{name}:{}", addr.port())).map(|a| a.ip())
+                } else {
+                    Ok(addr.ip())
+                }
+            })
+            .collect()
+    } else {
+        let names: Vec<String> = named.iter().map(|(_, _, n)| n.clone()).collect();
+        super::dns::resolve_blocking(&resolver.servers, &names)
+    };
+    for ((u, s, _), found) in named.into_iter().zip(found) {
+        let upstream = &mut upstreams[u];
+        match found {
+            Ok(ip) => upstream.servers[s].addr.set_ip(ip),
+            Err(reason) => problems.push(
+                Problem::new(format!("upstreams.{}.servers[{s}]", upstream.name), reason)
+                    .fix("check the name, or write the server's IP address"),
+            ),
+        }
+    }
+    problems
+}
+
+/// `"host:port"` as a server: an IP address as is; a host name resolved by getaddrinfo (or
+/// left unspecified, `0.0.0.0:port`, when that fails: [`resolve_names`] decides, since the
+/// `[resolver]` table may name other DNS servers), with the name kept for `resolve`.
+fn server_addr(s: &str) -> Result<(SocketAddr, Option<String>), String> {
+    if let Ok(addr) = s.parse::<SocketAddr>() {
+        return Ok((addr, None));
+    }
+    let Some((host, port)) = s.rsplit_once(':') else {
+        return Err(format!(r#"expected "host:port", got {s:?}"#));
+    };
+    let Ok(port) = port.parse::<u16>() else {
+        return Err(format!(r#"expected "host:port", got {s:?}"#));
+    };
+    if host.is_empty() {
+        return Err(format!(r#"expected "host:port", got {s:?}"#));
+    }
+    let addr = resolve(s).unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], port)));
+    Ok((addr, Some(host.to_string())))
+}
+
+fn server_addr_field<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<(SocketAddr, Option<String>), D::Error> {
+    parse_str(d, server_addr)
 }
 
 /// The table form of a server, `{ addr = "host:port", weight = N }`.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawServerTable {
-    #[serde(deserialize_with = "addr")]
-    addr: SocketAddr,
+    #[serde(deserialize_with = "server_addr_field")]
+    addr: (SocketAddr, Option<String>),
     #[serde(default = "default_weight")]
     weight: u32,
 }
@@ -308,17 +388,19 @@ impl<'de> Deserialize<'de> for ServerConfig {
                 f.write_str(r#""host:port" or { addr = "host:port", weight = N }"#)
             }
             fn visit_str<E: de::Error>(self, s: &str) -> Result<ServerConfig, E> {
-                let addr = resolve(s).map_err(E::custom)?;
+                let (addr, name) = server_addr(s).map_err(E::custom)?;
                 Ok(ServerConfig {
                     addr,
                     weight: DEFAULT_WEIGHT,
+                    name,
                 })
             }
             fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<ServerConfig, A::Error> {
                 let t = RawServerTable::deserialize(de::value::MapAccessDeserializer::new(map))?;
                 Ok(ServerConfig {
-                    addr: t.addr,
+                    addr: t.addr.0,
                     weight: t.weight,
+                    name: t.addr.1,
                 })
             }
         }

@@ -846,3 +846,53 @@ fn slow_start_is_off_by_default_and_read_as_a_duration() {
         (Some(5), "upstreams.web.slow_start")
     );
 }
+
+#[test]
+fn server_names_are_kept_for_resolve_and_ip_addresses_are_not_names() {
+    let src = "[listen]\nhttp = \"127.0.0.1:8080\"\n[upstreams.web]\n\
+               servers = [\"localhost:8081\", { addr = \"127.0.0.1:8082\", weight = 2 }, \"[::1]:8083\"]\n\
+               resolve = \"30s\"\n";
+    let c = parse(src).unwrap();
+    let web = &c.upstreams[0];
+    assert_eq!(web.resolve, Duration::from_secs(30));
+    assert_eq!(web.servers[0].name.as_deref(), Some("localhost"));
+    assert!(web.servers[0].addr.ip().is_loopback());
+    assert_eq!(web.servers[0].addr.port(), 8081);
+    assert_eq!(
+        (web.servers[1].name.as_deref(), web.servers[1].weight),
+        (None, 2)
+    );
+    assert_eq!(web.servers[2].name, None);
+    assert_eq!(c.resolver.servers, Vec::<SocketAddr>::new());
+    assert_eq!(
+        parse(&src.replace("resolve = \"30s\"\n", ""))
+            .unwrap()
+            .upstreams[0]
+            .resolve,
+        Duration::ZERO
+    );
+}
+
+#[test]
+fn a_name_nobody_resolves_and_a_bad_resolver_name_their_lines() {
+    // RFC 6761 §6.4: .invalid never resolves.
+    let src = "[listen]\nhttp = \"127.0.0.1:8080\"\n[upstreams.web]\n\
+               servers = [\"127.0.0.1:8081\", \"nowhere.invalid:80\"]\n";
+    let p = problems(src);
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!(
+        (p[0].line, p[0].key.as_str()),
+        (Some(4), "upstreams.web.servers[1]")
+    );
+    assert!(p[0].message.contains("nowhere.invalid"), "{}", p[0]);
+
+    let p = problems(&format!(
+        "{}\n[resolver]\nservers = [\"not-an-address\"]\n",
+        src.replace("nowhere.invalid:80", "127.0.0.1:8082")
+    ));
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!(
+        (p[0].line, p[0].key.as_str()),
+        (Some(7), "resolver.servers[0]")
+    );
+}

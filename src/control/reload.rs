@@ -50,6 +50,8 @@ pub struct Control {
     pub(crate) source: Option<PathBuf>,
     pub(crate) started: Config,
     pub(crate) health_checks: Mutex<Vec<ActiveChecks>>,
+    /// The task that re-resolves server names (`resolve`; [`crate::control::resolve`]).
+    pub(crate) resolving: Mutex<Option<tokio::task::AbortHandle>>,
 }
 
 impl Control {

@@ -344,6 +344,7 @@ mod tests {
                 .map(|&(addr, weight)| ServerConfig {
                     addr: addr.parse().unwrap(),
                     weight,
+                    name: None,
                 })
                 .collect(),
             pool: PoolConfig::default(),
@@ -355,6 +356,7 @@ mod tests {
             ip_hash_prefix_v4: 32,
             ip_hash_prefix_v6: 64,
             slow_start: Duration::ZERO,
+            resolve: Duration::ZERO,
             health: None,
             passive: PassiveHealth::default(),
             tls: None,

@@ -21,6 +21,7 @@ mod proxying;
 mod race;
 mod reload;
 mod replay;
+mod resolve;
 mod rolling;
 mod sni;
 mod support;
