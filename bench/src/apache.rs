@@ -32,6 +32,13 @@ pub struct ApacheArgs {
     /// GET and for POST (the request body is read whole first).
     #[arg(long = "file", value_name = "NAME=BYTES", value_parser = parse_file)]
     files: Vec<(String, u64)>,
+    /// A CGI script NAME.cgi=DELAY in htdocs (repeatable) that sleeps DELAY (e.g. 50ms), then
+    /// answers: a page whose work holds a worker (bench/balance.sh's slow server).
+    #[arg(long = "cgi", value_name = "NAME=DELAY", value_parser = parse_cgi)]
+    cgi: Vec<(String, Duration)>,
+    /// Sent back as `X-Backend` (and in `GET /`).
+    #[arg(long, default_value = "slow")]
+    name: String,
     /// Write the address Apache listens on (127.0.0.1:PORT) to this file once it accepts.
     #[arg(long)]
     addr_file: Option<PathBuf>,
@@ -48,11 +55,18 @@ fn parse_file(s: &str) -> Result<(String, u64), String> {
     Ok((name.trim().to_string(), len))
 }
 
+fn parse_cgi(s: &str) -> Result<(String, Duration), String> {
+    let (name, delay) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected NAME.cgi=DELAY, got {s:?}"))?;
+    Ok((name.trim().to_string(), args::parse_duration(delay.trim())?))
+}
+
 pub async fn run(a: ApacheArgs) -> anyhow::Result<()> {
     if !kaproxy_testkit::apache::apache_installed() {
         bail!("Apache is not installed (/usr/sbin/apache2): apt-get install -y apache2");
     }
-    let mut opts = ApacheOptions::new("slow")
+    let mut opts = ApacheOptions::new(&a.name)
         .keep_alive_timeout(a.keepalive)
         .max_keep_alive_requests(a.max_keepalive_requests)
         .timeout(a.timeout);
@@ -61,6 +75,9 @@ pub async fn run(a: ApacheArgs) -> anyhow::Result<()> {
     }
     for (name, len) in &a.files {
         opts = opts.file(name, *len);
+    }
+    for (name, delay) in &a.cgi {
+        opts = opts.cgi(name, *delay);
     }
     // Signals are caught before Apache starts, so a SIGTERM during the start is not lost.
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;

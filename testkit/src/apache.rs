@@ -97,6 +97,9 @@ pub struct ApacheOptions {
     /// Files written into htdocs besides the built-in ones: (name, length in bytes), each with
     /// the content of [`file_content`] (see [`ApacheOptions::file`]).
     pub files: Vec<(String, u64)>,
+    /// CGI scripts written into htdocs: (name ending in `.cgi`, how long each run sleeps before
+    /// it answers) (see [`ApacheOptions::cgi`]).
+    pub cgi: Vec<(String, Duration)>,
 }
 
 impl ApacheOptions {
@@ -113,7 +116,16 @@ impl ApacheOptions {
             prefork_workers: None,
             timeout: Duration::from_secs(DEFAULT_TIMEOUT_SECS),
             files: Vec::new(),
+            cgi: Vec::new(),
         }
+    }
+
+    /// A CGI script at `/NAME` (NAME ends in `.cgi`) that sleeps `delay`, then answers 200
+    /// with a short text body: a page whose work holds one of Apache's workers for `delay`, as
+    /// a slow PHP or CGI page does (mod_cgi under prefork, mod_cgid under event).
+    pub fn cgi(mut self, name: &str, delay: Duration) -> Self {
+        self.cgi.push((name.to_string(), delay));
+        self
     }
 
     /// The prefork MPM (`LoadModule mpm_prefork_module`, as Debian runs Apache with mod_php)
@@ -396,6 +408,24 @@ impl Apache {
             }
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644))?;
         }
+        for (name, delay) in &self.opts.cgi {
+            if !name.ends_with(".cgi") || name.contains('/') || name.starts_with('.') {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!("CGI name {name:?}: a plain file name ending in .cgi is expected"),
+                ));
+            }
+            let path = htdocs.join(name);
+            std::fs::write(
+                &path,
+                format!(
+                    "#!/bin/sh\nsleep {:.3}\nprintf 'Content-Type: text/plain\\r\\n\\r\\n{} done\\n'\n",
+                    delay.as_secs_f64(),
+                    self.opts.name
+                ),
+            )?;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
+        }
         // Apache's children run as www-data when started by root and must read these.
         for (path, mode) in [
             (root.to_path_buf(), 0o755),
@@ -439,6 +469,15 @@ impl Apache {
             "env",
         ] {
             writeln!(conf, "LoadModule {module}_module {m}/mod_{module}.so").unwrap();
+        }
+        if !self.opts.cgi.is_empty() {
+            // mod_cgid (a daemon that forks the scripts) is the one for threaded MPMs.
+            let cgi = if self.opts.prefork_workers.is_some() { "cgi" } else { "cgid" };
+            writeln!(conf, "LoadModule {cgi}_module {m}/mod_{cgi}.so").unwrap();
+            if cgi == "cgid" {
+                writeln!(conf, "ScriptSock \"{r}/run/cgisock\"").unwrap();
+            }
+            writeln!(conf, "AddHandler cgi-script .cgi").unwrap();
         }
         if let Some((cert, key)) = &self.opts.tls {
             // mod_ssl reads the certificate and key in the parent, before it drops to
@@ -498,7 +537,7 @@ MaxKeepAliveRequests {max}
 DocumentRoot "{r}/htdocs"
 <Directory "{r}/htdocs">
     Require all granted
-</Directory>
+{options}</Directory>
 DirectoryIndex index.html
 TypesConfig /etc/mime.types
 Header always set X-Backend "{name}"
@@ -522,6 +561,7 @@ Header always set X-Seen-Connection "expr=%{{req:Connection}}"
             timeout = self.opts.timeout.as_secs().max(1),
             max = self.opts.max_keep_alive_requests,
             name = self.opts.name,
+            options = if self.opts.cgi.is_empty() { "" } else { "    Options +ExecCGI\n" },
         )
         .unwrap();
         let path = root.join("httpd.conf");
