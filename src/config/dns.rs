@@ -7,7 +7,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use hickory_resolver::config::{
-    ConnectionConfig, NameServerConfig, ResolveHosts, ResolverConfig as HickoryConfig,
+    ConnectionConfig, LookupIpStrategy, NameServerConfig, ResolveHosts,
+    ResolverConfig as HickoryConfig,
 };
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::TokioResolver;
@@ -64,12 +65,15 @@ impl Dns {
         };
         builder.options_mut().timeout = DNS_TIMEOUT;
         builder.options_mut().attempts = 2;
+        // A and AAAA both, every address a backend (README, `servers`).
+        builder.options_mut().ip_strategy = LookupIpStrategy::Ipv4AndIpv6;
         let resolver = builder.build().map_err(|e| setup(&e))?;
         Ok(Dns { resolver })
     }
 
-    /// The first address `name` resolves to (A, then AAAA, as getaddrinfo orders them).
-    pub async fn lookup(&self, name: &str) -> Result<IpAddr, DnsError> {
+    /// Every address `name` resolves to (its A and AAAA records), sorted, each once; no
+    /// address at all is an error too.
+    pub async fn lookup(&self, name: &str) -> Result<Vec<IpAddr>, DnsError> {
         let found = self
             .resolver
             .lookup_ip(name)
@@ -78,16 +82,23 @@ impl Dns {
                 name: name.to_string(),
                 reason: e.to_string(),
             })?;
-        found.iter().next().ok_or_else(|| DnsError::NoAddress {
-            name: name.to_string(),
-        })
+        let ips = super::expand::sorted(found.iter());
+        if ips.is_empty() {
+            return Err(DnsError::NoAddress {
+                name: name.to_string(),
+            });
+        }
+        Ok(ips)
     }
 }
 
 /// Resolves `names` against `servers` from synchronous code (loading a config, at start or
 /// on the blocking pool at reload): on a thread of its own with a runtime of its own, so that
 /// it works whether or not the caller is inside one. One result per name, in order.
-pub fn resolve_blocking(servers: &[SocketAddr], names: &[String]) -> Vec<Result<IpAddr, String>> {
+pub fn resolve_blocking(
+    servers: &[SocketAddr],
+    names: &[String],
+) -> Vec<Result<Vec<IpAddr>, String>> {
     let all_failed = |reason: String| names.iter().map(|_| Err(reason.clone())).collect();
     std::thread::scope(|scope| {
         let lookups = scope.spawn(|| {

@@ -17,6 +17,7 @@
 
 pub mod dns;
 mod error;
+pub mod expand;
 pub mod pem;
 mod raw;
 mod timeline;
@@ -32,7 +33,7 @@ use raw::{
 use validate::validate;
 
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -279,14 +280,26 @@ impl BalanceKind {
     }
 }
 
-/// One backend of an upstream group: `"host:port"` or `{ addr = "host:port", weight = N }`
-/// in the file; the host name is resolved at load time (first address).
-#[derive(Debug, Clone)]
+/// One backend of an upstream group: one address of a [`ServerEntry`] (a name with several
+/// A/AAAA records is several backends, see [`expand::expand`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerConfig {
     pub addr: SocketAddr,
     pub weight: u32,
+    /// The host name of its entry, when that is not an IP address.
+    pub name: Option<String>,
+}
+
+/// One entry of `servers` as written: `"host:port"` or `{ addr = "host:port", weight = N }`,
+/// with the addresses its host stands for — the IP address written, or every address the name
+/// resolved to last (at load, then every `resolve`), sorted and without repeats.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerEntry {
     /// The host name as written, when it is not an IP address: what `resolve` looks up again.
     pub name: Option<String>,
+    pub port: u16,
+    pub weight: u32,
+    pub ips: Vec<IpAddr>,
 }
 
 /// `[upstreams.NAME]`: one named group of backends and how kaproxy pools connections to them.
@@ -294,6 +307,9 @@ pub struct ServerConfig {
 pub struct UpstreamConfig {
     pub name: String,
     pub balance: BalanceKind,
+    /// `servers` as written, each with its addresses.
+    pub entries: Vec<ServerEntry>,
+    /// The backends: [`expand::expand`] of `entries` (one per address, first of repeats kept).
     pub servers: Vec<ServerConfig>,
     pub pool: PoolConfig,
     pub retry: RetryConfig,

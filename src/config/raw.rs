@@ -16,7 +16,7 @@ use super::{
     default_idle_timeout, AdminConfig, BalanceKind, BufferConfig, BufferingConfig, Config,
     DemoConfig, DownstreamConfig, ForwardedConfig, HealthConfig, HostMatch, ListenConfig,
     LogConfig, PassiveHealth, PoolConfig, Problem, ResolverConfig, RetryConfig, RouteConfig,
-    RuntimeConfig, ServerConfig, TlsConfig, UpstreamConfig, UpstreamTlsConfig,
+    RuntimeConfig, ServerEntry, TlsConfig, UpstreamConfig, UpstreamTlsConfig,
     DEFAULT_ACQUIRE_TIMEOUT, DEFAULT_CONNECT_TIMEOUT, DEFAULT_IP_HASH_PREFIX_V4,
     DEFAULT_IP_HASH_PREFIX_V6, DEFAULT_KEEPALIVE_TIMEOUT, DEFAULT_MAX_CONNECTIONS_PER_SERVER,
     DEFAULT_MAX_IDLE_PER_SERVER, DEFAULT_MAX_LIFETIME, DEFAULT_MAX_REQUEST_BODY_BYTES,
@@ -52,7 +52,7 @@ pub(super) struct RawConfig {
 #[serde(default, deny_unknown_fields)]
 pub(super) struct RawUpstream {
     balance: BalanceKind,
-    servers: Vec<ServerConfig>,
+    servers: Vec<ServerEntry>,
     #[serde(with = "humantime_serde")]
     keepalive_timeout: Duration,
     /// None when the file leaves it out: then derived from keepalive_timeout (see
@@ -207,7 +207,9 @@ impl RawUpstream {
         UpstreamConfig {
             name,
             balance: self.balance,
-            servers: self.servers,
+            entries: self.servers,
+            // Filled by resolve_names, once the names have addresses.
+            servers: Vec::new(),
             pool: PoolConfig {
                 keepalive_timeout: self.keepalive_timeout,
                 idle_timeout: self.idle_timeout.unwrap_or_else(|| {
@@ -290,35 +292,28 @@ impl RawConfig {
     }
 }
 
-/// The servers' host names resolved, each to its first address: by the `[resolver] servers`
-/// when there are some (what getaddrinfo found is replaced), else by getaddrinfo, whose
-/// failures are reported here, with the server's key.
+/// The servers' host names resolved, each to all its addresses: by the `[resolver] servers`
+/// when there are some, else by getaddrinfo; a name that does not resolve is reported with
+/// its server's key. Then each upstream's backends are its entries expanded
+/// ([`super::expand`]), an address listed twice logged as a warning.
 fn resolve_names(upstreams: &mut [UpstreamConfig], resolver: &ResolverConfig) -> Vec<Problem> {
     let mut problems = Vec::new();
     let named: Vec<(usize, usize, String)> = upstreams
         .iter()
         .enumerate()
         .flat_map(|(u, up)| {
-            up.servers
+            up.entries
                 .iter()
                 .enumerate()
-                .filter_map(move |(s, server)| Some((u, s, server.name.clone()?)))
+                .filter_map(move |(s, entry)| Some((u, s, entry.name.clone()?)))
         })
         .collect();
-    if named.is_empty() {
-        return problems;
-    }
-    let found: Vec<Result<IpAddr, String>> = if resolver.servers.is_empty() {
+    let found: Vec<Result<Vec<IpAddr>, String>> = if named.is_empty() {
+        Vec::new()
+    } else if resolver.servers.is_empty() {
         named
             .iter()
-            .map(|(u, s, name)| {
-                let addr = upstreams[*u].servers[*s].addr;
-                if addr.ip().is_unspecified() {
-                    resolve(&format!("{name}:{}", addr.port())).map(|a| a.ip())
-                } else {
-                    Ok(addr.ip())
-                }
-            })
+            .map(|(u, s, name)| resolve_all(name, upstreams[*u].entries[*s].port))
             .collect()
     } else {
         let names: Vec<String> = named.iter().map(|(_, _, n)| n.clone()).collect();
@@ -327,19 +322,38 @@ fn resolve_names(upstreams: &mut [UpstreamConfig], resolver: &ResolverConfig) ->
     for ((u, s, _), found) in named.into_iter().zip(found) {
         let upstream = &mut upstreams[u];
         match found {
-            Ok(ip) => upstream.servers[s].addr.set_ip(ip),
+            Ok(ips) => upstream.entries[s].ips = ips,
             Err(reason) => problems.push(
                 Problem::new(format!("upstreams.{}.servers[{s}]", upstream.name), reason)
                     .fix("check the name, or write the server's IP address"),
             ),
         }
     }
+    for upstream in upstreams {
+        let (servers, duplicates) = super::expand::expand(&upstream.entries);
+        for d in duplicates {
+            tracing::warn!(upstream = %upstream.name, server = %d.addr, kept = d.kept, dropped = d.dropped,
+                "servers: an address listed twice is one backend, the first entry's (servers[kept])");
+        }
+        upstream.servers = servers;
+    }
     problems
 }
 
-/// `"host:port"` as a server: an IP address as is; a host name resolved by getaddrinfo (or
-/// left unspecified, `0.0.0.0:port`, when that fails: [`resolve_names`] decides, since the
-/// `[resolver]` table may name other DNS servers), with the name kept for `resolve`.
+/// Every address getaddrinfo gives `name` (sorted, each once).
+fn resolve_all(name: &str, port: u16) -> Result<Vec<IpAddr>, String> {
+    let found = (name, port)
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve {name:?}: {e}"))?;
+    let ips = super::expand::sorted(found.map(|a| a.ip()));
+    if ips.is_empty() {
+        return Err(format!("{name:?} resolves to no address"));
+    }
+    Ok(ips)
+}
+
+/// `"host:port"` as a server: an IP address as is; a host name kept for [`resolve_names`]
+/// (which decides how: the `[resolver]` table may name other DNS servers) and for `resolve`.
 fn server_addr(s: &str) -> Result<(SocketAddr, Option<String>), String> {
     if let Ok(addr) = s.parse::<SocketAddr>() {
         return Ok((addr, None));
@@ -353,8 +367,10 @@ fn server_addr(s: &str) -> Result<(SocketAddr, Option<String>), String> {
     if host.is_empty() {
         return Err(format!(r#"expected "host:port", got {s:?}"#));
     }
-    let addr = resolve(s).unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], port)));
-    Ok((addr, Some(host.to_string())))
+    Ok((
+        SocketAddr::from(([0, 0, 0, 0], port)),
+        Some(host.to_string()),
+    ))
 }
 
 fn server_addr_field<'de, D: Deserializer<'de>>(
@@ -379,32 +395,39 @@ pub(super) fn default_weight() -> u32 {
 
 /// A string or a table; written by hand rather than `#[serde(untagged)]` so that a bad entry
 /// gets the real reason (unknown key, unresolvable host) instead of "did not match any variant".
-impl<'de> Deserialize<'de> for ServerConfig {
+impl<'de> Deserialize<'de> for ServerEntry {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         struct ServerVisitor;
         impl<'de> Visitor<'de> for ServerVisitor {
-            type Value = ServerConfig;
+            type Value = ServerEntry;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
                 f.write_str(r#""host:port" or { addr = "host:port", weight = N }"#)
             }
-            fn visit_str<E: de::Error>(self, s: &str) -> Result<ServerConfig, E> {
-                let (addr, name) = server_addr(s).map_err(E::custom)?;
-                Ok(ServerConfig {
-                    addr,
-                    weight: DEFAULT_WEIGHT,
-                    name,
-                })
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<ServerEntry, E> {
+                let addr = server_addr(s).map_err(E::custom)?;
+                Ok(entry(addr, DEFAULT_WEIGHT))
             }
-            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<ServerConfig, A::Error> {
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<ServerEntry, A::Error> {
                 let t = RawServerTable::deserialize(de::value::MapAccessDeserializer::new(map))?;
-                Ok(ServerConfig {
-                    addr: t.addr.0,
-                    weight: t.weight,
-                    name: t.addr.1,
-                })
+                Ok(entry(t.addr, t.weight))
             }
         }
         deserializer.deserialize_any(ServerVisitor)
+    }
+}
+
+/// An entry of `servers`: an IP address stands for itself; a name for nothing until
+/// [`resolve_names`] looks it up.
+fn entry((addr, name): (SocketAddr, Option<String>), weight: u32) -> ServerEntry {
+    let ips = match name {
+        Some(_) => Vec::new(),
+        None => vec![addr.ip()],
+    };
+    ServerEntry {
+        name,
+        port: addr.port(),
+        weight,
+        ips,
     }
 }
 

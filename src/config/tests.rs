@@ -855,14 +855,23 @@ fn server_names_are_kept_for_resolve_and_ip_addresses_are_not_names() {
     let c = parse(src).unwrap();
     let web = &c.upstreams[0];
     assert_eq!(web.resolve, Duration::from_secs(30));
-    assert_eq!(web.servers[0].name.as_deref(), Some("localhost"));
-    assert!(web.servers[0].addr.ip().is_loopback());
-    assert_eq!(web.servers[0].addr.port(), 8081);
+    // localhost: one backend per address getaddrinfo gives it (127.0.0.1, maybe ::1 too).
+    let local = web.entries[0].ips.len();
+    assert!(local >= 1);
+    assert_eq!(web.servers.len(), local + 2);
+    for s in &web.servers[..local] {
+        assert_eq!(s.name.as_deref(), Some("localhost"));
+        assert!(s.addr.ip().is_loopback());
+        assert_eq!(s.addr.port(), 8081);
+    }
     assert_eq!(
-        (web.servers[1].name.as_deref(), web.servers[1].weight),
+        (
+            web.servers[local].name.as_deref(),
+            web.servers[local].weight
+        ),
         (None, 2)
     );
-    assert_eq!(web.servers[2].name, None);
+    assert_eq!(web.servers[local + 1].name, None);
     assert_eq!(c.resolver.servers, Vec::<SocketAddr>::new());
     assert_eq!(
         parse(&src.replace("resolve = \"30s\"\n", ""))

@@ -84,14 +84,14 @@ pub(super) fn validate_downstream(d: &DownstreamConfig, out: &mut Vec<Problem>) 
 
 pub(super) fn validate_upstream(u: &UpstreamConfig, out: &mut Vec<Problem>) {
     let key = |k: &str| format!("upstreams.{}.{k}", u.name);
-    if u.servers.is_empty() {
+    if u.entries.is_empty() {
         out.push(
             Problem::new(key("servers"), "needs at least one server")
                 .fix(r#"set servers = ["127.0.0.1:8081"]"#),
         );
     }
-    for (i, server) in u.servers.iter().enumerate() {
-        if server.weight == 0 {
+    for (i, entry) in u.entries.iter().enumerate() {
+        if entry.weight == 0 {
             out.push(
                 Problem::new(
                     key(&format!("servers[{i}].weight")),

@@ -339,6 +339,7 @@ mod tests {
         UpstreamConfig {
             name: "web".to_string(),
             balance,
+            entries: Vec::new(),
             servers: servers
                 .iter()
                 .map(|&(addr, weight)| ServerConfig {
