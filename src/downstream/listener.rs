@@ -237,15 +237,18 @@ async fn handle(mut stream: TcpStream, on: Accepted, listening: Listening) {
         waiting: listening.waiting,
         limit: listening.limit,
     };
+    // Not held while serving: a connection kept alive must not keep an old generation (and
+    // the pools of servers a reload or `resolve` removed, with their idle connections) alive.
+    let tls = generation.tls.clone();
+    drop(generation);
     // Each branch is boxed, so a connection's task holds the state of its own protocol only
     // (the TLS handshake state made every plain connection's task 9 KiB; now ~0.5 KiB + serve).
     match kind {
         Kind::Http => Box::pin(conn::serve(io, false, ctx)).await,
         Kind::Https => {
-            let Some(tls) = generation.tls.clone() else {
+            let Some(tls) = tls else {
                 return;
             };
-            drop(generation);
             Box::pin(serve_tls(io, tls, ctx)).await;
         }
     }
