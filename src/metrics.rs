@@ -32,10 +32,13 @@ pub enum CloseReason {
     Surplus = 6,
     /// Idle, or back from its last request, while its server was drained (the admin API).
     Drained = 7,
+    /// Idle when its pool was let go: its server left the configuration (a reload, `resolve`)
+    /// or stayed with other pool settings, and the requests of the old configuration finished.
+    Removed = 8,
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 8] = [
+    pub const ALL: [CloseReason; 9] = [
         CloseReason::Idle,
         CloseReason::LearnedTimeout,
         CloseReason::Lifetime,
@@ -44,6 +47,7 @@ impl CloseReason {
         CloseReason::Error,
         CloseReason::Surplus,
         CloseReason::Drained,
+        CloseReason::Removed,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -56,6 +60,7 @@ impl CloseReason {
             CloseReason::Error => "error",
             CloseReason::Surplus => "surplus",
             CloseReason::Drained => "drained",
+            CloseReason::Removed => "removed",
         }
     }
 }

@@ -310,6 +310,12 @@ async fn a_name_with_several_records_is_several_backends_and_a_change_keeps_the_
         || two.stats().connections_open == 0,
     )
     .await;
+    assert_eq!(
+        removed_total(&server, two.addr()),
+        1.0,
+        "counted as removed:\n{}",
+        Metrics(server.metrics()).lines_of("kaproxy_upstream_connections_closed")
+    );
 
     // 127.0.0.4 goes while requests are in flight on it: they finish, as 200s.
     let accepted = || three.stats().connections_accepted + four.stats().connections_accepted;
@@ -360,9 +366,22 @@ async fn a_name_with_several_records_is_several_backends_and_a_change_keeps_the_
         || four.stats().connections_open == 0,
     )
     .await;
+    assert!(
+        removed_total(&server, four.addr()) >= 1.0,
+        "counted as removed"
+    );
     tokio::time::timeout(Duration::from_secs(10), server.shutdown())
         .await
         .expect("shutdown in time");
+}
+
+/// `kaproxy_upstream_connections_closed_total{reason="removed"}` of the server at `addr`.
+fn removed_total(server: &kaproxy::Server, addr: SocketAddr) -> f64 {
+    let addr = addr.to_string();
+    Metrics(server.metrics()).sum(
+        "kaproxy_upstream_connections_closed_total",
+        &[("server", addr.as_str()), ("reason", "removed")],
+    )
 }
 
 /// `kaproxy_upstream_connections_opened_total` of the server at `addr`.

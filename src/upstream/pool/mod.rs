@@ -576,7 +576,10 @@ impl<C: Connector> Pool<C> {
 }
 
 impl<C: Connector> Drop for Pool<C> {
+    /// The last holder let go (every request on it finished): a pool a reload or `resolve`
+    /// replaced. Its idle connections are closed here, counted, rather than dropped unseen.
     fn drop(&mut self) {
+        self.close_all_idle(CloseReason::Removed);
         if let Some(task) = crate::sync::lock(&self.sweeper).take() {
             task.abort();
         }

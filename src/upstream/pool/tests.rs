@@ -115,6 +115,19 @@ async fn draining_closes_idle_and_returning_connections_and_enable_pools_again()
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_pool_let_go_closes_its_idle_connections_once_its_requests_finished() {
+    let (pool, metrics) = unprobed_pool(cfg());
+    let busy = pool.acquire().await.unwrap();
+    pool.acquire_fresh().await.unwrap().release();
+    assert_eq!((pool.idle_count(), pool.in_flight()), (1, 1));
+    // A reload or `resolve` replaced it: the configuration's hold goes, the request's stays.
+    drop(pool);
+    assert_eq!(closed(&metrics, "removed"), 0, "a request still runs on it");
+    busy.release();
+    assert_eq!(closed(&metrics, "removed"), 2, "both closed, counted");
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_connection_whose_peer_closed_is_never_handed_out() {
     let (pool, metrics) = unprobed_pool(cfg());
     pool.acquire().await.unwrap().release();
