@@ -212,10 +212,9 @@ impl Proxy {
             }
         };
         let resend = Resend::new(&upstream.config.retry, &parts, &body);
-        let request = build_request(parts.method, parts.uri, parts.headers, body);
 
         // Phase 3: pick a server, connect, send; fail over and retry (retry.rs).
-        match Failover::new(&ctx).send(request, resend).await {
+        match Failover::new(&ctx).send(parts, body, resend).await {
             // Phase 4: response filter (response.rs); the access log line (log.rs) is written
             // when the body ends.
             Ok(sent) => self.respond(ctx, sent).await,

@@ -4,7 +4,7 @@
 //! The rule, stated once (it covers the keep-alive race, where a pooled connection is reused
 //! just as the backend closes it; README, "When a request is sent again"): a request is sent
 //! again only when no response byte came back, its body can be sent again (empty or buffered
-//! whole), and either hyper never wrote it (any method), or the method is idempotent with
+//! whole), and either not a byte of it was written (any method), or the method is idempotent with
 //! `retry_idempotent`, or — on a reused connection that was reset — the backend's TCP stack
 //! acknowledged none of its bytes, so it never reached the backend (any method;
 //! [`crate::upstream::delivery`]). A failed *reused* connection is retried once on a fresh
@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::request::Parts;
-use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
+use http::{Method, Response, StatusCode};
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
@@ -38,7 +38,7 @@ use crate::upstream::pool::Pool;
 use super::answer::{local_response, ProxyBody};
 use super::context::{RequestContext, ResponseDeadline};
 use super::response::Sent;
-use super::{build_request, UpstreamGroup};
+use super::UpstreamGroup;
 
 /// The retry back-off doubles up to this (README, `retry_backoff`: "doubling, capped at 1 s").
 pub(super) const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(1);
@@ -161,7 +161,8 @@ impl<'a> Failover<'a> {
 /// that is empty or buffered whole, and either an idempotent method with `retry_idempotent`
 /// or proof that the backend never received it.
 pub(super) struct Resend {
-    parts: Option<(Method, Uri, HeaderMap, UpstreamBody)>,
+    /// The body again, when it can be sent again (the head stays with the caller).
+    body: Option<UpstreamBody>,
     /// Idempotent, with `retry_idempotent`: may go again after any reset or close.
     idempotent: bool,
 }
@@ -169,34 +170,26 @@ pub(super) struct Resend {
 impl Resend {
     pub(super) fn new(retry: &RetryConfig, head: &Parts, body: &UpstreamBody) -> Resend {
         Resend {
-            parts: body.replay().map(|b| {
-                (
-                    head.method.clone(),
-                    head.uri.clone(),
-                    head.headers.clone(),
-                    b,
-                )
-            }),
+            body: body.replay(),
             idempotent: is_idempotent(&head.method) && retry.retry_idempotent,
         }
     }
 
     /// Whether its body can be sent again (empty or buffered whole).
     fn replayable(&self) -> bool {
-        self.parts.is_some()
+        self.body.is_some()
     }
 
-    /// The request built again (the rule decided it may go).
-    fn again(&self) -> Option<Request<UpstreamBody>> {
-        let (m, u, h, b) = self.parts.as_ref()?;
-        Some(build_request(m.clone(), u.clone(), h.clone(), b.replay()?))
+    /// The body again (the rule decided the request may go).
+    fn again(&self) -> Option<UpstreamBody> {
+        self.body.as_ref()?.replay()
     }
 }
 
 /// What may let a failed request be sent again, as far as the rule needs to know.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(super) struct Resendable {
-    /// hyper gave it back unwritten.
+    /// Not a byte of it was written.
     pub(super) unsent: bool,
     /// Idempotent with `retry_idempotent`, and its body can be sent again.
     pub(super) idempotent: bool,
@@ -325,15 +318,17 @@ pub(super) enum Failed {
 }
 
 impl Failover<'_> {
-    /// Picks a server, connects and sends `request`, until a response head comes back or the
-    /// rule of this module says stop.
+    /// Picks a server, connects and sends the request of `head` and `body`, until a response
+    /// head comes back or the rule of this module says stop. The head is written from the same
+    /// `Parts` on every attempt; only the body is made again.
     pub(super) async fn send(
         mut self,
-        request: Request<UpstreamBody>,
+        head: Parts,
+        body: UpstreamBody,
         resend: Resend,
     ) -> Result<Sent, Failed> {
         let upstream = self.group;
-        let mut request = Some(request);
+        let mut request = Some(body);
         let mut fresh_on: Option<Arc<Backend>> = None;
         let mut retried_reused = false;
         loop {
@@ -355,20 +350,21 @@ impl Failover<'_> {
                     .map_err(|answer| Failed::Answer(Box::new(answer)))?,
             };
             let pool = backend.pool();
-            let Some(req) = request.take() else {
+            let Some(body) = request.take() else {
                 unreachable!("an attempt is only made with a request to send");
             };
             let deadline = ResponseDeadline {
                 addr: pool.addr(),
                 limit: upstream.config.response_timeout,
             };
-            let streaming = req.body().streaming_sent();
+            let streaming = body.streaming_sent();
             let relieve = (!conn.is_reused()).then_some(&*backend);
             let sent = if streaming.is_none() && relieve.is_none() {
-                deadline.bound(conn.send(req)).await
+                deadline.bound(conn.send(&head, body)).await
             } else {
                 // Rare: boxed, to keep every request's future small.
-                let exchange = exchange_with_care(conn.send(req), deadline, streaming, relieve);
+                let exchange =
+                    exchange_with_care(conn.send(&head, body), deadline, streaming, relieve);
                 Box::pin(exchange).await
             };
             let (error, unsent, written) = match sent {

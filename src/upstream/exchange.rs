@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::{HeaderMap, Method, Request, Response};
+use http::{HeaderMap, Method, Response};
 use http_body::{Body, Frame, SizeHint};
 use hyper::client::conn::http1::SendRequest;
 use tokio::sync::OwnedSemaphorePermit;
@@ -28,8 +28,9 @@ use crate::upstream::wire::{poll_head, read_head, BodyState, Outgoing, WriteErro
 /// A send that failed before any response arrived.
 pub struct SendFailure {
     pub error: RequestError,
-    /// The request, when not a byte of it was written: safe to send again whatever the method.
-    pub unsent: Option<Request<UpstreamBody>>,
+    /// The request's body, when not a byte of the request was written: safe to send again,
+    /// whatever the method.
+    pub unsent: Option<UpstreamBody>,
     /// What of the request went to the socket, to ask whether the backend ever received it
     /// (once the connection is dropped; see [`crate::upstream::delivery`]).
     pub written: Option<Written>,
@@ -40,17 +41,18 @@ impl PooledConn<Http1> {
     /// settings from it. The caller bounds the wait with `response_timeout`. The request is
     /// written and the response read by the calling task ([`crate::upstream::wire`]); a body
     /// the backend answered before having all of it is written on as the response is read.
+    /// The head is borrowed: the caller keeps it for a retry, and only the body moves.
     pub async fn send(
         &mut self,
-        req: Request<UpstreamBody>,
+        parts: &http::request::Parts,
+        body: UpstreamBody,
     ) -> Result<Response<ResponseBody>, SendFailure> {
         let addr = self.addr();
-        let to_head = req.method() == Method::HEAD;
-        let (parts, body) = req.into_parts();
+        let to_head = parts.method == Method::HEAD;
         let (conn, requests) = self.connection();
         *requests += 1;
         let written = Written::from_now(&conn.delivery);
-        conn.outgoing = Some(Box::new(Outgoing::new(&parts, body)));
+        conn.outgoing = Some(Box::new(Outgoing::new(parts, body)));
         let mut write_failed = None;
         let head = poll_fn(|cx| exchange(conn, &mut write_failed, cx)).await;
         let failed = match head {
@@ -63,7 +65,7 @@ impl PooledConn<Http1> {
             },
             Err(failed) => failed.into_error(addr),
         };
-        let unsent = conn_unsent(self).map(|body| Request::from_parts(parts, body));
+        let unsent = conn_unsent(self);
         Err(SendFailure {
             error: failed,
             written: unsent.is_none().then_some(written),

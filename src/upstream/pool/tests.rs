@@ -526,7 +526,8 @@ async fn get(pool: &Arc<Pool>) -> Result<bool, RequestError> {
     crate::upstream::keep_alive::ask_keep_alive(req.headers_mut());
     req.headers_mut()
         .insert(http::header::HOST, http::HeaderValue::from_static("b"));
-    let resp = conn.send(req).await.map_err(|f| f.error)?;
+    let (parts, body) = req.into_parts();
+    let resp = conn.send(&parts, body).await.map_err(|f| f.error)?;
     assert_eq!(resp.status(), 200);
     let body = conn.attach(resp.into_body());
     body.collect().await.expect("body");
