@@ -63,7 +63,8 @@ cleanup() {
 trap cleanup EXIT
 ports_free 19190 19191
 
-# apache NAME DELAY: starts one, prints its address.
+# apache NAME DELAY: starts one, its address in ADDR. Not called in $(...): the PID must
+# reach this shell's PIDS, so that the run (and the exit trap) stops it.
 apache() {
     local name=$1 delay=$2 addr_file="$WORK/$1.addr"
     rm -f "$addr_file"
@@ -72,15 +73,15 @@ apache() {
     PIDS+=($!)
     for _ in $(seq 1 100); do [ -s "$addr_file" ] && break; sleep 0.1; done
     [ -s "$addr_file" ] || { echo "Apache $name did not start:" >&2; cat "$WORK/$name.log" >&2; exit 1; }
-    cat "$addr_file"
+    ADDR=$(cat "$addr_file")
 }
 
 # run BALANCE ROUND: one measured run; appends a row to $WORK/rows.
 run() {
     local balance=$1 round=$2
     local fast slow kpid
-    fast=$(apache fast "$FAST")
-    slow=$(apache slow "$SLOW")
+    apache fast "$FAST"; fast=$ADDR
+    apache slow "$SLOW"; slow=$ADDR
     cat > "$WORK/kaproxy.toml" <<EOF
 [listen]
 http = "127.0.0.1:19190"
