@@ -18,7 +18,7 @@ use tokio::io::AsyncWriteExt;
 
 #[path = "shared/http1_message.rs"]
 mod message;
-use message::{read_body, Message, Outcome};
+use message::{block_on, read_body, Message, Outcome};
 
 fn request_bytes(message: &Message) -> Vec<u8> {
     let mut out = b"POST / HTTP/1.1\r\nHost: a\r\n".to_vec();
@@ -44,14 +44,10 @@ fn ours(bytes: &[u8]) -> (Outcome, Option<FramingError>, Option<ChunkError>) {
 
 /// hyper's server on an in-memory connection fed `bytes`, then end of stream.
 fn hypers(bytes: &[u8]) -> Outcome {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
     let seen: Arc<Mutex<Outcome>> = Arc::default();
     let record = seen.clone();
     let bytes = bytes.to_vec();
-    rt.block_on(async move {
+    block_on(async move {
         let (mut client, server) = tokio::io::duplex(1 << 20);
         client.write_all(&bytes).await.unwrap();
         client.shutdown().await.unwrap();

@@ -23,7 +23,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 #[path = "shared/http1_message.rs"]
 mod message;
-use message::{Message, Outcome};
+use message::{block_on, Message, Outcome};
 
 #[derive(Arbitrary, Debug)]
 struct Input {
@@ -42,12 +42,8 @@ fn response_bytes(message: &Message, status: u16) -> Vec<u8> {
 /// the head, then the body by its framing, from a socket), on a loopback connection whose
 /// backend writes `bytes` and closes.
 fn ours(bytes: &[u8], to_head: bool) -> Outcome {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
     let bytes = bytes.to_vec();
-    rt.block_on(async move {
+    block_on(async move {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
@@ -83,12 +79,8 @@ fn ours(bytes: &[u8], to_head: bool) -> Outcome {
 
 /// hyper's client on an in-memory connection whose backend writes `bytes` and closes.
 fn hypers(bytes: &[u8], to_head: bool) -> Outcome {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
     let bytes = bytes.to_vec();
-    rt.block_on(async move {
+    block_on(async move {
         let (client, mut backend) = tokio::io::duplex(1 << 20);
         let serve = tokio::spawn(async move {
             // Read the request head first, as a backend would, then answer and close.

@@ -472,7 +472,11 @@ impl Apache {
         }
         if !self.opts.cgi.is_empty() {
             // mod_cgid (a daemon that forks the scripts) is the one for threaded MPMs.
-            let cgi = if self.opts.prefork_workers.is_some() { "cgi" } else { "cgid" };
+            let cgi = if self.opts.prefork_workers.is_some() {
+                "cgi"
+            } else {
+                "cgid"
+            };
             writeln!(conf, "LoadModule {cgi}_module {m}/mod_{cgi}.so").unwrap();
             if cgi == "cgid" {
                 writeln!(conf, "ScriptSock \"{r}/run/cgisock\"").unwrap();
@@ -561,7 +565,11 @@ Header always set X-Seen-Connection "expr=%{{req:Connection}}"
             timeout = self.opts.timeout.as_secs().max(1),
             max = self.opts.max_keep_alive_requests,
             name = self.opts.name,
-            options = if self.opts.cgi.is_empty() { "" } else { "    Options +ExecCGI\n" },
+            options = if self.opts.cgi.is_empty() {
+                ""
+            } else {
+                "    Options +ExecCGI\n"
+            },
         )
         .unwrap();
         let path = root.join("httpd.conf");

@@ -1,6 +1,7 @@
 //! What both HTTP/1.1 differential targets (`http1_body`, `http1_response`) share: the fuzzed
-//! framing fields and body they write after a start line, and how kaproxy's codec reads a
-//! request body back (`http1_response` reads through kaproxy's upstream client instead).
+//! framing fields and body they write after a start line, how kaproxy's codec reads a
+//! request body back (`http1_response` reads through kaproxy's upstream client instead), and
+//! the runtime each input runs on.
 
 use arbitrary::Arbitrary;
 use bytes::BytesMut;
@@ -79,4 +80,14 @@ pub fn read_body(framing: Framing, buf: &mut BytesMut) -> Result<Vec<u8>, Option
             }
         }
     }
+}
+
+/// Runs `future` to its end on a current-thread runtime of its own (I/O and timers on): each
+/// input gets a fresh one, so nothing of one run reaches the next.
+pub fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(future)
 }

@@ -74,8 +74,8 @@ pub struct Pool<C: Connector = Http1> {
     /// Requests waiting in [`Pool::wait_for_slot`] now.
     waiting: std::sync::atomic::AtomicUsize,
     /// Requests this pool is serving now: connecting (or waiting for a slot) or holding a
-    /// checked-out connection ([`InFlight`]); what `least_request` balances on.
-    in_flight: Arc<AtomicUsize>,
+    /// checked-out connection ([`InFlight`], [`PooledConn`]); what `least_request` balances on.
+    in_flight: AtomicUsize,
     /// Set while the server is drained (the admin API): no connection goes back to idle.
     draining: std::sync::atomic::AtomicBool,
     sweeper: Mutex<Option<AbortHandle>>,
@@ -162,7 +162,7 @@ impl<C: Connector> Pool<C> {
             sweep,
             returned: Notify::new(),
             waiting: std::sync::atomic::AtomicUsize::new(0),
-            in_flight: Arc::default(),
+            in_flight: AtomicUsize::new(0),
             draining: std::sync::atomic::AtomicBool::new(false),
             sweeper: Mutex::new(None),
             sweep_waker,
@@ -215,9 +215,9 @@ impl<C: Connector> Pool<C> {
     }
 
     /// Counts one request in [`Pool::in_flight`] until the guard is dropped.
-    pub fn track_in_flight(&self) -> InFlight {
+    pub fn track_in_flight(&self) -> InFlight<'_> {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlight(self.in_flight.clone())
+        InFlight(&self.in_flight)
     }
 
     /// When an idle connection last used at `last_used` and born at `born` must be gone, and
@@ -628,14 +628,14 @@ pub struct PooledConn<C: Connector = Http1> {
     /// How long it had idled when it was handed out (zero when new).
     idle_for: Duration,
     retire: Option<CloseReason>,
-    _in_flight: InFlight,
 }
 
-/// One request counted in its pool's [`Pool::in_flight`]; dropping it ends the count.
+/// One request counted in its pool's [`Pool::in_flight`] while it connects or waits for a
+/// slot; dropping it ends the count. A [`PooledConn`] counts itself, through the pool it holds.
 #[derive(Debug)]
-pub struct InFlight(Arc<AtomicUsize>);
+pub struct InFlight<'a>(&'a AtomicUsize);
 
-impl Drop for InFlight {
+impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
     }
@@ -648,9 +648,10 @@ impl<C: Connector> PooledConn<C> {
         } else {
             Duration::ZERO
         };
+        // In flight until dropped (released or closed): see `Drop`.
+        pool.in_flight.fetch_add(1, Ordering::Relaxed);
         PooledConn {
             conn: Some(conn),
-            _in_flight: pool.track_in_flight(),
             pool,
             reused,
             idle_for,
@@ -735,6 +736,7 @@ impl<C: Connector> Drop for PooledConn<C> {
             self.pool
                 .close(conn, self.retire.unwrap_or(CloseReason::Error));
         }
+        self.pool.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
