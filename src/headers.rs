@@ -16,12 +16,25 @@ pub fn tokens<'a>(headers: &'a HeaderMap, name: &HeaderName) -> impl Iterator<It
 
 /// The tokens of one field value (see [`tokens`]).
 pub fn value_tokens(value: &HeaderValue) -> impl Iterator<Item = &str> {
-    value
-        .to_str()
+    field_tokens(value.as_bytes())
+}
+
+/// The tokens of one field value as received (see [`tokens`]; a head kept as bytes,
+/// [`crate::http1::head`]).
+pub fn field_tokens(value: &[u8]) -> impl Iterator<Item = &str> {
+    let visible = value.iter().all(|&b| b == b'\t' || (32..127).contains(&b));
+    visible
+        .then(|| std::str::from_utf8(value).ok())
+        .flatten()
         .unwrap_or_default()
         .split(',')
         .map(str::trim)
         .filter(|t| !t.is_empty())
+}
+
+/// True when one of `values` (of `Connection` fields) names `token` (case-insensitive).
+pub fn values_have<'a>(mut values: impl Iterator<Item = &'a [u8]>, token: &str) -> bool {
+    values.any(|v| field_tokens(v).any(|t| t.eq_ignore_ascii_case(token)))
 }
 
 /// True when a `Connection` field names `token` (case-insensitive).

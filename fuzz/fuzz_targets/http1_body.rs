@@ -14,11 +14,10 @@ use kaproxy::http1::chunked::ChunkError;
 use kaproxy::http1::framing::{self, FramingError};
 use kaproxy::http1::head::parse_request;
 use libfuzzer_sys::fuzz_target;
-use tokio::io::AsyncWriteExt;
 
 #[path = "shared/http1_message.rs"]
 mod message;
-use message::{block_on, read_body, Message, Outcome};
+use message::{read_body, serve_with_hyper, Message, Outcome};
 
 fn request_bytes(message: &Message) -> Vec<u8> {
     let mut out = b"POST / HTTP/1.1\r\nHost: a\r\n".to_vec();
@@ -47,36 +46,24 @@ fn hypers(bytes: &[u8]) -> Outcome {
     let seen: Arc<Mutex<Outcome>> = Arc::default();
     let record = seen.clone();
     let bytes = bytes.to_vec();
-    block_on(async move {
-        let (mut client, server) = tokio::io::duplex(1 << 20);
-        client.write_all(&bytes).await.unwrap();
-        client.shutdown().await.unwrap();
-        let service =
-            hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                let record = record.clone();
-                async move {
-                    let body = req
-                        .into_body()
-                        .collect()
-                        .await
-                        .map(|c| c.to_bytes().to_vec());
-                    let mut seen = record.lock().unwrap();
-                    if seen.is_none() {
-                        *seen = Some(body.map_err(|_| ()));
-                    }
-                    Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Empty::<
-                        Bytes,
-                    >::new(
-                    )))
-                }
-            });
-        // half_close: the end of the input is the client done sending, not gone.
-        let conn = hyper::server::conn::http1::Builder::new()
-            .half_close(true)
-            .serve_connection(hyper_util::rt::TokioIo::new(server), service);
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), conn).await;
-        drop(client);
+    let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+        let record = record.clone();
+        async move {
+            let body = req
+                .into_body()
+                .collect()
+                .await
+                .map(|c| c.to_bytes().to_vec());
+            let mut seen = record.lock().unwrap();
+            if seen.is_none() {
+                *seen = Some(body.map_err(|_| ()));
+            }
+            Ok::<_, std::convert::Infallible>(http::Response::new(
+                http_body_util::Empty::<Bytes>::new(),
+            ))
+        }
     });
+    serve_with_hyper(bytes, service);
     let outcome = seen.lock().unwrap().take();
     outcome
 }

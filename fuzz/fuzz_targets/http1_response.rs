@@ -56,7 +56,7 @@ fn ours(bytes: &[u8], to_head: bool) -> Outcome {
         let outcome = tokio::time::timeout(Duration::from_secs(5), async {
             let head = poll_fn(|cx| poll_head(&mut wire, cx)).await.ok()?;
             let (resp, _ends) = read_head(head, to_head).ok()?;
-            let mut state = resp.into_body();
+            let mut state = resp.body;
             let mut body = Vec::new();
             while let Some(frame) = poll_fn(|cx| state.poll_frame(&mut wire, cx)).await {
                 match frame {

@@ -74,11 +74,48 @@ impl BodyError {
     }
 }
 
+/// A request body as the downstream connection gives it: none (a request kaproxy's own
+/// HTTP/1.1 loop read, `src/downstream/h1.rs`, which takes only requests without a body), or
+/// hyper's (HTTP/2, and the HTTP/1.1 requests that loop hands to hyper).
+pub enum ClientBody {
+    Empty,
+    Hyper(Incoming),
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            ClientBody::Empty => Poll::Ready(None),
+            ClientBody::Hyper(b) => Pin::new(b).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ClientBody::Empty => true,
+            ClientBody::Hyper(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ClientBody::Empty => SizeHint::with_exact(0),
+            ClientBody::Hyper(b) => b.size_hint(),
+        }
+    }
+}
+
 /// A downstream request body on its way upstream: fails with [`BodyError::Timeout`] when the
 /// client sends nothing for `body_timeout`, with [`BodyError::TooLarge`] past `max` bytes,
 /// and drops its `done` guard at its end.
 pub struct RequestBody {
-    inner: Incoming,
+    inner: ClientBody,
     done: Option<BodyDone>,
     timeout: Duration,
     /// `max_request_body_bytes`, and how much has arrived.
@@ -92,7 +129,7 @@ pub struct RequestBody {
 
 impl RequestBody {
     pub fn new(
-        inner: Incoming,
+        inner: ClientBody,
         done: Option<BodyDone>,
         timeout: Duration,
         max: Option<u64>,

@@ -1,159 +1,31 @@
 //! Owns serving one downstream (client) connection once it is accepted (its socket is
-//! [`super::socket`], its timers [`super::timers`]): HTTP/1.1 ([`serve_h1`]) or HTTP/2
-//! ([`serve_h2`]) with hyper, `Keep-Alive`/`Connection: close` on responses, and the graceful
-//! close that never turns a racing request into an RST.
+//! [`super::socket`], its timers [`super::timers`], each request's answer
+//! [`super::requests`]): HTTP/1.1 ([`serve_h1`]: kaproxy's own loop, [`super::h1`], and hyper
+//! for the requests it hands over) or HTTP/2 ([`serve_h2`], hyper), and the graceful close
+//! that never turns a racing request into an RST.
 //!
-//! An HTTP/1 connection idle for [`PARK_AFTER`](super::timers::PARK_AFTER) between requests is *parked*: kaproxy takes
-//! the socket back from hyper (dropping its two 8 KiB buffers) and waits on the bare socket
-//! until the next request's first bytes arrive, as nginx does with its idle connections. A new
-//! connection waits the same way for its first request.
+//! An HTTP/1 connection idle for [`PARK_AFTER`](super::timers::PARK_AFTER) between requests is
+//! *parked*: its buffers are dropped (hyper's two 8 KiB ones, when hyper served it last) and it
+//! waits on the bare socket until the next request's first bytes arrive, as nginx does with its
+//! idle connections. A new connection waits the same way for its first request.
 
-use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
-use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::header::{self, HeaderValue};
-use http::{Request, Response, StatusCode};
-use http_body::{Body, Frame, SizeHint};
-use http_body_util::Either;
-use hyper::body::Incoming;
-use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 use tracing::debug;
 
-use crate::body::BodyDone;
 use crate::config::DownstreamConfig;
+use crate::downstream::h1::{self, Next};
 use crate::downstream::h2_head::H2HeadWatch;
-use crate::downstream::send_watch::SendWatch;
+use crate::downstream::requests::Requests;
 use crate::downstream::socket::{WaitReadable, LINGER_TIME};
-use crate::downstream::timers::{ConnState, HeadWatch, InFlight, Timer};
-use crate::downstream::{ConnContext, Generation};
-use crate::proxy::{DownstreamInfo, ProxyBody};
+use crate::downstream::timers::{ConnState, HeadWatch, Timer};
+use crate::downstream::ConnContext;
 use crate::shutdown::Shutdown;
-
-/// The most header fields a request may have, on either protocol: hyper's HTTP/1 parser
-/// answers 431 past 100 fields, and Apache's `LimitRequestFields` is 100 too; HTTP/2 requests
-/// are held to the same (their bytes are bounded by `max_header_bytes` in both).
-pub const MAX_HEADER_FIELDS: usize = 100;
-
-/// The response body downstream: kaproxy's body plus the in-flight guard.
-pub struct TrackedBody<B> {
-    inner: B,
-    _guard: InFlight,
-}
-
-impl<B: Body + Unpin> Body for TrackedBody<B> {
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-/// The body of a response downstream: kaproxy's, under `send_timeout` on an HTTP/2 stream
-/// when it streams from a pooled upstream connection, with the in-flight guard.
-type ResponseBody = TrackedBody<Either<ProxyBody, SendWatch<ProxyBody>>>;
-
-/// What answering a request on this connection needs, shared by its requests.
-struct Requests {
-    /// The configuration generation current now: each request uses the one current when it
-    /// arrives (reload).
-    current: Arc<ArcSwap<Generation>>,
-    info: DownstreamInfo,
-    cfg: Arc<DownstreamConfig>,
-    state: Arc<ConnState>,
-    http2: bool,
-    /// `Keep-Alive: timeout=N` (`advertise_keep_alive`), made once per connection.
-    keep_alive: HeaderValue,
-}
-
-impl Requests {
-    /// The hyper service answering this connection's requests.
-    fn service(
-        self: Arc<Self>,
-    ) -> impl hyper::service::Service<
-        Request<Incoming>,
-        Response = Response<ResponseBody>,
-        Error = Infallible,
-        Future = impl std::future::Future<Output = Result<Response<ResponseBody>, Infallible>>
-                     + Send
-                     + 'static,
-    > + Clone
-           + Send
-           + 'static {
-        service_fn(move |req| {
-            let requests = self.clone();
-            async move { Ok(requests.answer(req).await) }
-        })
-    }
-
-    async fn answer(&self, mut req: Request<Incoming>) -> Response<ResponseBody> {
-        let (state, cfg, http2) = (&self.state, &self.cfg, self.http2);
-        let (guard, n) = state.request_started();
-        if !req.body().is_end_stream() {
-            let done: BodyDone = Arc::new(state.body_started());
-            req.extensions_mut().insert(done);
-        }
-        let mut resp = if http2 && req.headers().len() > MAX_HEADER_FIELDS {
-            // The limit HTTP/1 requests meet in hyper's parser, for HTTP/2 too.
-            debug!(
-                fields = req.headers().len(),
-                "HTTP/2 request with too many header fields; 431"
-            );
-            crate::proxy::local_response(
-                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                "too many header fields\n",
-            )
-        } else {
-            let proxy = self.current.load().proxy.clone();
-            proxy.handle(req, &self.info).await
-        };
-        let last = n >= cfg.max_requests_per_connection;
-        if http2 && n == cfg.max_requests_per_connection {
-            state.goaway().notify_one();
-        }
-        if !http2 && resp.status() != StatusCode::SWITCHING_PROTOCOLS {
-            let headers = resp.headers_mut();
-            if last {
-                headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
-            } else if cfg.advertise_keep_alive && !headers.contains_key(header::CONNECTION) {
-                headers.insert(crate::headers::KEEP_ALIVE, self.keep_alive.clone());
-            }
-        }
-        // A body streaming from a pooled upstream connection goes under send_timeout on an
-        // HTTP/2 stream, whose closed window the socket's write deadline cannot see.
-        let watch = http2 && resp.body().streams_from_upstream();
-        resp.map(|body| TrackedBody {
-            inner: if watch {
-                Either::Right(SendWatch::new(
-                    body,
-                    cfg.send_timeout,
-                    Some(state.stalled().clone()),
-                ))
-            } else {
-                Either::Left(body)
-            },
-            _guard: guard,
-        })
-    }
-}
 
 /// Serves one downstream connection until it closes, with HTTP/2 when ALPN said `h2`
 /// (`http2`), else HTTP/1.1.
@@ -162,15 +34,7 @@ where
     I: AsyncRead + AsyncWrite + WaitReadable + Unpin + Send + 'static,
 {
     let state = ConnState::new();
-    let requests = Arc::new(Requests {
-        current: ctx.current.clone(),
-        info: ctx.info.clone(),
-        cfg: ctx.cfg.clone(),
-        state: state.clone(),
-        http2,
-        keep_alive: HeaderValue::from_str(&format!("timeout={}", ctx.cfg.idle_timeout.as_secs()))
-            .expect("digits are a valid header value"),
-    });
+    let requests = Arc::new(Requests::new(&ctx, state.clone(), http2));
     if http2 {
         serve_h2(io, state, requests, ctx).await
     } else {
@@ -205,10 +69,11 @@ where
     .await;
 }
 
-/// HTTP/1.1 on `io` until the connection ends, in rounds: hyper serves requests until the
-/// connection idles past [`PARK_AFTER`](super::timers::PARK_AFTER), then the socket alone waits for the next request
-/// (or its close), counted in `waiting`; parked, it registers with `limit` as one that may
-/// be closed to make room at `max_connections`.
+/// HTTP/1.1 on `io` until the connection ends, in rounds: kaproxy's own loop serves requests
+/// until it parks, closes, or hands a request over; hyper then serves from that request on,
+/// until the connection idles past [`PARK_AFTER`](super::timers::PARK_AFTER). Parked, the
+/// socket alone waits for the next request (or its close), counted in `waiting`, registered
+/// with `limit` as one that may be closed to make room at `max_connections`.
 async fn serve_h1<I>(io: I, state: Arc<ConnState>, requests: Arc<Requests>, ctx: ConnContext)
 where
     I: AsyncRead + AsyncWrite + WaitReadable + Unpin + Send + 'static,
@@ -220,7 +85,7 @@ where
         limit,
         ..
     } = ctx;
-    let service = requests.service();
+    let service = requests.clone().service();
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -239,6 +104,26 @@ where
                 let _ = tokio::time::timeout(LINGER_TIME, io.shutdown()).await;
                 return;
             }
+        }
+        // kaproxy's own loop first; hyper answers what it does not take (h1.rs).
+        let own = Box::pin(h1::serve(
+            &mut io,
+            std::mem::take(&mut prefix),
+            &state,
+            &requests,
+            &cfg,
+            &mut shutdown,
+        ));
+        match own.await {
+            Next::Park => {
+                parked = true;
+                continue;
+            }
+            Next::Close => {
+                let _ = tokio::time::timeout(LINGER_TIME, io.shutdown()).await;
+                return;
+            }
+            Next::Hyper(bytes) => prefix = bytes,
         }
         state.round_started();
         // Boxed: hyper's connection lives on the heap only while it serves, so a parked

@@ -3,10 +3,12 @@
 //! needs from one loaded configuration (built by [`crate::control::generation`]).
 
 pub mod conn;
+pub mod h1;
 pub mod h2_head;
 pub mod limit;
 pub mod listener;
 pub mod proxy_protocol;
+pub mod requests;
 pub mod send_watch;
 pub mod socket;
 pub mod timers;

@@ -32,7 +32,7 @@ const ACTION_NONE: u8 = 0;
 const ACTION_408: u8 = 1;
 const ACTION_SILENT_CLOSE: u8 = 2;
 
-const RESPONSE_408: &[u8] =
+pub(super) const RESPONSE_408: &[u8] =
     b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n";
 
 /// What the timers need to know about a connection, shared by the service, the read wrapper
@@ -93,7 +93,8 @@ impl ConnState {
         self.origin + Duration::from_nanos(nanos)
     }
 
-    fn head_bytes_arrived(&self) {
+    /// Bytes of a request head arrived: the head timer runs from the first of them.
+    pub(super) fn head_bytes_arrived(&self) {
         if self.in_flight.load(Ordering::Acquire) == 0
             && self.head_started.load(Ordering::Acquire) == NONE
         {
@@ -136,6 +137,13 @@ impl ConnState {
     /// Since when the connection waits for a request (accept, or the last response's end).
     pub(super) fn waiting_since(&self) -> Instant {
         self.at(self.waiting_since.load(Ordering::Acquire))
+    }
+
+    /// kaproxy's own loop ([`super::h1`]) waits for a read with everything written: at rest,
+    /// as hyper is when its read finds nothing.
+    pub(super) fn at_rest(&self) {
+        self.read_blocked.store(true, Ordering::Release);
+        self.unflushed.store(false, Ordering::Release);
     }
 
     /// A new round of hyper on the socket: nothing read or written yet.

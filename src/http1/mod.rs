@@ -1,6 +1,7 @@
 //! Owns kaproxy's own HTTP/1.1 codec (RFC 9112), without I/O: message heads parsed with
 //! httparse from a buffer and kept as that buffer's bytes ([`head`]), the rules that say where
-//! a message body ends ([`framing`]), and the chunked transfer coding ([`chunked`]). The
+//! a message body ends ([`framing`]), the chunked transfer coding ([`chunked`]), and a response
+//! written out ([`encode`], with its [`date`]). The
 //! connection loops that read and write the sockets are its callers; nothing here builds a
 //! header map on the way through. Imports nothing of ours.
 //!
@@ -8,5 +9,7 @@
 //! `chunked` fuzz target against hyper's own decoder, with the exceptions each rule names.
 
 pub mod chunked;
+pub mod date;
+pub mod encode;
 pub mod framing;
 pub mod head;

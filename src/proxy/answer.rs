@@ -1,13 +1,14 @@
 //! Owns what every response sent downstream is made of: [`ProxyBody`] (a body streamed from
 //! a pooled connection, read ahead, relayed, tunnelled, or kaproxy's own), which writes the
-//! access log line when it ends, and the form of kaproxy's own answers ([`local_response`],
+//! access log line when it ends and carries a backend's head as received ([`ForwardedHead`]),
+//! and the form of kaproxy's own answers ([`local_response`],
 //! [`closing`]); when each answer is given is the request context's ([`super::context`]).
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::header::{self, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
@@ -15,6 +16,7 @@ use hyper::body::Incoming;
 
 use crate::body::relay::RelayBody;
 use crate::body::Memory;
+use crate::http1::head::ResponseHead;
 use crate::upstream::exchange::PooledBody;
 
 use super::log::AccessRecord;
@@ -28,12 +30,65 @@ pub(super) fn closing(mut resp: Response<ProxyBody>, version: Version) -> Respon
     resp
 }
 
+/// A backend's response head on its way downstream: its fields as the backend sent them, less
+/// those the response filter drops (`src/proxy/response.rs`: hop-by-hop, `X-Accel-Buffering`,
+/// a `Content-Length` beside `Transfer-Encoding`). kaproxy's HTTP/1.1 loop writes them from
+/// these bytes, names in the backend's case (as nginx does); HTTP/2 and hyper's HTTP/1.1 get
+/// them in the response's header map ([`forwarded_into_map`]).
+pub struct ForwardedHead {
+    head: ResponseHead,
+    /// Bit `i` set: the head's field `i` is dropped (a head has at most
+    /// [`crate::http1::head::MAX_FIELDS`] fields).
+    dropped: u128,
+}
+
+impl ForwardedHead {
+    pub(super) fn new(head: ResponseHead, dropped: u128) -> Self {
+        ForwardedHead { head, dropped }
+    }
+
+    /// The fields that go on, as (name, value), in the order received.
+    pub fn fields(&self) -> impl Iterator<Item = (&[u8], &[u8])> + '_ {
+        self.head
+            .fields
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| self.dropped & (1 << i) == 0)
+            .map(|(_, field)| field)
+    }
+
+    /// The head's fields as `http` types, shared with its bytes (a name or value the `http`
+    /// types refuse, which httparse has already refused, is left out).
+    fn append_to(&self, headers: &mut HeaderMap) {
+        let bytes = self.head.as_bytes();
+        headers.reserve(self.head.fields.len());
+        for (name, value) in self.fields() {
+            let (Ok(name), Ok(value)) = (
+                HeaderName::from_bytes(name),
+                HeaderValue::from_maybe_shared(bytes.slice_ref(value)),
+            ) else {
+                continue;
+            };
+            headers.append(name, value);
+        }
+    }
+}
+
+/// Moves the forwarded head of `resp`, if any, into its header map, for a connection that
+/// writes responses from the map (HTTP/2, hyper's HTTP/1.1).
+pub fn forwarded_into_map(resp: &mut Response<ProxyBody>) {
+    if let Some(head) = resp.body_mut().forwarded.take() {
+        head.append_to(resp.headers_mut());
+    }
+}
+
 /// A response kaproxy makes itself (errors).
 pub fn local_response(status: StatusCode, text: &'static str) -> Response<ProxyBody> {
     let mut resp = Response::new(ProxyBody {
         inner: Inner::Local(Full::new(Bytes::from_static(text.as_bytes()))),
         bytes: 0,
         log: None,
+        forwarded: None,
     });
     *resp.status_mut() = status;
     resp.headers_mut().insert(
@@ -63,6 +118,8 @@ pub struct ProxyBody {
     pub(super) inner: Inner,
     pub(super) bytes: u64,
     pub(super) log: Option<Box<AccessRecord>>,
+    /// A backend's head, its fields not in the response's header map (see [`ForwardedHead`]).
+    pub(super) forwarded: Option<Box<ForwardedHead>>,
 }
 
 impl ProxyBody {
@@ -82,7 +139,14 @@ impl ProxyBody {
             inner: Inner::Empty,
             bytes: 0,
             log,
+            forwarded: None,
         }
+    }
+
+    /// Takes the backend's head this body carries, for a connection that writes it from its
+    /// bytes (kaproxy's HTTP/1.1 loop); its fields are in no header map.
+    pub fn take_forwarded(&mut self) -> Option<Box<ForwardedHead>> {
+        self.forwarded.take()
     }
 }
 
@@ -141,5 +205,44 @@ impl Drop for ProxyBody {
         if let Some(record) = self.log.take() {
             record.write(self.bytes);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_forwarded_head_moves_into_the_map_less_its_dropped_fields() {
+        let mut buf = bytes::BytesMut::from(
+            "HTTP/1.1 200 OK\r\nX-A: 1\r\nConnection: close\r\nSet-Cookie: a\r\nX-B: 2\r\nSet-Cookie: b\r\n\r\n",
+        );
+        let head = crate::http1::head::parse_response(&mut buf, 1 << 16)
+            .unwrap()
+            .unwrap();
+        let mut resp = local_response(StatusCode::OK, "");
+        resp.headers_mut().clear();
+        resp.body_mut().forwarded = Some(Box::new(ForwardedHead::new(head, 1 << 1)));
+        forwarded_into_map(&mut resp);
+        assert!(
+            resp.body_mut().take_forwarded().is_none(),
+            "moved, not copied"
+        );
+        let fields: Vec<(String, String)> = resp
+            .headers()
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.to_str().unwrap().to_string()))
+            .collect();
+        let want = [
+            ("x-a", "1"),
+            ("set-cookie", "a"),
+            ("set-cookie", "b"),
+            ("x-b", "2"),
+        ];
+        assert_eq!(
+            fields,
+            want.map(|(n, v)| (n.to_string(), v.to_string())),
+            "lower-case names (the map's), the dropped Connection gone"
+        );
     }
 }

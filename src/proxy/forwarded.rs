@@ -67,46 +67,59 @@ static HOP_BY_HOP: [HeaderName; 7] = [
 /// standard ones. Most messages carry one or none, so the map is searched only for the ones
 /// it holds (one pass over its names, no lookup per standard name).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    strip_hop_by_hop_and(headers, None);
+    strip_hop_by_hop_found(headers);
 }
 
-/// What [`strip_hop_by_hop_and`] found on its way.
+/// What [`strip_hop_by_hop_found`] found on its way.
 pub(super) struct Stripped {
     /// The message had an `Upgrade` header (now removed).
     pub(super) upgrade: bool,
-    /// The value of the extra header asked for (now removed).
-    pub(super) also: Option<HeaderValue>,
 }
 
-/// [`strip_hop_by_hop`], also removing `also` (found in the same pass over the names) and
-/// returning its value.
-pub(super) fn strip_hop_by_hop_and(headers: &mut HeaderMap, also: Option<&HeaderName>) -> Stripped {
-    // By bytes, not `to_str`: a value with obs-text in it still names the headers it names.
-    // Tokens that name a standard hop-by-hop header (`keep-alive`, ...) or none (`close`) are
-    // left to the loop below, so the common `Connection: keep-alive` allocates nothing.
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+/// Whether `name` is one of the standard hop-by-hop fields ([`HOP_BY_HOP`]), in any case:
+/// by its length first, as every field of every head is asked.
+pub(super) fn is_hop_by_hop(name: &[u8]) -> bool {
+    let is = |h: &[u8]| name.eq_ignore_ascii_case(h);
+    match name.len() {
+        2 => is(b"te"),
+        7 => is(b"trailer") || is(b"upgrade"),
+        10 => is(b"connection") || is(b"keep-alive"),
+        16 => is(b"proxy-connection"),
+        17 => is(b"transfer-encoding"),
+        _ => false,
+    }
+}
+
+/// The field names `Connection` values name that [`is_hop_by_hop`] does not already cover
+/// (nor `close`, which names none). By bytes, not `to_str`: a value with obs-text in it still
+/// names the fields it names.
+pub(super) fn connection_named<'a>(
+    values: impl Iterator<Item = &'a [u8]>,
+) -> impl Iterator<Item = &'a [u8]> {
+    values
+        .flat_map(|v| v.split(|&b| b == b','))
         .map(<[u8]>::trim_ascii)
-        .filter(|t| {
-            !t.eq_ignore_ascii_case(b"close")
-                && !HOP_BY_HOP
-                    .iter()
-                    .any(|h| t.eq_ignore_ascii_case(h.as_str().as_bytes()))
-        })
-        .filter_map(|t| HeaderName::from_bytes(t).ok())
-        .collect();
+        .filter(|t| !t.is_empty() && !t.eq_ignore_ascii_case(b"close") && !is_hop_by_hop(t))
+}
+
+/// [`strip_hop_by_hop`], saying whether an `Upgrade` was among them.
+pub(super) fn strip_hop_by_hop_found(headers: &mut HeaderMap) -> Stripped {
+    // The common `Connection: keep-alive` names no other field: nothing is allocated.
+    let named: Vec<HeaderName> = connection_named(
+        headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .map(HeaderValue::as_bytes),
+    )
+    .filter_map(|t| HeaderName::from_bytes(t).ok())
+    .collect();
     for name in named {
         headers.remove(name);
     }
     let mut present = [false; 7];
-    let mut also_present = false;
     for name in headers.keys() {
         if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
             present[i] = true;
-        } else if also == Some(name) {
-            also_present = true;
         }
     }
     for (name, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, p)| *p) {
@@ -114,9 +127,6 @@ pub(super) fn strip_hop_by_hop_and(headers: &mut HeaderMap, also: Option<&Header
     }
     Stripped {
         upgrade: present[UPGRADE_AT],
-        also: also
-            .filter(|_| also_present)
-            .and_then(|name| headers.remove(name)),
     }
 }
 
@@ -185,7 +195,7 @@ pub fn upstream_request_headers(
     cfg: &ForwardedConfig,
     host: Option<&HeaderValue>,
 ) {
-    if strip_hop_by_hop_and(headers, None).upgrade {
+    if strip_hop_by_hop_found(headers).upgrade {
         headers.remove(&HTTP2_SETTINGS);
     }
     let peer = ds.peer.ip();
@@ -284,6 +294,29 @@ mod tests {
     #[test]
     fn upgrade_at_names_upgrade() {
         assert_eq!(HOP_BY_HOP[UPGRADE_AT], header::UPGRADE);
+    }
+
+    #[test]
+    fn is_hop_by_hop_knows_the_standard_fields_in_any_case() {
+        for h in &HOP_BY_HOP {
+            assert!(is_hop_by_hop(h.as_str().as_bytes()), "{h}");
+            assert!(is_hop_by_hop(h.as_str().to_uppercase().as_bytes()), "{h}");
+        }
+        for other in [
+            "tex",
+            "host",
+            "content-length",
+            "keep-alivex",
+            "upgrades",
+            "",
+        ] {
+            assert!(!is_hop_by_hop(other.as_bytes()), "{other}");
+        }
+        let named: Vec<&[u8]> = connection_named(
+            [&b"keep-alive, X-Foo"[..], b" close ,,Upgrade", b"x-bar\xff"].into_iter(),
+        )
+        .collect();
+        assert_eq!(named, vec![&b"X-Foo"[..], b"x-bar\xff"]);
     }
 
     #[test]

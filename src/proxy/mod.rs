@@ -14,7 +14,7 @@ mod retry;
 mod route;
 mod tunnel;
 
-pub use answer::{local_response, ProxyBody};
+pub use answer::{forwarded_into_map, local_response, ForwardedHead, ProxyBody};
 pub use forwarded::{strip_hop_by_hop, upstream_request_headers, DownstreamInfo};
 
 use std::sync::Arc;
@@ -22,13 +22,13 @@ use std::time::Duration;
 
 use http::{header, HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
-use hyper::body::Incoming;
 use tokio::runtime::Handle;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
 use crate::body::{
-    buffer_request, read_whole, BodyDone, BodyError, Buffering, RequestBody, UpstreamBody,
+    buffer_request, read_whole, BodyDone, BodyError, Buffering, ClientBody, RequestBody,
+    UpstreamBody,
 };
 use crate::config::{Config, ForwardedConfig};
 use crate::metrics::Metrics;
@@ -140,7 +140,11 @@ impl Proxy {
 
     /// Handles one downstream request end to end, phase by phase. Never fails: errors become
     /// 4xx/5xx answers.
-    pub async fn handle(&self, req: Request<Incoming>, ds: &DownstreamInfo) -> Response<ProxyBody> {
+    pub async fn handle(
+        &self,
+        req: Request<ClientBody>,
+        ds: &DownstreamInfo,
+    ) -> Response<ProxyBody> {
         let start = Instant::now();
         // Phase 1: route (route.rs), after what is refused before any backend (CONNECT, a
         // target in the wrong form, the Host rules of RFC 9112 §3.2, an ambiguous path); the
@@ -232,7 +236,7 @@ impl Proxy {
     /// connection ([`BodyDone`], taken from the request's extensions).
     fn request_body(
         &self,
-        body: Incoming,
+        body: ClientBody,
         parts: &mut http::request::Parts,
         group: &UpstreamGroup,
     ) -> RequestBody {

@@ -6,8 +6,7 @@
 
 use std::sync::Arc;
 
-use http::header::{self, HeaderName, HeaderValue};
-use http::{HeaderMap, Response, StatusCode, Version};
+use http::{Response, StatusCode};
 use http_body::Body;
 use http_body_util::{BodyExt, Full};
 use tracing::warn;
@@ -15,14 +14,16 @@ use tracing::warn;
 use crate::body::relay::{relay, RelayError, RelayLimits};
 use crate::body::{Buffering, Collected};
 use crate::error::{RequestError, WireError};
+use crate::http1::head::ResponseHead;
 use crate::metrics::CloseReason;
 use crate::upstream::backend::Backend;
 use crate::upstream::exchange::{PooledBody, ResponseBody};
 use crate::upstream::pool::PooledConn;
+use crate::upstream::wire::Received;
 
-use super::answer::{Inner, ProxyBody};
+use super::answer::{ForwardedHead, Inner, ProxyBody};
 use super::context::{RequestContext, ResponseDeadline};
-use super::forwarded::strip_hop_by_hop_and;
+use super::forwarded::{connection_named, is_hop_by_hop};
 use super::Proxy;
 
 impl Proxy {
@@ -41,27 +42,22 @@ impl Proxy {
         } = sent;
         let pool = backend.pool();
         let upstream = ctx.group;
-        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        if resp.status == StatusCode::SWITCHING_PROTOCOLS {
             // A plain request offered no upgrade (tunnel.rs takes those that do): the backend
             // must not switch (RFC 9110 §15.2.2). Dropping `conn` closes it (reason `error`).
             let err = RequestError::UnexpectedUpgrade { addr: pool.addr() };
             return ctx.server_failed(pool, &err);
         }
-        let (mut parts, body) = resp.into_parts();
-        // RFC 9112 §6.3: with Transfer-Encoding, Content-Length is ignored and must not be
-        // forwarded; a backend that sends both is not trusted with the connection afterwards.
-        if parts.headers.contains_key(header::TRANSFER_ENCODING)
-            && parts.headers.remove(header::CONTENT_LENGTH).is_some()
-        {
+        let Received { status, head, body } = resp;
+        let filtered = Filtered::of(&head);
+        if filtered.length_overridden {
             warn!(upstream = %upstream.name, server = %pool.addr(),
                 "response has both Transfer-Encoding and Content-Length; Content-Length removed, upstream connection closed after it (RFC 9112 §6.3)");
             conn.retire_after(CloseReason::Error);
         }
-        // `X-Accel-Buffering` goes too (nginx does not forward it), found in the same pass.
-        let accel = strip_hop_by_hop_and(&mut parts.headers, Some(&X_ACCEL_BUFFERING)).also;
         let buffers = &upstream.config.buffers;
         // A stream that must not be held back passes through as it arrives.
-        let passthrough = !buffers.response_buffering || must_stream(&parts.headers, accel);
+        let passthrough = !buffers.response_buffering || filtered.must_stream;
         let relay_limits = (!passthrough).then_some(RelayLimits {
             memory: buffers.response_buffer_bytes,
             spill: buffers.max_response_spill_bytes,
@@ -86,47 +82,88 @@ impl Proxy {
                 return ctx.server_failed(pool, &err);
             }
         };
-        pool.metrics().request(parts.status.as_u16());
+        pool.metrics().request(status.as_u16());
         pool.metrics()
             .observe_duration(ctx.start.elapsed().as_secs_f64());
         if let Some(log) = ctx.log.as_mut() {
-            log.status = parts.status.as_u16();
+            log.status = status.as_u16();
             log.server = Some(pool.addr());
             log.reused = reused;
             log.conn_age = age;
             log.conn_requests = requests;
         }
-        parts.version = Version::HTTP_11;
-        Response::from_parts(
-            parts,
-            ProxyBody {
-                inner,
-                bytes: 0,
-                log: ctx.log,
-            },
-        )
+        let mut resp = Response::new(ProxyBody {
+            inner,
+            bytes: 0,
+            log: ctx.log,
+            forwarded: Some(Box::new(ForwardedHead::new(head, filtered.dropped))),
+        });
+        *resp.status_mut() = status;
+        resp
     }
 }
 
 /// A response head from `backend`, with the connection its body comes on.
 pub(super) struct Sent {
     pub(super) backend: Arc<Backend>,
-    pub(super) response: Response<ResponseBody>,
+    pub(super) response: Received<ResponseBody>,
     pub(super) conn: PooledConn,
 }
 
-/// `X-Accel-Buffering` (nginx's header: a backend's `no` turns buffering off for its response).
-const X_ACCEL_BUFFERING: HeaderName = HeaderName::from_static("x-accel-buffering");
+/// What the response filter makes of a backend's head as received.
+struct Filtered {
+    /// Bit `i` set: field `i` is not forwarded (see [`ForwardedHead`]). Hop-by-hop fields
+    /// (RFC 9110 §7.6.1: the standard ones and those `Connection` names), `X-Accel-Buffering`
+    /// (nginx's header; nginx does not forward it), and a `Content-Length` that came with
+    /// `Transfer-Encoding` (RFC 9112 §6.3: ignored, and must not be forwarded).
+    dropped: u128,
+    /// A `Content-Length` was dropped for a `Transfer-Encoding`: the backend is not trusted
+    /// with the connection afterwards.
+    length_overridden: bool,
+    /// The response must reach the client as it arrives, never held in a buffer: server-sent
+    /// events (`text/event-stream`), or a backend's `X-Accel-Buffering: no`.
+    must_stream: bool,
+}
 
-/// Whether a response must reach the client as it arrives, never held in a buffer: server-sent
-/// events (`text/event-stream`), or a backend's `X-Accel-Buffering: no` (nginx's header).
-fn must_stream(headers: &HeaderMap, accel: Option<HeaderValue>) -> bool {
-    let accel_no = accel.is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"no"));
-    let events = headers.get(header::CONTENT_TYPE).is_some_and(|v| {
-        let v = v.as_bytes();
-        v.len() >= 17 && v[..17].eq_ignore_ascii_case(b"text/event-stream")
-    });
-    accel_no || events
+impl Filtered {
+    fn of(head: &ResponseHead) -> Filtered {
+        let fields = &head.fields;
+        let chunked = fields.get("transfer-encoding").is_some();
+        // The common `Connection: keep-alive` and `close` name no other field: no allocation.
+        let connection = || connection_named(fields.get_all("connection"));
+        let named: Vec<&[u8]> = if connection().next().is_some() {
+            connection().collect()
+        } else {
+            Vec::new()
+        };
+        let mut filtered = Filtered {
+            dropped: 0,
+            length_overridden: false,
+            must_stream: false,
+        };
+        for (i, (name, value)) in fields.iter().enumerate() {
+            let drop = if is_hop_by_hop(name) || named.iter().any(|n| n.eq_ignore_ascii_case(name))
+            {
+                true
+            } else if name.eq_ignore_ascii_case(b"x-accel-buffering") {
+                filtered.must_stream |= value.eq_ignore_ascii_case(b"no");
+                true
+            } else if chunked && name.eq_ignore_ascii_case(b"content-length") {
+                filtered.length_overridden = true;
+                true
+            } else {
+                if name.eq_ignore_ascii_case(b"content-type") {
+                    filtered.must_stream |=
+                        value.len() >= 17 && value[..17].eq_ignore_ascii_case(b"text/event-stream");
+                }
+                false
+            };
+            if drop {
+                filtered.dropped |= 1 << i;
+            }
+        }
+        filtered
+    }
 }
 
 /// How a response body is taken off the backend's hands (nginx's proxy buffering).
@@ -209,5 +246,67 @@ impl ReadAhead<'_> {
                 source: Box::new(e),
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn filtered(head: &str) -> (Filtered, Vec<String>) {
+        let mut buf = bytes::BytesMut::from(head);
+        let head = crate::http1::head::parse_response(&mut buf, 1 << 16)
+            .unwrap()
+            .unwrap();
+        let filtered = Filtered::of(&head);
+        let kept = ForwardedHead::new(head, filtered.dropped)
+            .fields()
+            .map(|(n, v)| {
+                format!(
+                    "{}: {}",
+                    String::from_utf8_lossy(n),
+                    String::from_utf8_lossy(v)
+                )
+            })
+            .collect();
+        (filtered, kept)
+    }
+
+    #[test]
+    fn hop_by_hop_fields_and_those_connection_names_are_not_forwarded() {
+        let (f, kept) = filtered(
+            "HTTP/1.1 200 OK\r\nConnection: close, X-Private\r\nKeep-Alive: timeout=5\r\n\
+             X-Private: 1\r\nServer: a\r\nUpgrade: h2c\r\nContent-Length: 2\r\n\r\n",
+        );
+        assert_eq!(kept, vec!["Server: a", "Content-Length: 2"]);
+        assert!(!f.length_overridden && !f.must_stream);
+    }
+
+    #[test]
+    fn a_length_beside_transfer_encoding_goes_and_the_connection_with_it() {
+        let (f, kept) = filtered(
+            "HTTP/1.1 200 OK\r\nContent-Length: 9\r\nTransfer-Encoding: chunked\r\nA: b\r\n\r\n",
+        );
+        assert_eq!(kept, vec!["A: b"]);
+        assert!(f.length_overridden);
+    }
+
+    #[test]
+    fn event_streams_and_x_accel_buffering_no_must_stream() {
+        let (f, kept) =
+            filtered("HTTP/1.1 200 OK\r\nContent-Type: Text/Event-Stream; charset=utf-8\r\n\r\n");
+        assert!(f.must_stream);
+        assert_eq!(kept.len(), 1);
+        let (f, kept) = filtered("HTTP/1.1 200 OK\r\nX-Accel-Buffering: no\r\nA: b\r\n\r\n");
+        assert!(f.must_stream);
+        assert_eq!(
+            kept,
+            vec!["A: b"],
+            "X-Accel-Buffering is nginx's, not forwarded"
+        );
+        let (f, _) = filtered(
+            "HTTP/1.1 200 OK\r\nX-Accel-Buffering: yes\r\nContent-Type: text/html\r\n\r\n",
+        );
+        assert!(!f.must_stream);
     }
 }

@@ -14,12 +14,11 @@ use std::time::Duration;
 use http::header::{self, HeaderValue};
 use http::{HeaderMap, Request, Response, StatusCode, Version};
 use http_body::Body;
-use hyper::body::Incoming;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
-use crate::body::{Streamed, UpstreamBody};
+use crate::body::{ClientBody, Streamed, UpstreamBody};
 use crate::error::RequestError;
 use crate::metrics::{BackendMetrics, TunnelEnd};
 
@@ -79,7 +78,7 @@ impl Proxy {
     pub(super) async fn tunnel(
         &self,
         mut ctx: RequestContext<'_>,
-        mut req: Request<Incoming>,
+        mut req: Request<ClientBody>,
         ds: &DownstreamInfo,
         host: Option<HeaderValue>,
         offered: HeaderValue,
@@ -166,6 +165,7 @@ impl Proxy {
                 inner: Inner::Tunnel(body),
                 bytes: 0,
                 log: ctx.log,
+                forwarded: None,
             },
         )
     }

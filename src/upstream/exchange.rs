@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::{HeaderMap, Method, Response};
+use http::Method;
 use http_body::{Body, Frame, SizeHint};
 use hyper::client::conn::http1::SendRequest;
 use tokio::sync::OwnedSemaphorePermit;
@@ -23,7 +23,7 @@ use crate::upstream::connect::{http1_handshake, Http1, Http1Conn};
 use crate::upstream::delivery::Written;
 use crate::upstream::keep_alive::KeepAliveHint;
 use crate::upstream::pool::{Pool, PooledConn};
-use crate::upstream::wire::{poll_head, read_head, BodyState, Outgoing, WriteError};
+use crate::upstream::wire::{poll_head, read_head, BodyState, Outgoing, Received, WriteError};
 
 /// A send that failed before any response arrived.
 pub struct SendFailure {
@@ -46,7 +46,7 @@ impl PooledConn<Http1> {
         &mut self,
         parts: &http::request::Parts,
         body: UpstreamBody,
-    ) -> Result<Response<ResponseBody>, SendFailure> {
+    ) -> Result<Received<ResponseBody>, SendFailure> {
         let addr = self.addr();
         let to_head = parts.method == Method::HEAD;
         let (conn, requests) = self.connection();
@@ -58,7 +58,7 @@ impl PooledConn<Http1> {
         let failed = match head {
             Ok(head) => match read_head(head, to_head) {
                 Ok((resp, ends)) => {
-                    self.observe(resp.headers(), ends);
+                    self.observe(&resp.head, ends);
                     return Ok(resp.map(|state| ResponseBody { state }));
                 }
                 Err(e) => RequestError::from_wire(addr, e),
@@ -75,10 +75,11 @@ impl PooledConn<Http1> {
 
     /// Tells the pool what the response head says of the backend's keep-alive, and whether
     /// the connection ends with this response.
-    fn observe(&mut self, headers: &HeaderMap, ends: bool) {
-        let hint = headers
-            .get(KEEP_ALIVE)
-            .map(|v| KeepAliveHint::parse(v.as_bytes()))
+    fn observe(&mut self, head: &ResponseHead, ends: bool) {
+        let hint = head
+            .fields
+            .get(KEEP_ALIVE.as_str())
+            .map(KeepAliveHint::parse)
             .unwrap_or_default();
         self.advertised(&hint, ends);
     }

@@ -1,7 +1,7 @@
 //! Owns the bytes on one connection to a backend, kaproxy's own HTTP/1.1 client over
 //! [`crate::http1`]: the socket and its read buffer ([`Wire`]), the request on its way out
 //! ([`Outgoing`]: its head written from the `http::Request`, its body framed as RFC 9112 §6
-//! says), the response head read ([`read_head`]) and its body decoded ([`BodyState`]).
+//! says), the response head read ([`read_head`], kept as bytes: [`Received`]) and its body decoded ([`BodyState`]).
 //!
 //! The connection has no task of its own: whichever task uses it polls it, the request's while
 //! it is checked out, the pool's sweep while it idles. Every poll of the socket goes through a
@@ -19,13 +19,13 @@ use std::task::{ready, Context, Poll, Wake, Waker};
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::task::AtomicWaker;
 use http::header::{HeaderName, HeaderValue, CONTENT_LENGTH};
-use http::{HeaderMap, Response, StatusCode};
+use http::{HeaderMap, StatusCode};
 use http_body::{Body, Frame};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::body::{BodyError, UpstreamBody};
 use crate::error::WireError;
-use crate::headers::connection_has;
+use crate::headers::values_have;
 use crate::http1::chunked::{self, Chunk, Decoder};
 use crate::http1::framing::{self, Framing};
 use crate::http1::head::{self, HeadError, ResponseHead, Version};
@@ -323,40 +323,46 @@ pub fn poll_head(wire: &mut Wire, cx: &mut Context<'_>) -> Poll<Result<ResponseH
     }
 }
 
-/// A response head as an `http::Response` for the response filter, the body's framing, and
-/// whether the connection ends with this response (`Connection: close`, an HTTP/1.0 response
-/// without `keep-alive`, or a body delimited by the close).
+/// A response from a backend: its status, its head as received (the fields in order, as
+/// bytes: the response filter reads them there and kaproxy's HTTP/1.1 loop writes them from
+/// there, no header map built on the way), and its body.
+#[derive(Debug)]
+pub struct Received<B> {
+    pub status: StatusCode,
+    pub head: ResponseHead,
+    pub body: B,
+}
+
+impl<B> Received<B> {
+    pub fn map<C>(self, f: impl FnOnce(B) -> C) -> Received<C> {
+        Received {
+            status: self.status,
+            head: self.head,
+            body: f(self.body),
+        }
+    }
+}
+
+/// A response head read: its status, the body's framing, and whether the connection ends with
+/// this response (`Connection: close`, an HTTP/1.0 response without `keep-alive`, or a body
+/// delimited by the close).
 pub fn read_head(
     head: ResponseHead,
     to_head: bool,
-) -> Result<(Response<BodyState>, bool), WireError> {
+) -> Result<(Received<BodyState>, bool), WireError> {
     let framing = framing::response(head.status, to_head, head.fields.iter())?.framing;
     let status = StatusCode::from_u16(head.status)
         .map_err(|_| WireError::Head(HeadError::Malformed(httparse::Error::Status)))?;
-    let bytes = head.as_bytes();
-    let mut headers = HeaderMap::with_capacity(head.fields.len());
-    for (name, value) in head.fields.iter() {
-        let malformed = || WireError::Head(HeadError::Malformed(httparse::Error::HeaderName));
-        let name = HeaderName::from_bytes(name).map_err(|_| malformed())?;
-        let value =
-            HeaderValue::from_maybe_shared(bytes.slice_ref(value)).map_err(|_| malformed())?;
-        headers.append(name, value);
-    }
+    let connection = || head.fields.get_all("connection");
     let keep_alive = match head.version {
-        Version::Http11 => !connection_has(&headers, "close"),
+        Version::Http11 => !values_have(connection(), "close"),
         Version::Http10 => {
-            connection_has(&headers, "keep-alive") && !connection_has(&headers, "close")
+            values_have(connection(), "keep-alive") && !values_have(connection(), "close")
         }
     };
     let ends = !keep_alive || framing == Framing::UntilClose;
-    let mut response = Response::new(BodyState::new(framing));
-    *response.status_mut() = status;
-    *response.version_mut() = match head.version {
-        Version::Http10 => http::Version::HTTP_10,
-        Version::Http11 => http::Version::HTTP_11,
-    };
-    *response.headers_mut() = headers;
-    Ok((response, ends))
+    let body = BodyState::new(framing);
+    Ok((Received { status, head, body }, ends))
 }
 
 /// Where a response body is in its framing.
@@ -528,8 +534,8 @@ mod tests {
     ) -> Result<(u16, bool, String, HeaderMap), WireError> {
         let head = poll_fn(|cx| poll_head(wire, cx)).await?;
         let (resp, ends) = read_head(head, to_head)?;
-        let status = resp.status().as_u16();
-        let mut body = resp.into_body();
+        let status = resp.status.as_u16();
+        let mut body = resp.body;
         let (mut data, mut trailers) = (String::new(), HeaderMap::new());
         while let Some(frame) = poll_fn(|cx| body.poll_frame(wire, cx)).await {
             match frame?.into_data() {

@@ -7,6 +7,7 @@ mod buffering;
 mod downstream;
 mod drain;
 mod flood;
+mod h1_loop;
 mod harness;
 mod hostile;
 mod hostile_paths;

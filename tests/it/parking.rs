@@ -173,7 +173,7 @@ async fn pipelined_start_of_a_request_survives_parking() {
     let proxy = proxy_for(backend.addr()).await;
     let addr = proxy.server.http_addr().unwrap();
     let mut stream = TcpStream::connect(addr).await.expect("connect");
-    // One request and the start of the next in one write: hyper reads both.
+    // One request and the start of the next in one write: kaproxy's loop reads both.
     stream
         .write_all(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHo")
         .await
@@ -181,10 +181,9 @@ async fn pipelined_start_of_a_request_survives_parking() {
     let mut pending = Vec::new();
     let first = read_response(&mut stream, &mut pending).await;
     assert!(first.starts_with("HTTP/1.1 200"), "{first}");
-    // Past PARK_AFTER the connection is taken back from hyper with the half-read head, which
-    // the next round reads first. Time itself must pass here, and no gauge can show it: a
-    // connection holding unparsed bytes goes straight back to hyper without waiting on the
-    // bare socket (`kaproxy_downstream_connections_waiting` never counts it).
+    // Past PARK_AFTER the half-read head is still held (a connection holding unparsed bytes
+    // is never parked: `kaproxy_downstream_connections_waiting` never counts it), and read
+    // on. Time itself must pass here, and no gauge can show it.
     tokio::time::sleep(PAST_PARK_AFTER).await;
     stream.write_all(b"st: x\r\n\r\n").await.unwrap();
     let second = read_response(&mut stream, &mut pending).await;

@@ -1,12 +1,13 @@
-//! What both HTTP/1.1 differential targets (`http1_body`, `http1_response`) share: the fuzzed
-//! framing fields and body they write after a start line, how kaproxy's codec reads a
-//! request body back (`http1_response` reads through kaproxy's upstream client instead), and
-//! the runtime each input runs on.
+//! What the HTTP/1.1 differential targets (`http1_body`, `http1_response`, `http1_request`)
+//! share: the fuzzed framing fields and body they write after a start line, how kaproxy's
+//! codec reads a request body back (`http1_response` reads through kaproxy's upstream client
+//! instead), hyper's server on the same bytes, and the runtime each input runs on.
 
 use arbitrary::Arbitrary;
 use bytes::BytesMut;
 use kaproxy::http1::chunked::{self, Chunk, ChunkError, Decoder};
 use kaproxy::http1::framing::Framing;
+use tokio::io::AsyncWriteExt;
 
 #[derive(Arbitrary, Debug)]
 pub enum Name {
@@ -90,4 +91,26 @@ pub fn block_on<F: std::future::Future>(future: F) -> F::Output {
         .build()
         .unwrap()
         .block_on(future)
+}
+
+/// hyper's HTTP/1 server on an in-memory connection fed `bytes`, then end of stream,
+/// answering with `service`, for at most 5 s.
+#[allow(dead_code)] // not http1_response's
+pub fn serve_with_hyper<S>(bytes: Vec<u8>, service: S)
+where
+    S: hyper::service::HttpService<hyper::body::Incoming>,
+    S::ResBody: 'static,
+    <S::ResBody as http_body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    block_on(async move {
+        let (mut client, server) = tokio::io::duplex(1 << 20);
+        client.write_all(&bytes).await.unwrap();
+        client.shutdown().await.unwrap();
+        // half_close: the end of the input is the client done sending, not gone.
+        let conn = hyper::server::conn::http1::Builder::new()
+            .half_close(true)
+            .serve_connection(hyper_util::rt::TokioIo::new(server), service);
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), conn).await;
+        drop(client);
+    });
 }

@@ -528,8 +528,8 @@ async fn get(pool: &Arc<Pool>) -> Result<bool, RequestError> {
         .insert(http::header::HOST, http::HeaderValue::from_static("b"));
     let (parts, body) = req.into_parts();
     let resp = conn.send(&parts, body).await.map_err(|f| f.error)?;
-    assert_eq!(resp.status(), 200);
-    let body = conn.attach(resp.into_body());
+    assert_eq!(resp.status, 200);
+    let body = conn.attach(resp.body);
     body.collect().await.expect("body");
     Ok(reused)
 }

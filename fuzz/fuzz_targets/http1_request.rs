@@ -1,0 +1,141 @@
+//! Differential: the requests kaproxy's own HTTP/1.1 loop takes (`kaproxy::downstream::h1`:
+//! the head parsed by `kaproxy::http1::head`, then `take`) against what hyper's server (which
+//! answers every request the loop does not take) reads from the same bytes. Pipelined
+//! requests with fuzzed methods, targets, versions, field names and values, line ends, then
+//! any bytes. Every request the loop takes must be the request hyper reads there, field for
+//! field; where the loop stops (a request it hands over, a head that does not parse), hyper
+//! goes on from the same byte, so nothing else needs to agree.
+#![no_main]
+
+use std::sync::{Arc, Mutex};
+
+use arbitrary::Arbitrary;
+use bytes::{Bytes, BytesMut};
+use kaproxy::downstream::h1::take;
+use kaproxy::http1::head::parse_request;
+use libfuzzer_sys::fuzz_target;
+
+// Only hyper's server is used here.
+#[allow(dead_code)]
+#[path = "shared/http1_message.rs"]
+mod message;
+use message::serve_with_hyper;
+
+#[derive(Arbitrary, Debug)]
+enum Method {
+    Get,
+    Head,
+    Post,
+    Options,
+    Connect,
+    Other(Vec<u8>),
+}
+
+#[derive(Arbitrary, Debug)]
+struct Req {
+    method: Method,
+    target: Vec<u8>,
+    minor: u8,
+    fields: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Bare LF line ends instead of CRLF.
+    lf: bool,
+}
+
+#[derive(Arbitrary, Debug)]
+struct Input {
+    requests: Vec<Req>,
+    tail: Vec<u8>,
+}
+
+impl Req {
+    fn write(&self, out: &mut Vec<u8>) {
+        let eol: &[u8] = if self.lf { b"\n" } else { b"\r\n" };
+        out.extend_from_slice(match &self.method {
+            Method::Get => b"GET",
+            Method::Head => b"HEAD",
+            Method::Post => b"POST",
+            Method::Options => b"OPTIONS",
+            Method::Connect => b"CONNECT",
+            Method::Other(m) => &m[..m.len().min(12)],
+        });
+        out.push(b' ');
+        out.extend_from_slice(&self.target[..self.target.len().min(48)]);
+        out.extend_from_slice(b" HTTP/1.");
+        out.push(b'0' + self.minor % 3);
+        out.extend_from_slice(eol);
+        for (name, value) in self.fields.iter().take(8) {
+            out.extend_from_slice(&name[..name.len().min(24)]);
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(&value[..value.len().min(32)]);
+            out.extend_from_slice(eol);
+        }
+        out.extend_from_slice(eol);
+    }
+}
+
+/// What a server read of one request: method, target, version, fields in order, and
+/// whether it had a body.
+type Seen = (String, String, http::Version, Vec<(String, Vec<u8>)>, bool);
+
+fn seen<B: http_body::Body>(req: &http::Request<B>) -> Seen {
+    (
+        req.method().to_string(),
+        req.uri().to_string(),
+        req.version(),
+        req.headers()
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))
+            .collect(),
+        !req.body().is_end_stream(),
+    )
+}
+
+/// The requests the own loop takes, in order, until it stops.
+fn ours(bytes: &[u8]) -> Vec<Seen> {
+    let mut buf = BytesMut::from(bytes);
+    let mut taken = Vec::new();
+    while let Ok(Some(head)) = parse_request(&mut buf, 64 * 1024) {
+        let Some(t) = take(&head) else { break };
+        taken.push(seen(&t.req));
+        if t.close {
+            break;
+        }
+    }
+    taken
+}
+
+/// The requests hyper's server reads from `bytes`, then end of stream.
+fn hypers(bytes: &[u8]) -> Vec<Seen> {
+    let all: Arc<Mutex<Vec<Seen>>> = Arc::default();
+    let record = all.clone();
+    let bytes = bytes.to_vec();
+    let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+        record.lock().unwrap().push(seen(&req));
+        async move {
+            Ok::<_, std::convert::Infallible>(http::Response::new(
+                http_body_util::Empty::<Bytes>::new(),
+            ))
+        }
+    });
+    serve_with_hyper(bytes, service);
+    let all = all.lock().unwrap().clone();
+    all
+}
+
+fuzz_target!(|input: Input| {
+    let mut bytes = Vec::new();
+    for req in input.requests.iter().take(4) {
+        req.write(&mut bytes);
+    }
+    bytes.extend_from_slice(&input.tail[..input.tail.len().min(64)]);
+    let mine = ours(&bytes);
+    if mine.is_empty() {
+        return;
+    }
+    let theirs = hypers(&bytes);
+    assert!(
+        theirs.len() >= mine.len() && theirs[..mine.len()] == mine[..],
+        "the own loop took {mine:?}\nwhere hyper read {theirs:?}\nfrom {:?}",
+        String::from_utf8_lossy(&bytes)
+    );
+});

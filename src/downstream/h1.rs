@@ -1,0 +1,294 @@
+//! Owns kaproxy's own HTTP/1.1 connection loop: a request head read into the connection's
+//! buffer and parsed by [`crate::http1::head`], answered by the proxy, its response written by
+//! [`crate::http1::encode`], then the next request, pipelined ones from the same buffer.
+//!
+//! It takes the request a proxy serves most: HTTP/1.1 without a body, without `Upgrade` or
+//! `Expect`, whose head httparse and the `http` types accept. Any other, and any head that
+//! does not parse, goes with the bytes read so far to a round of hyper ([`super::conn`]), which
+//! answers it as before (its framing rules, 400/431, `Expect: 100-continue`, the upgrade to a
+//! tunnel); the README, "HTTP/1.1 data path", says which requests take which path. The
+//! timers are the connection's ([`super::timers`]): 408 for a head not complete within
+//! `header_timeout`, the idle and first-request closes, and parking after
+//! [`PARK_AFTER`](super::timers::PARK_AFTER) idle, when the buffers are dropped.
+
+use std::pin::Pin;
+use std::task::Poll;
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, Uri, Version};
+use http_body::Body;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::Instant;
+use tracing::debug;
+
+use crate::body::ClientBody;
+use crate::config::DownstreamConfig;
+use crate::downstream::requests::{Requests, ResponseBody};
+use crate::downstream::timers::{ConnState, Timer, RESPONSE_408};
+use crate::http1::encode::{self, BodySize};
+use crate::http1::head::{self, RequestHead};
+use crate::proxy::ForwardedHead;
+use crate::shutdown::Shutdown;
+
+/// The read buffer of a connection this loop serves starts at this size (hyper's too) and
+/// grows up to `max_header_bytes` for a long head.
+const READ_BUF: usize = 8 * 1024;
+
+/// Response bytes gathered before they are written: a head and a small body go in one write;
+/// a larger body frame is written beside what is gathered, not copied into it.
+const GATHER: usize = 16 * 1024;
+
+/// How the loop let go of its connection.
+pub(super) enum Next {
+    /// Idle past `PARK_AFTER` with nothing buffered: park it.
+    Park,
+    /// Finished: the client closed, a timer closed it, or the last response went.
+    Close,
+    /// A request this loop does not take, or a head that does not parse: these bytes, read
+    /// from the connection, are hyper's to answer.
+    Hyper(Bytes),
+}
+
+/// A request head the loop takes, as the proxy reads it.
+pub struct Taken {
+    pub req: Request<ClientBody>,
+    /// The client said `Connection: close`.
+    pub close: bool,
+    /// A HEAD request: its response has no body.
+    pub head: bool,
+}
+
+/// Serves requests on `io` (`prefix` read first) until the connection parks, closes, or a
+/// request is hyper's.
+pub(super) async fn serve<I>(
+    io: &mut I,
+    prefix: Bytes,
+    state: &ConnState,
+    requests: &Requests,
+    cfg: &DownstreamConfig,
+    shutdown: &mut Shutdown,
+) -> Next
+where
+    I: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut buf = if prefix.is_empty() {
+        BytesMut::with_capacity(READ_BUF)
+    } else {
+        BytesMut::from(&prefix[..])
+    };
+    let mut out = BytesMut::new();
+    // Timers as in hyper's rounds: checked when this wakes, never re-armed per request.
+    let (first, _) = state.next_check(cfg, true, Instant::now());
+    let sleep = tokio::time::sleep_until(first);
+    tokio::pin!(sleep);
+    loop {
+        let head = loop {
+            if !buf.is_empty() {
+                match head::parse_request(&mut buf, cfg.max_header_bytes) {
+                    Ok(Some(head)) => break head,
+                    Ok(None) => state.head_bytes_arrived(),
+                    Err(_) => return Next::Hyper(buf.freeze()),
+                }
+            }
+            if buf.capacity() - buf.len() < READ_BUF / 4 {
+                buf.reserve(READ_BUF);
+            }
+            state.at_rest();
+            tokio::select! {
+                biased;
+                read = io.read_buf(&mut buf) => match read {
+                    Ok(0) | Err(_) => return Next::Close,
+                    Ok(_) => {}
+                },
+                () = &mut sleep => {
+                    let now = Instant::now();
+                    match state.next_check(cfg, true, now) {
+                        (at, Some(timer)) if at <= now => return fired(io, timer).await,
+                        (at, _) => sleep.as_mut().reset(at),
+                    }
+                }
+                () = shutdown.begun() => return Next::Close,
+            }
+        };
+        let Some(taken) = take(&head) else {
+            let mut rest = BytesMut::with_capacity(head.as_bytes().len() + buf.len());
+            rest.extend_from_slice(head.as_bytes());
+            rest.extend_from_slice(&buf);
+            return Next::Hyper(rest.freeze());
+        };
+        drop(head);
+        let (resp, forwarded) = requests.answer(taken.req, true).await;
+        let keep_alive = !taken.close && !shutdown.is_begun();
+        let resp = Answer {
+            resp,
+            forwarded,
+            head: taken.head,
+        };
+        if !write_response(io, resp, keep_alive, &mut out).await {
+            return Next::Close;
+        }
+    }
+}
+
+/// Carries out a timer that fired while the loop waited for a head.
+async fn fired<I: AsyncWrite + Unpin>(io: &mut I, timer: Timer) -> Next {
+    match timer {
+        Timer::Head => {
+            debug!("request head not complete within header_timeout; 408");
+            let _ = io.write_all(RESPONSE_408).await;
+            let _ = io.flush().await;
+            Next::Close
+        }
+        Timer::FirstRequest => Next::Close,
+        Timer::Idle => {
+            debug!("downstream connection idle; closing");
+            Next::Close
+        }
+        Timer::Park => Next::Park,
+    }
+}
+
+/// The request `head` as the proxy takes it, or None when it is hyper's: not HTTP/1.1, a
+/// body (`Content-Length`, `Transfer-Encoding`), `Upgrade`, `Expect`, CONNECT, or a method,
+/// target, name or value the `http` types refuse (hyper answers those 400). The `http1_request`
+/// fuzz target holds every request taken to what hyper's server reads from the same bytes.
+pub fn take(head: &RequestHead) -> Option<Taken> {
+    if head.version != crate::http1::head::Version::Http11 {
+        return None;
+    }
+    let method = Method::from_bytes(head.method()).ok()?;
+    if method == Method::CONNECT {
+        return None;
+    }
+    let bytes = head.as_bytes();
+    let uri = Uri::from_maybe_shared(bytes.slice_ref(head.target())).ok()?;
+    // Room for the fields the request filter adds (X-Forwarded-*, Forwarded, X-Real-IP), so
+    // the map is not grown on the way.
+    let mut headers = HeaderMap::with_capacity(head.fields.len() + 6);
+    for (name, value) in head.fields.iter() {
+        let name = HeaderName::from_bytes(name).ok()?;
+        if name == header::CONTENT_LENGTH
+            || name == header::TRANSFER_ENCODING
+            || name == header::UPGRADE
+            || name == header::EXPECT
+        {
+            return None;
+        }
+        let value = HeaderValue::from_maybe_shared(bytes.slice_ref(value)).ok()?;
+        headers.append(name, value);
+    }
+    let close = crate::headers::connection_has(&headers, "close");
+    let head = method == Method::HEAD;
+    let mut req = Request::new(ClientBody::Empty);
+    *req.method_mut() = method;
+    *req.uri_mut() = uri;
+    *req.version_mut() = Version::HTTP_11;
+    *req.headers_mut() = headers;
+    Some(Taken { req, close, head })
+}
+
+/// A response to write.
+struct Answer {
+    resp: Response<ResponseBody>,
+    /// A backend's head, written from its bytes before the fields of `resp`'s map.
+    forwarded: Option<Box<ForwardedHead>>,
+    /// The request was HEAD: no body follows the head.
+    head: bool,
+}
+
+/// Writes `answer` and returns whether the connection goes on: `keep_alive`, no
+/// `Connection: close` in the response, the body sent whole and every write done (a client
+/// that does not read for `send_timeout` fails the write: the socket's deadline,
+/// [`super::socket`]).
+async fn write_response<I: AsyncWrite + Unpin>(
+    io: &mut I,
+    answer: Answer,
+    keep_alive: bool,
+    out: &mut BytesMut,
+) -> bool {
+    let Answer {
+        resp,
+        forwarded,
+        head,
+    } = answer;
+    let (parts, mut body) = resp.into_parts();
+    let size = if body.is_end_stream() {
+        BodySize::Empty
+    } else {
+        body.size_hint()
+            .exact()
+            .map_or(BodySize::Unknown, BodySize::Exact)
+    };
+    let mut keep_alive = keep_alive;
+    let fields = forwarded.iter().flat_map(|f| f.fields()).chain(
+        parts
+            .headers
+            .iter()
+            .map(|(name, value)| (name.as_str().as_bytes(), value.as_bytes())),
+    );
+    let mut encoder = encode::response_head(parts.status, fields, head, size, &mut keep_alive, out);
+    drop((parts, forwarded));
+    let mut whole = true;
+    if !encoder.is_done() {
+        whole = loop {
+            // What is gathered is written while the body has nothing ready.
+            let frame = std::future::poll_fn(|cx| match Pin::new(&mut body).poll_frame(cx) {
+                Poll::Ready(frame) => Poll::Ready(Some(frame)),
+                Poll::Pending if out.is_empty() => Poll::Pending,
+                Poll::Pending => Poll::Ready(None),
+            })
+            .await;
+            let data = match frame {
+                None => {
+                    if !write_out(io, out).await {
+                        return false;
+                    }
+                    continue;
+                }
+                Some(None) => break encoder.finish(out),
+                Some(Some(Err(e))) => {
+                    debug!(error = %e, "response body failed; closing the connection");
+                    break false;
+                }
+                Some(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => data,
+                    // Trailers: not forwarded on HTTP/1.1 (as hyper did).
+                    Err(_) => continue,
+                },
+            };
+            let n = encoder.start_frame(data.len(), out);
+            if out.len() + n <= GATHER {
+                out.extend_from_slice(&data[..n]);
+            } else {
+                let mut both = (&mut *out).chain(data.slice(..n));
+                if io.write_all_buf(&mut both).await.is_err() {
+                    return false;
+                }
+                out.clear();
+            }
+            encoder.end_frame(n, out);
+            if n < data.len() {
+                // More than its Content-Length: the rest cannot be sent on this connection.
+                break false;
+            }
+            if out.len() >= GATHER && !write_out(io, out).await {
+                return false;
+            }
+        };
+    }
+    let sent = write_out(io, out).await && io.flush().await.is_ok();
+    // The end of the response: the connection is idle from here (the in-flight guard).
+    drop(body);
+    sent && whole && keep_alive
+}
+
+/// Writes what is gathered in `out`; false when the write fails.
+async fn write_out<I: AsyncWrite + Unpin>(io: &mut I, out: &mut BytesMut) -> bool {
+    if out.is_empty() {
+        return true;
+    }
+    let ok = io.write_all(out).await.is_ok();
+    out.clear();
+    ok
+}
