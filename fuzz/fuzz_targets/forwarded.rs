@@ -1,13 +1,15 @@
 //! The forwarding-header policy (`upstream_request_headers`) on arbitrary request headers, peers
 //! and `[forwarded]` settings. Never panics; the client cannot forge X-Forwarded-For or
-//! X-Forwarded-Proto unless its peer is trusted; hop-by-hop headers never reach the backend.
+//! X-Forwarded-Proto unless its peer is trusted; hop-by-hop headers never reach the backend;
+//! and the head kaproxy writes upstream with the policy applied on the way (`upstream_head`)
+//! has exactly the fields of the map the policy edited.
 #![no_main]
 
 use arbitrary::Arbitrary;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use ipnet::IpNet;
 use kaproxy::config::ForwardedConfig;
-use kaproxy::proxy::{upstream_request_headers, DownstreamInfo};
+use kaproxy::proxy::{upstream_head, upstream_request_headers, DownstreamInfo};
 use libfuzzer_sys::fuzz_target;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
@@ -144,7 +146,27 @@ fuzz_target!(|input: Input| {
     let host = input.host.as_ref().and_then(Value::header_value);
     let before = headers.clone();
 
+    let mut req = http::Request::new(());
+    *req.headers_mut() = before.clone();
+    let (parts, ()) = req.into_parts();
+    let written = upstream_head(&parts, &ds, &cfg, host.as_ref());
+
     upstream_request_headers(&mut headers, &ds, &cfg, host.as_ref());
+
+    // The same fields, whatever their order (names in any case, values as a backend trims them).
+    let parsed = written.parse().expect("a valid head");
+    let key = |n: &[u8], v: &[u8]| (n.to_ascii_lowercase(), v.trim_ascii().to_vec());
+    let mut got: Vec<_> = parsed.fields.iter().map(|(n, v)| key(n, v)).collect();
+    let mut want: Vec<_> = headers
+        .iter()
+        .map(|(n, v)| key(n.as_ref(), v.as_bytes()))
+        .collect();
+    got.sort();
+    want.sort();
+    assert_eq!(
+        got, want,
+        "the head written upstream and the policy's map differ for {before:?}"
+    );
 
     let trusted = cfg.trusted_proxies.iter().any(|n| n.contains(&peer_ip));
     let one = |name: &str| -> Option<String> {

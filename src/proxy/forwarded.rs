@@ -9,6 +9,8 @@ use http::HeaderMap;
 
 use crate::config::ForwardedConfig;
 use crate::headers::KEEP_ALIVE;
+use crate::upstream::wire::{HeadWriter, OutgoingHead};
+use http::request::Parts;
 
 use super::route::origin_form;
 
@@ -133,13 +135,20 @@ pub(super) fn strip_hop_by_hop_found(headers: &mut HeaderMap) -> Stripped {
 /// The client's address: the peer, or — when the peer is a trusted proxy — the right-most
 /// untrusted address of its X-Forwarded-For chain.
 pub(super) fn client_ip(peer: IpAddr, headers: &HeaderMap, cfg: &ForwardedConfig) -> IpAddr {
+    client_ip_from(peer, headers.get_all(&X_FORWARDED_FOR).iter(), cfg)
+}
+
+/// [`client_ip`] from the `X-Forwarded-For` values `xff`.
+fn client_ip_from<'a>(
+    peer: IpAddr,
+    xff: impl Iterator<Item = &'a HeaderValue>,
+    cfg: &ForwardedConfig,
+) -> IpAddr {
     let trusted = |ip: &IpAddr| cfg.trusted_proxies.iter().any(|n| n.contains(ip));
     if !trusted(&peer) {
         return peer;
     }
-    let mut chain: Vec<IpAddr> = headers
-        .get_all(&X_FORWARDED_FOR)
-        .iter()
+    let mut chain: Vec<IpAddr> = xff
         .filter_map(|v| v.to_str().ok())
         .flat_map(|s| s.split(','))
         .filter_map(|s| s.trim().parse().ok())
@@ -187,8 +196,9 @@ pub(super) fn filter_head(
     parts.uri = origin_form(&parts.uri);
 }
 
-/// Request filter: hop-by-hop out (an `Upgrade` with its `HTTP2-Settings`: a tunnel puts back
-/// what it tunnels), forwarding headers in, `Host` kept, keep-alive asked for.
+/// Request filter on a header map (a tunnel's handshake, which hyper's client sends): hop-by-hop
+/// out (an `Upgrade` with its `HTTP2-Settings`: a tunnel puts back what it tunnels), the
+/// forwarding fields in ([`Forwarding`]), `Host` kept, keep-alive asked for.
 pub fn upstream_request_headers(
     headers: &mut HeaderMap,
     ds: &DownstreamInfo,
@@ -198,74 +208,176 @@ pub fn upstream_request_headers(
     if strip_hop_by_hop_found(headers).upgrade {
         headers.remove(&HTTP2_SETTINGS);
     }
-    let peer = ds.peer.ip();
-    let trusted = cfg.trusted_proxies.iter().any(|n| n.contains(&peer));
-    let proto = if ds.tls { "https" } else { "http" };
+    let forwarding = Forwarding::of(headers, &[], ds, cfg, host);
+    for (name, value) in forwarding.edits.into_iter().flatten() {
+        match value {
+            Some(v) => headers.insert(name, v),
+            None => headers.remove(name),
+        };
+    }
+}
 
-    let prior: Option<String> = if trusted {
-        let parts: Vec<&str> = headers
-            .get_all(&X_FORWARDED_FOR)
+/// The request filter applied while the upstream head is written from `parts` (the map is
+/// read, not edited): the same fields out and in as [`upstream_request_headers`], a field it
+/// sets written where the client's first field of that name was (the others of that name
+/// left out) or after the client's fields when the client sent none, the target in origin
+/// form. Checked against the map's way by the `forwarded` fuzz target and a property test.
+pub fn upstream_head(
+    parts: &Parts,
+    ds: &DownstreamInfo,
+    cfg: &ForwardedConfig,
+    host: Option<&HeaderValue>,
+) -> OutgoingHead {
+    let headers = &parts.headers;
+    let named: Vec<&[u8]> = connection_named(
+        headers
+            .get_all(header::CONNECTION)
             .iter()
-            .filter_map(|v| v.to_str().ok())
-            .collect();
-        (!parts.is_empty()).then(|| parts.join(", "))
-    } else {
-        None
-    };
-    let xff = match prior {
-        Some(p) => header_value(&format!("{p}, {peer}")),
-        None => ds.peer_value.clone(),
-    };
-    headers.insert(X_FORWARDED_FOR, xff);
-    if cfg.x_forwarded_proto {
-        // From a trusted proxy (e.g. a TLS-terminating LB in front) its view wins.
-        let keep = |headers: &HeaderMap, h: &HeaderName| trusted && headers.contains_key(h);
-        if !keep(headers, &X_FORWARDED_PROTO) {
-            headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+            .map(HeaderValue::as_bytes),
+    )
+    .collect();
+    let upgrade = headers.contains_key(header::UPGRADE);
+    let forwarding = Forwarding::of(headers, &named, ds, cfg, host);
+    let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let mut head = HeadWriter::new(&parts.method, target, headers.len() + EDITS);
+    let mut written = [false; EDITS];
+    for (name, value) in headers {
+        let n = name.as_str().as_bytes();
+        if is_hop_by_hop(n)
+            || named.iter().any(|d| d.eq_ignore_ascii_case(n))
+            || (upgrade && name == HTTP2_SETTINGS)
+        {
+            continue;
         }
-        if !keep(headers, &X_FORWARDED_PORT) {
-            headers.insert(X_FORWARDED_PORT, ds.port_value.clone());
-        }
-        if !keep(headers, &X_FORWARDED_HOST) {
-            match host {
-                Some(h) => headers.insert(X_FORWARDED_HOST, h.clone()),
-                None => headers.remove(X_FORWARDED_HOST),
-            };
-        }
-    }
-    if cfg.forwarded {
-        let node = match peer {
-            IpAddr::V4(v4) => v4.to_string(),
-            IpAddr::V6(v6) => format!("\"[{v6}]\""),
-        };
-        let mut element = format!("for={node};proto={proto}");
-        if let Some(h) = host.and_then(|h| h.to_str().ok()) {
-            // A quoted-string (RFC 7239 §4, RFC 9110 §5.6.4): `"` and `\` escaped, so a
-            // client's Host cannot close the quote and add elements of its own.
-            element.push_str(";host=\"");
-            for c in h.chars() {
-                if c == '"' || c == '\\' {
-                    element.push('\\');
+        match forwarding.position(name) {
+            Some(i) => {
+                if !std::mem::replace(&mut written[i], true) {
+                    if let Some((_, Some(v))) = &forwarding.edits[i] {
+                        head.field(n, v.as_bytes());
+                    }
                 }
-                element.push(c);
             }
-            element.push('"');
+            None => head.field(n, value.as_bytes()),
         }
-        let value = match headers.get(&FORWARDED).and_then(|v| v.to_str().ok()) {
-            Some(prev) if trusted => format!("{prev}, {element}"),
-            _ => element,
+    }
+    for (edit, written) in forwarding.edits.iter().zip(written) {
+        if let (Some((name, Some(value))), false) = (edit, written) {
+            head.field(name.as_str().as_bytes(), value.as_bytes());
+        }
+    }
+    head.finish()
+}
+
+/// How many fields the request filter sets or removes at most.
+const EDITS: usize = 8;
+
+/// The forwarding fields of one request, decided once from the client's fields (less those
+/// its `Connection` names, which go): each sets (`Some`) or removes (`None`) every field of
+/// its name. `X-Forwarded-For`; `X-Forwarded-Proto` / `-Port` / `-Host` (from a trusted
+/// proxy, its own win); `Forwarded`; `X-Real-IP`; `Host` from the target's authority;
+/// `Connection: keep-alive`. The README's `[forwarded]` says when each is on.
+struct Forwarding {
+    edits: [Option<(HeaderName, Option<HeaderValue>)>; EDITS],
+}
+
+impl Forwarding {
+    fn of(
+        headers: &HeaderMap,
+        dropped: &[&[u8]],
+        ds: &DownstreamInfo,
+        cfg: &ForwardedConfig,
+        host: Option<&HeaderValue>,
+    ) -> Forwarding {
+        let kept = |name: &HeaderName| {
+            !dropped
+                .iter()
+                .any(|d| d.eq_ignore_ascii_case(name.as_str().as_bytes()))
         };
-        headers.insert(FORWARDED, header_value(&value));
+        let values = |name: HeaderName| {
+            let kept = kept(&name);
+            headers.get_all(name).iter().filter(move |_| kept)
+        };
+        let peer = ds.peer.ip();
+        let trusted = cfg.trusted_proxies.iter().any(|n| n.contains(&peer));
+        let proto = if ds.tls { "https" } else { "http" };
+        let mut edits: [Option<(HeaderName, Option<HeaderValue>)>; EDITS] = Default::default();
+        let mut n = 0;
+        let mut set = |name: HeaderName, value: Option<HeaderValue>| {
+            edits[n] = Some((name, value));
+            n += 1;
+        };
+
+        let prior: Option<String> = if trusted {
+            let parts: Vec<&str> = values(X_FORWARDED_FOR)
+                .filter_map(|v| v.to_str().ok())
+                .collect();
+            (!parts.is_empty()).then(|| parts.join(", "))
+        } else {
+            None
+        };
+        let xff = match prior {
+            Some(p) => header_value(&format!("{p}, {peer}")),
+            None => ds.peer_value.clone(),
+        };
+        set(X_FORWARDED_FOR, Some(xff));
+        if cfg.x_forwarded_proto {
+            // From a trusted proxy (e.g. a TLS-terminating LB in front) its view wins.
+            let keep = |h: HeaderName| trusted && values(h).next().is_some();
+            if !keep(X_FORWARDED_PROTO) {
+                set(X_FORWARDED_PROTO, Some(HeaderValue::from_static(proto)));
+            }
+            if !keep(X_FORWARDED_PORT) {
+                set(X_FORWARDED_PORT, Some(ds.port_value.clone()));
+            }
+            if !keep(X_FORWARDED_HOST) {
+                set(X_FORWARDED_HOST, host.cloned());
+            }
+        }
+        if cfg.forwarded {
+            let node = match peer {
+                IpAddr::V4(v4) => v4.to_string(),
+                IpAddr::V6(v6) => format!("\"[{v6}]\""),
+            };
+            let mut element = format!("for={node};proto={proto}");
+            if let Some(h) = host.and_then(|h| h.to_str().ok()) {
+                // A quoted-string (RFC 7239 §4, RFC 9110 §5.6.4): `"` and `\` escaped, so a
+                // client's Host cannot close the quote and add elements of its own.
+                element.push_str(";host=\"");
+                for c in h.chars() {
+                    if c == '"' || c == '\\' {
+                        element.push('\\');
+                    }
+                    element.push(c);
+                }
+                element.push('"');
+            }
+            let value = match values(FORWARDED).next().and_then(|v| v.to_str().ok()) {
+                Some(prev) if trusted => format!("{prev}, {element}"),
+                _ => element,
+            };
+            set(FORWARDED, Some(header_value(&value)));
+        }
+        if cfg.x_real_ip {
+            let ip = client_ip_from(peer, values(X_FORWARDED_FOR), cfg);
+            set(X_REAL_IP, Some(header_value(&ip.to_string())));
+        }
+        // The authority of an HTTP/2 or absolute-form target becomes the backend's `Host`.
+        if let Some(h) = host {
+            set(header::HOST, Some(h.clone()));
+        }
+        set(
+            header::CONNECTION,
+            Some(HeaderValue::from_static("keep-alive")),
+        );
+        Forwarding { edits }
     }
-    if cfg.x_real_ip {
-        let ip = client_ip(peer, headers, cfg);
-        headers.insert(X_REAL_IP, header_value(&ip.to_string()));
+
+    /// Which edit, if any, is for `name`.
+    fn position(&self, name: &HeaderName) -> Option<usize> {
+        self.edits
+            .iter()
+            .position(|e| e.as_ref().is_some_and(|(n, _)| n == name))
     }
-    // The authority of an HTTP/2 or absolute-form target becomes the backend's `Host`.
-    if let Some(h) = host {
-        headers.insert(header::HOST, h.clone());
-    }
-    crate::upstream::keep_alive::ask_keep_alive(headers);
 }
 
 pub(super) fn header_value(s: &str) -> HeaderValue {
@@ -334,6 +446,13 @@ mod tests {
             "127.0.0.1:8080".parse().unwrap(),
             false,
         );
+        let mut req = http::Request::new(());
+        *req.headers_mut() = h.clone();
+        let (parts, ()) = req.into_parts();
+        let written = upstream_head(&parts, &ds, &ForwardedConfig::default(), None);
+        let written = String::from_utf8_lossy(written.as_bytes()).to_ascii_lowercase();
+        assert!(!written.contains("upgrade") && !written.contains("http2-settings"));
+        assert!(written.contains("\r\nx-kept: 1\r\n"), "{written}");
         upstream_request_headers(&mut h, &ds, &ForwardedConfig::default(), None);
         assert!(h.get(header::UPGRADE).is_none() && h.get(&HTTP2_SETTINGS).is_none());
         assert_eq!(h.get("x-kept").unwrap(), "1");

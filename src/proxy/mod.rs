@@ -15,7 +15,7 @@ mod route;
 mod tunnel;
 
 pub use answer::{forwarded_into_map, local_response, ForwardedHead, ProxyBody};
-pub use forwarded::{strip_hop_by_hop, upstream_request_headers, DownstreamInfo};
+pub use forwarded::{strip_hop_by_hop, upstream_head, upstream_request_headers, DownstreamInfo};
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,7 +34,7 @@ use crate::config::{Config, ForwardedConfig};
 use crate::metrics::Metrics;
 use crate::upstream::group::{GroupError, UpstreamGroup};
 use context::RequestContext;
-use forwarded::{client_ip, filter_head};
+use forwarded::{client_ip, join_cookie_crumbs};
 use log::AccessRecord;
 use retry::{Failed, Failover, Resend};
 use route::{admit, request_host, Route};
@@ -185,10 +185,10 @@ impl Proxy {
             return Box::pin(tunnel).await;
         }
 
-        // Phase 2: request filter (forwarded.rs); the body is read whole first (body.rs), so
-        // a slow client never holds an upstream connection and the body can be sent again.
+        // Phase 2: the body is read whole first (body.rs), so a slow client never holds an
+        // upstream connection and the body can be sent again; then the request filter
+        // (forwarded.rs) writes the head that goes upstream.
         let (mut parts, body) = req.into_parts();
-        filter_head(&mut parts, ds, &self.forwarded, host.as_ref());
         let buffers = &upstream.config.buffers;
         let body = if body.is_end_stream() {
             UpstreamBody::Empty
@@ -215,10 +215,15 @@ impl Proxy {
                 Err(err) => return ctx.client_failed(&err),
             }
         };
-        let resend = Resend::new(&upstream.config.retry, &parts, &body);
+        if parts.version == Version::HTTP_2 {
+            join_cookie_crumbs(&mut parts.headers);
+        }
+        let head = upstream_head(&parts, ds, &self.forwarded, host.as_ref());
+        drop(parts);
+        let resend = Resend::new(&upstream.config.retry, head.method(), &body);
 
         // Phase 3: pick a server, connect, send; fail over and retry (retry.rs).
-        match Failover::new(&ctx).send(parts, body, resend).await {
+        match Failover::new(&ctx).send(head, body, resend).await {
             // Phase 4: response filter (response.rs); the access log line (log.rs) is written
             // when the body ends.
             Ok(sent) => self.respond(ctx, sent).await,

@@ -20,7 +20,6 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::request::Parts;
 use http::{Method, Response, StatusCode};
 use tokio::time::Instant;
 use tracing::{debug, warn};
@@ -34,6 +33,7 @@ use crate::upstream::backend::{
 };
 use crate::upstream::exchange::SendFailure;
 use crate::upstream::pool::Pool;
+use crate::upstream::wire::OutgoingHead;
 
 use super::answer::{local_response, ProxyBody};
 use super::context::{RequestContext, ResponseDeadline};
@@ -168,10 +168,10 @@ pub(super) struct Resend {
 }
 
 impl Resend {
-    pub(super) fn new(retry: &RetryConfig, head: &Parts, body: &UpstreamBody) -> Resend {
+    pub(super) fn new(retry: &RetryConfig, method: &Method, body: &UpstreamBody) -> Resend {
         Resend {
             body: body.replay(),
-            idempotent: is_idempotent(&head.method) && retry.retry_idempotent,
+            idempotent: is_idempotent(method) && retry.retry_idempotent,
         }
     }
 
@@ -319,11 +319,11 @@ pub(super) enum Failed {
 
 impl Failover<'_> {
     /// Picks a server, connects and sends the request of `head` and `body`, until a response
-    /// head comes back or the rule of this module says stop. The head is written from the same
-    /// `Parts` on every attempt; only the body is made again.
+    /// head comes back or the rule of this module says stop. The same head goes on every
+    /// attempt (written once by the request filter); only the body is made again.
     pub(super) async fn send(
         mut self,
-        head: Parts,
+        head: OutgoingHead,
         body: UpstreamBody,
         resend: Resend,
     ) -> Result<Sent, Failed> {

@@ -304,7 +304,10 @@ mod tests {
         req.headers_mut()
             .insert(http::header::HOST, http::HeaderValue::from_static("b"));
         let (parts, body) = req.into_parts();
-        conn.outgoing = Some(Box::new(Outgoing::new(&parts, body)));
+        conn.outgoing = Some(Box::new(Outgoing::new(
+            &crate::upstream::wire::OutgoingHead::from_parts(&parts),
+            body,
+        )));
         assert!(poll_fn(|cx| conn.poll_outgoing(cx)).await, "written");
         let head = poll_fn(|cx| crate::upstream::wire::poll_head(&mut conn.wire, cx))
             .await

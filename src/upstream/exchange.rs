@@ -23,7 +23,9 @@ use crate::upstream::connect::{http1_handshake, Http1, Http1Conn};
 use crate::upstream::delivery::Written;
 use crate::upstream::keep_alive::KeepAliveHint;
 use crate::upstream::pool::{Pool, PooledConn};
-use crate::upstream::wire::{poll_head, read_head, BodyState, Outgoing, Received, WriteError};
+use crate::upstream::wire::{
+    poll_head, read_head, BodyState, Outgoing, OutgoingHead, Received, WriteError,
+};
 
 /// A send that failed before any response arrived.
 pub struct SendFailure {
@@ -44,15 +46,15 @@ impl PooledConn<Http1> {
     /// The head is borrowed: the caller keeps it for a retry, and only the body moves.
     pub async fn send(
         &mut self,
-        parts: &http::request::Parts,
+        head: &OutgoingHead,
         body: UpstreamBody,
     ) -> Result<Received<ResponseBody>, SendFailure> {
         let addr = self.addr();
-        let to_head = parts.method == Method::HEAD;
+        let to_head = head.method() == Method::HEAD;
         let (conn, requests) = self.connection();
         *requests += 1;
         let written = Written::from_now(&conn.delivery);
-        conn.outgoing = Some(Box::new(Outgoing::new(parts, body)));
+        conn.outgoing = Some(Box::new(Outgoing::new(head, body)));
         let mut write_failed = None;
         let head = poll_fn(|cx| exchange(conn, &mut write_failed, cx)).await;
         let failed = match head {

@@ -1,7 +1,7 @@
 //! Owns the bytes on one connection to a backend, kaproxy's own HTTP/1.1 client over
 //! [`crate::http1`]: the socket and its read buffer ([`Wire`]), the request on its way out
-//! ([`Outgoing`]: its head written from the `http::Request`, its body framed as RFC 9112 §6
-//! says), the response head read ([`read_head`], kept as bytes: [`Received`]) and its body decoded ([`BodyState`]).
+//! ([`Outgoing`]: its head as the request filter wrote it, [`OutgoingHead`], its body framed
+//! as RFC 9112 §6 says), the response head read ([`read_head`], kept as bytes: [`Received`]) and its body decoded ([`BodyState`]).
 //!
 //! The connection has no task of its own: whichever task uses it polls it, the request's while
 //! it is checked out, the pool's sweep while it idles. Every poll of the socket goes through a
@@ -18,8 +18,8 @@ use std::task::{ready, Context, Poll, Wake, Waker};
 
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::task::AtomicWaker;
-use http::header::{HeaderName, HeaderValue, CONTENT_LENGTH};
-use http::{HeaderMap, StatusCode};
+use http::header::{HeaderName, HeaderValue};
+use http::{HeaderMap, Method, StatusCode};
 use http_body::{Body, Frame};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -166,29 +166,120 @@ pub enum WriteError {
     Io(io::Error),
 }
 
+/// A request head as it goes to a backend: its request line and fields as bytes, written once
+/// (by the request filter, `src/proxy/forwarded.rs`) and sent as they are on every attempt;
+/// the framing field is the body's ([`Outgoing::new`]).
+#[derive(Debug, Clone)]
+pub struct OutgoingHead {
+    method: Method,
+    /// `method SP target SP HTTP/1.1 CRLF`, then each field line.
+    bytes: Bytes,
+    /// A `Content-Length` is among the fields (the client's, kept by the filter).
+    declared_length: bool,
+}
+
+impl OutgoingHead {
+    pub fn method(&self) -> &Method {
+        &self.method
+    }
+
+    /// The request line and field lines, without the framing field and the empty line.
+    pub fn as_bytes(&self) -> &Bytes {
+        &self.bytes
+    }
+
+    /// The head parsed back as a backend reads it (for tests and fuzz targets, which compare
+    /// it with the policy's header map); None if it did not parse, which would be a bug.
+    pub fn parse(&self) -> Option<head::RequestHead> {
+        let mut buf = BytesMut::with_capacity(self.bytes.len() + 2);
+        buf.extend_from_slice(&self.bytes);
+        buf.extend_from_slice(b"\r\n");
+        head::parse_request(&mut buf, usize::MAX).ok().flatten()
+    }
+
+    /// The head of `parts` with every field as it is (names as the map has them: lower case),
+    /// the target in origin form.
+    pub fn from_parts(parts: &http::request::Parts) -> OutgoingHead {
+        let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let mut head = HeadWriter::new(&parts.method, target, parts.headers.len());
+        for (name, value) in &parts.headers {
+            head.field(name.as_str().as_bytes(), value.as_bytes());
+        }
+        head.finish()
+    }
+}
+
+/// Writes an [`OutgoingHead`]: the request line, then one field at a time.
+pub struct HeadWriter {
+    method: Method,
+    out: BytesMut,
+    declared_length: bool,
+}
+
+impl HeadWriter {
+    /// Starts the head of a `method` request for `target`, with room for about `fields` fields.
+    pub fn new(method: &Method, target: &str, fields: usize) -> HeadWriter {
+        let mut out =
+            BytesMut::with_capacity(method.as_str().len() + target.len() + 32 * fields + 64);
+        out.extend_from_slice(method.as_str().as_bytes());
+        out.extend_from_slice(b" ");
+        out.extend_from_slice(target.as_bytes());
+        out.extend_from_slice(b" HTTP/1.1\r\n");
+        HeadWriter {
+            method: method.clone(),
+            out,
+            declared_length: false,
+        }
+    }
+
+    /// Appends the field line `name: value`.
+    pub fn field(&mut self, name: &[u8], value: &[u8]) {
+        self.declared_length |= name.eq_ignore_ascii_case(b"content-length");
+        self.out.extend_from_slice(name);
+        self.out.extend_from_slice(b": ");
+        self.out.extend_from_slice(value);
+        self.out.extend_from_slice(b"\r\n");
+    }
+
+    pub fn finish(self) -> OutgoingHead {
+        OutgoingHead {
+            method: self.method,
+            bytes: self.out.freeze(),
+            declared_length: self.declared_length,
+        }
+    }
+}
+
 impl Outgoing {
-    /// `parts` and `body` as bytes to write. The body is framed as hyper's client frames it
+    /// `head` and `body` as bytes to write. The body is framed as hyper's client frames it
     /// (its `Client::set_length`): by the request's own `Content-Length` when it has one (the
     /// client's, kept by the request filter), else by the body's exact size when known, else
     /// chunked — for every method (hyper sent an unknown-length GET body as none at all);
     /// an empty body gets no field. `Transfer-Encoding` and `Trailer` never arrive here
     /// (hop-by-hop), so a chunked body ends without trailers.
-    pub fn new(parts: &http::request::Parts, body: UpstreamBody) -> Outgoing {
-        let declared = parts.headers.contains_key(CONTENT_LENGTH);
+    pub fn new(head: &OutgoingHead, body: UpstreamBody) -> Outgoing {
         let exact = body.size_hint().exact();
-        let (length, chunked) = match (body.is_end_stream(), declared, exact) {
+        let (length, chunked) = match (body.is_end_stream(), head.declared_length, exact) {
             (true, _, _) | (false, true, _) => (None, false),
             (false, false, Some(n)) => (Some(n), false),
             (false, false, None) => (None, true),
         };
-        let head = request_head(parts, length, chunked);
+        let mut out = BytesMut::with_capacity(head.bytes.len() + 32);
+        out.extend_from_slice(&head.bytes);
+        if let Some(n) = length {
+            let _ = write!(out, "content-length: {n}\r\n");
+        }
+        if chunked {
+            out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
         let whole = match &body {
             UpstreamBody::Full { data: Some(d), .. } if !chunked => Some(d.clone()),
             _ => None,
         };
         Outgoing {
             framed_whole: whole.is_some(),
-            pending: [head, whole.unwrap_or_default(), Bytes::new()],
+            pending: [out.freeze(), whole.unwrap_or_default(), Bytes::new()],
             body: Some(body),
             chunked,
             wrote: false,
@@ -274,34 +365,6 @@ impl Outgoing {
 
 /// The request line and fields of `parts`, as hyper's client wrote them (names lower-case,
 /// in the map's order, the target in origin form), with the framing field `new` chose.
-fn request_head(parts: &http::request::Parts, length: Option<u64>, chunked: bool) -> Bytes {
-    let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let fields: usize = parts
-        .headers
-        .iter()
-        .map(|(n, v)| n.as_str().len() + v.len() + 4)
-        .sum();
-    let mut out = BytesMut::with_capacity(parts.method.as_str().len() + target.len() + fields + 64);
-    out.extend_from_slice(parts.method.as_str().as_bytes());
-    out.extend_from_slice(b" ");
-    out.extend_from_slice(target.as_bytes());
-    out.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in &parts.headers {
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
-    if let Some(n) = length {
-        let _ = write!(out, "content-length: {n}\r\n");
-    }
-    if chunked {
-        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
-    }
-    out.extend_from_slice(b"\r\n");
-    out.freeze()
-}
-
 /// Reads the response head off `wire`, past interim (1xx) responses but `101`, which the
 /// caller refuses or takes (RFC 9110 §15.2).
 pub fn poll_head(wire: &mut Wire, cx: &mut Context<'_>) -> Poll<Result<ResponseHead, WireError>> {
@@ -498,7 +561,7 @@ mod tests {
         req: http::Request<UpstreamBody>,
     ) -> String {
         let (parts, body) = req.into_parts();
-        let mut out = Outgoing::new(&parts, body);
+        let mut out = Outgoing::new(&OutgoingHead::from_parts(&parts), body);
         assert!(!out.wrote_any());
         poll_fn(|cx| out.poll_write(wire, cx))
             .await

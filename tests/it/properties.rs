@@ -11,7 +11,7 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use ipnet::IpNet;
 use kaproxy::config::ForwardedConfig;
 use kaproxy::downstream::proxy_protocol::read_proxy_header;
-use kaproxy::proxy::{upstream_request_headers, DownstreamInfo};
+use kaproxy::proxy::{upstream_head, upstream_request_headers, DownstreamInfo};
 use kaproxy::upstream::keep_alive::KeepAliveHint;
 use proptest::prelude::*;
 use proptest::test_runner::Config as ProptestConfig;
@@ -472,6 +472,36 @@ fn forward(c: &Case) -> HeaderMap {
     headers
 }
 
+/// The fields as (lower-case name, trimmed value), sorted: what a backend reads, whatever the
+/// order.
+fn field_set<'a>(fields: impl Iterator<Item = (&'a [u8], &'a [u8])>) -> Vec<(String, Vec<u8>)> {
+    let mut all: Vec<_> = fields
+        .map(|(n, v)| {
+            (
+                String::from_utf8_lossy(n).to_ascii_lowercase(),
+                v.trim_ascii().to_vec(),
+            )
+        })
+        .collect();
+    all.sort();
+    all
+}
+
+/// The policy as kaproxy's upstream head writes it (the map read, not edited), parsed back:
+/// its target and its fields.
+fn written(c: &Case) -> (String, Vec<(String, Vec<u8>)>) {
+    let local = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), c.local_port);
+    let ds = DownstreamInfo::new(c.peer, local, c.tls);
+    let mut req = http::Request::new(());
+    *req.uri_mut() = "http://authority.test/p?q=1".parse().unwrap();
+    *req.headers_mut() = c.headers.clone();
+    let (parts, ()) = req.into_parts();
+    let head = upstream_head(&parts, &ds, &c.cfg, c.host.as_ref());
+    let parsed = head.parse().expect("kaproxy writes a valid head");
+    let target = String::from_utf8_lossy(parsed.target()).into_owned();
+    (target, field_set(parsed.fields.iter()))
+}
+
 /// The only value of `name`, as text.
 fn only(headers: &HeaderMap, name: &str) -> Option<String> {
     let all: Vec<&HeaderValue> = headers.get_all(name).iter().collect();
@@ -543,6 +573,17 @@ proptest! {
             };
             prop_assert_eq!(fwd, want);
         }
+    }
+
+    #[test]
+    fn the_head_written_upstream_has_the_fields_the_filtered_map_has(
+        c in prop_oneof![case(false), case(true)],
+    ) {
+        let mapped = forward(&c);
+        let (target, fields) = written(&c);
+        prop_assert_eq!(target, "/p?q=1", "origin form");
+        let want = field_set(mapped.iter().map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes())));
+        prop_assert_eq!(fields, want);
     }
 
     #[test]

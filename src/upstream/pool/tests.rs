@@ -527,7 +527,8 @@ async fn get(pool: &Arc<Pool>) -> Result<bool, RequestError> {
     req.headers_mut()
         .insert(http::header::HOST, http::HeaderValue::from_static("b"));
     let (parts, body) = req.into_parts();
-    let resp = conn.send(&parts, body).await.map_err(|f| f.error)?;
+    let head = crate::upstream::wire::OutgoingHead::from_parts(&parts);
+    let resp = conn.send(&head, body).await.map_err(|f| f.error)?;
     assert_eq!(resp.status, 200);
     let body = conn.attach(resp.body);
     body.collect().await.expect("body");
