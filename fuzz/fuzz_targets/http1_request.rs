@@ -1,9 +1,9 @@
 //! Differential: the requests kaproxy's own HTTP/1.1 loop takes (`kaproxy::downstream::h1`:
 //! the head parsed by `kaproxy::http1::head`, then `take`) against what hyper's server (which
 //! answers every request the loop does not take) reads from the same bytes. Pipelined
-//! requests with fuzzed methods, targets, versions, field names and values, line ends, then
-//! any bytes. Every request the loop takes must be the request hyper reads there, field for
-//! field; where the loop stops (a request it hands over, a head that does not parse), hyper
+//! requests with fuzzed methods, targets, versions, field names and values (framing fields
+//! among them), line ends, bodies, then any bytes. Every request the loop takes must be the
+//! request hyper reads there, field for field and body byte for byte; where the loop stops (a request it hands over, a head that does not parse), hyper
 //! goes on from the same byte, so nothing else needs to agree.
 #![no_main]
 
@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use arbitrary::Arbitrary;
 use bytes::{Bytes, BytesMut};
+use http_body_util::BodyExt;
 use kaproxy::downstream::h1::take;
 use kaproxy::http1::head::parse_request;
 use libfuzzer_sys::fuzz_target;
@@ -19,7 +20,7 @@ use libfuzzer_sys::fuzz_target;
 #[allow(dead_code)]
 #[path = "shared/http1_message.rs"]
 mod message;
-use message::serve_with_hyper;
+use message::{block_on, serve_with_hyper};
 
 #[derive(Arbitrary, Debug)]
 enum Method {
@@ -32,11 +33,21 @@ enum Method {
 }
 
 #[derive(Arbitrary, Debug)]
+enum Name {
+    ContentLength,
+    TransferEncoding,
+    Host,
+    Other(Vec<u8>),
+}
+
+#[derive(Arbitrary, Debug)]
 struct Req {
     method: Method,
     target: Vec<u8>,
     minor: u8,
-    fields: Vec<(Vec<u8>, Vec<u8>)>,
+    fields: Vec<(Name, Vec<u8>)>,
+    /// Written after the head as they are (a body, or the start of the next request).
+    body: Vec<u8>,
     /// Bare LF line ends instead of CRLF.
     lf: bool,
 }
@@ -64,21 +75,37 @@ impl Req {
         out.push(b'0' + self.minor % 3);
         out.extend_from_slice(eol);
         for (name, value) in self.fields.iter().take(8) {
-            out.extend_from_slice(&name[..name.len().min(24)]);
+            out.extend_from_slice(match name {
+                Name::ContentLength => b"Content-Length",
+                Name::TransferEncoding => b"Transfer-Encoding",
+                Name::Host => b"Host",
+                Name::Other(n) => &n[..n.len().min(24)],
+            });
             out.extend_from_slice(b": ");
             out.extend_from_slice(&value[..value.len().min(32)]);
             out.extend_from_slice(eol);
         }
         out.extend_from_slice(eol);
+        out.extend_from_slice(&self.body[..self.body.len().min(64)]);
     }
 }
 
-/// What a server read of one request: method, target, version, fields in order, and
-/// whether it had a body.
-type Seen = (String, String, http::Version, Vec<(String, Vec<u8>)>, bool);
+/// What a server read of one request: method, target, version, fields in order, and its
+/// body (None: it failed).
+type Seen = (
+    String,
+    String,
+    http::Version,
+    Vec<(String, Vec<u8>)>,
+    Option<Vec<u8>>,
+);
 
-fn seen<B: http_body::Body>(req: &http::Request<B>) -> Seen {
-    (
+/// A request and its body as `Seen`, the body read to its end.
+async fn seen<B: http_body::Body>(req: http::Request<B>) -> Seen
+where
+    B::Error: std::fmt::Debug,
+{
+    let head = (
         req.method().to_string(),
         req.uri().to_string(),
         req.version(),
@@ -86,8 +113,14 @@ fn seen<B: http_body::Body>(req: &http::Request<B>) -> Seen {
             .iter()
             .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))
             .collect(),
-        !req.body().is_end_stream(),
-    )
+    );
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .ok()
+        .map(|b| b.to_bytes().to_vec());
+    (head.0, head.1, head.2, head.3, body)
 }
 
 /// The requests the own loop takes, in order, until it stops.
@@ -95,8 +128,10 @@ fn ours(bytes: &[u8]) -> Vec<Seen> {
     let mut buf = BytesMut::from(bytes);
     let mut taken = Vec::new();
     while let Ok(Some(head)) = parse_request(&mut buf, 64 * 1024) {
-        let Some(t) = take(&head) else { break };
-        taken.push(seen(&t.req));
+        let Some(t) = take(&head, &mut buf) else {
+            break;
+        };
+        taken.push(block_on(seen(t.req)));
         if t.close {
             break;
         }
@@ -110,8 +145,10 @@ fn hypers(bytes: &[u8]) -> Vec<Seen> {
     let record = all.clone();
     let bytes = bytes.to_vec();
     let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-        record.lock().unwrap().push(seen(&req));
+        let record = record.clone();
         async move {
+            let seen = seen(req).await;
+            record.lock().unwrap().push(seen);
             Ok::<_, std::convert::Infallible>(http::Response::new(
                 http_body_util::Empty::<Bytes>::new(),
             ))

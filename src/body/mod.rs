@@ -74,11 +74,13 @@ impl BodyError {
     }
 }
 
-/// A request body as the downstream connection gives it: none (a request kaproxy's own
-/// HTTP/1.1 loop read, `src/downstream/h1.rs`, which takes only requests without a body), or
-/// hyper's (HTTP/2, and the HTTP/1.1 requests that loop hands to hyper).
+/// A request body as the downstream connection gives it: none, a small body kaproxy's own
+/// HTTP/1.1 loop (`src/downstream/h1.rs`) found whole in its buffer with the head, or hyper's
+/// (HTTP/2, and the HTTP/1.1 requests that loop hands to hyper).
 pub enum ClientBody {
     Empty,
+    /// The whole body, until it is read.
+    Whole(Option<Bytes>),
     Hyper(Incoming),
 }
 
@@ -92,6 +94,7 @@ impl Body for ClientBody {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
             ClientBody::Empty => Poll::Ready(None),
+            ClientBody::Whole(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
             ClientBody::Hyper(b) => Pin::new(b).poll_frame(cx),
         }
     }
@@ -99,6 +102,7 @@ impl Body for ClientBody {
     fn is_end_stream(&self) -> bool {
         match self {
             ClientBody::Empty => true,
+            ClientBody::Whole(data) => data.is_none(),
             ClientBody::Hyper(b) => b.is_end_stream(),
         }
     }
@@ -106,6 +110,9 @@ impl Body for ClientBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             ClientBody::Empty => SizeHint::with_exact(0),
+            ClientBody::Whole(data) => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
             ClientBody::Hyper(b) => b.size_hint(),
         }
     }

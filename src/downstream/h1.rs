@@ -2,11 +2,12 @@
 //! buffer and parsed by [`crate::http1::head`], answered by the proxy, its response written by
 //! [`crate::http1::encode`], then the next request, pipelined ones from the same buffer.
 //!
-//! It takes the request a proxy serves most: HTTP/1.1 without a body, without `Upgrade` or
-//! `Expect`, whose head httparse and the `http` types accept. Any other, and any head that
-//! does not parse, goes with the bytes read so far to a round of hyper ([`super::conn`]), which
-//! answers it as before (its framing rules, 400/431, `Expect: 100-continue`, the upgrade to a
-//! tunnel); the README, "HTTP/1.1 data path", says which requests take which path. The
+//! It takes the request a proxy serves most: HTTP/1.1 without `Upgrade` or `Expect`, whose
+//! head httparse and the `http` types accept, with no body or a `Content-Length` body of at
+//! most [`WHOLE_BODY`] bytes already in the buffer with it. Any other, and any head that does
+//! not parse, goes with the bytes read so far to a round of hyper ([`super::conn`]), which
+//! answers it as before (a body still to come under `body_timeout`, chunked bodies, its
+//! framing rules, 400/431, `Expect: 100-continue`, the upgrade to a tunnel); the README, "HTTP/1.1 data path", says which requests take which path. The
 //! timers are the connection's ([`super::timers`]): 408 for a head not complete within
 //! `header_timeout`, the idle and first-request closes, and parking after
 //! [`PARK_AFTER`](super::timers::PARK_AFTER) idle, when the buffers are dropped.
@@ -27,13 +28,19 @@ use crate::config::DownstreamConfig;
 use crate::downstream::requests::{Requests, ResponseBody};
 use crate::downstream::timers::{ConnState, Timer, RESPONSE_408};
 use crate::http1::encode::{self, BodySize};
-use crate::http1::head::{self, RequestHead};
+use crate::http1::framing::{self, Framing};
+use crate::http1::head::{self, RequestHead, Version as Version1};
 use crate::proxy::ForwardedHead;
 use crate::shutdown::Shutdown;
 
 /// The read buffer of a connection this loop serves starts at this size (hyper's too) and
 /// grows up to `max_header_bytes` for a long head.
 const READ_BUF: usize = 8 * 1024;
+
+/// The largest request body the loop takes, and only when all of it came with the head (a
+/// small POST's body usually does): it is then the request's whole body, read already, and
+/// no `body_timeout` can apply. A body still to come is hyper's, whose reads the proxy bounds.
+pub const WHOLE_BODY: usize = 16 * 1024;
 
 /// Response bytes gathered before they are written: a head and a small body go in one write;
 /// a larger body frame is written beside what is gathered, not copied into it.
@@ -111,7 +118,7 @@ where
                 () = shutdown.begun() => return Next::Close,
             }
         };
-        let Some(taken) = take(&head) else {
+        let Some(taken) = take(&head, &mut buf) else {
             let mut rest = BytesMut::with_capacity(head.as_bytes().len() + buf.len());
             rest.extend_from_slice(head.as_bytes());
             rest.extend_from_slice(&buf);
@@ -149,14 +156,21 @@ async fn fired<I: AsyncWrite + Unpin>(io: &mut I, timer: Timer) -> Next {
     }
 }
 
-/// The request `head` as the proxy takes it, or None when it is hyper's: not HTTP/1.1, a
-/// body (`Content-Length`, `Transfer-Encoding`), `Upgrade`, `Expect`, CONNECT, or a method,
-/// target, name or value the `http` types refuse (hyper answers those 400). The `http1_request`
-/// fuzz target holds every request taken to what hyper's server reads from the same bytes.
-pub fn take(head: &RequestHead) -> Option<Taken> {
-    if head.version != crate::http1::head::Version::Http11 {
+/// The request `head` as the proxy takes it, its body taken off the front of `rest` (what
+/// followed the head), or None when it is hyper's (and `rest` is untouched): not HTTP/1.1, a
+/// body that is chunked, larger than [`WHOLE_BODY`] or not all in `rest`, framing hyper or
+/// kaproxy refuses, `Upgrade`, `Expect`, CONNECT, or a method, target, name or value the `http`
+/// types refuse (hyper answers those 400). The `http1_request` fuzz target holds every request
+/// taken to what hyper's server reads from the same bytes.
+pub fn take(head: &RequestHead, rest: &mut BytesMut) -> Option<Taken> {
+    if head.version != Version1::Http11 {
         return None;
     }
+    let length = match framing::request(Version1::Http11, head.fields.iter()).ok()? {
+        Framing::Empty => 0,
+        Framing::Length(n) if n <= WHOLE_BODY as u64 && n <= rest.len() as u64 => n as usize,
+        _ => return None,
+    };
     let method = Method::from_bytes(head.method()).ok()?;
     if method == Method::CONNECT {
         return None;
@@ -168,19 +182,24 @@ pub fn take(head: &RequestHead) -> Option<Taken> {
     let mut headers = HeaderMap::with_capacity(head.fields.len() + 6);
     for (name, value) in head.fields.iter() {
         let name = HeaderName::from_bytes(name).ok()?;
-        if name == header::CONTENT_LENGTH
-            || name == header::TRANSFER_ENCODING
-            || name == header::UPGRADE
-            || name == header::EXPECT
-        {
+        if name == header::TRANSFER_ENCODING || name == header::UPGRADE || name == header::EXPECT {
             return None;
         }
         let value = HeaderValue::from_maybe_shared(bytes.slice_ref(value)).ok()?;
+        // Repeated lengths (equal: the framing above refused others) go on as one, the first,
+        // as hyper keeps them.
+        if name == header::CONTENT_LENGTH && headers.contains_key(header::CONTENT_LENGTH) {
+            continue;
+        }
         headers.append(name, value);
     }
     let close = crate::headers::connection_has(&headers, "close");
     let head = method == Method::HEAD;
-    let mut req = Request::new(ClientBody::Empty);
+    let body = match length {
+        0 => ClientBody::Empty,
+        n => ClientBody::Whole(Some(rest.split_to(n).freeze())),
+    };
+    let mut req = Request::new(body);
     *req.method_mut() = method;
     *req.uri_mut() = uri;
     *req.version_mut() = Version::HTTP_11;
@@ -291,4 +310,57 @@ async fn write_out<I: AsyncWrite + Unpin>(io: &mut I, out: &mut BytesMut) -> boo
     let ok = io.write_all(out).await.is_ok();
     out.clear();
     ok
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `take` on `bytes`: the request and what is left after it.
+    fn taken(bytes: &[u8]) -> (Option<Taken>, BytesMut) {
+        let mut buf = BytesMut::from(bytes);
+        let head = head::parse_request(&mut buf, 1 << 16).unwrap().unwrap();
+        (take(&head, &mut buf), buf)
+    }
+
+    #[test]
+    fn a_body_that_came_whole_is_taken_with_one_length() {
+        let (t, rest) = taken(
+            b"POST /p HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabcGET",
+        );
+        let t = t.expect("taken");
+        assert_eq!(t.req.headers().get_all("content-length").iter().count(), 1);
+        assert_eq!(t.req.body().size_hint().exact(), Some(3));
+        assert_eq!(&rest[..], b"GET", "the next request's bytes stay");
+    }
+
+    #[test]
+    fn bodies_still_to_come_or_too_large_or_chunked_are_hyper_s() {
+        let (t, rest) = taken(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nab");
+        assert!(t.is_none());
+        assert_eq!(&rest[..], b"ab", "untouched for hyper");
+        let big = format!(
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\n\r\n{}",
+            WHOLE_BODY + 1,
+            "x".repeat(WHOLE_BODY + 1)
+        );
+        assert!(taken(big.as_bytes()).0.is_none());
+        let chunked = b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+        assert!(taken(chunked).0.is_none());
+        let signed = b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +1\r\n\r\nx";
+        assert!(taken(signed).0.is_none(), "hyper answers the 400");
+        let upgrade =
+            b"GET / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n";
+        assert!(taken(upgrade).0.is_none());
+        let old = b"GET / HTTP/1.0\r\nHost: a\r\n\r\n";
+        assert!(taken(old).0.is_none());
+    }
+
+    #[test]
+    fn connection_close_and_head_are_seen() {
+        let (t, _) = taken(b"HEAD / HTTP/1.1\r\nHost: a\r\nConnection: Close\r\n\r\n");
+        let t = t.unwrap();
+        assert!(t.close && t.head);
+        assert!(t.req.body().is_end_stream());
+    }
 }

@@ -52,17 +52,23 @@ fn responses(text: &str, heads: &[bool]) -> Vec<(String, String)> {
     all
 }
 
-#[tokio::test]
-async fn pipelined_requests_go_in_order_through_both_loops() {
+/// kaproxy in front of a recording backend, and a client connection to it.
+async fn recorded() -> (RecordingBackend, TestProxy, TcpStream) {
     let backend = RecordingBackend::start("up", &[]).await;
     let proxy = TestProxy::start(&format!(
         "[upstreams.web]\nservers = [\"{}\"]\n",
         backend.addr()
     ))
     .await;
-    let mut stream = TcpStream::connect(proxy.http().addr).await.unwrap();
-    // GETs and a HEAD for kaproxy's loop, a POST (a body) and an Expect for hyper's, all in
-    // one write: each loop must start exactly where the other stopped.
+    let stream = TcpStream::connect(proxy.http().addr).await.unwrap();
+    (backend, proxy, stream)
+}
+
+#[tokio::test]
+async fn pipelined_requests_go_in_order_through_both_loops() {
+    let (backend, proxy, mut stream) = recorded().await;
+    // GETs, a HEAD and a POST whose small body came with it for kaproxy's loop, an Expect for
+    // hyper's, all in one write: each loop must start exactly where the other stopped.
     stream
         .write_all(
             b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n\
@@ -99,13 +105,7 @@ async fn pipelined_requests_go_in_order_through_both_loops() {
 
 #[tokio::test]
 async fn a_head_the_loop_cannot_take_is_answered_by_hyper_after_the_ones_before_it() {
-    let backend = RecordingBackend::start("up", &[]).await;
-    let proxy = TestProxy::start(&format!(
-        "[upstreams.web]\nservers = [\"{}\"]\n",
-        backend.addr()
-    ))
-    .await;
-    let mut stream = TcpStream::connect(proxy.http().addr).await.unwrap();
+    let (backend, proxy, mut stream) = recorded().await;
     // A field name with a space in it: hyper's 400, after the GET kaproxy's loop answered.
     stream
         .write_all(
@@ -127,6 +127,41 @@ async fn a_head_the_loop_cannot_take_is_answered_by_hyper_after_the_ones_before_
         ["/a"],
         "the malformed request never reaches the backend"
     );
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn bodies_too_large_for_the_loop_or_split_across_writes_reach_the_backend_whole() {
+    let (backend, proxy, mut stream) = recorded().await;
+    // Larger than the loop takes (WHOLE_BODY, 16 KiB): hyper's, whenever it arrives.
+    let large = vec![b'x'; 20_000];
+    let mut first = format!(
+        "POST /large HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+        large.len()
+    )
+    .into_bytes();
+    first.extend_from_slice(&large);
+    // Then a small body in two writes: the loop takes it if both came before it looked,
+    // hyper does otherwise; the backend gets it whole either way.
+    first.extend_from_slice(b"POST /split HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\n\r\nhello");
+    stream.write_all(&first).await.unwrap();
+    stream.flush().await.unwrap();
+    tokio::task::yield_now().await;
+    stream
+        .write_all(b" worldGET /last HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let text = read_to_close(&mut stream).await;
+    let all = responses(&text, &[false, false, false]);
+    assert!(
+        all.iter().all(|(h, _)| h.starts_with("HTTP/1.1 200")),
+        "{text}"
+    );
+    let seen = backend.requests();
+    let paths: Vec<_> = seen.iter().map(|r| r.uri.path().to_string()).collect();
+    assert_eq!(paths, ["/large", "/split", "/last"]);
+    assert_eq!(&seen[0].body[..], &large[..]);
+    assert_eq!(&seen[1].body[..], b"hello world");
     proxy.shutdown().await;
 }
 
