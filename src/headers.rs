@@ -32,11 +32,6 @@ pub fn field_tokens(value: &[u8]) -> impl Iterator<Item = &str> {
         .filter(|t| !t.is_empty())
 }
 
-/// True when one of `values` (of `Connection` fields) names `token` (case-insensitive).
-pub fn values_have<'a>(mut values: impl Iterator<Item = &'a [u8]>, token: &str) -> bool {
-    values.any(|v| field_tokens(v).any(|t| t.eq_ignore_ascii_case(token)))
-}
-
 /// True when a `Connection` field names `token` (case-insensitive).
 pub fn connection_has(headers: &HeaderMap, token: &str) -> bool {
     tokens(headers, &CONNECTION).any(|t| t.eq_ignore_ascii_case(token))

@@ -36,7 +36,9 @@ where
     let state = ConnState::new();
     let requests = Arc::new(Requests::new(&ctx, state.clone(), http2));
     if http2 {
-        serve_h2(io, state, requests, ctx).await
+        // Boxed: an HTTP/1 connection's future (kept for the whole connection, parked or
+        // not) is not made the size of HTTP/2's.
+        Box::pin(serve_h2(io, state, requests, ctx)).await
     } else {
         serve_h1(io, state, requests, ctx).await
     }
@@ -85,13 +87,6 @@ where
         limit,
         ..
     } = ctx;
-    let service = requests.clone().service();
-    let mut builder = hyper::server::conn::http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(None)
-        .max_buf_size(cfg.max_header_bytes)
-        .max_header_size(cfg.max_header_bytes);
     let mut io = io;
     let mut prefix = Bytes::new();
     let mut parked = I::WAIT_BEFORE_FIRST_READ;
@@ -129,9 +124,16 @@ where
         // Boxed: hyper's connection lives on the heap only while it serves, so a parked
         // connection's task stays small.
         let round = Box::pin(async {
+            // Made for the round, not kept by the connection: most connections never get one.
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(None)
+                .max_buf_size(cfg.max_header_bytes)
+                .max_header_size(cfg.max_header_bytes);
             let watched = HeadWatch::new(io, state.clone(), std::mem::take(&mut prefix));
             let mut conn = builder
-                .serve_connection(TokioIo::new(watched), service.clone())
+                .serve_connection(TokioIo::new(watched), requests.clone().service())
                 .with_upgrades();
             let outcome = drive(
                 Pin::new(&mut conn),

@@ -85,6 +85,10 @@ where
         BytesMut::from(&prefix[..])
     };
     let mut out = BytesMut::new();
+    // Made once, not per request: waiting for the shutdown registers with its channel.
+    let mut watch = shutdown.clone();
+    let begun = watch.begun();
+    tokio::pin!(begun);
     // Timers as in hyper's rounds: checked when this wakes, never re-armed per request.
     let (first, _) = state.next_check(cfg, true, Instant::now());
     let sleep = tokio::time::sleep_until(first);
@@ -115,7 +119,7 @@ where
                         (at, _) => sleep.as_mut().reset(at),
                     }
                 }
-                () = shutdown.begun() => return Next::Close,
+                () = &mut begun => return Next::Close,
             }
         };
         let Some(taken) = take(&head, &mut buf) else {
@@ -177,9 +181,7 @@ pub fn take(head: &RequestHead, rest: &mut BytesMut) -> Option<Taken> {
     }
     let bytes = head.as_bytes();
     let uri = Uri::from_maybe_shared(bytes.slice_ref(head.target())).ok()?;
-    // Room for the fields the request filter adds (X-Forwarded-*, Forwarded, X-Real-IP), so
-    // the map is not grown on the way.
-    let mut headers = HeaderMap::with_capacity(head.fields.len() + 6);
+    let mut headers = HeaderMap::with_capacity(head.fields.len());
     for (name, value) in head.fields.iter() {
         let name = HeaderName::from_bytes(name).ok()?;
         if name == header::TRANSFER_ENCODING || name == header::UPGRADE || name == header::EXPECT {

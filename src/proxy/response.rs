@@ -129,13 +129,9 @@ impl Filtered {
     fn of(head: &ResponseHead) -> Filtered {
         let fields = &head.fields;
         let chunked = fields.get("transfer-encoding").is_some();
-        // The common `Connection: keep-alive` and `close` name no other field: no allocation.
-        let connection = || connection_named(fields.get_all("connection"));
-        let named: Vec<&[u8]> = if connection().next().is_some() {
-            connection().collect()
-        } else {
-            Vec::new()
-        };
+        // The common `Connection: keep-alive` and `close` name no other field: nothing is
+        // allocated for none.
+        let named: Vec<&[u8]> = connection_named(fields.get_all("connection")).collect();
         let mut filtered = Filtered {
             dropped: 0,
             length_overridden: false,

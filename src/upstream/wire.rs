@@ -25,7 +25,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::body::{BodyError, UpstreamBody};
 use crate::error::WireError;
-use crate::headers::values_have;
+use crate::headers::field_tokens;
 use crate::http1::chunked::{self, Chunk, Decoder};
 use crate::http1::framing::{self, Framing};
 use crate::http1::head::{self, HeadError, ResponseHead, Version};
@@ -416,12 +416,17 @@ pub fn read_head(
     let framing = framing::response(head.status, to_head, head.fields.iter())?.framing;
     let status = StatusCode::from_u16(head.status)
         .map_err(|_| WireError::Head(HeadError::Malformed(httparse::Error::Status)))?;
-    let connection = || head.fields.get_all("connection");
-    let keep_alive = match head.version {
-        Version::Http11 => !values_have(connection(), "close"),
-        Version::Http10 => {
-            values_have(connection(), "keep-alive") && !values_have(connection(), "close")
+    // One pass over the `Connection` fields for both tokens.
+    let (mut close, mut keep) = (false, false);
+    for value in head.fields.get_all("connection") {
+        for token in field_tokens(value) {
+            close |= token.eq_ignore_ascii_case("close");
+            keep |= token.eq_ignore_ascii_case("keep-alive");
         }
+    }
+    let keep_alive = match head.version {
+        Version::Http11 => !close,
+        Version::Http10 => keep && !close,
     };
     let ends = !keep_alive || framing == Framing::UntilClose;
     let body = BodyState::new(framing);
