@@ -75,9 +75,17 @@ async fn each_worker_serves_with_its_own_pool_and_the_operator_sees_one_process(
     let learned = b.learned_timeout();
     assert!(learned.is_some(), "the demo backend advertises its timeout");
     assert!(b.pools().iter().all(|p| p.learned_timeout() == learned));
+    // At most one connection per client, plus one for each idle connection kaproxy closed to
+    // free a backend worker when a fresh connection's first answer was slow (a loaded machine:
+    // README, "How the upstream pool keeps the promise", closed as `surplus`).
+    let relieved = m.sum(
+        "kaproxy_upstream_connections_closed_total",
+        &[("reason", "surplus")],
+    ) as usize;
     assert!(
-        (backend.stats().connections_accepted as usize) <= CLIENTS,
-        "connections were reused, not one per request"
+        (backend.stats().connections_accepted as usize) <= CLIENTS + relieved,
+        "connections were reused, not one per request: {} accepted, {relieved} closed as surplus",
+        backend.stats().connections_accepted
     );
 
     // A reload with the same pool settings keeps every worker's pool and its warm connections.
