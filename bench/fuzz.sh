@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Runs each coverage-guided fuzz target in fuzz/ for a bounded time; exits 1 if any crashed.
 #
-#   bench/fuzz.sh [--seconds N] [--only config,keep_alive,proxy_header,forwarded,http1_body,http1_response,http1_request] [--merge]
+#   bench/fuzz.sh [--seconds N] [--only config,keep_alive,proxy_header,forwarded,http1_body,http1_response,http1_request,http1_encode] [--merge]
 #
 # Targets: config (the config loader and `check` report), keep_alive (the backend's Keep-Alive
 # header), proxy_header (the PROXY v1/v2 reader), forwarded (the forwarding-header policy),
 # http1_body and http1_response (kaproxy::http1 against hyper's server and client: where a
 # request or response body ends), http1_request (the requests kaproxy's own HTTP/1.1 loop takes
-# against what hyper's server reads from the same bytes).
+# against what hyper's server reads from the same bytes), http1_encode (a response as the own
+# loop writes it against hyper's server writing the same one).
 # Uses cargo-fuzz (libFuzzer) with `--sanitizer none`, which builds on the stable toolchain;
 # installs cargo-fuzz with `cargo install` if it is missing. Each run starts from the committed
 # seeds in fuzz/corpus/TARGET and writes what it finds to fuzz/target/corpus/TARGET (not
@@ -18,7 +19,7 @@
 set -euo pipefail
 
 SECONDS_EACH=20
-ONLY="config,keep_alive,proxy_header,forwarded,http1_body,http1_response,http1_request"
+ONLY="config,keep_alive,proxy_header,forwarded,http1_body,http1_response,http1_request,http1_encode"
 MERGE=0
 HERE="$(cd "$(dirname "$0")" && pwd)"
 ROOT="$(cd "$HERE/.." && pwd)"

@@ -3,9 +3,10 @@
 //!
 //! hyper's own `header_read_timeout` starts when the server waits for the next request, so it
 //! would close idle keep-alive connections after `header_timeout` without a 408. kaproxy runs
-//! the timers itself: [`ConnState`] records when a request head starts arriving (by
-//! [`HeadWatch`], a read wrapper) and when requests begin and end (by the service), and the
-//! driver loop of [`super::conn`] wakes at the next deadline (see [`ConnState::next_check`]).
+//! the timers itself: [`ConnState`] records when a request head starts arriving (kaproxy's own
+//! loop, [`super::h1`], as it reads; [`HeadWatch`], a read wrapper, under hyper) and when
+//! requests begin and end ([`super::requests`]), and the loop serving the connection wakes at
+//! the next deadline (see [`ConnState::next_check`]).
 
 use std::io;
 use std::pin::Pin;

@@ -251,11 +251,12 @@ fn check_trailers(trailers: &[u8]) -> Result<(), ChunkError> {
     }
 }
 
-/// The line that starts a chunk of `len` bytes (`len` must not be 0: that is [`LAST_CHUNK`]).
+/// The line that starts a chunk of `len` bytes (`len` must not be 0: that is [`LAST_CHUNK`]),
+/// its size in upper-case hex as hyper writes it.
 pub fn chunk_start(len: usize, out: &mut BytesMut) {
     debug_assert!(len > 0);
     // Writing to a BytesMut cannot fail.
-    let _ = write!(out, "{len:x}\r\n");
+    let _ = write!(out, "{len:X}\r\n");
 }
 
 /// What ends a chunk's data.

@@ -2,9 +2,9 @@
 //! fields of an `http` response head, the framing its body gets, and the body's encoding
 //! (`Content-Length` bytes or chunks). The rules are hyper's server's, which kaproxy served
 //! every HTTP/1.1 response with before its own loop, so a client sees the same bytes from
-//! either: lower-case names in the map's order, a `date` when none came, `content-length`
-//! when the body's size is known, else `transfer-encoding: chunked`, no body for HEAD, 1xx,
-//! 204 and 304, and `connection: close` on the last response.
+//! either: the fields in the order given, a `date` when none came, `content-length` when the
+//! body's size is known, else `transfer-encoding: chunked`, no body (and no length but a HEAD
+//! response's) for HEAD, 1xx, 204 and 304, and `connection: close` on the last response.
 
 use bytes::BytesMut;
 use http::StatusCode;
@@ -85,9 +85,12 @@ fn can_have_body(head: bool, status: StatusCode) -> bool {
         || status == StatusCode::NOT_MODIFIED)
 }
 
-/// Whether a `Content-Length` may be written (RFC 9110 §8.6: not on 1xx and 204).
+/// Whether kaproxy writes a `Content-Length` of its own (RFC 9110 §8.6: never on 1xx and 204;
+/// hyper writes none on a 304 either, whose length would be another response's).
 fn can_have_content_length(status: StatusCode) -> bool {
-    !(status.is_informational() || status == StatusCode::NO_CONTENT)
+    !(status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED)
 }
 
 /// Whether a `Connection` value names `close` (a value that is not visible ASCII names
@@ -120,6 +123,12 @@ pub fn response_head<'a>(
     let mut wrote_date = false;
     for (name, value) in fields {
         if name.eq_ignore_ascii_case(b"content-length") {
+            if size == BodySize::Empty && !head {
+                // No body follows, and only a HEAD response's length describes another one:
+                // left out (hyper did the same), a `content-length: 0` put after the fields
+                // where one may stand.
+                continue;
+            }
             if encoder.is_none() {
                 encoder = Some(Encoder::Length(match size {
                     BodySize::Exact(n) => n,
@@ -149,6 +158,10 @@ pub fn response_head<'a>(
         dst.extend_from_slice(b": ");
         dst.extend_from_slice(value);
         dst.extend_from_slice(b"\r\n");
+    }
+    // hyper's order: the connection's end, then the framing it adds, then the date.
+    if !*keep_alive && !wrote_close {
+        dst.extend_from_slice(b"connection: close\r\n");
     }
     let encoder = match encoder {
         Some(e) => e,
@@ -181,9 +194,6 @@ pub fn response_head<'a>(
     } else {
         Encoder::Length(0)
     };
-    if !*keep_alive && !wrote_close {
-        dst.extend_from_slice(b"connection: close\r\n");
-    }
     if !wrote_date {
         dst.extend_from_slice(b"date: ");
         date::extend(dst);
@@ -268,13 +278,21 @@ mod tests {
         assert_eq!(text, "HTTP/1.1 204 No Content\ndate: X\n");
         assert!(enc.is_done());
         let (text, enc, _) = head_of(304, &[], false, BodySize::Empty, true);
-        assert_eq!(
-            text,
-            "HTTP/1.1 304 Not Modified\ncontent-length: 0\ndate: X\n"
-        );
+        assert_eq!(text, "HTTP/1.1 304 Not Modified\ndate: X\n");
         assert!(enc.is_done());
         let (_, enc, _) = head_of(200, &[], true, BodySize::Exact(3), true);
         assert!(enc.is_done(), "HEAD: the length is told, no body follows");
+    }
+
+    #[test]
+    fn a_length_with_no_body_after_it_goes_unless_it_answers_head() {
+        let cl = [("content-length", "1234")];
+        let (text, _, _) = head_of(304, &cl, false, BodySize::Empty, true);
+        assert_eq!(text, "HTTP/1.1 304 Not Modified\ndate: X\n");
+        let (text, _, _) = head_of(204, &cl, false, BodySize::Empty, true);
+        assert_eq!(text, "HTTP/1.1 204 No Content\ndate: X\n");
+        let (text, _, _) = head_of(200, &cl, true, BodySize::Empty, true);
+        assert_eq!(text, "HTTP/1.1 200 OK\ncontent-length: 1234\ndate: X\n");
     }
 
     #[test]
@@ -282,7 +300,7 @@ mod tests {
         let (text, _, keep) = head_of(200, &[], false, BodySize::Empty, false);
         assert_eq!(
             text,
-            "HTTP/1.1 200 OK\ncontent-length: 0\nconnection: close\ndate: X\n"
+            "HTTP/1.1 200 OK\nconnection: close\ncontent-length: 0\ndate: X\n"
         );
         assert!(!keep);
         let (text, _, keep) = head_of(
