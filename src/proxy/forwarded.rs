@@ -1,16 +1,18 @@
 //! Owns the forwarding-header policy (request filter): hop-by-hop headers out (RFC 9110
 //! §7.6.1), X-Forwarded-For / -Proto / -Port / -Host, RFC 7239 Forwarded and X-Real-IP in,
-//! trusted proxies, and [`DownstreamInfo`], what kaproxy knows of the client's connection.
+//! trusted proxies, applied while the upstream head is written ([`upstream_head`]) or to a
+//! tunnel's header map ([`upstream_request_headers`]); and [`DownstreamInfo`], what kaproxy
+//! knows of the client's connection.
 
 use std::net::{IpAddr, SocketAddr};
 
 use http::header::{self, HeaderName, HeaderValue};
+use http::request::Parts;
 use http::HeaderMap;
 
 use crate::config::ForwardedConfig;
 use crate::headers::KEEP_ALIVE;
 use crate::upstream::wire::{HeadWriter, OutgoingHead};
-use http::request::Parts;
 
 use super::route::origin_form;
 
