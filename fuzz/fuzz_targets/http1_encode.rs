@@ -1,7 +1,8 @@
 //! Differential: a response head and body written by kaproxy's HTTP/1.1 encoder
 //! (`kaproxy::http1::encode`, what the own loop writes) against hyper's server writing the
 //! same response to the same request (GET or HEAD, keep-alive or `Connection: close`): the
-//! same bytes, but for the `date` kaproxy or hyper adds (its value is the time).
+//! same bytes, but for the `date` kaproxy or hyper adds (its value is the time), and a HEAD
+//! response with a repeated length, which hyper refuses and kaproxy writes with one.
 #![no_main]
 
 use std::convert::Infallible;
@@ -81,8 +82,9 @@ impl Input {
                     continue;
                 }
             };
-            // One of each, as kaproxy gives them (hyper joins repeated `connection` values).
-            if (name == "content-length" || name == "connection") && headers.contains_key(name) {
+            // One `connection`, as kaproxy gives it (hyper joins repeated values); repeated
+            // (equal) lengths come from backends.
+            if name == "connection" && headers.contains_key(name) {
                 continue;
             }
             headers.append(name, HeaderValue::from_str(&value).unwrap());
@@ -218,5 +220,16 @@ fn undated(bytes: &[u8]) -> String {
 fuzz_target!(|input: Input| {
     let mine = undated(&ours(&input));
     let theirs = undated(&hypers(&input));
+    // The one exception, by design: hyper refuses (writes nothing of) a HEAD response with a
+    // repeated length, which kaproxy writes with the length once.
+    let lengths = input
+        .fields
+        .iter()
+        .take(8)
+        .filter(|(f, _)| matches!(f, Field::ContentLength))
+        .count();
+    if theirs.is_empty() && input.head_request && lengths > 1 {
+        return;
+    }
     assert_eq!(mine, theirs, "for {input:?}");
 });

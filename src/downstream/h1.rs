@@ -12,6 +12,7 @@
 //! `header_timeout`, the idle and first-request closes, and parking after
 //! [`PARK_AFTER`](super::timers::PARK_AFTER) idle, when the buffers are dropped.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::task::Poll;
 
@@ -129,17 +130,63 @@ where
             return Next::Hyper(rest.freeze());
         };
         drop(head);
-        let (resp, forwarded) = requests.answer(taken.req, true).await;
+        // The answer, unless the client goes away first: dropping it then stops the exchange
+        // (and frees its upstream connection) at once, as hyper did.
+        let answer = requests.answer(taken.req, true);
+        tokio::pin!(answer);
+        let answered = std::future::poll_fn(|cx| match answer.as_mut().poll(cx) {
+            Poll::Ready(done) => Poll::Ready(Some(done)),
+            Poll::Pending => match poll_gone(io, &mut buf, cx) {
+                Poll::Ready(true) => Poll::Ready(None),
+                _ => Poll::Pending,
+            },
+        })
+        .await;
+        let Some((resp, forwarded)) = answered else {
+            debug!("client went away before its response; closing");
+            return Next::Close;
+        };
         let keep_alive = !taken.close && !shutdown.is_begun();
         let resp = Answer {
             resp,
             forwarded,
             head: taken.head,
         };
-        if !write_response(io, resp, keep_alive, &mut out).await {
+        if !write_response(io, resp, keep_alive, &mut out, &mut buf).await {
             return Next::Close;
         }
     }
+}
+
+/// Watches the client while its response is pending, as hyper's server did (without
+/// half-close): with nothing buffered, a read that ends the stream or fails means the client
+/// went away (`Ready(true)`); bytes that come are kept, the next request's (`Ready(false)`,
+/// and no more watching while they wait). `Pending` otherwise.
+fn poll_gone<I: AsyncRead + Unpin>(
+    io: &mut I,
+    buf: &mut BytesMut,
+    cx: &mut std::task::Context<'_>,
+) -> Poll<bool> {
+    if !buf.is_empty() {
+        return Poll::Pending;
+    }
+    if buf.capacity() < READ_BUF / 4 {
+        buf.reserve(READ_BUF);
+    }
+    match tokio_util::io::poll_read_buf(Pin::new(io), cx, buf) {
+        Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => Poll::Ready(true),
+        Poll::Ready(Ok(_)) => Poll::Ready(false),
+        Poll::Pending => Poll::Pending,
+    }
+}
+
+/// What waiting for the next body frame gave.
+enum Step<F> {
+    Frame(F),
+    /// Nothing ready yet, and bytes gathered: write them first.
+    Flush,
+    /// The client went away.
+    Gone,
 }
 
 /// Carries out a timer that fired while the loop waited for a head.
@@ -221,12 +268,14 @@ struct Answer {
 /// Writes `answer` and returns whether the connection goes on: `keep_alive`, no
 /// `Connection: close` in the response, the body sent whole and every write done (a client
 /// that does not read for `send_timeout` fails the write: the socket's deadline,
-/// [`super::socket`]).
-async fn write_response<I: AsyncWrite + Unpin>(
+/// [`super::socket`]), and the client still there while the body had nothing to send
+/// ([`poll_gone`], reading into `buf`).
+async fn write_response<I: AsyncRead + AsyncWrite + Unpin>(
     io: &mut I,
     answer: Answer,
     keep_alive: bool,
     out: &mut BytesMut,
+    buf: &mut BytesMut,
 ) -> bool {
     let Answer {
         resp,
@@ -254,25 +303,32 @@ async fn write_response<I: AsyncWrite + Unpin>(
     if !encoder.is_done() {
         whole = loop {
             // What is gathered is written while the body has nothing ready.
-            let frame = std::future::poll_fn(|cx| match Pin::new(&mut body).poll_frame(cx) {
-                Poll::Ready(frame) => Poll::Ready(Some(frame)),
-                Poll::Pending if out.is_empty() => Poll::Pending,
-                Poll::Pending => Poll::Ready(None),
+            let step = std::future::poll_fn(|cx| match Pin::new(&mut body).poll_frame(cx) {
+                Poll::Ready(frame) => Poll::Ready(Step::Frame(frame)),
+                Poll::Pending if !out.is_empty() => Poll::Ready(Step::Flush),
+                Poll::Pending => match poll_gone(io, buf, cx) {
+                    Poll::Ready(true) => Poll::Ready(Step::Gone),
+                    _ => Poll::Pending,
+                },
             })
             .await;
-            let data = match frame {
-                None => {
+            let data = match step {
+                Step::Flush => {
                     if !write_out(io, out).await {
                         return false;
                     }
                     continue;
                 }
-                Some(None) => break encoder.finish(out),
-                Some(Some(Err(e))) => {
+                Step::Gone => {
+                    debug!("client went away during its response; closing");
+                    return false;
+                }
+                Step::Frame(None) => break encoder.finish(out),
+                Step::Frame(Some(Err(e))) => {
                     debug!(error = %e, "response body failed; closing the connection");
                     break false;
                 }
-                Some(Some(Ok(frame))) => match frame.into_data() {
+                Step::Frame(Some(Ok(frame))) => match frame.into_data() {
                     Ok(data) => data,
                     // Trailers: not forwarded on HTTP/1.1 (as hyper did).
                     Err(_) => continue,

@@ -121,14 +121,16 @@ pub fn response_head<'a>(
     let mut encoder = None;
     let mut wrote_close = false;
     let mut wrote_date = false;
+    let mut wrote_length = false;
     for (name, value) in fields {
         if name.eq_ignore_ascii_case(b"content-length") {
-            if size == BodySize::Empty && !head {
+            if (size == BodySize::Empty && !head) || wrote_length {
                 // No body follows, and only a HEAD response's length describes another one:
                 // left out (hyper did the same), a `content-length: 0` put after the fields
-                // where one may stand.
+                // where one may stand. A repeated (equal) length goes once, as with hyper.
                 continue;
             }
+            wrote_length = true;
             if encoder.is_none() {
                 encoder = Some(Encoder::Length(match size {
                     BodySize::Exact(n) => n,
@@ -293,6 +295,14 @@ mod tests {
         assert_eq!(text, "HTTP/1.1 204 No Content\ndate: X\n");
         let (text, _, _) = head_of(200, &cl, true, BodySize::Empty, true);
         assert_eq!(text, "HTTP/1.1 200 OK\ncontent-length: 1234\ndate: X\n");
+    }
+
+    #[test]
+    fn a_repeated_length_goes_once() {
+        let cl = [("content-length", "2"), ("x", "y"), ("content-length", "2")];
+        let (text, enc, _) = head_of(200, &cl, false, BodySize::Exact(2), true);
+        assert_eq!(text, "HTTP/1.1 200 OK\ncontent-length: 2\nx: y\ndate: X\n");
+        assert_eq!(enc, Encoder::Length(2));
     }
 
     #[test]

@@ -130,38 +130,61 @@ async fn a_head_the_loop_cannot_take_is_answered_by_hyper_after_the_ones_before_
     proxy.shutdown().await;
 }
 
+/// Reads the answers to `paths` (none a HEAD) until the proxy closes: each a 200, and the
+/// backend saw `paths` in order. Returns what it saw.
+async fn served_in_order(
+    stream: &mut TcpStream,
+    backend: &RecordingBackend,
+    paths: &[&str],
+) -> Vec<crate::support::backend::RecordedRequest> {
+    let text = read_to_close(stream).await;
+    let all = responses(&text, &vec![false; paths.len()]);
+    assert!(
+        all.iter().all(|(h, _)| h.starts_with("HTTP/1.1 200")),
+        "{text}"
+    );
+    let seen = backend.requests();
+    let got: Vec<_> = seen.iter().map(|r| r.uri.path().to_string()).collect();
+    assert_eq!(got, paths);
+    seen
+}
+
 #[tokio::test]
-async fn bodies_too_large_for_the_loop_or_split_across_writes_reach_the_backend_whole() {
+async fn a_body_too_large_for_the_loop_reaches_the_backend_whole() {
     let (backend, proxy, mut stream) = recorded().await;
     // Larger than the loop takes (WHOLE_BODY, 16 KiB): hyper's, whenever it arrives.
     let large = vec![b'x'; 20_000];
-    let mut first = format!(
+    let mut bytes = format!(
         "POST /large HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
         large.len()
     )
     .into_bytes();
-    first.extend_from_slice(&large);
-    // Then a small body in two writes: the loop takes it if both came before it looked,
-    // hyper does otherwise; the backend gets it whole either way.
-    first.extend_from_slice(b"POST /split HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\n\r\nhello");
-    stream.write_all(&first).await.unwrap();
+    bytes.extend_from_slice(&large);
+    bytes.extend_from_slice(b"GET /last HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    stream.write_all(&bytes).await.unwrap();
+    let seen = served_in_order(&mut stream, &backend, &["/large", "/last"]).await;
+    assert_eq!(&seen[0].body[..], &large[..]);
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_small_body_split_across_writes_reaches_the_backend_whole() {
+    let (backend, proxy, mut stream) = recorded().await;
+    // A fresh connection, so kaproxy's loop reads the head: it takes the request if the whole
+    // body came before it looked, and hands it to hyper otherwise; the backend gets the body
+    // whole either way.
+    stream
+        .write_all(b"POST /split HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\n\r\nhello")
+        .await
+        .unwrap();
     stream.flush().await.unwrap();
     tokio::task::yield_now().await;
     stream
         .write_all(b" worldGET /last HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         .await
         .unwrap();
-    let text = read_to_close(&mut stream).await;
-    let all = responses(&text, &[false, false, false]);
-    assert!(
-        all.iter().all(|(h, _)| h.starts_with("HTTP/1.1 200")),
-        "{text}"
-    );
-    let seen = backend.requests();
-    let paths: Vec<_> = seen.iter().map(|r| r.uri.path().to_string()).collect();
-    assert_eq!(paths, ["/large", "/split", "/last"]);
-    assert_eq!(&seen[0].body[..], &large[..]);
-    assert_eq!(&seen[1].body[..], b"hello world");
+    let seen = served_in_order(&mut stream, &backend, &["/split", "/last"]).await;
+    assert_eq!(&seen[0].body[..], b"hello world");
     proxy.shutdown().await;
 }
 
@@ -236,4 +259,93 @@ async fn a_backends_head_goes_down_in_its_own_case_without_its_hop_by_hop_fields
     );
     task.abort();
     proxy.shutdown().await;
+}
+
+/// A backend that reads one request, answers with `head` (maybe nothing), then waits: `seen`
+/// says when the request came, `closed` when kaproxy closed the connection.
+async fn silent_backend(
+    head: &'static [u8],
+) -> (
+    SocketAddr,
+    tokio::sync::oneshot::Receiver<()>,
+    tokio::sync::oneshot::Receiver<()>,
+    tokio::task::JoinHandle<()>,
+) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (seen_tx, seen) = tokio::sync::oneshot::channel();
+    let (closed_tx, closed) = tokio::sync::oneshot::channel();
+    let task = tokio::spawn(async move {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            return;
+        };
+        let mut pending = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !pending.windows(4).any(|w| w == b"\r\n\r\n") {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => pending.extend_from_slice(&buf[..n]),
+            }
+        }
+        let _ = stream.write_all(head).await;
+        let _ = seen_tx.send(());
+        // Until kaproxy closes its side (or the test ends and aborts this).
+        while let Ok(n) = stream.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+        let _ = closed_tx.send(());
+    });
+    (addr, seen, closed, task)
+}
+
+/// The client closes while its response is pending: kaproxy lets go of the backend's
+/// connection at once (not at `response_timeout`, 60 s here), as hyper's server did.
+async fn client_gone_frees_the_upstream(head: &'static [u8], read_head: bool) {
+    let (addr, seen, closed, task) = silent_backend(head).await;
+    let proxy = TestProxy::start(&format!("[upstreams.web]\nservers = [\"{addr}\"]\n")).await;
+    let mut stream = TcpStream::connect(proxy.http().addr).await.unwrap();
+    stream
+        .write_all(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    tokio::time::timeout(WITHIN, seen)
+        .await
+        .expect("the request reached the backend")
+        .unwrap();
+    if read_head {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = tokio::time::timeout(WITHIN, stream.read(&mut buf))
+                .await
+                .expect("the head in time")
+                .unwrap();
+            assert!(n > 0, "closed before the head");
+            got.extend_from_slice(&buf[..n]);
+        }
+    }
+    drop(stream);
+    tokio::time::timeout(WITHIN, closed)
+        .await
+        .expect("kaproxy closed the upstream connection once the client had gone")
+        .unwrap();
+    task.abort();
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_client_gone_before_its_response_frees_the_upstream_connection() {
+    client_gone_frees_the_upstream(b"", false).await;
+}
+
+#[tokio::test]
+async fn a_client_gone_during_a_quiet_stream_frees_the_upstream_connection() {
+    // Not buffered (X-Accel-Buffering: no): the body streams from the pooled connection.
+    client_gone_frees_the_upstream(
+        b"HTTP/1.1 200 OK\r\nX-Accel-Buffering: no\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n",
+        true,
+    )
+    .await;
 }
