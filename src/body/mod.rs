@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::BodyExt;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
@@ -79,8 +79,8 @@ impl BodyError {
 /// (HTTP/2, and the HTTP/1.1 requests that loop hands to hyper).
 pub enum ClientBody {
     Empty,
-    /// The whole body, until it is read.
-    Whole(Option<Bytes>),
+    /// The whole body.
+    Whole(Full<Bytes>),
     Hyper(Incoming),
 }
 
@@ -94,7 +94,7 @@ impl Body for ClientBody {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
             ClientBody::Empty => Poll::Ready(None),
-            ClientBody::Whole(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            ClientBody::Whole(b) => Pin::new(b).poll_frame(cx).map_err(|never| match never {}),
             ClientBody::Hyper(b) => Pin::new(b).poll_frame(cx),
         }
     }
@@ -102,7 +102,7 @@ impl Body for ClientBody {
     fn is_end_stream(&self) -> bool {
         match self {
             ClientBody::Empty => true,
-            ClientBody::Whole(data) => data.is_none(),
+            ClientBody::Whole(b) => b.is_end_stream(),
             ClientBody::Hyper(b) => b.is_end_stream(),
         }
     }
@@ -110,9 +110,7 @@ impl Body for ClientBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             ClientBody::Empty => SizeHint::with_exact(0),
-            ClientBody::Whole(data) => {
-                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
-            }
+            ClientBody::Whole(b) => b.size_hint(),
             ClientBody::Hyper(b) => b.size_hint(),
         }
     }

@@ -20,6 +20,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, Uri, Version};
 use http_body::Body;
+use http_body_util::Full;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 use tracing::debug;
@@ -246,7 +247,7 @@ pub fn take(head: &RequestHead, rest: &mut BytesMut) -> Option<Taken> {
     let head = method == Method::HEAD;
     let body = match length {
         0 => ClientBody::Empty,
-        n => ClientBody::Whole(Some(rest.split_to(n).freeze())),
+        n => ClientBody::Whole(Full::new(rest.split_to(n).freeze())),
     };
     let mut req = Request::new(body);
     *req.method_mut() = method;

@@ -308,11 +308,7 @@ async fn a_body_over_max_request_body_bytes_is_413_by_length_or_while_chunked() 
         "{}",
         report(&m)
     );
-    let paths: Vec<_> = backend
-        .requests()
-        .iter()
-        .map(|r| r.uri.path().to_string())
-        .collect();
+    let paths = backend.paths();
     assert_eq!(
         paths,
         vec!["/ok"],
@@ -386,11 +382,7 @@ async fn a_temp_dir_that_disappears_gives_500_names_the_directory_and_contacts_n
     let served = raw_exchange(addr, &small).await;
     assert_eq!(served.status, Some(200), "{served:?}");
 
-    let paths: Vec<_> = backend
-        .requests()
-        .iter()
-        .map(|r| r.uri.path().to_string())
-        .collect();
+    let paths = backend.paths();
     assert_eq!(
         paths,
         vec!["/small"],

@@ -29,15 +29,6 @@ fn waiting(m: &Metrics, listener: &str) -> f64 {
     )
 }
 
-/// The paths the backend saw, in order.
-fn paths(backend: &RecordingBackend) -> Vec<String> {
-    backend
-        .requests()
-        .iter()
-        .map(|r| r.uri.path().to_string())
-        .collect()
-}
-
 async fn proxy_for(backend: SocketAddr) -> TestProxy {
     TestProxy::start(&format!("[upstreams.web]\nservers = [\"{backend}\"]\n")).await
 }
@@ -103,7 +94,7 @@ async fn idle_plain_connection_is_parked_and_served_again() {
     let backend = RecordingBackend::start("up", &[]).await;
     let proxy = proxy_for(backend.addr()).await;
     parked_connection_serves_again(&proxy, proxy.http(), "http").await;
-    assert_eq!(paths(&backend), ["/first", "/second"]);
+    assert_eq!(backend.paths(), ["/first", "/second"]);
     proxy.shutdown().await;
 }
 
@@ -188,7 +179,7 @@ async fn pipelined_start_of_a_request_survives_parking() {
     stream.write_all(b"st: x\r\n\r\n").await.unwrap();
     let second = read_response(&mut stream, &mut pending).await;
     assert!(second.starts_with("HTTP/1.1 200"), "{second}");
-    assert_eq!(paths(&backend), ["/a", "/b"]);
+    assert_eq!(backend.paths(), ["/a", "/b"]);
     proxy.shutdown().await;
 }
 

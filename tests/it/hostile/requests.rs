@@ -328,8 +328,7 @@ async fn host_header_rules() {
     .await;
     assert_eq!(resp.status, Some(200), "absolute form: {resp:?}");
 
-    let seen = backend.requests();
-    let paths: Vec<String> = seen.iter().map(|r| r.uri.path().to_string()).collect();
+    let (seen, paths) = (backend.requests(), backend.paths());
     assert_eq!(
         paths,
         ["/old", "/x"],

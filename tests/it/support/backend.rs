@@ -124,6 +124,12 @@ impl RecordingBackend {
     pub fn requests(&self) -> Vec<RecordedRequest> {
         self.requests.lock().unwrap().clone()
     }
+
+    /// The paths of the requests received so far, in order.
+    pub fn paths(&self) -> Vec<String> {
+        let requests = self.requests.lock().unwrap();
+        requests.iter().map(|r| r.uri.path().to_string()).collect()
+    }
 }
 
 impl Drop for RecordingBackend {
