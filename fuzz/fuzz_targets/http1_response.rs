@@ -58,7 +58,7 @@ fn ours(bytes: &[u8], to_head: bool) -> Outcome {
             let (resp, _ends) = read_head(head, to_head).ok()?;
             let mut state = resp.body;
             let mut body = Vec::new();
-            while let Some(frame) = poll_fn(|cx| state.poll_frame(&mut wire, cx)).await {
+            while let Some(frame) = poll_fn(|cx| wire.poll_body(&mut state, cx)).await {
                 match frame {
                     Ok(frame) => {
                         if let Ok(data) = frame.into_data() {

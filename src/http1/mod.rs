@@ -8,6 +8,7 @@
 //! Its decisions are hyper's (the codec kaproxy served with first), checked by the
 //! `chunked` fuzz target against hyper's own decoder, with the exceptions each rule names.
 
+pub mod body;
 pub mod chunked;
 pub mod date;
 pub mod encode;

@@ -315,7 +315,7 @@ mod tests {
         let (resp, ends) = crate::upstream::wire::read_head(head, false).unwrap();
         assert_eq!((resp.status.as_u16(), ends), (200, false));
         let mut body = resp.body;
-        let data = poll_fn(|cx| body.poll_frame(&mut conn.wire, cx)).await;
+        let data = poll_fn(|cx| conn.wire.poll_body(&mut body, cx)).await;
         assert_eq!(data.unwrap().unwrap().into_data().unwrap(), "ok");
         assert!(body.is_done());
         assert!(!conn.is_closed());

@@ -17,15 +17,14 @@ use tokio::sync::OwnedSemaphorePermit;
 use crate::body::{BodyError, UpstreamBody};
 use crate::error::{RequestError, WireError};
 use crate::headers::KEEP_ALIVE;
+use crate::http1::body::BodyState;
 use crate::http1::head::ResponseHead;
 use crate::metrics::CloseReason;
 use crate::upstream::connect::{http1_handshake, Http1, Http1Conn};
 use crate::upstream::delivery::Written;
 use crate::upstream::keep_alive::KeepAliveHint;
 use crate::upstream::pool::{Pool, PooledConn};
-use crate::upstream::wire::{
-    poll_head, read_head, BodyState, Outgoing, OutgoingHead, Received, WriteError,
-};
+use crate::upstream::wire::{poll_head, read_head, Outgoing, OutgoingHead, Received, WriteError};
 
 /// A send that failed before any response arrived.
 pub struct SendFailure {
@@ -189,7 +188,7 @@ impl Body for PooledBody {
         let Some(conn) = pooled.live() else {
             return Poll::Ready(None);
         };
-        let res = this.state.poll_frame(&mut conn.wire, cx);
+        let res = conn.wire.poll_body(&mut this.state, cx);
         match &res {
             Poll::Ready(Some(Err(_))) => drop(this.conn.take()),
             Poll::Ready(_) if this.state.is_done() => {

@@ -1,7 +1,8 @@
 //! Owns the bytes on one connection to a backend, kaproxy's own HTTP/1.1 client over
 //! [`crate::http1`]: the socket and its read buffer ([`Wire`]), the request on its way out
 //! ([`Outgoing`]: its head as the request filter wrote it, [`OutgoingHead`], its body framed
-//! as RFC 9112 §6 says), the response head read ([`read_head`], kept as bytes: [`Received`]) and its body decoded ([`BodyState`]).
+//! as RFC 9112 §6 says), the response head read ([`read_head`], kept as bytes: [`Received`])
+//! and its body taken off the read buffer ([`Wire::poll_body`], by [`BodyState`]).
 //!
 //! The connection has no task of its own: whichever task uses it polls it, the request's while
 //! it is checked out, the pool's sweep while it idles. Every poll of the socket goes through a
@@ -26,7 +27,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use crate::body::{BodyError, UpstreamBody};
 use crate::error::WireError;
 use crate::headers::field_tokens;
-use crate::http1::chunked::{self, Chunk, Decoder};
+use crate::http1::body::BodyState;
+use crate::http1::chunked::{self, Chunk};
 use crate::http1::framing::{self, Framing};
 use crate::http1::head::{self, HeadError, ResponseHead, Version};
 use crate::upstream::stream::UpstreamStream;
@@ -433,84 +435,25 @@ pub fn read_head(
     Ok((Received { status, head, body }, ends))
 }
 
-/// Where a response body is in its framing.
-#[derive(Debug)]
-pub enum BodyState {
-    /// `Content-Length` bytes still to come.
-    Length(u64),
-    /// Boxed: most responses have a length, and the state moves with the response.
-    Chunked(Box<Decoder>),
-    UntilClose,
-    Done,
-}
-
-impl BodyState {
-    fn new(framing: Framing) -> BodyState {
-        match framing {
-            Framing::Empty | Framing::Length(0) => BodyState::Done,
-            Framing::Length(n) => BodyState::Length(n),
-            Framing::Chunked => BodyState::Chunked(Box::default()),
-            Framing::UntilClose => BodyState::UntilClose,
-        }
-    }
-
-    pub fn is_done(&self) -> bool {
-        matches!(self, BodyState::Done)
-    }
-
-    /// The bytes still to come, when the framing says.
-    pub fn remaining(&self) -> Option<u64> {
-        match self {
-            BodyState::Length(n) => Some(*n),
-            BodyState::Done => Some(0),
-            _ => None,
-        }
-    }
-
-    /// The next frame of the body from `wire`: data as it arrives, the trailers of a chunked
-    /// body, `None` at its end.
-    pub fn poll_frame(
+impl Wire {
+    /// The next frame of a response body (`body`, where it is in its framing) from this
+    /// connection: data as it arrives, the trailers of a chunked body, `None` at its end.
+    pub fn poll_body(
         &mut self,
-        wire: &mut Wire,
+        body: &mut BodyState,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, WireError>>> {
         loop {
-            match self {
-                BodyState::Done => return Poll::Ready(None),
-                BodyState::Length(left) if !wire.read.is_empty() => {
-                    let n = (*left).min(wire.read.len() as u64);
-                    *left -= n;
-                    let data = wire.read.split_to(n as usize).freeze();
-                    if *left == 0 {
-                        *self = BodyState::Done;
-                    }
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
+            match body.decode(&mut self.read) {
+                Ok(Some(Chunk::Data(data))) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                Ok(Some(Chunk::End { trailers })) => {
+                    return Poll::Ready(trailers.map(|raw| Ok(Frame::trailers(trailer_map(&raw)))))
                 }
-                BodyState::UntilClose if !wire.read.is_empty() => {
-                    let data = wire.read.split().freeze();
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
-                }
-                BodyState::Chunked(decoder) => match decoder.decode(&mut wire.read) {
-                    Ok(Some(Chunk::Data(data))) => return Poll::Ready(Some(Ok(Frame::data(data)))),
-                    Ok(Some(Chunk::End { trailers })) => {
-                        *self = BodyState::Done;
-                        match trailers {
-                            Some(raw) => {
-                                return Poll::Ready(Some(Ok(Frame::trailers(trailer_map(&raw)))))
-                            }
-                            None => return Poll::Ready(None),
-                        }
-                    }
-                    Ok(None) => {}
-                    Err(e) => return Poll::Ready(Some(Err(e.into()))),
-                },
-                _ => {}
+                Ok(None) => {}
+                Err(e) => return Poll::Ready(Some(Err(e.into()))),
             }
-            match ready!(wire.poll_read_more(cx)) {
-                Ok(0) if matches!(self, BodyState::UntilClose) => {
-                    *self = BodyState::Done;
-                    return Poll::Ready(None);
-                }
+            match ready!(self.poll_read_more(cx)) {
+                Ok(0) if body.at_end_of_stream() => return Poll::Ready(None),
                 Ok(0) => {
                     return Poll::Ready(Some(Err(WireError::Closed("within the response body"))))
                 }
@@ -605,7 +548,7 @@ mod tests {
         let status = resp.status.as_u16();
         let mut body = resp.body;
         let (mut data, mut trailers) = (String::new(), HeaderMap::new());
-        while let Some(frame) = poll_fn(|cx| body.poll_frame(wire, cx)).await {
+        while let Some(frame) = poll_fn(|cx| wire.poll_body(&mut body, cx)).await {
             match frame?.into_data() {
                 Ok(d) => data.push_str(std::str::from_utf8(&d).unwrap()),
                 Err(frame) => trailers = frame.into_trailers().unwrap(),
