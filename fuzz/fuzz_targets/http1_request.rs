@@ -8,11 +8,13 @@
 #![no_main]
 
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 
 use arbitrary::Arbitrary;
 use bytes::{Bytes, BytesMut};
+use http_body::Body;
 use http_body_util::BodyExt;
-use kaproxy::downstream::h1::take;
+use kaproxy::downstream::h1::{take, Fill};
 use kaproxy::http1::head::parse_request;
 use libfuzzer_sys::fuzz_target;
 
@@ -123,7 +125,8 @@ where
     (head.0, head.1, head.2, head.3, body)
 }
 
-/// The requests the own loop takes, in order, until it stops.
+/// The requests the own loop takes, in order, until it stops: a body still to come is fed
+/// from the bytes that follow as the loop feeds it, then cut short where they end.
 fn ours(bytes: &[u8]) -> Vec<Seen> {
     let mut buf = BytesMut::from(bytes);
     let mut taken = Vec::new();
@@ -131,8 +134,39 @@ fn ours(bytes: &[u8]) -> Vec<Seen> {
         let Some(t) = take(&head, &mut buf) else {
             break;
         };
-        taken.push(block_on(seen(t.req)));
-        if t.close {
+        let (req, close, feed) = (t.req, t.close, t.feed);
+        let whole = match feed {
+            None => {
+                taken.push(block_on(seen(req)));
+                true
+            }
+            Some(mut feed) => {
+                let (parts, mut body) = req.into_parts();
+                let mut data = Vec::new();
+                let read = block_on(std::future::poll_fn(|cx| loop {
+                    match std::pin::Pin::new(&mut body).poll_frame(cx) {
+                        Poll::Ready(Some(Ok(frame))) => {
+                            if let Ok(d) = frame.into_data() {
+                                data.extend_from_slice(&d);
+                            }
+                        }
+                        Poll::Ready(Some(Err(_))) => return Poll::Ready(false),
+                        Poll::Ready(None) => return Poll::Ready(true),
+                        Poll::Pending => {
+                            if feed.fill(&mut buf, Some(cx)) == Fill::Empty {
+                                feed.cut_short(Some(cx));
+                            }
+                        }
+                    }
+                }));
+                let req = http::Request::from_parts(parts, http_body_util::Empty::<Bytes>::new());
+                let mut s = block_on(seen(req));
+                s.4 = read.then_some(data);
+                taken.push(s);
+                read
+            }
+        };
+        if close || !whole {
             break;
         }
     }

@@ -8,6 +8,7 @@
 //! temporary files) and [`relay`] (a response read as fast as the backend sends it).
 
 pub mod budget;
+pub mod fed;
 pub mod relay;
 pub mod spill;
 
@@ -26,6 +27,8 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
+use crate::http1::chunked::ChunkError;
+
 /// What a request body's reader drops when the body has been read to its end (or abandoned):
 /// it tells the downstream connection that its request has been read in full.
 pub type BodyDone = Arc<dyn Send + Sync>;
@@ -39,7 +42,7 @@ pub enum BodyError {
     Timeout(Duration),
     /// Bad framing (a broken chunk size or line), or the client went away mid-body: 400.
     #[error("request body: {0}")]
-    Malformed(#[source] hyper::Error),
+    Malformed(#[source] ReadError),
     /// More than `max_request_body_bytes` (nginx's client_max_body_size): 413.
     #[error("request body larger than max_request_body_bytes ({0} bytes)")]
     TooLarge(u64),
@@ -74,28 +77,45 @@ impl BodyError {
     }
 }
 
+/// Why reading a request body from the client failed (as [`BodyError::Malformed`], a 400).
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// From hyper's server.
+    #[error(transparent)]
+    Hyper(#[from] hyper::Error),
+    /// A chunked body kaproxy's own loop refused.
+    #[error("chunked body: {0}")]
+    Chunk(#[from] ChunkError),
+    /// The client closed the connection, or it failed, before the body's end.
+    #[error("the client's connection ended within the body")]
+    Closed,
+}
+
 /// A request body as the downstream connection gives it: none, a small body kaproxy's own
-/// HTTP/1.1 loop (`src/downstream/h1.rs`) found whole in its buffer with the head, or hyper's
-/// (HTTP/2, and the HTTP/1.1 requests that loop hands to hyper).
+/// HTTP/1.1 loop (`src/downstream/h1.rs`) found whole in its buffer with the head, one that
+/// loop feeds as it reads it ([`fed`]), or hyper's (HTTP/2, and the HTTP/1.1 requests that
+/// loop hands to hyper).
 pub enum ClientBody {
     Empty,
     /// The whole body.
     Whole(Full<Bytes>),
+    Fed(fed::FedBody),
     Hyper(Incoming),
 }
 
 impl Body for ClientBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = ReadError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, ReadError>>> {
         match self.get_mut() {
             ClientBody::Empty => Poll::Ready(None),
             ClientBody::Whole(b) => Pin::new(b).poll_frame(cx).map_err(|never| match never {}),
-            ClientBody::Hyper(b) => Pin::new(b).poll_frame(cx),
+            ClientBody::Fed(b) => b.poll_frame(cx),
+            ClientBody::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(ReadError::Hyper),
         }
     }
 
@@ -103,6 +123,7 @@ impl Body for ClientBody {
         match self {
             ClientBody::Empty => true,
             ClientBody::Whole(b) => b.is_end_stream(),
+            ClientBody::Fed(b) => b.is_end_stream(),
             ClientBody::Hyper(b) => b.is_end_stream(),
         }
     }
@@ -111,6 +132,7 @@ impl Body for ClientBody {
         match self {
             ClientBody::Empty => SizeHint::with_exact(0),
             ClientBody::Whole(b) => b.size_hint(),
+            ClientBody::Fed(b) => b.size_hint(),
             ClientBody::Hyper(b) => b.size_hint(),
         }
     }

@@ -2,19 +2,22 @@
 //! buffer and parsed by [`crate::http1::head`], answered by the proxy, its response written by
 //! [`crate::http1::encode`], then the next request, pipelined ones from the same buffer.
 //!
-//! It takes the request a proxy serves most: HTTP/1.1 without `Upgrade` or `Expect`, whose
-//! head httparse and the `http` types accept, with no body or a `Content-Length` body of at
-//! most [`WHOLE_BODY`] bytes already in the buffer with it. Any other, and any head that does
-//! not parse, goes with the bytes read so far to a round of hyper ([`super::conn`]), which
-//! answers it as before (a body still to come under `body_timeout`, chunked bodies, its
-//! framing rules, 400/431, `Expect: 100-continue`, the upgrade to a tunnel); the README, "HTTP/1.1 data path", says which requests take which path. The
-//! timers are the connection's ([`super::timers`]): 408 for a head not complete within
-//! `header_timeout`, the idle and first-request closes, and parking after
+//! It takes every HTTP/1.1 request whose head httparse and the `http` types accept but those
+//! with `Upgrade`, an `Expect` other than `100-continue`, or CONNECT. A body of at most
+//! [`WHOLE_BODY`] bytes that came with the head is taken whole; any other is read from the
+//! socket as the proxy reads it ([`Feed`], under the proxy's `body_timeout`), `100 Continue`
+//! written when it is first wanted, and what is left of it when the answer came first read and
+//! dropped ([`drain`]) or the connection closed. Any other request, and any head that does not
+//! parse, goes with the bytes read so far to a round of hyper ([`super::conn`]), which answers
+//! it as before (HTTP/1.0, its framing rules, 400/431, the upgrade to a tunnel); the README,
+//! "HTTP/1.1 data path", says which requests take which path. The timers are the
+//! connection's ([`super::timers`]): 408 for a head not complete within `header_timeout`, the
+//! idle and first-request closes, and parking after
 //! [`PARK_AFTER`](super::timers::PARK_AFTER) idle, when the buffers are dropped.
 
 use std::future::Future;
 use std::pin::Pin;
-use std::task::Poll;
+use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -25,10 +28,13 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 use tracing::debug;
 
-use crate::body::ClientBody;
+use crate::body::fed::{self, Feeder};
+use crate::body::{ClientBody, ReadError};
 use crate::config::DownstreamConfig;
 use crate::downstream::requests::{Requests, ResponseBody};
 use crate::downstream::timers::{ConnState, Timer, RESPONSE_408};
+use crate::http1::body::BodyState;
+use crate::http1::chunked::Chunk;
 use crate::http1::encode::{self, BodySize};
 use crate::http1::framing::{self, Framing};
 use crate::http1::head::{self, RequestHead, Version as Version1};
@@ -39,9 +45,9 @@ use crate::shutdown::Shutdown;
 /// grows up to `max_header_bytes` for a long head.
 const READ_BUF: usize = 8 * 1024;
 
-/// The largest request body the loop takes, and only when all of it came with the head (a
-/// small POST's body usually does): it is then the request's whole body, read already, and
-/// no `body_timeout` can apply. A body still to come is hyper's, whose reads the proxy bounds.
+/// The largest request body the loop takes whole, when all of it came with the head (a small
+/// POST's body usually does): it is then read already, and no `body_timeout` can apply. Any
+/// other body is fed from the socket ([`Feed`]).
 pub const WHOLE_BODY: usize = 16 * 1024;
 
 /// Response bytes gathered before they are written: a head and a small body go in one write;
@@ -66,6 +72,8 @@ pub struct Taken {
     pub close: bool,
     /// A HEAD request: its response has no body.
     pub head: bool,
+    /// The body still to come, which the loop reads as the proxy takes it.
+    pub feed: Option<Feed>,
 }
 
 /// Serves requests on `io` (`prefix` read first) until the connection parks, closes, or a
@@ -131,30 +139,53 @@ where
             return Next::Hyper(rest.freeze());
         };
         drop(head);
-        // The answer, unless the client goes away first: dropping it then stops the exchange
-        // (and frees its upstream connection) at once, as hyper did.
-        let answer = requests.answer(taken.req, true);
+        let Taken {
+            req,
+            close,
+            head,
+            mut feed,
+        } = taken;
+        // The answer, its body fed as the proxy reads it, unless the client goes away first:
+        // dropping the answer then stops the exchange (and frees its upstream connection) at
+        // once, as hyper did.
+        let answer = requests.answer(req, true);
         tokio::pin!(answer);
-        let answered = std::future::poll_fn(|cx| match answer.as_mut().poll(cx) {
-            Poll::Ready(done) => Poll::Ready(Some(done)),
-            Poll::Pending => match poll_gone(io, &mut buf, cx) {
-                Poll::Ready(true) => Poll::Ready(None),
-                _ => Poll::Pending,
-            },
+        let answered = std::future::poll_fn(|cx| {
+            for _ in 0..FEED_TURNS {
+                if let Poll::Ready(done) = answer.as_mut().poll(cx) {
+                    return Poll::Ready(Some(done));
+                }
+                match poll_client(io, &mut buf, &mut feed, cx) {
+                    Poll::Ready(true) => return Poll::Ready(None),
+                    Poll::Ready(false) => {}
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+            cx.waker().wake_by_ref();
+            Poll::Pending
         })
         .await;
         let Some((resp, forwarded)) = answered else {
             debug!("client went away before its response; closing");
             return Next::Close;
         };
-        let keep_alive = !taken.close && !shutdown.is_begun();
+        // A body not read to its end (refused, or answered early) is read and dropped after
+        // the response when that is short; else the connection closes after the response.
+        let drainable = feed.as_ref().is_none_or(Feed::drainable);
+        let keep_alive = !close && !shutdown.is_begun() && drainable;
         let resp = Answer {
             resp,
             forwarded,
-            head: taken.head,
+            head,
         };
-        if !write_response(io, resp, keep_alive, &mut out, &mut buf).await {
+        let went_on = write_response(io, resp, keep_alive, &mut out, &mut buf, &mut feed).await;
+        if !went_on {
             return Next::Close;
+        }
+        if let Some(mut feed) = feed.filter(|f| !f.is_done()) {
+            if !drain(io, &mut buf, &mut feed, cfg.body_timeout).await {
+                return Next::Close;
+            }
         }
     }
 }
@@ -208,21 +239,18 @@ async fn fired<I: AsyncWrite + Unpin>(io: &mut I, timer: Timer) -> Next {
     }
 }
 
-/// The request `head` as the proxy takes it, its body taken off the front of `rest` (what
-/// followed the head), or None when it is hyper's (and `rest` is untouched): not HTTP/1.1, a
-/// body that is chunked, larger than [`WHOLE_BODY`] or not all in `rest`, framing hyper or
-/// kaproxy refuses, `Upgrade`, `Expect`, CONNECT, or a method, target, name or value the `http`
-/// types refuse (hyper answers those 400). The `http1_request` fuzz target holds every request
-/// taken to what hyper's server reads from the same bytes.
+/// The request `head` as the proxy takes it, with its body: taken off the front of `rest`
+/// (what followed the head) when it is there whole and small ([`WHOLE_BODY`]), else fed from
+/// the connection as the proxy reads it ([`Feed`], its first piece from `rest`). None when the
+/// request is hyper's (and `rest` is untouched): not HTTP/1.1, framing hyper or kaproxy
+/// refuses, `Upgrade`, an `Expect` other than `100-continue`, CONNECT, or a method, target,
+/// name or value the `http` types refuse (hyper answers those 400). The `http1_request` fuzz
+/// target holds every request taken to what hyper's server reads from the same bytes.
 pub fn take(head: &RequestHead, rest: &mut BytesMut) -> Option<Taken> {
     if head.version != Version1::Http11 {
         return None;
     }
-    let length = match framing::request(Version1::Http11, head.fields.iter()).ok()? {
-        Framing::Empty => 0,
-        Framing::Length(n) if n <= WHOLE_BODY as u64 && n <= rest.len() as u64 => n as usize,
-        _ => return None,
-    };
+    let framing = framing::request(Version1::Http11, head.fields.iter()).ok()?;
     let method = Method::from_bytes(head.method()).ok()?;
     if method == Method::CONNECT {
         return None;
@@ -230,10 +258,18 @@ pub fn take(head: &RequestHead, rest: &mut BytesMut) -> Option<Taken> {
     let bytes = head.as_bytes();
     let uri = Uri::from_maybe_shared(bytes.slice_ref(head.target())).ok()?;
     let mut headers = HeaderMap::with_capacity(head.fields.len());
+    let mut expects_continue = false;
     for (name, value) in head.fields.iter() {
         let name = HeaderName::from_bytes(name).ok()?;
-        if name == header::TRANSFER_ENCODING || name == header::UPGRADE || name == header::EXPECT {
+        if name == header::UPGRADE {
             return None;
+        }
+        if name == header::EXPECT {
+            // hyper's server answers `100-continue` and passes other expectations on.
+            if !value.eq_ignore_ascii_case(b"100-continue") {
+                return None;
+            }
+            expects_continue = true;
         }
         let value = HeaderValue::from_maybe_shared(bytes.slice_ref(value)).ok()?;
         // Repeated lengths (equal: the framing above refused others) go on as one, the first,
@@ -245,17 +281,268 @@ pub fn take(head: &RequestHead, rest: &mut BytesMut) -> Option<Taken> {
     }
     let close = crate::headers::connection_has(&headers, "close");
     let head = method == Method::HEAD;
-    let body = match length {
-        0 => ClientBody::Empty,
-        n => ClientBody::Whole(Full::new(rest.split_to(n).freeze())),
+    let (body, feed) = match framing {
+        Framing::Empty | Framing::Length(0) => (ClientBody::Empty, None),
+        Framing::Length(n) if n <= WHOLE_BODY as u64 && n <= rest.len() as u64 => {
+            let whole = rest.split_to(n as usize).freeze();
+            (ClientBody::Whole(Full::new(whole)), None)
+        }
+        Framing::Length(_) | Framing::Chunked => {
+            let length = match framing {
+                Framing::Length(n) => Some(n),
+                _ => None,
+            };
+            let (body, feeder) = fed::channel(length);
+            let mut feed = Feed {
+                body: BodyState::new(framing),
+                feeder,
+                continuing: if expects_continue {
+                    Continue::Due(0)
+                } else {
+                    Continue::Sent
+                },
+                failed: false,
+            };
+            feed.fill(rest, None);
+            (ClientBody::Fed(body), Some(feed))
+        }
+        // Not a request's framing (RFC 9112 §6.3).
+        Framing::UntilClose => return None,
     };
     let mut req = Request::new(body);
     *req.method_mut() = method;
     *req.uri_mut() = uri;
     *req.version_mut() = Version::HTTP_11;
     *req.headers_mut() = headers;
-    Some(Taken { req, close, head })
+    Some(Taken {
+        req,
+        close,
+        head,
+        feed,
+    })
 }
+
+/// A request body the loop reads from the connection while the proxy answers: where it is in
+/// its framing, and the [`FedBody`](crate::body::fed::FedBody) the proxy reads it from.
+pub struct Feed {
+    body: BodyState,
+    feeder: Feeder,
+    continuing: Continue,
+    failed: bool,
+}
+
+/// `Expect: 100-continue`: the interim response is written when the body is first wanted
+/// (as hyper's server does), so a client whose request is refused first (413 by its length,
+/// 404, an error) need not send the body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Continue {
+    /// Due, this many bytes of it written.
+    Due(usize),
+    /// Written; to be flushed.
+    Flushing,
+    /// Sent, or not asked for.
+    Sent,
+}
+
+const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+
+/// What [`Feed::fill`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Fill {
+    /// Put a piece of the body (and maybe its end) in the body's slot.
+    Pushed,
+    /// The body ended, or failed (a broken chunk).
+    Ended,
+    /// `buf` holds no more of the body.
+    Empty,
+    /// The slot still holds a piece.
+    Full,
+}
+
+impl Feed {
+    /// The body is still being read: not ended or failed, and the proxy still holds it.
+    fn reading(&self) -> bool {
+        !self.body.is_done() && !self.failed && !self.feeder.is_abandoned()
+    }
+
+    /// The body was read to its end: what follows in the buffer is the next request.
+    fn is_done(&self) -> bool {
+        self.body.is_done() && !self.failed
+    }
+
+    /// The rest of the body may be read and dropped after the response ([`drain`]): it did
+    /// not fail, the client was not left waiting for a `100 Continue` (it may never send the
+    /// body), and what its length says is left is at most [`DRAIN_LIMIT`].
+    fn drainable(&self) -> bool {
+        self.is_done()
+            || (!self.failed
+                && self.continuing == Continue::Sent
+                && self.body.remaining().is_none_or(|n| n <= DRAIN_LIMIT))
+    }
+
+    /// Moves the next piece of the body from `buf` into the body's slot, if it is empty.
+    /// `cx`: the task polling the proxy, which is not woken (its caller polls again).
+    pub fn fill(&mut self, buf: &mut BytesMut, cx: Option<&Context<'_>>) -> Fill {
+        if self.body.is_done() || self.failed {
+            return Fill::Ended;
+        }
+        if !self.feeder.has_room() {
+            return Fill::Full;
+        }
+        match self.body.decode(buf) {
+            Ok(Some(Chunk::Data(data))) => {
+                self.feeder.push(data, cx);
+                if self.body.is_done() {
+                    self.feeder.end(Ok(()), cx);
+                }
+                Fill::Pushed
+            }
+            // Trailers of a request body are not forwarded (hop-by-hop framing; hyper's
+            // client wrote none either).
+            Ok(Some(Chunk::End { .. })) => {
+                self.feeder.end(Ok(()), cx);
+                Fill::Ended
+            }
+            Ok(None) => Fill::Empty,
+            Err(e) => {
+                debug!(error = %e, "request body: bad chunk; the body fails");
+                self.fail(ReadError::Chunk(e), cx);
+                Fill::Ended
+            }
+        }
+    }
+
+    /// The connection's stream ended (or failed) before the body did.
+    pub fn cut_short(&mut self, cx: Option<&Context<'_>>) {
+        self.fail(ReadError::Closed, cx);
+    }
+
+    fn fail(&mut self, e: ReadError, cx: Option<&Context<'_>>) {
+        self.failed = true;
+        self.feeder.end(Err(e), cx);
+    }
+}
+
+/// Reads the request body from `io` into `buf` and on into its slot while the proxy wants
+/// more, writing `100 Continue` first when the client asked for it. `Ready` when a piece (or
+/// the end) went in: poll the proxy again.
+fn poll_feed<I: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut I,
+    buf: &mut BytesMut,
+    feed: &mut Feed,
+    cx: &mut Context<'_>,
+) -> Poll<()> {
+    if !feed.feeder.wants() {
+        // The proxy has not asked since the last piece; when it does, it is polled on this
+        // task, and this runs again after it.
+        return Poll::Pending;
+    }
+    loop {
+        match feed.fill(buf, Some(cx)) {
+            Fill::Pushed | Fill::Ended => return Poll::Ready(()),
+            Fill::Full => return Poll::Pending,
+            Fill::Empty => {}
+        }
+        if let Err(()) = ready!(poll_continue(io, &mut feed.continuing, cx)) {
+            feed.cut_short(Some(cx));
+            return Poll::Ready(());
+        }
+        if buf.capacity() - buf.len() < READ_BUF / 4 {
+            buf.reserve(READ_BUF);
+        }
+        match ready!(tokio_util::io::poll_read_buf(Pin::new(&mut *io), cx, buf)) {
+            Ok(0) | Err(_) => {
+                debug!("client closed within its request body");
+                feed.cut_short(Some(cx));
+                return Poll::Ready(());
+            }
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Writes and flushes the `100 Continue` that is due, if one is.
+fn poll_continue<I: AsyncWrite + Unpin>(
+    io: &mut I,
+    continuing: &mut Continue,
+    cx: &mut Context<'_>,
+) -> Poll<Result<(), ()>> {
+    loop {
+        match *continuing {
+            Continue::Sent => return Poll::Ready(Ok(())),
+            Continue::Due(n) if n == CONTINUE.len() => *continuing = Continue::Flushing,
+            Continue::Due(n) => match ready!(Pin::new(&mut *io).poll_write(cx, &CONTINUE[n..])) {
+                Ok(0) | Err(_) => return Poll::Ready(Err(())),
+                Ok(m) => *continuing = Continue::Due(n + m),
+            },
+            Continue::Flushing => {
+                ready!(Pin::new(&mut *io).poll_flush(cx)).map_err(|_| ())?;
+                *continuing = Continue::Sent;
+            }
+        }
+    }
+}
+
+/// While the proxy works on a request: feeds its body when the body wants more, else watches
+/// for the client going away ([`poll_gone`]). `Ready(true)`: the client went away;
+/// `Ready(false)`: a piece of the body went in, poll the proxy again.
+fn poll_client<I: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut I,
+    buf: &mut BytesMut,
+    feed: &mut Option<Feed>,
+    cx: &mut Context<'_>,
+) -> Poll<bool> {
+    match feed {
+        Some(feed) if feed.reading() => poll_feed(io, buf, feed, cx).map(|()| false),
+        _ => match poll_gone(io, buf, cx) {
+            Poll::Ready(true) => Poll::Ready(true),
+            _ => Poll::Pending,
+        },
+    }
+}
+
+/// The most of a request body the loop reads and drops after its response to keep the
+/// connection (hyper drained what had arrived; nginx discards a whole body it did not read);
+/// past it the connection closes.
+const DRAIN_LIMIT: u64 = 256 * 1024;
+
+/// Reads the rest of a request body nobody reads any more from `io` and drops it, each gap
+/// bounded by `body_timeout`: true when it ended within [`DRAIN_LIMIT`] bytes, and what follows
+/// in `buf` is the next request.
+async fn drain<I: AsyncRead + Unpin>(
+    io: &mut I,
+    buf: &mut BytesMut,
+    feed: &mut Feed,
+    body_timeout: std::time::Duration,
+) -> bool {
+    let mut dropped = 0u64;
+    loop {
+        match feed.body.decode(buf) {
+            Ok(Some(Chunk::Data(data))) => {
+                dropped += data.len() as u64;
+                if dropped > DRAIN_LIMIT {
+                    debug!("request body past its response larger than the drain limit; closing");
+                    return false;
+                }
+            }
+            Ok(Some(Chunk::End { .. })) => return true,
+            Ok(None) => {
+                if buf.capacity() - buf.len() < READ_BUF / 4 {
+                    buf.reserve(READ_BUF);
+                }
+                match tokio::time::timeout(body_timeout, io.read_buf(buf)).await {
+                    Ok(Ok(n)) if n > 0 => {}
+                    _ => return false,
+                }
+            }
+            Err(_) => return false,
+        }
+    }
+}
+
+/// How many times one poll of the connection goes between the proxy and the body it reads
+/// before it lets other tasks run.
+const FEED_TURNS: usize = 16;
 
 /// A response to write.
 struct Answer {
@@ -270,13 +557,15 @@ struct Answer {
 /// `Connection: close` in the response, the body sent whole and every write done (a client
 /// that does not read for `send_timeout` fails the write: the socket's deadline,
 /// [`super::socket`]), and the client still there while the body had nothing to send
-/// ([`poll_gone`], reading into `buf`).
+/// ([`poll_gone`], reading into `buf`). A request body still to come goes on being fed
+/// meanwhile: the backend may answer before it has read all of it.
 async fn write_response<I: AsyncRead + AsyncWrite + Unpin>(
     io: &mut I,
     answer: Answer,
     keep_alive: bool,
     out: &mut BytesMut,
     buf: &mut BytesMut,
+    feed: &mut Option<Feed>,
 ) -> bool {
     let Answer {
         resp,
@@ -304,13 +593,21 @@ async fn write_response<I: AsyncRead + AsyncWrite + Unpin>(
     if !encoder.is_done() {
         whole = loop {
             // What is gathered is written while the body has nothing ready.
-            let step = std::future::poll_fn(|cx| match Pin::new(&mut body).poll_frame(cx) {
-                Poll::Ready(frame) => Poll::Ready(Step::Frame(frame)),
-                Poll::Pending if !out.is_empty() => Poll::Ready(Step::Flush),
-                Poll::Pending => match poll_gone(io, buf, cx) {
-                    Poll::Ready(true) => Poll::Ready(Step::Gone),
-                    _ => Poll::Pending,
-                },
+            let step = std::future::poll_fn(|cx| {
+                for _ in 0..FEED_TURNS {
+                    match Pin::new(&mut body).poll_frame(cx) {
+                        Poll::Ready(frame) => return Poll::Ready(Step::Frame(frame)),
+                        Poll::Pending if !out.is_empty() => return Poll::Ready(Step::Flush),
+                        Poll::Pending => {}
+                    }
+                    match poll_client(io, buf, feed, cx) {
+                        Poll::Ready(true) => return Poll::Ready(Step::Gone),
+                        Poll::Ready(false) => {}
+                        Poll::Pending => return Poll::Pending,
+                    }
+                }
+                cx.waker().wake_by_ref();
+                Poll::Pending
             })
             .await;
             let data = match step {
@@ -393,21 +690,82 @@ mod tests {
         assert_eq!(&rest[..], b"GET", "the next request's bytes stay");
     }
 
+    /// The body of `t`, fed from `rest` then ended there (the client closed).
+    fn fed_body(t: Taken, rest: &mut BytesMut) -> Result<Vec<u8>, ReadError> {
+        let mut feed = t.feed.expect("a body to feed");
+        let mut body = t.req.into_body();
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut got = Vec::new();
+        loop {
+            match Pin::new(&mut body).poll_frame(&mut cx) {
+                Poll::Ready(Some(Ok(frame))) => got.extend_from_slice(&frame.into_data().unwrap()),
+                Poll::Ready(Some(Err(e))) => return Err(e),
+                Poll::Ready(None) => return Ok(got),
+                Poll::Pending => {
+                    if feed.fill(rest, Some(&cx)) == Fill::Empty {
+                        feed.cut_short(Some(&cx));
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
-    fn bodies_still_to_come_or_too_large_or_chunked_are_hyper_s() {
-        let (t, rest) = taken(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nab");
-        assert!(t.is_none());
-        assert_eq!(&rest[..], b"ab", "untouched for hyper");
-        let big = format!(
-            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\n\r\n{}",
-            WHOLE_BODY + 1,
-            "x".repeat(WHOLE_BODY + 1)
+    fn a_body_still_to_come_is_fed_and_what_follows_stays() {
+        let (t, mut rest) = taken(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nab");
+        let t = t.expect("taken");
+        assert_eq!(t.req.body().size_hint().exact(), Some(5));
+        rest.extend_from_slice(b"cdeGET");
+        assert_eq!(fed_body(t, &mut rest).unwrap(), b"abcde");
+        assert_eq!(&rest[..], b"GET", "the next request's bytes stay");
+
+        let (t, mut rest) = taken(
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\nGET",
         );
-        assert!(taken(big.as_bytes()).0.is_none());
-        let chunked = b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
-        assert!(taken(chunked).0.is_none());
+        let t = t.expect("chunked is taken");
+        assert!(
+            t.req.headers().contains_key("transfer-encoding"),
+            "as hyper keeps it"
+        );
+        assert_eq!(fed_body(t, &mut rest).unwrap(), b"abc");
+        assert_eq!(&rest[..], b"GET");
+    }
+
+    #[test]
+    fn a_body_cut_short_or_badly_chunked_fails() {
+        let (t, mut rest) = taken(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nab");
+        assert!(matches!(
+            fed_body(t.unwrap(), &mut rest),
+            Err(ReadError::Closed)
+        ));
+        let (t, mut rest) =
+            taken(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n");
+        assert!(matches!(
+            fed_body(t.unwrap(), &mut rest),
+            Err(ReadError::Chunk(_))
+        ));
+    }
+
+    #[test]
+    fn expect_100_continue_is_taken_and_answered_when_the_body_is_wanted() {
+        let (t, _) = taken(
+            b"POST / HTTP/1.1\r\nHost: a\r\nExpect: 100-Continue\r\nContent-Length: 2\r\n\r\n",
+        );
+        let feed = t.expect("taken").feed.expect("fed");
+        assert_eq!(feed.continuing, Continue::Due(0));
+        let (t, _) =
+            taken(b"POST / HTTP/1.1\r\nHost: a\r\nExpect: other\r\nContent-Length: 2\r\n\r\n");
+        assert!(t.is_none(), "another expectation is hyper's");
+    }
+
+    #[test]
+    fn upgrades_old_versions_and_refused_framing_are_hyper_s() {
         let signed = b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +1\r\n\r\nx";
-        assert!(taken(signed).0.is_none(), "hyper answers the 400");
+        let (t, rest) = taken(signed);
+        assert!(t.is_none(), "hyper answers the 400");
+        assert_eq!(&rest[..], b"x", "untouched for hyper");
+        let both = b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert!(taken(both).0.is_none());
         let upgrade =
             b"GET / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n";
         assert!(taken(upgrade).0.is_none());
