@@ -119,6 +119,13 @@ where
                 return;
             }
             Next::Hyper(bytes) => prefix = bytes,
+            Next::Tunnel(switched, rest) => {
+                // Its own task, as hyper's upgrades are: the tunnel outlives the connection's
+                // HTTP serving (and its slot with the limiter), and shutdown does not wait
+                // for it.
+                tokio::spawn(switched.run(Rewind { io, rest }));
+                return;
+            }
         }
         state.round_started();
         // Boxed: hyper's connection lives on the heap only while it serves, so a parked
@@ -165,6 +172,52 @@ where
         io = back;
         prefix = rest;
         parked = true;
+    }
+}
+
+/// The client's side of a tunnel: what the loop read past the upgrade request, then the
+/// connection.
+struct Rewind<I> {
+    io: I,
+    rest: Bytes,
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Rewind<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if !self.rest.is_empty() {
+            let n = self.rest.len().min(buf.remaining());
+            buf.put_slice(&self.rest.split_to(n));
+            return std::task::Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Rewind<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, data)
+    }
+
+    fn poll_flush(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 

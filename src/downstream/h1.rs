@@ -2,14 +2,15 @@
 //! buffer and parsed by [`crate::http1::head`], answered by the proxy, its response written by
 //! [`crate::http1::encode`], then the next request, pipelined ones from the same buffer.
 //!
-//! It takes every HTTP/1.1 request whose head httparse and the `http` types accept but those
-//! with `Upgrade`, an `Expect` other than `100-continue`, or CONNECT. A body of at most
+//! It takes every HTTP/1.1 request whose head httparse and the `http` types accept but an
+//! `Upgrade` with a body, an `Expect` other than `100-continue`, and CONNECT; an upgrade the
+//! backend accepts ends the loop with its `101` written ([`Next::Tunnel`]). A body of at most
 //! [`WHOLE_BODY`] bytes that came with the head is taken whole; any other is read from the
 //! socket as the proxy reads it ([`Feed`], under the proxy's `body_timeout`), `100 Continue`
 //! written when it is first wanted, and what is left of it when the answer came first read and
 //! dropped ([`drain`]) or the connection closed. Any other request, and any head that does not
 //! parse, goes with the bytes read so far to a round of hyper ([`super::conn`]), which answers
-//! it as before (HTTP/1.0, its framing rules, 400/431, the upgrade to a tunnel); the README,
+//! it as before (HTTP/1.0, its framing rules, 400/431); the README,
 //! "HTTP/1.1 data path", says which requests take which path. The timers are the
 //! connection's ([`super::timers`]): 408 for a head not complete within `header_timeout`, the
 //! idle and first-request closes, and parking after
@@ -31,14 +32,14 @@ use tracing::debug;
 use crate::body::fed::{self, Feeder};
 use crate::body::{ClientBody, ReadError};
 use crate::config::DownstreamConfig;
-use crate::downstream::requests::{Requests, ResponseBody};
+use crate::downstream::requests::{Answered, Requests, ResponseBody};
 use crate::downstream::timers::{ConnState, Timer, RESPONSE_408};
 use crate::http1::body::BodyState;
 use crate::http1::chunked::Chunk;
 use crate::http1::encode::{self, BodySize};
 use crate::http1::framing::{self, Framing};
 use crate::http1::head::{self, RequestHead, Version as Version1};
-use crate::proxy::ForwardedHead;
+use crate::proxy::{ForwardedHead, Switched};
 use crate::shutdown::Shutdown;
 
 /// The read buffer of a connection this loop serves starts at this size (hyper's too) and
@@ -63,6 +64,9 @@ pub(super) enum Next {
     /// A request this loop does not take, or a head that does not parse: these bytes, read
     /// from the connection, are hyper's to answer.
     Hyper(Bytes),
+    /// An upgrade the backend accepted, its `101` written: the connection is the tunnel's,
+    /// these bytes (sent after the request) first.
+    Tunnel(Box<Switched>, Bytes),
 }
 
 /// A request head the loop takes, as the proxy reads it.
@@ -165,10 +169,28 @@ where
             Poll::Pending
         })
         .await;
-        let Some((resp, forwarded)) = answered else {
+        let Some(Answered {
+            resp,
+            forwarded,
+            switched,
+        }) = answered
+        else {
             debug!("client went away before its response; closing");
             return Next::Close;
         };
+        if let Some(switched) = switched {
+            // The backend switched protocols: the 101 goes down, then the connection is the
+            // tunnel's, with whatever the client sent after its request.
+            let resp = Answer {
+                resp,
+                forwarded,
+                head,
+            };
+            if !write_response(io, resp, true, &mut out, &mut buf, &mut feed).await {
+                return Next::Close;
+            }
+            return Next::Tunnel(switched, buf.split().freeze());
+        }
         // A body not read to its end (refused, or answered early) is read and dropped after
         // the response when that is short; else the connection closes after the response.
         let drainable = feed.as_ref().is_none_or(Feed::drainable);
@@ -243,7 +265,7 @@ async fn fired<I: AsyncWrite + Unpin>(io: &mut I, timer: Timer) -> Next {
 /// (what followed the head) when it is there whole and small ([`WHOLE_BODY`]), else fed from
 /// the connection as the proxy reads it ([`Feed`], its first piece from `rest`). None when the
 /// request is hyper's (and `rest` is untouched): not HTTP/1.1, framing hyper or kaproxy
-/// refuses, `Upgrade`, an `Expect` other than `100-continue`, CONNECT, or a method, target,
+/// refuses, `Upgrade` with a body, an `Expect` other than `100-continue`, CONNECT, or a method, target,
 /// name or value the `http` types refuse (hyper answers those 400). The `http1_request` fuzz
 /// target holds every request taken to what hyper's server reads from the same bytes.
 pub fn take(head: &RequestHead, rest: &mut BytesMut) -> Option<Taken> {
@@ -259,11 +281,10 @@ pub fn take(head: &RequestHead, rest: &mut BytesMut) -> Option<Taken> {
     let uri = Uri::from_maybe_shared(bytes.slice_ref(head.target())).ok()?;
     let mut headers = HeaderMap::with_capacity(head.fields.len());
     let mut expects_continue = false;
+    let mut upgrade = false;
     for (name, value) in head.fields.iter() {
         let name = HeaderName::from_bytes(name).ok()?;
-        if name == header::UPGRADE {
-            return None;
-        }
+        upgrade |= name == header::UPGRADE;
         if name == header::EXPECT {
             // hyper's server answers `100-continue` and passes other expectations on.
             if !value.eq_ignore_ascii_case(b"100-continue") {
@@ -278,6 +299,10 @@ pub fn take(head: &RequestHead, rest: &mut BytesMut) -> Option<Taken> {
             continue;
         }
         headers.append(name, value);
+    }
+    if upgrade && framing != Framing::Empty {
+        // An upgrade with a body: hyper's, rare.
+        return None;
     }
     let close = crate::headers::connection_has(&headers, "close");
     let head = method == Method::HEAD;
@@ -759,16 +784,23 @@ mod tests {
     }
 
     #[test]
-    fn upgrades_old_versions_and_refused_framing_are_hyper_s() {
+    fn an_upgrade_without_a_body_is_taken() {
+        let upgrade =
+            b"GET / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n";
+        let t = taken(upgrade).0.expect("taken");
+        assert_eq!(t.req.headers()["upgrade"], "websocket");
+        let with_body = b"POST / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: upgrade\r\nContent-Length: 1\r\n\r\nx";
+        assert!(taken(with_body).0.is_none(), "hyper's");
+    }
+
+    #[test]
+    fn old_versions_and_refused_framing_are_hyper_s() {
         let signed = b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +1\r\n\r\nx";
         let (t, rest) = taken(signed);
         assert!(t.is_none(), "hyper answers the 400");
         assert_eq!(&rest[..], b"x", "untouched for hyper");
         let both = b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n";
         assert!(taken(both).0.is_none());
-        let upgrade =
-            b"GET / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n";
-        assert!(taken(upgrade).0.is_none());
         let old = b"GET / HTTP/1.0\r\nHost: a\r\n\r\n";
         assert!(taken(old).0.is_none());
     }

@@ -22,7 +22,7 @@ use crate::config::DownstreamConfig;
 use crate::downstream::send_watch::SendWatch;
 use crate::downstream::timers::{ConnState, InFlight};
 use crate::downstream::{ConnContext, Generation};
-use crate::proxy::{forwarded_into_map, DownstreamInfo, ForwardedHead, ProxyBody};
+use crate::proxy::{forwarded_into_map, DownstreamInfo, ForwardedHead, ProxyBody, Switched};
 
 /// The most header fields a request may have, on either protocol: hyper's HTTP/1 parser
 /// answers 431 past 100 fields, and Apache's `LimitRequestFields` is 100 too; HTTP/2 requests
@@ -103,19 +103,20 @@ impl Requests {
            + 'static {
         service_fn(move |req| {
             let requests = self.clone();
-            async move { Ok(requests.answer(req.map(ClientBody::Hyper), false).await.0) }
+            async move {
+                Ok(requests
+                    .answer(req.map(ClientBody::Hyper), false)
+                    .await
+                    .resp)
+            }
         })
     }
 
     /// Answers one request (from hyper, or from kaproxy's own loop, [`super::h1`]: `own`),
     /// with the `Keep-Alive` or `Connection: close` of its connection's HTTP/1.1 response. For
     /// the own loop a backend's head comes apart, as received, its fields not in the header
-    /// map; for hyper they are moved into it.
-    pub(super) async fn answer(
-        &self,
-        mut req: Request<ClientBody>,
-        own: bool,
-    ) -> (Response<ResponseBody>, Option<Box<ForwardedHead>>) {
+    /// map, and so does the tunnel of a `101`; for hyper the fields are moved into the map.
+    pub(super) async fn answer(&self, mut req: Request<ClientBody>, own: bool) -> Answered {
         let (state, cfg, http2) = (&self.state, &self.cfg, self.http2);
         let (guard, n) = state.request_started();
         if !req.body().is_end_stream() {
@@ -136,11 +137,12 @@ impl Requests {
             let proxy = self.current.load().proxy.clone();
             proxy.handle(req, &self.info).await
         };
-        let forwarded = if own {
-            resp.body_mut().take_forwarded()
+        let (forwarded, switched) = if own {
+            let body = resp.body_mut();
+            (body.take_forwarded(), body.take_switched())
         } else {
             forwarded_into_map(&mut resp);
-            None
+            (None, None)
         };
         let last = n >= cfg.max_requests_per_connection;
         if http2 && n == cfg.max_requests_per_connection {
@@ -169,6 +171,19 @@ impl Requests {
             },
             _guard: guard,
         });
-        (resp, forwarded)
+        Answered {
+            resp,
+            forwarded,
+            switched,
+        }
     }
+}
+
+/// A request's answer, as [`Requests::answer`] gives it.
+pub(super) struct Answered {
+    pub resp: Response<ResponseBody>,
+    /// The backend's head, for the own loop to write from its bytes.
+    pub forwarded: Option<Box<ForwardedHead>>,
+    /// The tunnel of a `101`, for the own loop to hand the connection to once it is written.
+    pub switched: Option<Box<Switched>>,
 }

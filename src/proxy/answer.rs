@@ -20,6 +20,7 @@ use crate::http1::head::ResponseHead;
 use crate::upstream::exchange::PooledBody;
 
 use super::log::AccessRecord;
+use super::tunnel::Switched;
 
 /// Marks kaproxy's own answer to a broken request as the last on an HTTP/1 connection.
 pub(super) fn closing(mut resp: Response<ProxyBody>, version: Version) -> Response<ProxyBody> {
@@ -109,6 +110,9 @@ pub(super) enum Inner {
     /// Read from the backend by a relay, as fast as the backend sends it.
     Relay(RelayBody),
     Tunnel(Incoming),
+    /// The `101` of a tunnel whose client side the downstream connection hands over
+    /// ([`ProxyBody::take_switched`]); no body.
+    Switched(Box<Switched>),
     Local(Full<Bytes>),
     Empty,
 }
@@ -148,6 +152,18 @@ impl ProxyBody {
     pub fn take_forwarded(&mut self) -> Option<Box<ForwardedHead>> {
         self.forwarded.take()
     }
+
+    /// Takes the tunnel a `101` opened, for a connection that hands its client side over
+    /// itself (kaproxy's HTTP/1.1 loop, once the `101` is written).
+    pub fn take_switched(&mut self) -> Option<Box<Switched>> {
+        match std::mem::replace(&mut self.inner, Inner::Empty) {
+            Inner::Switched(s) => Some(s),
+            other => {
+                self.inner = other;
+                None
+            }
+        }
+    }
 }
 
 impl Body for ProxyBody {
@@ -167,7 +183,7 @@ impl Body for ProxyBody {
             Inner::Relay(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
             Inner::Tunnel(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
             Inner::Local(b) => Pin::new(b).poll_frame(cx).map_err(|never| match never {}),
-            Inner::Empty => Poll::Ready(None),
+            Inner::Switched(_) | Inner::Empty => Poll::Ready(None),
         };
         if let Poll::Ready(Some(Ok(frame))) = &res {
             if let Some(data) = frame.data_ref() {
@@ -184,7 +200,7 @@ impl Body for ProxyBody {
             Inner::Relay(b) => b.is_end_stream(),
             Inner::Tunnel(b) => b.is_end_stream(),
             Inner::Local(b) => b.is_end_stream(),
-            Inner::Empty => true,
+            Inner::Switched(_) | Inner::Empty => true,
         }
     }
 
@@ -195,7 +211,7 @@ impl Body for ProxyBody {
             Inner::Relay(b) => b.size_hint(),
             Inner::Tunnel(b) => b.size_hint(),
             Inner::Local(b) => b.size_hint(),
-            Inner::Empty => SizeHint::with_exact(0),
+            Inner::Switched(_) | Inner::Empty => SizeHint::with_exact(0),
         }
     }
 }

@@ -84,7 +84,9 @@ impl Proxy {
         offered: HeaderValue,
     ) -> Response<ProxyBody> {
         let upstream = ctx.group;
-        let downstream_upgrade = hyper::upgrade::on(&mut req);
+        // hyper's server gives the client side of a request it read once the 101 is written;
+        // kaproxy's own loop hands it over itself (`Switched`).
+        let downstream_upgrade = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>();
         let (mut parts, body) = req.into_parts();
         filter_head(&mut parts, ds, &self.forwarded, host.as_ref());
         parts.headers.insert(header::UPGRADE, offered.clone());
@@ -137,25 +139,25 @@ impl Proxy {
             log.server = Some(pool.addr());
         }
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-            let upstream_upgrade = hyper::upgrade::on(&mut resp);
-            let metrics = pool.metrics().clone();
-            let idle = upstream.config.tunnel_idle_timeout;
-            tokio::spawn(async move {
-                let (Ok(down), Ok(up)) = tokio::join!(downstream_upgrade, upstream_upgrade) else {
-                    return;
-                };
-                let end = copy_until_idle(
-                    hyper_util::rt::TokioIo::new(down),
-                    hyper_util::rt::TokioIo::new(up),
-                    idle,
-                    &metrics,
-                )
-                .await;
-                debug!(server = %metrics.server, end = end.as_str(), "tunnel closed");
-                drop(slot);
-            });
+            let switched = Switched {
+                upstream: hyper::upgrade::on(&mut resp),
+                metrics: pool.metrics().clone(),
+                idle: upstream.config.tunnel_idle_timeout,
+                slot,
+            };
             let (parts, _) = resp.into_parts();
-            return Response::from_parts(parts, ProxyBody::empty(ctx.log));
+            let mut body = ProxyBody::empty(ctx.log);
+            match downstream_upgrade {
+                Some(down) => {
+                    tokio::spawn(async move {
+                        if let Ok(down) = down.await {
+                            switched.run(hyper_util::rt::TokioIo::new(down)).await;
+                        }
+                    });
+                }
+                None => body.inner = Inner::Switched(Box::new(switched)),
+            }
+            return Response::from_parts(parts, body);
         }
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
@@ -168,6 +170,31 @@ impl Proxy {
                 forwarded: None,
             },
         )
+    }
+}
+
+/// A tunnel the backend switched to (its `101` received), waiting for the client's side of
+/// the connection once the `101` is written downstream.
+pub struct Switched {
+    upstream: hyper::upgrade::OnUpgrade,
+    metrics: Arc<BackendMetrics>,
+    idle: Duration,
+    /// One of the backend's `max_connections_per_server`, held while the tunnel runs.
+    slot: Arc<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl Switched {
+    /// Copies between `down`, the client's side, and the backend until the tunnel ends
+    /// ([`copy_until_idle`]).
+    pub async fn run<D: AsyncRead + AsyncWrite + Unpin>(self, down: D) {
+        let Ok(up) = self.upstream.await else {
+            return;
+        };
+        let metrics = self.metrics;
+        let end =
+            copy_until_idle(down, hyper_util::rt::TokioIo::new(up), self.idle, &metrics).await;
+        debug!(server = %metrics.server, end = end.as_str(), "tunnel closed");
+        drop(self.slot);
     }
 }
 

@@ -692,3 +692,30 @@ async fn tunnels_hold_a_slot_of_max_connections_per_server() {
     assert_eq!(head.status(), Some(101), "{head:?}");
     proxy.shutdown().await;
 }
+
+#[tokio::test]
+async fn bytes_sent_right_after_the_upgrade_request_go_through_the_tunnel() {
+    let backend = EchoUpgradeBackend::start().await;
+    let proxy = TestProxy::start(&upstream_toml(&backend)).await;
+    let mut stream = connect_from(proxy.http().addr, None)
+        .await
+        .expect("connect");
+    // The first message in the same write as the request: kaproxy has read it with the head
+    // and must hand it to the tunnel first.
+    let mut bytes = upgrade_request("/chat", "echo-proto", "").into_bytes();
+    bytes.extend_from_slice(b"early ping\n");
+    stream.write_all(&bytes).await.expect("send");
+    let (head, mut early) = read_head(&mut stream).await.expect("response head");
+    assert_eq!(head.status(), Some(101), "{head:?}");
+    let expected = b"hello echo-proto\nearly ping\n";
+    if early.len() < expected.len() {
+        let more = read_exact_bounded(&mut stream, expected.len() - early.len()).await;
+        early.extend_from_slice(&more);
+    }
+    assert_eq!(
+        String::from_utf8_lossy(&early),
+        String::from_utf8_lossy(expected),
+        "the greeting, then the early message echoed"
+    );
+    proxy.shutdown().await;
+}
