@@ -20,7 +20,7 @@ use crate::http1::head::ResponseHead;
 use crate::upstream::exchange::PooledBody;
 
 use super::log::AccessRecord;
-use super::tunnel::Switched;
+use super::switched::Switched;
 
 /// Marks kaproxy's own answer to a broken request as the last on an HTTP/1 connection.
 pub(super) fn closing(mut resp: Response<ProxyBody>, version: Version) -> Response<ProxyBody> {

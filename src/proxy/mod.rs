@@ -12,11 +12,12 @@ mod log;
 mod response;
 mod retry;
 mod route;
+mod switched;
 mod tunnel;
 
 pub use answer::{forwarded_into_map, local_response, ForwardedHead, ProxyBody};
 pub use forwarded::{strip_hop_by_hop, upstream_head, upstream_request_headers, DownstreamInfo};
-pub use tunnel::Switched;
+pub use switched::Switched;
 
 use std::sync::Arc;
 use std::time::Duration;
