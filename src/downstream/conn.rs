@@ -13,6 +13,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use futures_util::future::Either;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
@@ -28,8 +29,9 @@ use crate::downstream::ConnContext;
 use crate::shutdown::Shutdown;
 
 /// Serves one downstream connection until it closes, with HTTP/2 when ALPN said `h2`
-/// (`http2`), else HTTP/1.1.
-pub async fn serve<I>(io: I, http2: bool, ctx: ConnContext)
+/// (`http2`), else HTTP/1.1. Not an async fn: one would keep a copy of `io` and `ctx` beside
+/// the future it awaits, for the whole connection.
+pub fn serve<I>(io: I, http2: bool, ctx: ConnContext) -> impl std::future::Future<Output = ()>
 where
     I: AsyncRead + AsyncWrite + WaitReadable + Unpin + Send + 'static,
 {
@@ -38,9 +40,9 @@ where
     if http2 {
         // Boxed: an HTTP/1 connection's future (kept for the whole connection, parked or
         // not) is not made the size of HTTP/2's.
-        Box::pin(serve_h2(io, state, requests, ctx)).await
+        Either::Left(Box::pin(serve_h2(io, state, requests, ctx)))
     } else {
-        serve_h1(io, state, requests, ctx).await
+        Either::Right(serve_h1(io, state, requests, ctx))
     }
 }
 
@@ -76,102 +78,100 @@ where
 /// until the connection idles past [`PARK_AFTER`](super::timers::PARK_AFTER). Parked, the
 /// socket alone waits for the next request (or its close), counted in `waiting`, registered
 /// with `limit` as one that may be closed to make room at `max_connections`.
-async fn serve_h1<I>(io: I, state: Arc<ConnState>, requests: Arc<Requests>, ctx: ConnContext)
+///
+/// An async block rather than an async fn: it uses what it captures where it is, where an
+/// async fn's future would hold each argument twice (as received and as bound).
+fn serve_h1<I>(
+    mut io: I,
+    state: Arc<ConnState>,
+    requests: Arc<Requests>,
+    mut ctx: ConnContext,
+) -> impl std::future::Future<Output = ()>
 where
     I: AsyncRead + AsyncWrite + WaitReadable + Unpin + Send + 'static,
 {
-    let ConnContext {
-        cfg,
-        mut shutdown,
-        waiting,
-        limit,
-        ..
-    } = ctx;
-    let mut io = io;
-    let mut prefix = Bytes::new();
-    let mut parked = I::WAIT_BEFORE_FIRST_READ;
-    loop {
-        if parked && prefix.is_empty() {
-            waiting.inc();
-            let woken = wait_for_request(&io, &state, &cfg, &mut shutdown, &limit).await;
-            waiting.dec();
-            if !woken {
-                let _ = tokio::time::timeout(LINGER_TIME, io.shutdown()).await;
-                return;
+    async move {
+        let (cfg, shutdown) = (&ctx.cfg, &mut ctx.shutdown);
+        let mut prefix = Bytes::new();
+        let mut parked = I::WAIT_BEFORE_FIRST_READ;
+        loop {
+            if parked && prefix.is_empty() {
+                ctx.waiting.inc();
+                let woken = wait_for_request(&io, &state, cfg, shutdown, &ctx.limit).await;
+                ctx.waiting.dec();
+                if !woken {
+                    let _ = tokio::time::timeout(LINGER_TIME, io.shutdown()).await;
+                    return;
+                }
             }
-        }
-        // kaproxy's own loop first; hyper answers what it does not take (h1.rs).
-        let own = Box::pin(h1::serve(
-            &mut io,
-            std::mem::take(&mut prefix),
-            &state,
-            &requests,
-            &cfg,
-            &mut shutdown,
-        ));
-        match own.await {
-            Next::Park => {
-                parked = true;
-                continue;
-            }
-            Next::Close => {
-                let _ = tokio::time::timeout(LINGER_TIME, io.shutdown()).await;
-                return;
-            }
-            Next::Hyper(bytes) => prefix = bytes,
-            Next::Tunnel(switched, rest) => {
-                // Its own task, as hyper's upgrades are: the tunnel outlives the connection's
-                // HTTP serving (and its slot with the limiter), and shutdown does not wait
-                // for it.
-                tokio::spawn(switched.run(Rewind { io, rest }));
-                return;
-            }
-        }
-        state.round_started();
-        // Boxed: hyper's connection lives on the heap only while it serves, so a parked
-        // connection's task stays small.
-        let round = Box::pin(async {
-            // Made for the round, not kept by the connection: most connections never get one.
-            let mut builder = hyper::server::conn::http1::Builder::new();
-            builder
-                .timer(TokioTimer::new())
-                .header_read_timeout(None)
-                .max_buf_size(cfg.max_header_bytes)
-                .max_header_size(cfg.max_header_bytes);
-            let watched = HeadWatch::new(io, state.clone(), std::mem::take(&mut prefix));
-            let mut conn = builder
-                .serve_connection(TokioIo::new(watched), requests.clone().service())
-                .with_upgrades();
-            let outcome = drive(
-                Pin::new(&mut conn),
+            // kaproxy's own loop first; hyper answers what it does not take (h1.rs).
+            let own = Box::pin(h1::serve(
+                &mut io,
+                std::mem::take(&mut prefix),
                 &state,
-                &cfg,
-                true,
-                &mut shutdown,
-                |c| c.graceful_shutdown(),
-            )
-            .await;
-            if outcome == Outcome::Ended {
-                return None;
+                &requests,
+                cfg,
+                shutdown,
+            ));
+            match own.await {
+                Next::Park => {
+                    parked = true;
+                    continue;
+                }
+                Next::Close => {
+                    let _ = tokio::time::timeout(LINGER_TIME, io.shutdown()).await;
+                    return;
+                }
+                Next::Hyper(bytes) => prefix = bytes,
+                Next::Tunnel(switched, rest) => {
+                    // Its own task, as hyper's upgrades are: the tunnel outlives the connection's
+                    // HTTP serving (and its slot with the limiter), and shutdown does not wait
+                    // for it.
+                    tokio::spawn(switched.run(Rewind { io, rest }));
+                    return;
+                }
             }
-            // No request in flight and everything written: hyper holds at most the start of
-            // a pipelined request, which the next round reads first.
-            let parts = conn.into_parts()?;
-            let (socket, unread) = parts.io.into_inner().into_parts();
-            // Copied out: hyper's `read_buf` shares (and would keep alive) its whole buffer.
-            let rest = if parts.read_buf.is_empty() && unread.is_empty() {
-                Bytes::new()
-            } else {
-                [parts.read_buf, unread].concat().into()
+            state.round_started();
+            // Boxed: hyper's connection lives on the heap only while it serves, so a parked
+            // connection's task stays small.
+            let round = Box::pin(async {
+                // Made for the round, not kept by the connection: most connections never get one.
+                let mut builder = hyper::server::conn::http1::Builder::new();
+                builder
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(None)
+                    .max_buf_size(cfg.max_header_bytes)
+                    .max_header_size(cfg.max_header_bytes);
+                let watched = HeadWatch::new(io, state.clone(), std::mem::take(&mut prefix));
+                let mut conn = builder
+                    .serve_connection(TokioIo::new(watched), requests.clone().service())
+                    .with_upgrades();
+                let outcome = drive(Pin::new(&mut conn), &state, cfg, true, shutdown, |c| {
+                    c.graceful_shutdown()
+                })
+                .await;
+                if outcome == Outcome::Ended {
+                    return None;
+                }
+                // No request in flight and everything written: hyper holds at most the start of
+                // a pipelined request, which the next round reads first.
+                let parts = conn.into_parts()?;
+                let (socket, unread) = parts.io.into_inner().into_parts();
+                // Copied out: hyper's `read_buf` shares (and would keep alive) its whole buffer.
+                let rest = if parts.read_buf.is_empty() && unread.is_empty() {
+                    Bytes::new()
+                } else {
+                    [parts.read_buf, unread].concat().into()
+                };
+                Some((socket, rest))
+            });
+            let Some((back, rest)) = round.await else {
+                return;
             };
-            Some((socket, rest))
-        });
-        let Some((back, rest)) = round.await else {
-            return;
-        };
-        io = back;
-        prefix = rest;
-        parked = true;
+            io = back;
+            prefix = rest;
+            parked = true;
+        }
     }
 }
 

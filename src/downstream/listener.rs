@@ -165,15 +165,34 @@ impl Listener {
                 waiting: self.gauges.waiting.clone(),
                 limit: self.limit.clone(),
             };
-            let (open, done) = (self.gauges.open.clone(), self.done.clone());
-            tokio::spawn(async move {
-                open.inc();
-                handle(stream, on, listening).await;
-                open.dec();
-                drop::<Slot>(slot);
-                drop(done);
-            });
+            let held = Held::new(self.gauges.open.clone(), slot, self.done.clone());
+            tokio::spawn(handle(stream, on, listening, held));
         }
+    }
+}
+
+/// What a connection's task holds for its whole life: counted in `open`, a slot of the
+/// limiter, and a clone of the server's `done` sender; all let go when the task ends.
+struct Held {
+    open: Gauge,
+    _slot: Slot,
+    _done: mpsc::Sender<()>,
+}
+
+impl Held {
+    fn new(open: Gauge, slot: Slot, done: mpsc::Sender<()>) -> Held {
+        open.inc();
+        Held {
+            open,
+            _slot: slot,
+            _done: done,
+        }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.open.dec();
     }
 }
 
@@ -193,63 +212,67 @@ struct Listening {
     limit: ListenerLimit,
 }
 
-async fn handle(mut stream: TcpStream, on: Accepted, listening: Listening) {
-    // Connection-level settings (timeouts, TLS) are those current at accept; every request
-    // then routes with the configuration current when it arrives.
-    let generation = listening.current.load_full();
-    let cfg = generation.downstream.clone();
-    let Accepted {
-        mut peer,
-        local,
-        kind,
-        proxy_protocol,
-    } = on;
-    if proxy_protocol {
-        match tokio::time::timeout(
-            cfg.header_timeout,
-            crate::downstream::proxy_protocol::read_proxy_header(&mut stream),
-        )
-        .await
-        {
-            Ok(Ok(Some(source))) => peer = source,
-            Ok(Ok(None)) => {}
-            Ok(Err(e)) => {
-                warn!(peer = %peer, error = %e, "bad PROXY protocol header; closing the connection");
-                return;
-            }
-            Err(_) => {
-                warn!(peer = %peer, timeout = ?cfg.header_timeout, "no PROXY protocol header in time; closing the connection");
-                return;
+/// Serves one accepted connection: its PROXY header first when the listener expects one, then
+/// TLS or not, then HTTP. The task's whole state: an async block (an async fn's future would
+/// hold each argument twice), with the plain connection's serving future inside it, so a
+/// parked connection is one allocation.
+fn handle(
+    mut stream: TcpStream,
+    on: Accepted,
+    listening: Listening,
+    held: Held,
+) -> impl std::future::Future<Output = ()> {
+    async move {
+        let _held = held;
+        // Connection-level settings (timeouts, TLS) are those current at accept; every request
+        // then routes with the configuration current when it arrives.
+        let cfg = listening.current.load().downstream.clone();
+        let mut peer = on.peer;
+        if on.proxy_protocol {
+            match tokio::time::timeout(
+                cfg.header_timeout,
+                crate::downstream::proxy_protocol::read_proxy_header(&mut stream),
+            )
+            .await
+            {
+                Ok(Ok(Some(source))) => peer = source,
+                Ok(Ok(None)) => {}
+                Ok(Err(e)) => {
+                    warn!(peer = %peer, error = %e, "bad PROXY protocol header; closing the connection");
+                    return;
+                }
+                Err(_) => {
+                    warn!(peer = %peer, timeout = ?cfg.header_timeout, "no PROXY protocol header in time; closing the connection");
+                    return;
+                }
             }
         }
-    }
-    let _ = stream.set_nodelay(true);
-    if let Some(idle) = cfg.tcp_keepalive {
-        let sock = socket2::SockRef::from(&stream);
-        let _ = sock.set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(idle));
-    }
-    let io = LingeringTcp::new(stream).with_send_timeout(cfg.send_timeout);
-    let ctx = ConnContext {
-        info: DownstreamInfo::new(peer, local, kind == Kind::Https),
-        current: listening.current,
-        cfg,
-        shutdown: listening.shutdown,
-        waiting: listening.waiting,
-        limit: listening.limit,
-    };
-    // Not held while serving: a connection kept alive must not keep an old generation (and
-    // the pools of servers a reload or `resolve` removed, with their idle connections) alive.
-    let tls = generation.tls.clone();
-    drop(generation);
-    // Each branch is boxed, so a connection's task holds the state of its own protocol only
-    // (the TLS handshake state made every plain connection's task 9 KiB; now ~0.5 KiB + serve).
-    match kind {
-        Kind::Http => Box::pin(conn::serve(io, false, ctx)).await,
-        Kind::Https => {
-            let Some(tls) = tls else {
-                return;
-            };
-            Box::pin(serve_tls(io, tls, ctx)).await;
+        let _ = stream.set_nodelay(true);
+        if let Some(idle) = cfg.tcp_keepalive {
+            let sock = socket2::SockRef::from(&stream);
+            let _ = sock.set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(idle));
+        }
+        let io = LingeringTcp::new(stream).with_send_timeout(cfg.send_timeout);
+        let ctx = ConnContext {
+            info: DownstreamInfo::new(peer, on.local, on.kind == Kind::Https),
+            current: listening.current,
+            cfg,
+            shutdown: listening.shutdown,
+            waiting: listening.waiting,
+            limit: listening.limit,
+        };
+        // The TLS handshake's state is boxed, so a plain connection's task does not hold it (it
+        // made every plain connection's task 9 KiB). Not held while serving: a connection kept
+        // alive must not keep an old generation (and the pools of servers a reload or `resolve`
+        // removed, with their idle connections) alive.
+        match on.kind {
+            Kind::Http => conn::serve(io, false, ctx).await,
+            Kind::Https => {
+                let Some(tls) = ctx.current.load().tls.clone() else {
+                    return;
+                };
+                Box::pin(serve_tls(io, tls, ctx)).await;
+            }
         }
     }
 }
