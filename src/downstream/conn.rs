@@ -15,6 +15,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures_util::future::Either;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 use tracing::debug;
@@ -22,10 +23,12 @@ use tracing::debug;
 use crate::config::DownstreamConfig;
 use crate::downstream::h1::{self, Next};
 use crate::downstream::h2_head::H2HeadWatch;
+use crate::downstream::limit::ListenerLimit;
 use crate::downstream::requests::Requests;
 use crate::downstream::socket::{WaitReadable, LINGER_TIME};
 use crate::downstream::timers::{ConnState, HeadWatch, Timer};
 use crate::downstream::ConnContext;
+
 use crate::shutdown::Shutdown;
 
 /// Serves one downstream connection until it closes, with HTTP/2 when ALPN said `h2`
@@ -36,18 +39,34 @@ where
     I: AsyncRead + AsyncWrite + WaitReadable + Unpin + Send + 'static,
 {
     let state = ConnState::new();
-    let requests = Arc::new(Requests::new(&ctx, state.clone(), http2));
+    // What the requests need goes to them; the connection keeps its own handles only.
+    let requests = Requests::new(ctx.info, ctx.current, &ctx.cfg, state.clone(), http2);
+    let requests = Arc::new(requests);
+    let handles = Handles {
+        cfg: ctx.cfg,
+        shutdown: ctx.shutdown,
+        waiting: ctx.waiting,
+        limit: ctx.limit,
+    };
     if http2 {
         // Boxed: an HTTP/1 connection's future (kept for the whole connection, parked or
         // not) is not made the size of HTTP/2's.
-        Either::Left(Box::pin(serve_h2(io, state, requests, ctx)))
+        Either::Left(Box::pin(serve_h2(io, state, requests, handles)))
     } else {
-        Either::Right(serve_h1(io, state, requests, ctx))
+        Either::Right(serve_h1(io, state, requests, handles))
     }
 }
 
+/// What serving a connection holds of its [`ConnContext`] (the rest is its requests').
+struct Handles {
+    cfg: Arc<DownstreamConfig>,
+    shutdown: Shutdown,
+    waiting: Gauge,
+    limit: ListenerLimit,
+}
+
 /// HTTP/2 on `io` until the connection ends: one hyper connection for its whole life.
-async fn serve_h2<I>(io: I, state: Arc<ConnState>, requests: Arc<Requests>, ctx: ConnContext)
+async fn serve_h2<I>(io: I, state: Arc<ConnState>, requests: Arc<Requests>, ctx: Handles)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -81,11 +100,13 @@ where
 ///
 /// An async block rather than an async fn: it uses what it captures where it is, where an
 /// async fn's future would hold each argument twice (as received and as bound).
+// An async block on purpose: its future holds each argument once (see above).
+#[allow(clippy::manual_async_fn)]
 fn serve_h1<I>(
     mut io: I,
     state: Arc<ConnState>,
     requests: Arc<Requests>,
-    mut ctx: ConnContext,
+    mut ctx: Handles,
 ) -> impl std::future::Future<Output = ()>
 where
     I: AsyncRead + AsyncWrite + WaitReadable + Unpin + Send + 'static,

@@ -216,6 +216,8 @@ struct Listening {
 /// TLS or not, then HTTP. The task's whole state: an async block (an async fn's future would
 /// hold each argument twice), with the plain connection's serving future inside it, so a
 /// parked connection is one allocation.
+// An async block on purpose: its future holds each argument once (see above).
+#[allow(clippy::manual_async_fn)]
 fn handle(
     mut stream: TcpStream,
     on: Accepted,

@@ -21,7 +21,7 @@ use crate::body::{BodyDone, ClientBody};
 use crate::config::DownstreamConfig;
 use crate::downstream::send_watch::SendWatch;
 use crate::downstream::timers::{ConnState, InFlight};
-use crate::downstream::{ConnContext, Generation};
+use crate::downstream::Generation;
 use crate::proxy::{forwarded_into_map, DownstreamInfo, ForwardedHead, ProxyBody, Switched};
 
 /// The most header fields a request may have, on either protocol: hyper's HTTP/1 parser
@@ -73,18 +73,21 @@ pub(super) struct Requests {
 }
 
 impl Requests {
-    pub(super) fn new(ctx: &ConnContext, state: Arc<ConnState>, http2: bool) -> Self {
+    pub(super) fn new(
+        info: DownstreamInfo,
+        current: Arc<ArcSwap<Generation>>,
+        cfg: &Arc<DownstreamConfig>,
+        state: Arc<ConnState>,
+        http2: bool,
+    ) -> Self {
         Requests {
-            current: ctx.current.clone(),
-            info: ctx.info.clone(),
-            cfg: ctx.cfg.clone(),
+            current,
+            info,
+            cfg: cfg.clone(),
             state,
             http2,
-            keep_alive: HeaderValue::from_str(&format!(
-                "timeout={}",
-                ctx.cfg.idle_timeout.as_secs()
-            ))
-            .expect("digits are a valid header value"),
+            keep_alive: HeaderValue::from_str(&format!("timeout={}", cfg.idle_timeout.as_secs()))
+                .expect("digits are a valid header value"),
         }
     }
 
