@@ -9,6 +9,7 @@
 //! waits on the bare socket until the next request's first bytes arrive, as nginx does with its
 //! idle connections. A new connection waits the same way for its first request.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -246,31 +247,45 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Rewind<I> {
 /// because the connection idled past its timeout, a new one sent nothing in time, or the
 /// server shuts down, or the limiter needs its slot (`max_connections` reached, or out of
 /// descriptors) and it is the longest idle.
+///
+/// Written out rather than a `select!` of futures: a parked connection keeps this state for as
+/// long as it waits, and the futures of the shed request and the shutdown were two thirds of
+/// it. The limiter's registration is woken for both ([`Limiter::wake_parked`]).
+///
+/// [`Limiter::wake_parked`]: crate::downstream::limit::Limiter::wake_parked
 async fn wait_for_request<I: WaitReadable>(
     io: &I,
     state: &ConnState,
     cfg: &DownstreamConfig,
-    shutdown: &mut Shutdown,
-    limit: &crate::downstream::limit::ListenerLimit,
+    shutdown: &Shutdown,
+    limit: &ListenerLimit,
 ) -> bool {
+    let parked = limit.park(state.waiting_since());
+    // Looked at after registering: a shutdown begun later wakes the registration.
     if shutdown.is_begun() {
         return false;
     }
-    let parked = limit.park(state.waiting_since());
-    tokio::select! {
-        // Biased: a request that arrives as the limiter asks wins, and is served.
-        biased;
-        res = std::future::poll_fn(|cx| io.poll_read_ready(cx)) => res.is_ok(),
-        _ = parked.shed_requested() => {
+    let deadline = tokio::time::sleep_until(state.close_deadline(cfg));
+    tokio::pin!(deadline);
+    std::future::poll_fn(|cx| {
+        // A request that arrives as the limiter asks wins, and is served.
+        if let std::task::Poll::Ready(res) = io.poll_read_ready(cx) {
+            return std::task::Poll::Ready(res.is_ok());
+        }
+        if parked.poll_shed(cx).is_ready() {
             debug!("closing an idle connection to make room (max_connections)");
-            false
+            return std::task::Poll::Ready(false);
         }
-        _ = tokio::time::sleep_until(state.close_deadline(cfg)) => {
+        if shutdown.is_begun() {
+            return std::task::Poll::Ready(false);
+        }
+        if deadline.as_mut().poll(cx).is_ready() {
             debug!("downstream connection idle; closing");
-            false
+            return std::task::Poll::Ready(false);
         }
-        _ = shutdown.begun() => false,
-    }
+        std::task::Poll::Pending
+    })
+    .await
 }
 
 /// How [`drive`] let go of a connection.

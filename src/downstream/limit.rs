@@ -15,8 +15,10 @@ use std::io;
 use std::pin::pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use futures_util::task::AtomicWaker;
 use prometheus_client::metrics::counter::Counter;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
@@ -104,7 +106,9 @@ struct IdleList {
 }
 
 struct IdleEntry {
-    shed: Notify,
+    /// The parked connection's task, woken when it is asked to close (or the server shuts
+    /// down: [`Limiter::wake_parked`]).
+    waker: AtomicWaker,
     asked: AtomicBool,
     closed: AtomicBool,
 }
@@ -175,10 +179,19 @@ impl Limiter {
         match entry {
             Some((_, entry)) => {
                 entry.asked.store(true, Ordering::Release);
-                entry.shed.notify_one();
+                entry.waker.wake();
                 true
             }
             None => false,
+        }
+    }
+
+    /// Wakes every parked connection, which then sees that the server shuts down. A
+    /// connection that parks after this sees it as it registers ([`ListenerLimit::park`]'s
+    /// caller looks after registering).
+    pub fn wake_parked(&self) {
+        for entry in self.lock().by_age.values() {
+            entry.waker.wake();
         }
     }
 
@@ -212,7 +225,7 @@ impl ListenerLimit {
     /// room, until the returned guard is dropped.
     pub fn park(&self, since: Instant) -> Parked {
         let entry = Arc::new(IdleEntry {
-            shed: Notify::new(),
+            waker: AtomicWaker::new(),
             asked: AtomicBool::new(false),
             closed: AtomicBool::new(false),
         });
@@ -242,12 +255,23 @@ pub struct Parked {
 }
 
 impl Parked {
-    /// Completes when the limiter asks this connection to close to make room; the caller then
-    /// closes it (counted in `kaproxy_downstream_connections_shed_total`).
+    /// `Ready` once the limiter has asked this connection to close to make room; the caller
+    /// then closes it (counted in `kaproxy_downstream_connections_shed_total`). Registers
+    /// `cx`'s waker, which [`Limiter::wake_parked`] wakes too.
+    pub fn poll_shed(&self, cx: &mut Context<'_>) -> Poll<()> {
+        self.entry.waker.register(cx.waker());
+        if !self.entry.asked.load(Ordering::Acquire) {
+            return Poll::Pending;
+        }
+        if !self.entry.closed.swap(true, Ordering::AcqRel) {
+            self.limit.shed_total.inc();
+        }
+        Poll::Ready(())
+    }
+
+    /// Completes when the limiter asks this connection to close ([`Parked::poll_shed`]).
     pub async fn shed_requested(&self) {
-        self.entry.shed.notified().await;
-        self.entry.closed.store(true, Ordering::Release);
-        self.limit.shed_total.inc();
+        std::future::poll_fn(|cx| self.poll_shed(cx)).await
     }
 }
 

@@ -2,11 +2,15 @@
 //! per-socket options, the PROXY protocol header, and the TLS handshake (ALPN decides HTTP/2
 //! or HTTP/1.1). No HTTP here.
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use arc_swap::ArcSwap;
+use futures_util::future::Either;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -14,6 +18,7 @@ use tracing::{debug, error, warn};
 
 use crate::downstream::limit::{AcceptErrors, ListenerLimit, Slot};
 
+use crate::config::DownstreamConfig;
 use crate::downstream::conn;
 use crate::downstream::socket::LingeringTcp;
 use crate::downstream::{ConnContext, Generation};
@@ -105,6 +110,12 @@ pub struct Listener {
 }
 
 impl Listener {
+    /// At shutdown: the parked connections are woken to see it (they watch no shutdown
+    /// future of their own while they wait).
+    fn stopped(&self) {
+        self.limit.limiter().wake_parked();
+    }
+
     /// Accepts connections until shutdown, each served in its own task holding a slot of the
     /// limiter. With every slot taken, the connection just accepted waits (unserved) while the
     /// longest-idle parked connection is closed, or until a slot frees; meanwhile nothing more
@@ -122,7 +133,7 @@ impl Listener {
         loop {
             let accepted = tokio::select! {
                 res = self.socket.accept() => res,
-                _ = self.shutdown.begun() => return,
+                _ = self.shutdown.begun() => return self.stopped(),
             };
             let (stream, peer) = match accepted {
                 Ok(pair) => {
@@ -135,7 +146,7 @@ impl Listener {
                     let pause = errors.failed(&e, Some(self.limit.limiter()));
                     tokio::select! {
                         _ = tokio::time::sleep(pause) => continue,
-                        _ = self.shutdown.begun() => return,
+                        _ = self.shutdown.begun() => return self.stopped(),
                     }
                 }
             };
@@ -149,7 +160,7 @@ impl Listener {
                     );
                     tokio::select! {
                         slot = self.limit.limiter().acquire() => slot,
-                        _ = self.shutdown.begun() => return,
+                        _ = self.shutdown.begun() => return self.stopped(),
                     }
                 }
             };
@@ -213,22 +224,28 @@ struct Listening {
 }
 
 /// Serves one accepted connection: its PROXY header first when the listener expects one, then
-/// TLS or not, then HTTP. The task's whole state: an async block (an async fn's future would
-/// hold each argument twice), with the plain connection's serving future inside it, so a
-/// parked connection is one allocation.
-// An async block on purpose: its future holds each argument once (see above).
-#[allow(clippy::manual_async_fn)]
+/// TLS or not, then HTTP. A plain connection without a PROXY header (the most common, and the
+/// one most often parked) is its serving future and the task's guards, nothing else: one
+/// allocation. The others are boxed, with the state of their first steps.
 fn handle(
-    mut stream: TcpStream,
+    stream: TcpStream,
     on: Accepted,
     listening: Listening,
     held: Held,
-) -> impl std::future::Future<Output = ()> {
-    async move {
+) -> impl Future<Output = ()> {
+    // Connection-level settings (timeouts, TLS) are those current at accept; every request
+    // then routes with the configuration current when it arrives.
+    let cfg = listening.current.load().downstream.clone();
+    if on.kind == Kind::Http && !on.proxy_protocol {
+        let (io, ctx) = prepare(stream, on.peer, &on, cfg, listening);
+        return Either::Left(Holding {
+            conn: conn::serve(io, false, ctx),
+            _held: held,
+        });
+    }
+    Either::Right(Box::pin(async move {
         let _held = held;
-        // Connection-level settings (timeouts, TLS) are those current at accept; every request
-        // then routes with the configuration current when it arrives.
-        let cfg = listening.current.load().downstream.clone();
+        let mut stream = stream;
         let mut peer = on.peer;
         if on.proxy_protocol {
             match tokio::time::timeout(
@@ -249,33 +266,62 @@ fn handle(
                 }
             }
         }
-        let _ = stream.set_nodelay(true);
-        if let Some(idle) = cfg.tcp_keepalive {
-            let sock = socket2::SockRef::from(&stream);
-            let _ = sock.set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(idle));
-        }
-        let io = LingeringTcp::new(stream).with_send_timeout(cfg.send_timeout);
-        let ctx = ConnContext {
-            info: DownstreamInfo::new(peer, on.local, on.kind == Kind::Https),
-            current: listening.current,
-            cfg,
-            shutdown: listening.shutdown,
-            waiting: listening.waiting,
-            limit: listening.limit,
-        };
-        // The TLS handshake's state is boxed, so a plain connection's task does not hold it (it
-        // made every plain connection's task 9 KiB). Not held while serving: a connection kept
-        // alive must not keep an old generation (and the pools of servers a reload or `resolve`
-        // removed, with their idle connections) alive.
+        let (io, ctx) = prepare(stream, peer, &on, cfg, listening);
         match on.kind {
             Kind::Http => conn::serve(io, false, ctx).await,
             Kind::Https => {
+                // Not held while serving: a connection kept alive must not keep an old
+                // generation (and the pools of servers a reload or `resolve` removed, with
+                // their idle connections) alive.
                 let Some(tls) = ctx.current.load().tls.clone() else {
                     return;
                 };
-                Box::pin(serve_tls(io, tls, ctx)).await;
+                serve_tls(io, tls, ctx).await;
             }
         }
+    }))
+}
+
+/// The accepted socket set up (`TCP_NODELAY`, keep-alive probes, the send deadline) and the
+/// context it is served with, `peer` the client (the socket's, or the PROXY header's).
+fn prepare(
+    stream: TcpStream,
+    peer: SocketAddr,
+    on: &Accepted,
+    cfg: Arc<DownstreamConfig>,
+    listening: Listening,
+) -> (LingeringTcp, ConnContext) {
+    let _ = stream.set_nodelay(true);
+    if let Some(idle) = cfg.tcp_keepalive {
+        let sock = socket2::SockRef::from(&stream);
+        let _ = sock.set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(idle));
+    }
+    let io = LingeringTcp::new(stream).with_send_timeout(cfg.send_timeout);
+    let ctx = ConnContext {
+        info: DownstreamInfo::new(peer, on.local, on.kind == Kind::Https),
+        current: listening.current,
+        cfg,
+        shutdown: listening.shutdown,
+        waiting: listening.waiting,
+        limit: listening.limit,
+    };
+    (io, ctx)
+}
+
+pin_project_lite::pin_project! {
+    /// A connection's serving future with the guards its task holds.
+    struct Holding<F> {
+        #[pin]
+        conn: F,
+        _held: Held,
+    }
+}
+
+impl<F: Future> Future for Holding<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        self.project().conn.poll(cx)
     }
 }
 

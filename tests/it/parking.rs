@@ -268,3 +268,39 @@ async fn request_body_still_arriving_after_its_response_is_not_cut_by_parking() 
     proxy.shutdown().await;
     task.abort();
 }
+
+#[tokio::test]
+async fn a_parked_connection_is_closed_when_the_server_shuts_down() {
+    let backend = RecordingBackend::start("up", &[]).await;
+    let proxy = proxy_for(backend.addr()).await;
+    let mut stream = TcpStream::connect(proxy.server.http_addr().unwrap())
+        .await
+        .expect("connect");
+    stream
+        .write_all(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut pending = Vec::new();
+    let first = read_response(&mut stream, &mut pending).await;
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    let (m, parked) = proxy
+        .wait_metrics(PARK_WITHIN, |m| waiting(m, "http") == 1.0)
+        .await;
+    assert!(
+        parked,
+        "{}",
+        m.lines_of("kaproxy_downstream_connections_waiting")
+    );
+    // A parked connection watches no shutdown of its own: the listener wakes it. The server
+    // must not wait for its 75 s idle_timeout (shutdown() allows 10 s).
+    let closed = async {
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest))
+            .await
+            .expect("closed within 5 s of the shutdown")
+            .expect("a clean close");
+        rest
+    };
+    let (rest, ()) = tokio::join!(closed, proxy.shutdown());
+    assert!(rest.is_empty(), "nothing more was sent: {rest:?}");
+}
