@@ -156,12 +156,13 @@ impl ProxyBody {
     /// Takes the tunnel a `101` opened, for a connection that hands its client side over
     /// itself (kaproxy's HTTP/1.1 loop, once the `101` is written).
     pub fn take_switched(&mut self) -> Option<Box<Switched>> {
+        // Looked at first: moving `inner` out and back costs two copies of it per response.
+        if !matches!(self.inner, Inner::Switched(_)) {
+            return None;
+        }
         match std::mem::replace(&mut self.inner, Inner::Empty) {
             Inner::Switched(s) => Some(s),
-            other => {
-                self.inner = other;
-                None
-            }
+            _ => unreachable!("matched above"),
         }
     }
 }
