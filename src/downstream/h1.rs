@@ -18,7 +18,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -29,22 +29,19 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 use tracing::debug;
 
-use crate::body::fed::{self, Feeder};
-use crate::body::{ClientBody, ReadError};
+use crate::body::fed;
+use crate::body::ClientBody;
 use crate::config::DownstreamConfig;
+use crate::downstream::h1_read::{drain, poll_feed, room_to_read, READ_BUF};
+pub use crate::downstream::h1_read::{Feed, Fill};
 use crate::downstream::requests::{Answered, Requests, ResponseBody};
 use crate::downstream::timers::{ConnState, Timer, RESPONSE_408};
 use crate::http1::body::BodyState;
-use crate::http1::chunked::Chunk;
 use crate::http1::encode::{self, BodySize};
 use crate::http1::framing::{self, Framing};
 use crate::http1::head::{self, RequestHead, Version as Version1};
 use crate::proxy::{ForwardedHead, Switched};
 use crate::shutdown::Shutdown;
-
-/// The read buffer of a connection this loop serves starts at this size (hyper's too) and
-/// grows up to `max_header_bytes` for a long head.
-const READ_BUF: usize = 8 * 1024;
 
 /// The largest request body the loop takes whole, when all of it came with the head (a small
 /// POST's body usually does): it is then read already, and no `body_timeout` can apply. Any
@@ -116,9 +113,7 @@ where
                     Err(_) => return Next::Hyper(buf.freeze()),
                 }
             }
-            if buf.capacity() - buf.len() < READ_BUF / 4 {
-                buf.reserve(READ_BUF);
-            }
+            room_to_read(&mut buf);
             state.at_rest();
             tokio::select! {
                 biased;
@@ -224,9 +219,7 @@ fn poll_gone<I: AsyncRead + Unpin>(
     if !buf.is_empty() {
         return Poll::Pending;
     }
-    if buf.capacity() < READ_BUF / 4 {
-        buf.reserve(READ_BUF);
-    }
+    room_to_read(buf);
     match tokio_util::io::poll_read_buf(Pin::new(io), cx, buf) {
         Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => Poll::Ready(true),
         Poll::Ready(Ok(_)) => Poll::Ready(false),
@@ -318,16 +311,7 @@ pub fn take(head: &RequestHead, rest: &mut BytesMut) -> Option<Taken> {
                 _ => None,
             };
             let (body, feeder) = fed::channel(length);
-            let mut feed = Feed {
-                body: BodyState::new(framing),
-                feeder,
-                continuing: if expects_continue {
-                    Continue::Due(0)
-                } else {
-                    Continue::Sent
-                },
-                failed: false,
-            };
+            let mut feed = Feed::new(BodyState::new(framing), feeder, expects_continue);
             feed.fill(rest, None);
             (ClientBody::Fed(body), Some(feed))
         }
@@ -347,167 +331,6 @@ pub fn take(head: &RequestHead, rest: &mut BytesMut) -> Option<Taken> {
     })
 }
 
-/// A request body the loop reads from the connection while the proxy answers: where it is in
-/// its framing, and the [`FedBody`](crate::body::fed::FedBody) the proxy reads it from.
-pub struct Feed {
-    body: BodyState,
-    feeder: Feeder,
-    continuing: Continue,
-    failed: bool,
-}
-
-/// `Expect: 100-continue`: the interim response is written when the body is first wanted
-/// (as hyper's server does), so a client whose request is refused first (413 by its length,
-/// 404, an error) need not send the body.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Continue {
-    /// Due, this many bytes of it written.
-    Due(usize),
-    /// Written; to be flushed.
-    Flushing,
-    /// Sent, or not asked for.
-    Sent,
-}
-
-const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
-
-/// What [`Feed::fill`] did.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Fill {
-    /// Put a piece of the body (and maybe its end) in the body's slot.
-    Pushed,
-    /// The body ended, or failed (a broken chunk).
-    Ended,
-    /// `buf` holds no more of the body.
-    Empty,
-    /// The slot still holds a piece.
-    Full,
-}
-
-impl Feed {
-    /// The body is still being read: not ended or failed, and the proxy still holds it.
-    fn reading(&self) -> bool {
-        !self.body.is_done() && !self.failed && !self.feeder.is_abandoned()
-    }
-
-    /// The body was read to its end: what follows in the buffer is the next request.
-    fn is_done(&self) -> bool {
-        self.body.is_done() && !self.failed
-    }
-
-    /// The rest of the body may be read and dropped after the response ([`drain`]): it did
-    /// not fail, the client was not left waiting for a `100 Continue` (it may never send the
-    /// body), and what its length says is left is at most [`DRAIN_LIMIT`].
-    fn drainable(&self) -> bool {
-        self.is_done()
-            || (!self.failed
-                && self.continuing == Continue::Sent
-                && self.body.remaining().is_none_or(|n| n <= DRAIN_LIMIT))
-    }
-
-    /// Moves the next piece of the body from `buf` into the body's slot, if it is empty.
-    /// `cx`: the task polling the proxy, which is not woken (its caller polls again).
-    pub fn fill(&mut self, buf: &mut BytesMut, cx: Option<&Context<'_>>) -> Fill {
-        if self.body.is_done() || self.failed {
-            return Fill::Ended;
-        }
-        if !self.feeder.has_room() {
-            return Fill::Full;
-        }
-        match self.body.decode(buf) {
-            Ok(Some(Chunk::Data(data))) => {
-                self.feeder.push(data, cx);
-                if self.body.is_done() {
-                    self.feeder.end(Ok(()), cx);
-                }
-                Fill::Pushed
-            }
-            // Trailers of a request body are not forwarded (hop-by-hop framing; hyper's
-            // client wrote none either).
-            Ok(Some(Chunk::End { .. })) => {
-                self.feeder.end(Ok(()), cx);
-                Fill::Ended
-            }
-            Ok(None) => Fill::Empty,
-            Err(e) => {
-                debug!(error = %e, "request body: bad chunk; the body fails");
-                self.fail(ReadError::Chunk(e), cx);
-                Fill::Ended
-            }
-        }
-    }
-
-    /// The connection's stream ended (or failed) before the body did.
-    pub fn cut_short(&mut self, cx: Option<&Context<'_>>) {
-        self.fail(ReadError::Closed, cx);
-    }
-
-    fn fail(&mut self, e: ReadError, cx: Option<&Context<'_>>) {
-        self.failed = true;
-        self.feeder.end(Err(e), cx);
-    }
-}
-
-/// Reads the request body from `io` into `buf` and on into its slot while the proxy wants
-/// more, writing `100 Continue` first when the client asked for it. `Ready` when a piece (or
-/// the end) went in: poll the proxy again.
-fn poll_feed<I: AsyncRead + AsyncWrite + Unpin>(
-    io: &mut I,
-    buf: &mut BytesMut,
-    feed: &mut Feed,
-    cx: &mut Context<'_>,
-) -> Poll<()> {
-    if !feed.feeder.wants() {
-        // The proxy has not asked since the last piece; when it does, it is polled on this
-        // task, and this runs again after it.
-        return Poll::Pending;
-    }
-    loop {
-        match feed.fill(buf, Some(cx)) {
-            Fill::Pushed | Fill::Ended => return Poll::Ready(()),
-            Fill::Full => return Poll::Pending,
-            Fill::Empty => {}
-        }
-        if let Err(()) = ready!(poll_continue(io, &mut feed.continuing, cx)) {
-            feed.cut_short(Some(cx));
-            return Poll::Ready(());
-        }
-        if buf.capacity() - buf.len() < READ_BUF / 4 {
-            buf.reserve(READ_BUF);
-        }
-        match ready!(tokio_util::io::poll_read_buf(Pin::new(&mut *io), cx, buf)) {
-            Ok(0) | Err(_) => {
-                debug!("client closed within its request body");
-                feed.cut_short(Some(cx));
-                return Poll::Ready(());
-            }
-            Ok(_) => {}
-        }
-    }
-}
-
-/// Writes and flushes the `100 Continue` that is due, if one is.
-fn poll_continue<I: AsyncWrite + Unpin>(
-    io: &mut I,
-    continuing: &mut Continue,
-    cx: &mut Context<'_>,
-) -> Poll<Result<(), ()>> {
-    loop {
-        match *continuing {
-            Continue::Sent => return Poll::Ready(Ok(())),
-            Continue::Due(n) if n == CONTINUE.len() => *continuing = Continue::Flushing,
-            Continue::Due(n) => match ready!(Pin::new(&mut *io).poll_write(cx, &CONTINUE[n..])) {
-                Ok(0) | Err(_) => return Poll::Ready(Err(())),
-                Ok(m) => *continuing = Continue::Due(n + m),
-            },
-            Continue::Flushing => {
-                ready!(Pin::new(&mut *io).poll_flush(cx)).map_err(|_| ())?;
-                *continuing = Continue::Sent;
-            }
-        }
-    }
-}
-
 /// While the proxy works on a request: feeds its body when the body wants more, else watches
 /// for the client going away ([`poll_gone`]). `Ready(true)`: the client went away;
 /// `Ready(false)`: a piece of the body went in, poll the proxy again.
@@ -523,45 +346,6 @@ fn poll_client<I: AsyncRead + AsyncWrite + Unpin>(
             Poll::Ready(true) => Poll::Ready(true),
             _ => Poll::Pending,
         },
-    }
-}
-
-/// The most of a request body the loop reads and drops after its response to keep the
-/// connection (hyper drained what had arrived; nginx discards a whole body it did not read);
-/// past it the connection closes.
-const DRAIN_LIMIT: u64 = 256 * 1024;
-
-/// Reads the rest of a request body nobody reads any more from `io` and drops it, each gap
-/// bounded by `body_timeout`: true when it ended within [`DRAIN_LIMIT`] bytes, and what follows
-/// in `buf` is the next request.
-async fn drain<I: AsyncRead + Unpin>(
-    io: &mut I,
-    buf: &mut BytesMut,
-    feed: &mut Feed,
-    body_timeout: std::time::Duration,
-) -> bool {
-    let mut dropped = 0u64;
-    loop {
-        match feed.body.decode(buf) {
-            Ok(Some(Chunk::Data(data))) => {
-                dropped += data.len() as u64;
-                if dropped > DRAIN_LIMIT {
-                    debug!("request body past its response larger than the drain limit; closing");
-                    return false;
-                }
-            }
-            Ok(Some(Chunk::End { .. })) => return true,
-            Ok(None) => {
-                if buf.capacity() - buf.len() < READ_BUF / 4 {
-                    buf.reserve(READ_BUF);
-                }
-                match tokio::time::timeout(body_timeout, io.read_buf(buf)).await {
-                    Ok(Ok(n)) if n > 0 => {}
-                    _ => return false,
-                }
-            }
-            Err(_) => return false,
-        }
     }
 }
 
@@ -696,6 +480,7 @@ async fn write_out<I: AsyncWrite + Unpin>(io: &mut I, out: &mut BytesMut) -> boo
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::body::ReadError;
 
     /// `take` on `bytes`: the request and what is left after it.
     fn taken(bytes: &[u8]) -> (Option<Taken>, BytesMut) {
@@ -777,7 +562,7 @@ mod tests {
             b"POST / HTTP/1.1\r\nHost: a\r\nExpect: 100-Continue\r\nContent-Length: 2\r\n\r\n",
         );
         let feed = t.expect("taken").feed.expect("fed");
-        assert_eq!(feed.continuing, Continue::Due(0));
+        assert!(feed.continue_due());
         let (t, _) =
             taken(b"POST / HTTP/1.1\r\nHost: a\r\nExpect: other\r\nContent-Length: 2\r\n\r\n");
         assert!(t.is_none(), "another expectation is hyper's");

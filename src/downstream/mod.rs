@@ -4,6 +4,7 @@
 
 pub mod conn;
 pub mod h1;
+pub mod h1_read;
 pub mod h2_head;
 pub mod limit;
 pub mod listener;
