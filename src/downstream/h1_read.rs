@@ -209,34 +209,45 @@ fn poll_continue<I: AsyncWrite + Unpin>(
 /// past it the connection closes.
 const DRAIN_LIMIT: u64 = 256 * 1024;
 
-/// Reads the rest of a request body nobody reads any more from `io` and drops it, each gap
-/// bounded by `body_timeout`: true when it ended within [`DRAIN_LIMIT`] bytes, and what follows
-/// in `buf` is the next request.
+/// Reads the rest of a request body nobody reads any more from `io` and drops it, the whole of
+/// it within one `body_timeout` (a total, as nginx's `lingering_time`: a client dribbling bytes
+/// does not keep the slot for a gap per byte): true when it ended within [`DRAIN_LIMIT`] bytes
+/// and in time, and what follows in `buf` is the next request.
 pub(super) async fn drain<I: AsyncRead + Unpin>(
     io: &mut I,
     buf: &mut BytesMut,
     feed: &mut Feed,
     body_timeout: std::time::Duration,
 ) -> bool {
-    let mut dropped = 0u64;
-    loop {
-        match feed.body.decode(buf) {
-            Ok(Some(Chunk::Data(data))) => {
-                dropped += data.len() as u64;
-                if dropped > DRAIN_LIMIT {
-                    debug!("request body past its response larger than the drain limit; closing");
-                    return false;
+    let to_end = async {
+        let mut dropped = 0u64;
+        loop {
+            match feed.body.decode(buf) {
+                Ok(Some(Chunk::Data(data))) => {
+                    dropped += data.len() as u64;
+                    if dropped > DRAIN_LIMIT {
+                        debug!(
+                            "request body past its response larger than the drain limit; closing"
+                        );
+                        return false;
+                    }
                 }
-            }
-            Ok(Some(Chunk::End { .. })) => return true,
-            Ok(None) => {
-                room_to_read(buf);
-                match tokio::time::timeout(body_timeout, io.read_buf(buf)).await {
-                    Ok(Ok(n)) if n > 0 => {}
-                    _ => return false,
+                Ok(Some(Chunk::End { .. })) => return true,
+                Ok(None) => {
+                    room_to_read(buf);
+                    match io.read_buf(buf).await {
+                        Ok(n) if n > 0 => {}
+                        _ => return false,
+                    }
                 }
+                Err(_) => return false,
             }
-            Err(_) => return false,
         }
-    }
+    };
+    tokio::time::timeout(body_timeout, to_end)
+        .await
+        .unwrap_or_else(|_| {
+            debug!("request body past its response not read within body_timeout; closing");
+            false
+        })
 }

@@ -430,6 +430,50 @@ async fn a_long_body_answered_before_it_was_read_closes_the_connection() {
 }
 
 #[tokio::test]
+async fn a_body_dribbled_after_its_answer_is_dropped_for_one_body_timeout_in_all() {
+    // body_timeout bounds the whole drain, not each gap: a client sending a byte every 200 ms
+    // of a body answered early (no route) loses the connection about a second after the 404,
+    // where a gap-by-gap bound would keep it for as long as the dribble lasts.
+    let (_backend, proxy, mut stream) = recorded_with(
+        "[downstream]\nbody_timeout = \"1s\"\n[[routes]]\npath_prefix = \"/known\"\nupstream = \"web\"\n",
+    )
+    .await;
+    stream
+        .write_all(b"POST /unknown HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\nb")
+        .await
+        .unwrap();
+    let mut head = [0u8; 1024];
+    let n = tokio::time::timeout(WITHIN, stream.read(&mut head))
+        .await
+        .expect("the 404 in time")
+        .unwrap();
+    let text = String::from_utf8_lossy(&head[..n]).to_string();
+    assert!(text.starts_with("HTTP/1.1 404"), "{text}");
+    assert!(
+        !text.to_ascii_lowercase().contains("connection: close"),
+        "{text}"
+    );
+    let (mut rd, mut wr) = stream.into_split();
+    let dribble = tokio::spawn(async move {
+        // 25 bytes over 5 s: far fewer than the 1000 the length announced.
+        for _ in 0..25 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if wr.write_all(b"b").await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(4), rd.read_to_end(&mut rest))
+        .await
+        .expect("the connection closed while the client was still dribbling")
+        .ok();
+    assert!(rest.is_empty(), "nothing more was answered: {rest:?}");
+    dribble.abort();
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
 async fn expect_100_continue_is_answered_only_when_the_body_is_wanted() {
     let (backend, proxy, mut stream) = routed_for_known().await;
     // Refused first (no route): a 404 and no `100 Continue`, and the connection closes, since
