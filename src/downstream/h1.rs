@@ -32,11 +32,12 @@ use tracing::debug;
 use crate::body::fed;
 use crate::body::ClientBody;
 use crate::config::DownstreamConfig;
-use crate::downstream::h1_read::{drain, poll_feed, room_to_read, READ_BUF};
+use crate::downstream::h1_read::{drain, poll_feed, room_to_read};
 pub use crate::downstream::h1_read::{Feed, Fill};
 use crate::downstream::requests::{Answered, Requests, ResponseBody};
 use crate::downstream::timers::{ConnState, Timer, RESPONSE_408};
 use crate::http1::body::BodyState;
+use crate::http1::buffers::{self, Class};
 use crate::http1::encode::{self, BodySize};
 use crate::http1::framing::{self, Framing};
 use crate::http1::head::{self, RequestHead, Version as Version1};
@@ -50,7 +51,7 @@ pub const WHOLE_BODY: usize = 16 * 1024;
 
 /// Response bytes gathered before they are written: a head and a small body go in one write;
 /// a larger body frame is written beside what is gathered, not copied into it.
-const GATHER: usize = 16 * 1024;
+const GATHER: usize = Class::Data.bytes();
 
 /// How the loop let go of its connection.
 pub(super) enum Next {
@@ -91,12 +92,31 @@ where
     I: AsyncRead + AsyncWrite + Unpin,
 {
     let mut buf = if prefix.is_empty() {
-        BytesMut::with_capacity(READ_BUF)
+        buffers::take(Class::Read)
     } else {
         BytesMut::from(&prefix[..])
     };
-    let mut out = BytesMut::new();
+    let next = rounds(io, &mut buf, state, requests, cfg, shutdown).await;
+    // Idle from here (parked or gone): the read buffer goes back to the worker's pool unless
+    // its bytes went on (to hyper or the tunnel).
+    buffers::give(Class::Read, buf);
+    next
+}
+
+/// The requests of [`serve`], read into `buf`.
+async fn rounds<I>(
+    io: &mut I,
+    buf: &mut BytesMut,
+    state: &ConnState,
+    requests: &Requests,
+    cfg: &DownstreamConfig,
+    shutdown: &mut Shutdown,
+) -> Next
+where
+    I: AsyncRead + AsyncWrite + Unpin,
+{
     // Made once, not per request: waiting for the shutdown registers with its channel.
+    let mut out = BytesMut::new();
     let mut watch = shutdown.clone();
     let begun = watch.begun();
     tokio::pin!(begun);
@@ -107,17 +127,17 @@ where
     loop {
         let head = loop {
             if !buf.is_empty() {
-                match head::parse_request(&mut buf, cfg.max_header_bytes) {
+                match head::parse_request(buf, cfg.max_header_bytes) {
                     Ok(Some(head)) => break head,
                     Ok(None) => state.head_bytes_arrived(),
-                    Err(_) => return Next::Hyper(buf.freeze()),
+                    Err(_) => return Next::Hyper(buf.split().freeze()),
                 }
             }
-            room_to_read(&mut buf);
+            room_to_read(buf);
             state.at_rest();
             tokio::select! {
                 biased;
-                read = io.read_buf(&mut buf) => match read {
+                read = io.read_buf(buf) => match read {
                     Ok(0) | Err(_) => return Next::Close,
                     Ok(_) => {}
                 },
@@ -131,10 +151,10 @@ where
                 () = &mut begun => return Next::Close,
             }
         };
-        let Some(taken) = take(&head, &mut buf) else {
+        let Some(taken) = take(&head, buf) else {
             let mut rest = BytesMut::with_capacity(head.as_bytes().len() + buf.len());
             rest.extend_from_slice(head.as_bytes());
-            rest.extend_from_slice(&buf);
+            rest.extend_from_slice(buf);
             return Next::Hyper(rest.freeze());
         };
         drop(head);
@@ -154,7 +174,7 @@ where
                 if let Poll::Ready(done) = answer.as_mut().poll(cx) {
                     return Poll::Ready(Some(done));
                 }
-                match poll_client(io, &mut buf, &mut feed, cx) {
+                match poll_client(io, buf, &mut feed, cx) {
                     Poll::Ready(true) => return Poll::Ready(None),
                     Poll::Ready(false) => {}
                     Poll::Pending => return Poll::Pending,
@@ -181,7 +201,7 @@ where
                 forwarded,
                 head,
             };
-            if !write_response(io, resp, true, &mut out, &mut buf, &mut feed).await {
+            if !write_response(io, resp, true, &mut out, buf, &mut feed).await {
                 return Next::Close;
             }
             return Next::Tunnel(switched, buf.split().freeze());
@@ -195,12 +215,12 @@ where
             forwarded,
             head,
         };
-        let went_on = write_response(io, resp, keep_alive, &mut out, &mut buf, &mut feed).await;
+        let went_on = write_response(io, resp, keep_alive, &mut out, buf, &mut feed).await;
         if !went_on {
             return Next::Close;
         }
         if let Some(mut feed) = feed.filter(|f| !f.is_done()) {
-            if !drain(io, &mut buf, &mut feed, cfg.body_timeout).await {
+            if !drain(io, buf, &mut feed, cfg.body_timeout).await {
                 return Next::Close;
             }
         }
@@ -367,7 +387,9 @@ struct Answer {
 /// that does not read for `send_timeout` fails the write: the socket's deadline,
 /// [`super::socket`]), and the client still there while the body had nothing to send
 /// ([`poll_gone`], reading into `buf`). A request body still to come goes on being fed
-/// meanwhile: the backend may answer before it has read all of it.
+/// meanwhile: the backend may answer before it has read all of it. The bytes are gathered in
+/// `out`, a buffer of the worker's pool given back once the response is written: a connection
+/// waiting for its next request holds none.
 async fn write_response<I: AsyncRead + AsyncWrite + Unpin>(
     io: &mut I,
     answer: Answer,
@@ -382,6 +404,9 @@ async fn write_response<I: AsyncRead + AsyncWrite + Unpin>(
         head,
     } = answer;
     let (parts, mut body) = resp.into_parts();
+    if out.capacity() == 0 {
+        *out = buffers::take(Class::Data);
+    }
     let size = if body.is_end_stream() {
         BodySize::Empty
     } else {
@@ -462,6 +487,7 @@ async fn write_response<I: AsyncRead + AsyncWrite + Unpin>(
         };
     }
     let sent = write_out(io, out).await && io.flush().await.is_ok();
+    buffers::give(Class::Data, std::mem::take(out));
     // The end of the response: the connection is idle from here (the in-flight guard).
     drop(body);
     sent && whole && keep_alive

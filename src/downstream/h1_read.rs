@@ -13,11 +13,12 @@ use tracing::debug;
 use crate::body::fed::Feeder;
 use crate::body::ReadError;
 use crate::http1::body::BodyState;
+use crate::http1::buffers::Class;
 use crate::http1::chunked::Chunk;
 
 /// The read buffer of a connection this loop serves starts at this size (hyper's too) and
 /// grows up to `max_header_bytes` for a long head.
-pub(super) const READ_BUF: usize = 8 * 1024;
+pub(super) const READ_BUF: usize = Class::Read.bytes();
 
 /// Makes room in `buf` for a read of a quarter of [`READ_BUF`] at least.
 pub(super) fn room_to_read(buf: &mut BytesMut) {

@@ -9,6 +9,7 @@
 //! `chunked` fuzz target against hyper's own decoder, with the exceptions each rule names.
 
 pub mod body;
+pub mod buffers;
 pub mod chunked;
 pub mod date;
 pub mod encode;

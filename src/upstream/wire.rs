@@ -28,6 +28,7 @@ use crate::body::{BodyError, UpstreamBody};
 use crate::error::WireError;
 use crate::headers::field_tokens;
 use crate::http1::body::BodyState;
+use crate::http1::buffers::{self, Class};
 use crate::http1::chunked::{self, Chunk};
 use crate::http1::framing::{self, Framing};
 use crate::http1::head::{self, HeadError, ResponseHead, Version};
@@ -38,7 +39,7 @@ use crate::upstream::stream::UpstreamStream;
 pub const RESPONSE_HEAD_LIMIT: usize = 64 * 1024;
 
 /// The room a read asks for: at most this much is read at once.
-const READ_CHUNK: usize = 16 * 1024;
+const READ_CHUNK: usize = Class::Data.bytes();
 
 /// The waker the socket is polled with: sets `woken`, then wakes the task that uses the
 /// connection now, if any.
@@ -89,7 +90,9 @@ impl Wire {
     /// Reads more of what the backend sends, for the task of `cx`: `Ok(0)` at its end.
     fn poll_read_more(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
         self.wake.task.register(cx.waker());
-        if self.read.capacity() - self.read.len() < READ_CHUNK / 4 {
+        if self.read.capacity() == 0 {
+            self.read = buffers::take(Class::Data);
+        } else if self.read.capacity() - self.read.len() < READ_CHUNK / 4 {
             self.read.reserve(READ_CHUNK);
         }
         let res = tokio_util::io::poll_read_buf(
@@ -138,10 +141,11 @@ impl Wire {
     }
 
     /// From now on, what happens on the socket wakes `task` (the pool's sweep, while the
-    /// connection idles). An idle connection keeps no read buffer.
+    /// connection idles). An idle connection keeps no read buffer: it goes back to the worker's
+    /// pool.
     pub fn detach(&mut self, task: &Waker) {
         if self.read.is_empty() {
-            self.read = BytesMut::new();
+            buffers::give(Class::Data, std::mem::take(&mut self.read));
         }
         self.wake.task.register(task);
     }
