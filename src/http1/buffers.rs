@@ -3,8 +3,10 @@
 //! connection's read buffer while it carries a response, are taken from the worker's pool and
 //! given back when the connection goes idle (parks, or goes back to the upstream pool), so
 //! neither a new round on a client connection nor an exchange on a pooled one allocates them.
-//! A buffer whose bytes are still shared (a piece of a body not yet written) is not given back:
-//! it is freed when its last piece goes. Each worker is one thread (`[runtime] worker_threads`,
+//! A buffer given back while a piece of its bytes is still in use (a response head or a body
+//! chunk not yet written to the client: a backend connection goes back to its pool when the
+//! response's last byte is read, before it is written) is kept, and taken again once that piece
+//! is gone. Each worker is one thread (`[runtime] worker_threads`,
 //! README "Workers"), so the pool is the thread's own; it keeps at most [`KEEP`] buffers of
 //! each [`Class`], which bounds what an idle worker holds to 16 × (8 + 16) KiB.
 
@@ -50,20 +52,34 @@ impl Class {
     }
 }
 
-/// An empty buffer of `class`'s capacity: one the worker kept, or a new one.
+/// An empty buffer of `class`'s capacity: one the worker kept whose bytes are no longer in use
+/// anywhere, or a new one.
 pub fn take(class: Class) -> BytesMut {
     class
-        .with(Vec::pop)
+        .with(|free| {
+            // `try_reclaim` succeeds when no piece of the buffer's memory is alive any more (or
+            // when what is its own alone still has room for a buffer of the class).
+            while let Some(at) = free
+                .iter_mut()
+                .rposition(|buf| buf.try_reclaim(class.bytes()))
+            {
+                let buf = free.swap_remove(at);
+                if buf.capacity() < class.bytes() * 2 {
+                    return Some(buf);
+                }
+                // One that grew for a long head is let go.
+            }
+            None
+        })
         .unwrap_or_else(|| BytesMut::with_capacity(class.bytes()))
 }
 
-/// Gives `buf` back to the worker's pool of `class`, emptied, when nothing else holds a part
-/// of its memory and its capacity is the class's (one that grew for a long head is let go);
-/// else, or when the pool is full, it is dropped.
+/// Gives `buf` back to the worker's pool of `class`, emptied, unless the pool is full, `buf`
+/// never had memory of its own, or it grew past twice the class's size (for a long head).
 pub fn give(class: Class, mut buf: BytesMut) {
     buf.clear();
-    if buf.capacity() == 0 || !buf.try_reclaim(class.bytes()) || buf.capacity() >= class.bytes() * 2
-    {
+    let grown = buf.try_reclaim(class.bytes()) && buf.capacity() >= class.bytes() * 2;
+    if buf.capacity() == 0 || grown {
         return;
     }
     class.with(|free| {
@@ -106,22 +122,47 @@ mod tests {
     }
 
     #[test]
-    fn a_buffer_whose_bytes_are_still_shared_is_not_kept() {
+    fn a_buffer_whose_bytes_are_still_in_use_is_taken_again_only_once_they_are_gone() {
         let mut buf = take(Class::Read);
         buf.extend_from_slice(b"GET / HTTP/1.1\r\n\r\n");
+        let at = buf.as_ptr() as usize;
         let head = buf.split().freeze();
         give(Class::Read, buf);
-        assert_eq!(kept(Class::Read), 0, "its memory is the head's too");
+        assert_eq!(kept(Class::Read), 1);
+        let other = take(Class::Read);
+        assert_ne!(other.as_ptr() as usize, at, "its memory is the head's too");
+        assert_eq!(kept(Class::Read), 1, "kept for when the head is gone");
         assert_eq!(&head[..4], b"GET ");
+        drop(head);
+        let again = take(Class::Read);
+        assert_eq!(
+            again.as_ptr() as usize,
+            at,
+            "the same memory, from its start"
+        );
+        assert_eq!(again.capacity(), Class::Read.bytes());
+        assert_eq!(kept(Class::Read), 0);
+        drop(other);
     }
 
     #[test]
-    fn a_buffer_grown_past_its_class_or_never_allocated_is_not_kept() {
+    fn a_buffer_grown_past_its_class_or_never_allocated_is_not_taken_again() {
         let mut grown = take(Class::Read);
         grown.reserve(Class::Read.bytes() * 4);
         give(Class::Read, grown);
         give(Class::Read, BytesMut::new());
         assert_eq!(kept(Class::Read), 0);
+        // One that grew while a piece of it was in use is let go when it is taken.
+        let mut grown = take(Class::Read);
+        grown.reserve(Class::Read.bytes() * 4);
+        grown.resize(grown.capacity() - 100, b'h'); // a long head
+        let head = grown.split().freeze();
+        give(Class::Read, grown);
+        assert_eq!(kept(Class::Read), 1);
+        drop(head);
+        let fresh = take(Class::Read);
+        assert_eq!(fresh.capacity(), Class::Read.bytes());
+        assert_eq!(kept(Class::Read), 0, "the grown one let go");
     }
 
     #[test]
