@@ -91,6 +91,11 @@ impl Learned {
     pub(super) fn micros(&self, at: Instant) -> u64 {
         at.saturating_duration_since(self.epoch).as_micros() as u64 + 1
     }
+
+    /// `at` in ns since `epoch`, for instants compared in an atomic.
+    pub(super) fn nanos(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.epoch).as_nanos() as u64
+    }
 }
 
 #[derive(Default)]

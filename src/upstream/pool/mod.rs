@@ -68,6 +68,13 @@ pub struct Pool<C: Connector = Http1> {
     published_idle: std::sync::atomic::AtomicI64,
     next_id: AtomicU64,
     sweep: Arc<Notify>,
+    /// When the sweep wakes next ([`Learned::nanos`]; `u64::MAX`: not until told), set and read
+    /// under the `idle` lock: a connection going idle wakes the sweep only when its deadline
+    /// comes earlier, not on every release.
+    sweep_at: AtomicU64,
+    /// How many times the sweep ran (tests count its wake-ups).
+    #[cfg(test)]
+    sweeps: AtomicU64,
     /// Told when a connection goes back to idle, for requests waiting at
     /// `max_connections_per_server` (idle connections hold their slot).
     returned: Notify,
@@ -160,6 +167,9 @@ impl<C: Connector> Pool<C> {
             published_idle: std::sync::atomic::AtomicI64::new(0),
             next_id: AtomicU64::new(1),
             sweep,
+            sweep_at: AtomicU64::new(u64::MAX),
+            #[cfg(test)]
+            sweeps: AtomicU64::new(0),
             returned: Notify::new(),
             waiting: std::sync::atomic::AtomicUsize::new(0),
             in_flight: AtomicUsize::new(0),
@@ -442,17 +452,27 @@ impl<C: Connector> Pool<C> {
             self.close(conn, CloseReason::Surplus);
             return;
         }
-        let was_empty = idle.is_empty();
+        let wake = self.sweep_by(self.deadline(conn.born, conn.last_used).0);
         conn.conn.detach(&self.sweep_waker);
         debug!(server = %self.addr, conn = conn.id, requests = conn.requests, "pool: connection back to idle");
         idle.push(conn);
         self.publish_idle(idle.len());
         drop(idle);
         self.returned.notify_one();
-        // Deadlines grow with last use, so the sweeper's next wake-up only moves earlier when
-        // the pool was empty.
-        if was_empty {
+        if wake {
             self.sweep.notify_one();
+        }
+    }
+
+    /// Whether the sweep must be woken to be at `deadline` (it is set to wake at the latest
+    /// then); called under the `idle` lock, where the sweep sets its next wake-up.
+    fn sweep_by(&self, deadline: Instant) -> bool {
+        let at = self.learned.nanos(deadline);
+        if at < self.sweep_at.load(Ordering::Relaxed) {
+            self.sweep_at.store(at, Ordering::Relaxed);
+            true
+        } else {
+            false
         }
     }
 
@@ -466,8 +486,15 @@ impl<C: Connector> Pool<C> {
         drop(conn);
     }
 
-    /// Closes dead and expired idle connections; returns the next deadline to wake at.
-    fn sweep_idle(&self, now: Instant) -> Option<Instant> {
+    /// Closes dead and expired idle connections; returns the next deadline to wake at. With
+    /// no connection left to wake for, and `wait_empty` (the timer woke the sweep, not a
+    /// release), none; else, while requests come and go, a pool found empty wakes at the deadline a
+    /// connection released now would have (what [`Pool::release`] compares a release's
+    /// deadline with), so that releases into a pool emptied and refilled by a steady load do
+    /// not wake the sweep each time.
+    fn sweep_idle(&self, now: Instant, wait_empty: bool) -> Option<Instant> {
+        #[cfg(test)]
+        self.sweeps.fetch_add(1, Ordering::Relaxed);
         let all = std::mem::take(&mut *crate::sync::lock(&self.idle));
         let mut keep = Vec::with_capacity(all.len());
         let mut doomed = Vec::new();
@@ -511,6 +538,11 @@ impl<C: Connector> Pool<C> {
                 let (deadline, _) = self.deadline(conn.born, conn.last_used);
                 next = Some(next.map_or(deadline, |n| n.min(deadline)));
             }
+            if next.is_none() && !wait_empty {
+                next = Some(self.deadline(now, now).0);
+            }
+            let at = next.map_or(u64::MAX, |at| self.learned.nanos(at));
+            self.sweep_at.store(at, Ordering::Relaxed);
         }
         for (conn, reason) in doomed {
             self.close(conn, reason);
@@ -589,16 +621,23 @@ impl<C: Connector> Drop for Pool<C> {
 /// Wakes at the earliest idle deadline (or when told the pool changed) and sweeps. Holds the
 /// pool only while sweeping, so dropping the pool ends the task.
 async fn sweep_loop<C: Connector>(pool: Weak<Pool<C>>, notify: Arc<Notify>) {
+    // This wake-up is the timer's, not a release's or a FIN's: a pool found empty now waits
+    // for a release.
+    let mut idle_round = false;
     loop {
         let (next, learned) = match pool.upgrade() {
-            Some(strong) => (strong.sweep_idle(Instant::now()), strong.learned.clone()),
+            Some(strong) => {
+                let next = strong.sweep_idle(Instant::now(), idle_round);
+                (next, strong.learned.clone())
+            }
             None => return,
         };
         let relearned = learned.changed.notified();
+        idle_round = false;
         match next {
             Some(at) => {
                 tokio::select! {
-                    _ = tokio::time::sleep_until(at) => {}
+                    _ = tokio::time::sleep_until(at) => idle_round = true,
                     _ = notify.notified() => {}
                     _ = relearned => {}
                 }

@@ -93,6 +93,33 @@ async fn an_idle_connection_is_reused_within_its_deadline_and_swept_after_it() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_steady_load_emptying_and_refilling_the_pool_does_not_wake_the_sweep_each_time() {
+    let (pool, metrics) = unprobed_pool(cfg()); // idle_timeout 4 s
+    settle().await;
+    let before = pool.sweeps.load(Ordering::Relaxed);
+    for _ in 0..50 {
+        // Each request takes the one idle connection (the pool empties) and gives it back.
+        let conn = pool.acquire().await.unwrap();
+        tokio::time::advance(Duration::from_millis(10)).await;
+        conn.release();
+        settle().await;
+    }
+    let woke = pool.sweeps.load(Ordering::Relaxed) - before;
+    assert!(
+        woke <= 2,
+        "the sweep ran {woke} times for 50 releases whose deadlines came after its wake-up"
+    );
+    // It still closes the connection at its deadline (4 s after its last release).
+    tokio::time::advance(Duration::from_millis(3990)).await;
+    settle().await;
+    assert_eq!(pool.idle_count(), 1, "not yet at its deadline");
+    tokio::time::advance(Duration::from_millis(11)).await;
+    settle().await;
+    assert_eq!(pool.idle_count(), 0, "the sweep closed it at its deadline");
+    assert_eq!(closed(&metrics, "idle"), 1);
+}
+
+#[tokio::test(start_paused = true)]
 async fn draining_closes_idle_and_returning_connections_and_enable_pools_again() {
     let (pool, metrics) = unprobed_pool(cfg());
     let busy = pool.acquire().await.unwrap();
