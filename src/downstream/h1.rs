@@ -40,7 +40,7 @@ use crate::http1::body::BodyState;
 use crate::http1::buffers::{self, Class};
 use crate::http1::encode::{self, BodySize};
 use crate::http1::framing::{self, Framing};
-use crate::http1::head::{self, RequestHead, Version as Version1};
+use crate::http1::head::{self, Name, RequestHead, Version as Version1};
 use crate::proxy::{ForwardedHead, Switched};
 use crate::shutdown::Shutdown;
 
@@ -285,7 +285,7 @@ pub fn take(head: &RequestHead, rest: &mut BytesMut) -> Option<Taken> {
     if head.version != Version1::Http11 {
         return None;
     }
-    let framing = framing::request(Version1::Http11, head.fields.iter()).ok()?;
+    let framing = framing::request(Version1::Http11, head.fields.framing()).ok()?;
     let method = Method::from_bytes(head.method()).ok()?;
     if method == Method::CONNECT {
         return None;
@@ -415,12 +415,13 @@ async fn write_response<I: AsyncRead + AsyncWrite + Unpin>(
             .map_or(BodySize::Unknown, BodySize::Exact)
     };
     let mut keep_alive = keep_alive;
-    let fields = forwarded.iter().flat_map(|f| f.fields()).chain(
-        parts
-            .headers
-            .iter()
-            .map(|(name, value)| (name.as_str().as_bytes(), value.as_bytes())),
-    );
+    let fields = forwarded
+        .iter()
+        .flat_map(|f| f.fields())
+        .chain(parts.headers.iter().map(|(name, value)| {
+            let name = name.as_str().as_bytes();
+            (Name::of(name), name, value.as_bytes())
+        }));
     let mut encoder = encode::response_head(parts.status, fields, head, size, &mut keep_alive, out);
     drop((parts, forwarded));
     let mut whole = true;

@@ -11,6 +11,7 @@ use http::StatusCode;
 
 use crate::http1::chunked::{chunk_start, CHUNK_END, LAST_CHUNK};
 use crate::http1::date;
+use crate::http1::head::Name;
 
 /// What a response body says of its size before it is sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,13 +101,14 @@ fn names_close(value: &[u8]) -> bool {
         .is_ok_and(|v| v.is_ascii() && v.split(',').any(|t| t.trim().eq_ignore_ascii_case("close")))
 }
 
-/// Writes the head of a response with `fields` (name, value: written as they are) to a HEAD
+/// Writes the head of a response with `fields` (which name, name, value: written as they
+/// are; [`Name::of`] tells the name of a field from elsewhere than a parsed head) to a HEAD
 /// request (`head`) or not into `dst`, for a body of `size`, and returns its body's encoder.
 /// `keep_alive` false writes `connection: close` (unless a `Connection: close` is there
 /// already); a `Connection: close` among `fields` turns it false.
 pub fn response_head<'a>(
     status: StatusCode,
-    fields: impl Iterator<Item = (&'a [u8], &'a [u8])>,
+    fields: impl Iterator<Item = (Name, &'a [u8], &'a [u8])>,
     head: bool,
     size: BodySize,
     keep_alive: &mut bool,
@@ -122,8 +124,8 @@ pub fn response_head<'a>(
     let mut wrote_close = false;
     let mut wrote_date = false;
     let mut wrote_length = false;
-    for (name, value) in fields {
-        if name.eq_ignore_ascii_case(b"content-length") {
+    for (known, name, value) in fields {
+        if known == Name::ContentLength {
             if (size == BodySize::Empty && !head) || wrote_length {
                 // No body follows, and only a HEAD response's length describes another one:
                 // left out (hyper did the same), a `content-length: 0` put after the fields
@@ -143,17 +145,17 @@ pub fn response_head<'a>(
                     BodySize::Empty => 0,
                 }));
             }
-        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+        } else if known == Name::TransferEncoding {
             if !body_allowed {
                 continue;
             }
             encoder.get_or_insert(Encoder::Chunked);
-        } else if name.eq_ignore_ascii_case(b"connection") {
+        } else if known == Name::Connection {
             if names_close(value) {
                 *keep_alive = false;
                 wrote_close = true;
             }
-        } else if name.eq_ignore_ascii_case(b"date") {
+        } else if known == Name::Date {
             wrote_date = true;
         }
         dst.extend_from_slice(name);
@@ -220,7 +222,9 @@ mod tests {
         let mut keep = keep_alive;
         let enc = response_head(
             StatusCode::from_u16(status).unwrap(),
-            fields.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes())),
+            fields
+                .iter()
+                .map(|(n, v)| (Name::of(n.as_bytes()), n.as_bytes(), v.as_bytes())),
             head,
             size,
             &mut keep,

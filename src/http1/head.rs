@@ -59,11 +59,71 @@ impl Span {
     }
 }
 
-/// One field line: its name and value (without the surrounding whitespace).
+/// The field names the proxy reads in every head, told apart once when the head is parsed
+/// (as nginx hashes a header's name once, to find its handler), so that what reads them later
+/// compares a byte, not the name: the hop-by-hop fields of RFC 9110 §7.6.1 (and
+/// `Proxy-Connection`), the framing fields of RFC 9112 §6, and the few a response filter reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Name {
+    Connection,
+    KeepAlive,
+    ProxyConnection,
+    Te,
+    Trailer,
+    TransferEncoding,
+    Upgrade,
+    ContentLength,
+    ContentType,
+    Date,
+    /// nginx's response field that turns its buffering off.
+    XAccelBuffering,
+    /// Any other name.
+    Other,
+}
+
+impl Name {
+    /// The name `name` is, in any case: by its length first, then one or two comparisons.
+    pub fn of(name: &[u8]) -> Name {
+        let is = |known: &[u8]| name.eq_ignore_ascii_case(known);
+        match name.len() {
+            2 if is(b"te") => Name::Te,
+            4 if is(b"date") => Name::Date,
+            7 if is(b"trailer") => Name::Trailer,
+            7 if is(b"upgrade") => Name::Upgrade,
+            10 if is(b"connection") => Name::Connection,
+            10 if is(b"keep-alive") => Name::KeepAlive,
+            12 if is(b"content-type") => Name::ContentType,
+            14 if is(b"content-length") => Name::ContentLength,
+            16 if is(b"proxy-connection") => Name::ProxyConnection,
+            17 if is(b"transfer-encoding") => Name::TransferEncoding,
+            17 if is(b"x-accel-buffering") => Name::XAccelBuffering,
+            _ => Name::Other,
+        }
+    }
+
+    /// One of the hop-by-hop fields every message loses, named in `Connection` or not
+    /// (RFC 9110 §7.6.1, with `Keep-Alive` and `Proxy-Connection`).
+    pub fn is_hop_by_hop(self) -> bool {
+        matches!(
+            self,
+            Name::Connection
+                | Name::KeepAlive
+                | Name::ProxyConnection
+                | Name::Te
+                | Name::Trailer
+                | Name::TransferEncoding
+                | Name::Upgrade
+        )
+    }
+}
+
+/// One field line: its name and value (without the surrounding whitespace), and which name
+/// it is.
 #[derive(Debug, Clone, Copy)]
 struct Field {
     name: Span,
     value: Span,
+    known: Name,
 }
 
 /// The fields of a head, in order, over the head's bytes.
@@ -81,8 +141,34 @@ impl Fields {
             .map(|h| Field {
                 name: Span::of(base, h.name.as_bytes()),
                 value: Span::of(base, h.value),
+                known: Name::of(h.name.as_bytes()),
             })
             .collect()
+    }
+
+    /// Every field as (which name, name, value), in the order received.
+    pub fn entries(&self) -> impl Iterator<Item = (Name, &[u8], &[u8])> + '_ {
+        self.fields
+            .iter()
+            .map(|f| (f.known, f.name.get(&self.bytes), f.value.get(&self.bytes)))
+    }
+
+    /// The values of every field named `name`, in order: a comparison of a byte per field.
+    pub fn named(&self, name: Name) -> impl Iterator<Item = &[u8]> + Clone + '_ {
+        debug_assert!(name != Name::Other, "Other names no one field");
+        self.fields
+            .iter()
+            .filter(move |f| f.known == name)
+            .map(|f| f.value.get(&self.bytes))
+    }
+
+    /// The `Transfer-Encoding` and `Content-Length` fields as (name, value), in order: what
+    /// [`crate::http1::framing`] reads of a head.
+    pub fn framing(&self) -> impl Iterator<Item = (&[u8], &[u8])> + Clone + '_ {
+        self.fields
+            .iter()
+            .filter(|f| matches!(f.known, Name::TransferEncoding | Name::ContentLength))
+            .map(|f| (f.name.get(&self.bytes), f.value.get(&self.bytes)))
     }
 
     /// Every field as (name, value), in the order received.
@@ -260,6 +346,48 @@ mod tests {
         assert_eq!(head.fields.get("absent"), None);
         assert!(head.as_bytes().ends_with(b"\r\n\r\n"));
         assert_eq!(&buf[..], b"hi");
+    }
+
+    #[test]
+    fn field_names_are_told_apart_in_any_case_once() {
+        let mut buf = BytesMut::from(
+            &b"HTTP/1.1 200 OK\r\nCONTENT-length: 2\r\nTransfer-Encoding: chunked\r\nTE: x\r\nDate: d\r\nKeep-Alive: timeout=5\r\nContent-Lengthy: 3\r\nconnection: close\r\nconnection: Upgrade\r\n\r\n"[..],
+        );
+        let head = parse_response(&mut buf, 1024).unwrap().unwrap();
+        let known: Vec<Name> = head.fields.entries().map(|(k, _, _)| k).collect();
+        use Name::*;
+        assert_eq!(
+            known,
+            [
+                ContentLength,
+                TransferEncoding,
+                Te,
+                Date,
+                KeepAlive,
+                Other,
+                Connection,
+                Connection
+            ]
+        );
+        let conn: Vec<&[u8]> = head.fields.named(Connection).collect();
+        assert_eq!(conn, [&b"close"[..], b"Upgrade"]);
+        let framing: Vec<&[u8]> = head.fields.framing().map(|(n, _)| n).collect();
+        assert_eq!(framing, [&b"CONTENT-length"[..], b"Transfer-Encoding"]);
+        for (name, hop) in [
+            ("connection", true),
+            ("Keep-Alive", true),
+            ("proxy-connection", true),
+            ("te", true),
+            ("Trailer", true),
+            ("transfer-encoding", true),
+            ("UPGRADE", true),
+            ("content-length", false),
+            ("x-accel-buffering", false),
+            ("tex", false),
+            ("upgradex", false),
+        ] {
+            assert_eq!(Name::of(name.as_bytes()).is_hop_by_hop(), hop, "{name}");
+        }
     }
 
     #[test]

@@ -12,6 +12,7 @@ use http::HeaderMap;
 
 use crate::config::ForwardedConfig;
 use crate::headers::KEEP_ALIVE;
+use crate::http1::head::Name;
 use crate::upstream::wire::{HeadWriter, OutgoingHead};
 
 use super::route::origin_form;
@@ -80,18 +81,10 @@ pub(super) struct Stripped {
     pub(super) upgrade: bool,
 }
 
-/// Whether `name` is one of the standard hop-by-hop fields ([`HOP_BY_HOP`]), in any case:
-/// by its length first, as every field of every head is asked.
+/// Whether `name` is one of the standard hop-by-hop fields ([`HOP_BY_HOP`]), in any case
+/// ([`Name::is_hop_by_hop`]; a head parsed by kaproxy has its names told apart already).
 pub(super) fn is_hop_by_hop(name: &[u8]) -> bool {
-    let is = |h: &[u8]| name.eq_ignore_ascii_case(h);
-    match name.len() {
-        2 => is(b"te"),
-        7 => is(b"trailer") || is(b"upgrade"),
-        10 => is(b"connection") || is(b"keep-alive"),
-        16 => is(b"proxy-connection"),
-        17 => is(b"transfer-encoding"),
-        _ => false,
-    }
+    Name::of(name).is_hop_by_hop()
 }
 
 /// The field names `Connection` values name that [`is_hop_by_hop`] does not already cover

@@ -14,7 +14,7 @@ use tracing::warn;
 use crate::body::relay::{relay, RelayError, RelayLimits};
 use crate::body::{Buffering, Collected};
 use crate::error::{RequestError, WireError};
-use crate::http1::head::ResponseHead;
+use crate::http1::head::{Name, ResponseHead};
 use crate::metrics::CloseReason;
 use crate::upstream::backend::Backend;
 use crate::upstream::exchange::{PooledBody, ResponseBody};
@@ -23,7 +23,7 @@ use crate::upstream::wire::Received;
 
 use super::answer::{ForwardedHead, Inner, ProxyBody};
 use super::context::{RequestContext, ResponseDeadline};
-use super::forwarded::{connection_named, is_hop_by_hop};
+use super::forwarded::connection_named;
 use super::Proxy;
 
 impl Proxy {
@@ -128,31 +128,33 @@ struct Filtered {
 impl Filtered {
     fn of(head: &ResponseHead) -> Filtered {
         let fields = &head.fields;
-        let chunked = fields.get("transfer-encoding").is_some();
+        let chunked = fields.named(Name::TransferEncoding).next().is_some();
         // The common `Connection: keep-alive` and `close` name no other field: nothing is
         // allocated for none.
-        let named: Vec<&[u8]> = connection_named(fields.get_all("connection")).collect();
+        let named: Vec<&[u8]> = connection_named(fields.named(Name::Connection)).collect();
         let mut filtered = Filtered {
             dropped: 0,
             length_overridden: false,
             must_stream: false,
         };
-        for (i, (name, value)) in fields.iter().enumerate() {
-            let drop = if is_hop_by_hop(name) || named.iter().any(|n| n.eq_ignore_ascii_case(name))
-            {
-                true
-            } else if name.eq_ignore_ascii_case(b"x-accel-buffering") {
-                filtered.must_stream |= value.eq_ignore_ascii_case(b"no");
-                true
-            } else if chunked && name.eq_ignore_ascii_case(b"content-length") {
-                filtered.length_overridden = true;
-                true
-            } else {
-                if name.eq_ignore_ascii_case(b"content-type") {
+        for (i, (known, name, value)) in fields.entries().enumerate() {
+            let drop = match known {
+                _ if known.is_hop_by_hop() => true,
+                _ if named.iter().any(|n| n.eq_ignore_ascii_case(name)) => true,
+                Name::XAccelBuffering => {
+                    filtered.must_stream |= value.eq_ignore_ascii_case(b"no");
+                    true
+                }
+                Name::ContentLength if chunked => {
+                    filtered.length_overridden = true;
+                    true
+                }
+                Name::ContentType => {
                     filtered.must_stream |=
                         value.len() >= 17 && value[..17].eq_ignore_ascii_case(b"text/event-stream");
+                    false
                 }
-                false
+                _ => false,
             };
             if drop {
                 filtered.dropped |= 1 << i;
@@ -257,7 +259,7 @@ mod tests {
         let filtered = Filtered::of(&head);
         let kept = ForwardedHead::new(head, filtered.dropped)
             .fields()
-            .map(|(n, v)| {
+            .map(|(_, n, v)| {
                 format!(
                     "{}: {}",
                     String::from_utf8_lossy(n),

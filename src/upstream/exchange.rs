@@ -16,8 +16,8 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use crate::body::{BodyError, UpstreamBody};
 use crate::error::{RequestError, WireError};
-use crate::headers::KEEP_ALIVE;
 use crate::http1::body::BodyState;
+use crate::http1::head::Name;
 use crate::http1::head::ResponseHead;
 use crate::metrics::CloseReason;
 use crate::upstream::connect::{http1_handshake, Http1, Http1Conn};
@@ -79,7 +79,8 @@ impl PooledConn<Http1> {
     fn observe(&mut self, head: &ResponseHead, ends: bool) {
         let hint = head
             .fields
-            .get(KEEP_ALIVE.as_str())
+            .named(Name::KeepAlive)
+            .next()
             .map(KeepAliveHint::parse)
             .unwrap_or_default();
         self.advertised(&hint, ends);

@@ -31,7 +31,7 @@ use crate::http1::body::BodyState;
 use crate::http1::buffers::{self, Class};
 use crate::http1::chunked::{self, Chunk};
 use crate::http1::framing::{self, Framing};
-use crate::http1::head::{self, HeadError, ResponseHead, Version};
+use crate::http1::head::{self, HeadError, Name, ResponseHead, Version};
 use crate::upstream::stream::UpstreamStream;
 
 /// The longest response head read from a backend: 64 KiB, the bound hyper's read buffer put
@@ -154,8 +154,10 @@ impl Wire {
 /// A request on its way to the backend: framed bytes not yet written, and the body they
 /// continue with.
 pub struct Outgoing {
-    /// In order: a head or a chunk's size line, data, a chunk's CRLF (empty when unused).
-    pending: [Bytes; 3],
+    /// In order: the head, its framing field and empty line, and the body held whole; or a
+    /// chunk's size line, data and CRLF (empty when unused). Written with one vectored write:
+    /// the head's bytes are not copied.
+    pending: [Bytes; 4],
     /// The body still to be read and framed; None once its end is framed.
     body: Option<UpstreamBody>,
     /// The body's bytes are already in `pending` (a body held whole in memory).
@@ -270,22 +272,27 @@ impl Outgoing {
             (false, false, Some(n)) => (Some(n), false),
             (false, false, None) => (None, true),
         };
-        let mut out = BytesMut::with_capacity(head.bytes.len() + 32);
-        out.extend_from_slice(&head.bytes);
-        if let Some(n) = length {
-            let _ = write!(out, "content-length: {n}\r\n");
-        }
-        if chunked {
-            out.extend_from_slice(b"transfer-encoding: chunked\r\n");
-        }
-        out.extend_from_slice(b"\r\n");
+        let framing = match length {
+            Some(n) => {
+                let mut out = BytesMut::with_capacity(40);
+                let _ = write!(out, "content-length: {n}\r\n\r\n");
+                out.freeze()
+            }
+            None if chunked => Bytes::from_static(b"transfer-encoding: chunked\r\n\r\n"),
+            None => Bytes::from_static(b"\r\n"),
+        };
         let whole = match &body {
             UpstreamBody::Full { data: Some(d), .. } if !chunked => Some(d.clone()),
             _ => None,
         };
         Outgoing {
             framed_whole: whole.is_some(),
-            pending: [out.freeze(), whole.unwrap_or_default(), Bytes::new()],
+            pending: [
+                head.bytes.clone(),
+                framing,
+                whole.unwrap_or_default(),
+                Bytes::new(),
+            ],
             body: Some(body),
             chunked,
             wrote: false,
@@ -314,8 +321,13 @@ impl Outgoing {
     ) -> Poll<Result<(), WriteError>> {
         loop {
             if self.pending.iter().any(|p| !p.is_empty()) {
-                let [a, b, c] = &self.pending;
-                let slices = [IoSlice::new(a), IoSlice::new(b), IoSlice::new(c)];
+                let [a, b, c, d] = &self.pending;
+                let slices = [
+                    IoSlice::new(a),
+                    IoSlice::new(b),
+                    IoSlice::new(c),
+                    IoSlice::new(d),
+                ];
                 let n = match ready!(wire.poll_write(cx, &slices)) {
                     Ok(0) => {
                         return Poll::Ready(Err(WriteError::Io(io::ErrorKind::WriteZero.into())))
@@ -351,8 +363,12 @@ impl Outgoing {
                     if self.chunked {
                         let mut start = BytesMut::with_capacity(20);
                         chunked::chunk_start(data.len(), &mut start);
-                        self.pending =
-                            [start.freeze(), data, Bytes::from_static(chunked::CHUNK_END)];
+                        self.pending = [
+                            start.freeze(),
+                            data,
+                            Bytes::from_static(chunked::CHUNK_END),
+                            Bytes::new(),
+                        ];
                     } else {
                         self.pending[0] = data;
                     }
@@ -369,8 +385,6 @@ impl Outgoing {
     }
 }
 
-/// The request line and fields of `parts`, as hyper's client wrote them (names lower-case,
-/// in the map's order, the target in origin form), with the framing field `new` chose.
 /// Reads the response head off `wire`, past interim (1xx) responses but `101`, which the
 /// caller refuses or takes (RFC 9110 §15.2).
 pub fn poll_head(wire: &mut Wire, cx: &mut Context<'_>) -> Poll<Result<ResponseHead, WireError>> {
@@ -419,12 +433,12 @@ pub fn read_head(
     head: ResponseHead,
     to_head: bool,
 ) -> Result<(Received<BodyState>, bool), WireError> {
-    let framing = framing::response(head.status, to_head, head.fields.iter())?.framing;
+    let framing = framing::response(head.status, to_head, head.fields.framing())?.framing;
     let status = StatusCode::from_u16(head.status)
         .map_err(|_| WireError::Head(HeadError::Malformed(httparse::Error::Status)))?;
     // One pass over the `Connection` fields for both tokens.
     let (mut close, mut keep) = (false, false);
-    for value in head.fields.get_all("connection") {
+    for value in head.fields.named(Name::Connection) {
         for token in field_tokens(value) {
             close |= token.eq_ignore_ascii_case("close");
             keep |= token.eq_ignore_ascii_case("keep-alive");
