@@ -188,6 +188,7 @@ where
             resp,
             forwarded,
             switched,
+            keep_alive: advertised,
         }) = answered
         else {
             debug!("client went away before its response; closing");
@@ -199,6 +200,7 @@ where
             let resp = Answer {
                 resp,
                 forwarded,
+                advertised,
                 head,
             };
             if !write_response(io, resp, true, &mut out, buf, &mut feed).await {
@@ -213,6 +215,7 @@ where
         let resp = Answer {
             resp,
             forwarded,
+            advertised,
             head,
         };
         let went_on = write_response(io, resp, keep_alive, &mut out, buf, &mut feed).await;
@@ -378,6 +381,8 @@ struct Answer {
     resp: Response<ResponseBody>,
     /// A backend's head, written from its bytes before the fields of `resp`'s map.
     forwarded: Option<Box<ForwardedHead>>,
+    /// The `Keep-Alive` field, written after the fields of `resp`'s map.
+    advertised: Option<HeaderValue>,
     /// The request was HEAD: no body follows the head.
     head: bool,
 }
@@ -401,6 +406,7 @@ async fn write_response<I: AsyncRead + AsyncWrite + Unpin>(
     let Answer {
         resp,
         forwarded,
+        advertised,
         head,
     } = answer;
     let (parts, mut body) = resp.into_parts();
@@ -421,7 +427,12 @@ async fn write_response<I: AsyncRead + AsyncWrite + Unpin>(
         .chain(parts.headers.iter().map(|(name, value)| {
             let name = name.as_str().as_bytes();
             (Name::of(name), name, value.as_bytes())
-        }));
+        }))
+        .chain(
+            advertised
+                .iter()
+                .map(|v| (Name::KeepAlive, &b"keep-alive"[..], v.as_bytes())),
+        );
     let mut encoder = encode::response_head(parts.status, fields, head, size, &mut keep_alive, out);
     drop((parts, forwarded));
     let mut whole = true;

@@ -151,12 +151,19 @@ impl Requests {
         if http2 && n == cfg.max_requests_per_connection {
             state.goaway().notify_one();
         }
+        let mut keep_alive = None;
         if !http2 && resp.status() != StatusCode::SWITCHING_PROTOCOLS {
             let headers = resp.headers_mut();
             if last {
                 headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
             } else if cfg.advertise_keep_alive && !headers.contains_key(header::CONNECTION) {
-                headers.insert(crate::headers::KEEP_ALIVE, self.keep_alive.clone());
+                if own {
+                    // Written after the map's fields, where the map would have it: no map
+                    // grown for the one field every answer gets.
+                    keep_alive = Some(self.keep_alive.clone());
+                } else {
+                    headers.insert(crate::headers::KEEP_ALIVE, self.keep_alive.clone());
+                }
             }
         }
         // A body streaming from a pooled upstream connection goes under send_timeout on an
@@ -178,6 +185,7 @@ impl Requests {
             resp,
             forwarded,
             switched,
+            keep_alive,
         }
     }
 }
@@ -189,4 +197,7 @@ pub(super) struct Answered {
     pub forwarded: Option<Box<ForwardedHead>>,
     /// The tunnel of a `101`, for the own loop to hand the connection to once it is written.
     pub switched: Option<Box<Switched>>,
+    /// For the own loop: the `Keep-Alive` field to write after the response's map's fields
+    /// (hyper's responses have it in the map).
+    pub keep_alive: Option<HeaderValue>,
 }
