@@ -320,7 +320,11 @@ pub fn take(head: &RequestHead, rest: &mut BytesMut) -> Option<Taken> {
         // An upgrade with a body: hyper's, rare.
         return None;
     }
-    let close = crate::headers::connection_has(&headers, "close");
+    let close = head
+        .fields
+        .named(Name::Connection)
+        .flat_map(crate::headers::field_tokens)
+        .any(|t| t.eq_ignore_ascii_case("close"));
     let head = method == Method::HEAD;
     let (body, feed) = match framing {
         Framing::Empty | Framing::Length(0) => (ClientBody::Empty, None),
