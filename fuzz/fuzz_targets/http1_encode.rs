@@ -12,7 +12,7 @@ use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use http_body_util::{BodyExt, Either, Empty, Full, StreamBody};
 use kaproxy::http1::encode::{response_head, BodySize};
-use kaproxy::http1::head::Name;
+use kaproxy::http1::head::Line;
 use libfuzzer_sys::fuzz_target;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -120,10 +120,9 @@ fn ours(input: &Input) -> Vec<u8> {
     };
     let mut keep_alive = !input.client_close;
     let mut out = BytesMut::new();
-    let fields = headers.iter().map(|(n, v)| {
-        let n = n.as_str().as_bytes();
-        (Name::of(n), n, v.as_bytes())
-    });
+    let fields = headers
+        .iter()
+        .map(|(n, v)| Line::new(n.as_str().as_bytes(), v.as_bytes()));
     let mut enc = response_head(
         input.status(),
         fields,

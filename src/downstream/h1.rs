@@ -40,7 +40,7 @@ use crate::http1::body::BodyState;
 use crate::http1::buffers::{self, Class};
 use crate::http1::encode::{self, BodySize};
 use crate::http1::framing::{self, Framing};
-use crate::http1::head::{self, Name, RequestHead, Version as Version1};
+use crate::http1::head::{self, Line, Name, RequestHead, Version as Version1};
 use crate::proxy::{ForwardedHead, Switched};
 use crate::shutdown::Shutdown;
 
@@ -428,15 +428,18 @@ async fn write_response<I: AsyncRead + AsyncWrite + Unpin>(
     let fields = forwarded
         .iter()
         .flat_map(|f| f.fields())
-        .chain(parts.headers.iter().map(|(name, value)| {
-            let name = name.as_str().as_bytes();
-            (Name::of(name), name, value.as_bytes())
-        }))
         .chain(
-            advertised
+            parts
+                .headers
                 .iter()
-                .map(|v| (Name::KeepAlive, &b"keep-alive"[..], v.as_bytes())),
-        );
+                .map(|(name, value)| Line::new(name.as_str().as_bytes(), value.as_bytes())),
+        )
+        .chain(advertised.iter().map(|v| Line {
+            known: Name::KeepAlive,
+            name: b"keep-alive",
+            value: v.as_bytes(),
+            raw: None,
+        }));
     let mut encoder = encode::response_head(parts.status, fields, head, size, &mut keep_alive, out);
     drop((parts, forwarded));
     let mut whole = true;

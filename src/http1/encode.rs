@@ -11,7 +11,7 @@ use http::StatusCode;
 
 use crate::http1::chunked::{chunk_start, CHUNK_END, LAST_CHUNK};
 use crate::http1::date;
-use crate::http1::head::Name;
+use crate::http1::head::{Line, Name};
 
 /// What a response body says of its size before it is sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,14 +101,14 @@ fn names_close(value: &[u8]) -> bool {
         .is_ok_and(|v| v.is_ascii() && v.split(',').any(|t| t.trim().eq_ignore_ascii_case("close")))
 }
 
-/// Writes the head of a response with `fields` (which name, name, value: written as they
-/// are; [`Name::of`] tells the name of a field from elsewhere than a parsed head) to a HEAD
+/// Writes the head of a response with `fields` (written as they are: a line as received when
+/// it came plain, else name and value) to a HEAD
 /// request (`head`) or not into `dst`, for a body of `size`, and returns its body's encoder.
 /// `keep_alive` false writes `connection: close` (unless a `Connection: close` is there
 /// already); a `Connection: close` among `fields` turns it false.
 pub fn response_head<'a>(
     status: StatusCode,
-    fields: impl Iterator<Item = (Name, &'a [u8], &'a [u8])>,
+    fields: impl Iterator<Item = Line<'a>>,
     head: bool,
     size: BodySize,
     keep_alive: &mut bool,
@@ -124,7 +124,13 @@ pub fn response_head<'a>(
     let mut wrote_close = false;
     let mut wrote_date = false;
     let mut wrote_length = false;
-    for (known, name, value) in fields {
+    for line in fields {
+        let Line {
+            known,
+            name,
+            value,
+            raw,
+        } = line;
         if known == Name::ContentLength {
             if (size == BodySize::Empty && !head) || wrote_length {
                 // No body follows, and only a HEAD response's length describes another one:
@@ -158,10 +164,15 @@ pub fn response_head<'a>(
         } else if known == Name::Date {
             wrote_date = true;
         }
-        dst.extend_from_slice(name);
-        dst.extend_from_slice(b": ");
-        dst.extend_from_slice(value);
-        dst.extend_from_slice(b"\r\n");
+        match raw {
+            Some(raw) => dst.extend_from_slice(raw),
+            None => {
+                dst.extend_from_slice(name);
+                dst.extend_from_slice(b": ");
+                dst.extend_from_slice(value);
+                dst.extend_from_slice(b"\r\n");
+            }
+        }
     }
     // hyper's order: the connection's end, then the framing it adds, then the date.
     if !*keep_alive && !wrote_close {
@@ -224,7 +235,7 @@ mod tests {
             StatusCode::from_u16(status).unwrap(),
             fields
                 .iter()
-                .map(|(n, v)| (Name::of(n.as_bytes()), n.as_bytes(), v.as_bytes())),
+                .map(|(n, v)| Line::new(n.as_bytes(), v.as_bytes())),
             head,
             size,
             &mut keep,

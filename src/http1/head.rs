@@ -139,6 +139,31 @@ struct Field {
     name: Span,
     value: Span,
     known: Name,
+    /// The line is `name: value CRLF` exactly: it can be copied whole.
+    plain: bool,
+}
+
+/// A field on its way out, for a head writer ([`crate::http1::encode::response_head`]):
+/// which name it is, its name and value, and, when it came as `name: value CRLF` exactly, that
+/// line (copied at once instead of piece by piece).
+#[derive(Debug, Clone, Copy)]
+pub struct Line<'a> {
+    pub known: Name,
+    pub name: &'a [u8],
+    pub value: &'a [u8],
+    pub raw: Option<&'a [u8]>,
+}
+
+impl<'a> Line<'a> {
+    /// A field not read from a head (a header map's).
+    pub fn new(name: &'a [u8], value: &'a [u8]) -> Line<'a> {
+        Line {
+            known: Name::of(name),
+            name,
+            value,
+            raw: None,
+        }
+    }
 }
 
 /// The fields of a head, in order, over the head's bytes.
@@ -153,12 +178,33 @@ impl Fields {
     fn spans(base: &[u8], parsed: &[httparse::Header<'_>]) -> Vec<Field> {
         parsed
             .iter()
-            .map(|h| Field {
-                name: Span::of(base, h.name.as_bytes()),
-                value: Span::of(base, h.value),
-                known: Name::of(h.name.as_bytes()),
+            .map(|h| {
+                let name = Span::of(base, h.name.as_bytes());
+                let value = Span::of(base, h.value);
+                let (end, start) = (name.end as usize, value.start as usize);
+                let plain = start == end + 2
+                    && base.get(end..start) == Some(b": ")
+                    && base.get(value.end as usize..value.end as usize + 2) == Some(b"\r\n");
+                Field {
+                    name,
+                    value,
+                    known: Name::of(h.name.as_bytes()),
+                    plain,
+                }
             })
             .collect()
+    }
+
+    /// Every field as a [`Line`] to write, in the order received.
+    pub fn lines(&self) -> impl Iterator<Item = Line<'_>> + '_ {
+        self.fields.iter().map(|f| Line {
+            known: f.known,
+            name: f.name.get(&self.bytes),
+            value: f.value.get(&self.bytes),
+            raw: f
+                .plain
+                .then(|| &self.bytes[f.name.start as usize..f.value.end as usize + 2]),
+        })
     }
 
     /// Every field as (which name, name, value), in the order received.
@@ -403,6 +449,26 @@ mod tests {
         ] {
             assert_eq!(Name::of(name.as_bytes()).is_hop_by_hop(), hop, "{name}");
         }
+    }
+
+    #[test]
+    fn a_field_written_plainly_is_one_line_to_copy() {
+        let mut buf =
+            BytesMut::from(&b"HTTP/1.1 200 OK\r\nA: 1\r\nB:2\r\nC:  3 \r\nD: \r\nE: 5\r\n\r\n"[..]);
+        let head = parse_response(&mut buf, 1024).unwrap().unwrap();
+        let raw: Vec<Option<&[u8]>> = head.fields.lines().map(|l| l.raw).collect();
+        assert_eq!(
+            raw,
+            [
+                Some(&b"A: 1\r\n"[..]),
+                None,
+                None,
+                Some(b"D: \r\n"),
+                Some(b"E: 5\r\n")
+            ]
+        );
+        let values: Vec<&[u8]> = head.fields.lines().map(|l| l.value).collect();
+        assert_eq!(values, [&b"1"[..], b"2", b"3", b"", b"5"]);
     }
 
     #[test]

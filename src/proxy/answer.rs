@@ -16,7 +16,7 @@ use hyper::body::Incoming;
 
 use crate::body::relay::RelayBody;
 use crate::body::Memory;
-use crate::http1::head::{Name, ResponseHead};
+use crate::http1::head::{Line, ResponseHead};
 use crate::upstream::exchange::PooledBody;
 
 use super::log::AccessRecord;
@@ -48,11 +48,11 @@ impl ForwardedHead {
         ForwardedHead { head, dropped }
     }
 
-    /// The fields that go on, as (which name, name, value), in the order received.
-    pub fn fields(&self) -> impl Iterator<Item = (Name, &[u8], &[u8])> + '_ {
+    /// The fields that go on, in the order received.
+    pub fn fields(&self) -> impl Iterator<Item = Line<'_>> + '_ {
         self.head
             .fields
-            .entries()
+            .lines()
             .enumerate()
             .filter(|(i, _)| self.dropped & (1 << i) == 0)
             .map(|(_, field)| field)
@@ -63,10 +63,10 @@ impl ForwardedHead {
     fn append_to(&self, headers: &mut HeaderMap) {
         let bytes = self.head.as_bytes();
         headers.reserve(self.head.fields.len());
-        for (_, name, value) in self.fields() {
+        for line in self.fields() {
             let (Ok(name), Ok(value)) = (
-                HeaderName::from_bytes(name),
-                HeaderValue::from_maybe_shared(bytes.slice_ref(value)),
+                HeaderName::from_bytes(line.name),
+                HeaderValue::from_maybe_shared(bytes.slice_ref(line.value)),
             ) else {
                 continue;
             };

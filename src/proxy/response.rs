@@ -259,11 +259,11 @@ mod tests {
         let filtered = Filtered::of(&head);
         let kept = ForwardedHead::new(head, filtered.dropped)
             .fields()
-            .map(|(_, n, v)| {
+            .map(|line| {
                 format!(
                     "{}: {}",
-                    String::from_utf8_lossy(n),
-                    String::from_utf8_lossy(v)
+                    String::from_utf8_lossy(line.name),
+                    String::from_utf8_lossy(line.value)
                 )
             })
             .collect();
