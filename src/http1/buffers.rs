@@ -39,7 +39,9 @@ impl Class {
         }
     }
 
-    fn with<R>(self, f: impl FnOnce(&mut Vec<BytesMut>) -> R) -> R {
+    /// Runs `f` on this thread's pool of the class; while the thread exits (its pool
+    /// already gone: a connection dropped by a thread-local destructor), the default.
+    fn with<R: Default>(self, f: impl FnOnce(&mut Vec<BytesMut>) -> R) -> R {
         thread_local! {
             static READ: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };
             static DATA: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };
@@ -48,7 +50,8 @@ impl Class {
             Class::Read => &READ,
             Class::Data => &DATA,
         };
-        pool.with_borrow_mut(f)
+        pool.try_with(|free| f(&mut free.borrow_mut()))
+            .unwrap_or_default()
     }
 }
 

@@ -68,6 +68,14 @@ pub struct Wire {
     waker: Waker,
 }
 
+impl Drop for Wire {
+    /// A connection closed gives its read buffer back to the worker's pool, as one that idles
+    /// does ([`Wire::detach`]); what is left unread in it is dropped with the connection.
+    fn drop(&mut self) {
+        buffers::give(Class::Data, std::mem::take(&mut self.read));
+    }
+}
+
 impl Wire {
     pub fn new(stream: UpstreamStream) -> Wire {
         // Woken from the start: nothing has armed the socket's readiness yet.
@@ -782,5 +790,19 @@ mod tests {
             wire.closed_if_woken(),
             "a byte no request asked for ends it"
         );
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_connection_dropped_gives_its_read_buffer_back_to_the_workers_pool() {
+        let (mut wire, mut backend) = pair().await;
+        backend
+            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+            .await
+            .unwrap();
+        response(&mut wire, false).await.unwrap();
+        assert!(wire.read.capacity() > 0, "reading took a buffer");
+        let kept = buffers::kept(Class::Data);
+        drop(wire);
+        assert_eq!(buffers::kept(Class::Data), kept + 1);
     }
 }
