@@ -22,14 +22,18 @@ pub fn value_tokens(value: &HeaderValue) -> impl Iterator<Item = &str> {
 /// The tokens of one field value as received (see [`tokens`]; a head kept as bytes,
 /// [`crate::http1::head`]).
 pub fn field_tokens(value: &[u8]) -> impl Iterator<Item = &str> {
-    let visible = value.iter().all(|&b| b == b'\t' || (32..127).contains(&b));
-    visible
-        .then(|| std::str::from_utf8(value).ok())
-        .flatten()
+    visible(value)
         .unwrap_or_default()
         .split(',')
         .map(str::trim)
         .filter(|t| !t.is_empty())
+}
+
+/// A field value as text when it is visible ASCII (and tabs), as `HeaderValue::to_str` reads
+/// one; else none.
+pub fn visible(value: &[u8]) -> Option<&str> {
+    let visible = value.iter().all(|&b| b == b'\t' || (32..127).contains(&b));
+    visible.then(|| std::str::from_utf8(value).ok()).flatten()
 }
 
 /// True when a `Connection` field names `token` (case-insensitive).

@@ -16,6 +16,7 @@ use http_body::Body;
 use http_body_util::BodyExt;
 use kaproxy::downstream::h1::{take, Fill};
 use kaproxy::http1::head::parse_request;
+use kaproxy::proxy::RequestFields;
 use libfuzzer_sys::fuzz_target;
 
 // Only hyper's server is used here.
@@ -134,7 +135,9 @@ fn ours(bytes: &[u8]) -> Vec<Seen> {
         let Some(t) = take(&head, &mut buf) else {
             break;
         };
-        let (req, close, feed) = (t.req, t.close, t.feed);
+        let (mut req, close, feed) = (t.req, t.close, t.feed);
+        // The proxy reads the fields in the parsed head; as a map they are what hyper's are.
+        *req.headers_mut() = RequestFields::parsed(&head.fields).to_map();
         let whole = match feed {
             None => {
                 taken.push(block_on(seen(req)));

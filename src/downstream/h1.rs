@@ -21,7 +21,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::HeaderValue;
 use http::{Method, Request, Response, Uri, Version};
 use http_body::Body;
 use http_body_util::Full;
@@ -125,7 +125,7 @@ where
     let sleep = tokio::time::sleep_until(first);
     tokio::pin!(sleep);
     loop {
-        let head = loop {
+        let parsed = loop {
             if !buf.is_empty() {
                 match head::parse_request(buf, cfg.max_header_bytes) {
                     Ok(Some(head)) => break head,
@@ -151,13 +151,12 @@ where
                 () = &mut begun => return Next::Close,
             }
         };
-        let Some(taken) = take(&head, buf) else {
-            let mut rest = BytesMut::with_capacity(head.as_bytes().len() + buf.len());
-            rest.extend_from_slice(head.as_bytes());
+        let Some(taken) = take(&parsed, buf) else {
+            let mut rest = BytesMut::with_capacity(parsed.as_bytes().len() + buf.len());
+            rest.extend_from_slice(parsed.as_bytes());
             rest.extend_from_slice(buf);
             return Next::Hyper(rest.freeze());
         };
-        drop(head);
         let Taken {
             req,
             close,
@@ -167,23 +166,27 @@ where
         // The answer, its body fed as the proxy reads it, unless the client goes away first:
         // dropping the answer then stops the exchange (and frees its upstream connection) at
         // once, as hyper did.
-        let answer = requests.answer(req, true);
-        tokio::pin!(answer);
-        let answered = std::future::poll_fn(|cx| {
-            for _ in 0..FEED_TURNS {
-                if let Poll::Ready(done) = answer.as_mut().poll(cx) {
-                    return Poll::Ready(Some(done));
+        // The proxy reads the request's fields in the parsed head (the request's map is
+        // empty), kept until the answer is made.
+        let answered = {
+            let answer = requests.answer(req, Some(&parsed.fields));
+            tokio::pin!(answer);
+            std::future::poll_fn(|cx| {
+                for _ in 0..FEED_TURNS {
+                    if let Poll::Ready(done) = answer.as_mut().poll(cx) {
+                        return Poll::Ready(Some(done));
+                    }
+                    match poll_client(io, buf, &mut feed, cx) {
+                        Poll::Ready(true) => return Poll::Ready(None),
+                        Poll::Ready(false) => {}
+                        Poll::Pending => return Poll::Pending,
+                    }
                 }
-                match poll_client(io, buf, &mut feed, cx) {
-                    Poll::Ready(true) => return Poll::Ready(None),
-                    Poll::Ready(false) => {}
-                    Poll::Pending => return Poll::Pending,
-                }
-            }
-            cx.waker().wake_by_ref();
-            Poll::Pending
-        })
-        .await;
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            })
+            .await
+        };
         let Some(Answered {
             resp,
             forwarded,
@@ -194,6 +197,7 @@ where
             debug!("client went away before its response; closing");
             return Next::Close;
         };
+        drop(parsed);
         if let Some(switched) = switched {
             // The backend switched protocols: the 101 goes down, then the connection is the
             // tunnel's, with whatever the client sent after its request.
@@ -282,8 +286,13 @@ async fn fired<I: AsyncWrite + Unpin>(io: &mut I, timer: Timer) -> Next {
 /// the connection as the proxy reads it ([`Feed`], its first piece from `rest`). None when the
 /// request is hyper's (and `rest` is untouched): not HTTP/1.1, framing hyper or kaproxy
 /// refuses, `Upgrade` with a body, an `Expect` other than `100-continue`, CONNECT, or a method, target,
-/// name or value the `http` types refuse (hyper answers those 400). The `http1_request` fuzz
-/// target holds every request taken to what hyper's server reads from the same bytes.
+/// name or value the `http` types refuse (hyper answers those 400). The request's map is left
+/// empty: the proxy reads the fields in `head` ([`crate::proxy::RequestFields`]). The
+/// `http1_request` fuzz target holds every request taken, its fields as a map, to what hyper's
+/// server reads from the same bytes.
+/// The longest field name the `http` types take.
+const MAX_NAME: usize = u16::MAX as usize;
+
 pub fn take(head: &RequestHead, rest: &mut BytesMut) -> Option<Taken> {
     if head.version != Version1::Http11 {
         return None;
@@ -295,26 +304,22 @@ pub fn take(head: &RequestHead, rest: &mut BytesMut) -> Option<Taken> {
     }
     let bytes = head.as_bytes();
     let uri = Uri::from_maybe_shared(bytes.slice_ref(head.target())).ok()?;
-    let mut headers = HeaderMap::with_capacity(head.fields.len());
     let mut expects_continue = false;
     let mut upgrade = false;
-    for (name, value) in head.fields.iter() {
-        let name = HeaderName::from_bytes(name).ok()?;
-        upgrade |= name == header::UPGRADE;
-        if name == header::EXPECT {
+    for (known, name, value) in head.fields.entries() {
+        // httparse takes the names and values the `http` types take (a token; tabs, visible
+        // bytes and obs-text), but for names longer than theirs.
+        if name.len() > MAX_NAME {
+            return None;
+        }
+        upgrade |= known == Name::Upgrade;
+        if name.eq_ignore_ascii_case(b"expect") {
             // hyper's server answers `100-continue` and passes other expectations on.
             if !value.eq_ignore_ascii_case(b"100-continue") {
                 return None;
             }
             expects_continue = true;
         }
-        let value = HeaderValue::from_maybe_shared(bytes.slice_ref(value)).ok()?;
-        // Repeated lengths (equal: the framing above refused others) go on as one, the first,
-        // as hyper keeps them.
-        if name == header::CONTENT_LENGTH && headers.contains_key(header::CONTENT_LENGTH) {
-            continue;
-        }
-        headers.append(name, value);
     }
     if upgrade && framing != Framing::Empty {
         // An upgrade with a body: hyper's, rare.
@@ -349,7 +354,6 @@ pub fn take(head: &RequestHead, rest: &mut BytesMut) -> Option<Taken> {
     *req.method_mut() = method;
     *req.uri_mut() = uri;
     *req.version_mut() = Version::HTTP_11;
-    *req.headers_mut() = headers;
     Some(Taken {
         req,
         close,
@@ -534,13 +538,22 @@ mod tests {
         (take(&head, &mut buf), buf)
     }
 
+    /// The fields of the head of `bytes` as the proxy reads them, as a map.
+    fn map_of(bytes: &[u8]) -> http::HeaderMap {
+        let head = head::parse_request(&mut BytesMut::from(bytes), 1 << 16)
+            .unwrap()
+            .unwrap();
+        crate::proxy::RequestFields::parsed(&head.fields).to_map()
+    }
+
     #[test]
     fn a_body_that_came_whole_is_taken_with_one_length() {
-        let (t, rest) = taken(
-            b"POST /p HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabcGET",
-        );
+        let request =
+            b"POST /p HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabcGET";
+        let (t, rest) = taken(request);
         let t = t.expect("taken");
-        assert_eq!(t.req.headers().get_all("content-length").iter().count(), 1);
+        let map = map_of(request);
+        assert_eq!(map.get_all("content-length").iter().count(), 1);
         assert_eq!(t.req.body().size_hint().exact(), Some(3));
         assert_eq!(&rest[..], b"GET", "the next request's bytes stay");
     }
@@ -574,12 +587,12 @@ mod tests {
         assert_eq!(fed_body(t, &mut rest).unwrap(), b"abcde");
         assert_eq!(&rest[..], b"GET", "the next request's bytes stay");
 
-        let (t, mut rest) = taken(
-            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\nGET",
-        );
+        let chunked =
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\nGET";
+        let (t, mut rest) = taken(chunked);
         let t = t.expect("chunked is taken");
         assert!(
-            t.req.headers().contains_key("transfer-encoding"),
+            map_of(chunked).contains_key("transfer-encoding"),
             "as hyper keeps it"
         );
         assert_eq!(fed_body(t, &mut rest).unwrap(), b"abc");
@@ -617,8 +630,8 @@ mod tests {
     fn an_upgrade_without_a_body_is_taken() {
         let upgrade =
             b"GET / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n";
-        let t = taken(upgrade).0.expect("taken");
-        assert_eq!(t.req.headers()["upgrade"], "websocket");
+        assert!(taken(upgrade).0.is_some(), "taken");
+        assert_eq!(map_of(upgrade)["upgrade"], "websocket");
         let with_body = b"POST / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: upgrade\r\nContent-Length: 1\r\n\r\nx";
         assert!(taken(with_body).0.is_none(), "hyper's");
     }

@@ -22,6 +22,7 @@ use crate::config::DownstreamConfig;
 use crate::downstream::send_watch::SendWatch;
 use crate::downstream::timers::{ConnState, InFlight};
 use crate::downstream::Generation;
+use crate::http1::head::Fields;
 use crate::proxy::{forwarded_into_map, DownstreamInfo, ForwardedHead, ProxyBody, Switched};
 
 /// The most header fields a request may have, on either protocol: hyper's HTTP/1 parser
@@ -106,20 +107,20 @@ impl Requests {
            + 'static {
         service_fn(move |req| {
             let requests = self.clone();
-            async move {
-                Ok(requests
-                    .answer(req.map(ClientBody::Hyper), false)
-                    .await
-                    .resp)
-            }
+            async move { Ok(requests.answer(req.map(ClientBody::Hyper), None).await.resp) }
         })
     }
 
-    /// Answers one request (from hyper, or from kaproxy's own loop, [`super::h1`]: `own`),
+    /// Answers one request (from hyper, or from kaproxy's own loop, [`super::h1`]: `own`, the
+    /// fields of the head it parsed, which the proxy reads in place of the request's map),
     /// with the `Keep-Alive` or `Connection: close` of its connection's HTTP/1.1 response. For
     /// the own loop a backend's head comes apart, as received, its fields not in the header
     /// map, and so does the tunnel of a `101`; for hyper the fields are moved into the map.
-    pub(super) async fn answer(&self, mut req: Request<ClientBody>, own: bool) -> Answered {
+    pub(super) async fn answer(
+        &self,
+        mut req: Request<ClientBody>,
+        own: Option<&Fields>,
+    ) -> Answered {
         let (state, cfg, http2) = (&self.state, &self.cfg, self.http2);
         let (guard, n) = state.request_started();
         if !req.body().is_end_stream() {
@@ -138,9 +139,9 @@ impl Requests {
             )
         } else {
             let proxy = self.current.load().proxy.clone();
-            proxy.handle(req, &self.info).await
+            proxy.handle(req, own, &self.info).await
         };
-        let (forwarded, switched) = if own {
+        let (forwarded, switched) = if own.is_some() {
             let body = resp.body_mut();
             (body.take_forwarded(), body.take_switched())
         } else {
@@ -157,7 +158,7 @@ impl Requests {
             if last {
                 headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
             } else if cfg.advertise_keep_alive && !headers.contains_key(header::CONNECTION) {
-                if own {
+                if own.is_some() {
                     // Written after the map's fields, where the map would have it: no map
                     // grown for the one field every answer gets.
                     keep_alive = Some(self.keep_alive.clone());

@@ -255,6 +255,11 @@ impl Fields {
         self.fields.len()
     }
 
+    /// `part` (a name or value of these fields) as bytes shared with the head's.
+    pub fn shared(&self, part: &[u8]) -> Bytes {
+        self.bytes.slice_ref(part)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.fields.is_empty()
     }

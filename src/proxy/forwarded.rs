@@ -7,14 +7,14 @@
 use std::net::{IpAddr, SocketAddr};
 
 use http::header::{self, HeaderName, HeaderValue};
-use http::request::Parts;
-use http::HeaderMap;
+use http::{HeaderMap, Method, Uri};
 
 use crate::config::ForwardedConfig;
-use crate::headers::KEEP_ALIVE;
+use crate::headers::{field_tokens, visible, KEEP_ALIVE};
 use crate::http1::head::Name;
 use crate::upstream::wire::{HeadWriter, OutgoingHead};
 
+use super::fields::RequestFields;
 use super::route::origin_form;
 
 pub(super) const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
@@ -129,14 +129,14 @@ pub(super) fn strip_hop_by_hop_found(headers: &mut HeaderMap) -> Stripped {
 
 /// The client's address: the peer, or — when the peer is a trusted proxy — the right-most
 /// untrusted address of its X-Forwarded-For chain.
-pub(super) fn client_ip(peer: IpAddr, headers: &HeaderMap, cfg: &ForwardedConfig) -> IpAddr {
-    client_ip_from(peer, headers.get_all(&X_FORWARDED_FOR).iter(), cfg)
+pub(super) fn client_ip(peer: IpAddr, fields: RequestFields<'_>, cfg: &ForwardedConfig) -> IpAddr {
+    client_ip_from(peer, fields.values(&X_FORWARDED_FOR), cfg)
 }
 
 /// [`client_ip`] from the `X-Forwarded-For` values `xff`.
 fn client_ip_from<'a>(
     peer: IpAddr,
-    xff: impl Iterator<Item = &'a HeaderValue>,
+    xff: impl Iterator<Item = &'a [u8]>,
     cfg: &ForwardedConfig,
 ) -> IpAddr {
     let trusted = |ip: &IpAddr| cfg.trusted_proxies.iter().any(|n| n.contains(ip));
@@ -144,9 +144,8 @@ fn client_ip_from<'a>(
         return peer;
     }
     let mut chain: Vec<IpAddr> = xff
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|s| s.split(','))
-        .filter_map(|s| s.trim().parse().ok())
+        .flat_map(field_tokens)
+        .filter_map(|s| s.parse().ok())
         .collect();
     while let Some(ip) = chain.pop() {
         if !trusted(&ip) {
@@ -203,7 +202,7 @@ pub fn upstream_request_headers(
     if strip_hop_by_hop_found(headers).upgrade {
         headers.remove(&HTTP2_SETTINGS);
     }
-    let forwarding = Forwarding::of(headers, &[], ds, cfg, host);
+    let forwarding = Forwarding::of(RequestFields::map(headers), &[], ds, cfg, host);
     for (name, value) in forwarding.edits.into_iter().flatten() {
         match value {
             Some(v) => headers.insert(name, v),
@@ -212,39 +211,34 @@ pub fn upstream_request_headers(
     }
 }
 
-/// The request filter applied while the upstream head is written from `parts` (the map is
-/// read, not edited): the same fields out and in as [`upstream_request_headers`], a field it
-/// sets written where the client's first field of that name was (the others of that name
-/// left out) or after the client's fields when the client sent none, the target in origin
-/// form. Checked against the map's way by the `forwarded` fuzz target and a property test.
+/// The request filter applied while the upstream head of a `method` request for `uri` is
+/// written from its `fields` (read, not edited): the same fields out and in as
+/// [`upstream_request_headers`], a field it sets written where the client's first field of
+/// that name was (the others of that name left out) or after the client's fields when the
+/// client sent none, the target in origin form. Checked against the map's way by the
+/// `forwarded` fuzz target and a property test, from a map and from a parsed head.
 pub fn upstream_head(
-    parts: &Parts,
+    method: &Method,
+    uri: &Uri,
+    fields: RequestFields<'_>,
     ds: &DownstreamInfo,
     cfg: &ForwardedConfig,
     host: Option<&HeaderValue>,
 ) -> OutgoingHead {
-    let headers = &parts.headers;
-    let named: Vec<&[u8]> = connection_named(
-        headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .map(HeaderValue::as_bytes),
-    )
-    .collect();
-    let upgrade = headers.contains_key(header::UPGRADE);
-    let forwarding = Forwarding::of(headers, &named, ds, cfg, host);
-    let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let mut head = HeadWriter::new(&parts.method, target, headers.len() + EDITS);
+    let named: Vec<&[u8]> = connection_named(fields.values(&header::CONNECTION)).collect();
+    let upgrade = fields.contains(&header::UPGRADE);
+    let forwarding = Forwarding::of(fields, &named, ds, cfg, host);
+    let target = uri.path_and_query().map_or("/", |p| p.as_str());
+    let mut head = HeadWriter::new(method, target, fields.len() + EDITS);
     let mut written = [false; EDITS];
-    for (name, value) in headers {
-        let n = name.as_str().as_bytes();
+    for (n, value) in fields.iter() {
         if is_hop_by_hop(n)
             || named.iter().any(|d| d.eq_ignore_ascii_case(n))
-            || (upgrade && name == HTTP2_SETTINGS)
+            || (upgrade && n.eq_ignore_ascii_case(HTTP2_SETTINGS.as_str().as_bytes()))
         {
             continue;
         }
-        match forwarding.position(name) {
+        match forwarding.position(n) {
             Some(i) => {
                 if !std::mem::replace(&mut written[i], true) {
                     if let Some((_, Some(v))) = &forwarding.edits[i] {
@@ -252,7 +246,7 @@ pub fn upstream_head(
                     }
                 }
             }
-            None => head.field(n, value.as_bytes()),
+            None => head.field(n, value),
         }
     }
     for (edit, written) in forwarding.edits.iter().zip(written) {
@@ -277,21 +271,23 @@ struct Forwarding {
 
 impl Forwarding {
     fn of(
-        headers: &HeaderMap,
+        fields: RequestFields<'_>,
         dropped: &[&[u8]],
         ds: &DownstreamInfo,
         cfg: &ForwardedConfig,
         host: Option<&HeaderValue>,
     ) -> Forwarding {
-        let kept = |name: &HeaderName| {
-            !dropped
+        // The values of `name`, none when the client's `Connection` named it.
+        fn values<'n, 'a: 'n>(
+            fields: RequestFields<'a>,
+            dropped: &'n [&'n [u8]],
+            name: &'n HeaderName,
+        ) -> impl Iterator<Item = &'a [u8]> + 'n {
+            let kept = !dropped
                 .iter()
-                .any(|d| d.eq_ignore_ascii_case(name.as_str().as_bytes()))
-        };
-        let values = |name: HeaderName| {
-            let kept = kept(&name);
-            headers.get_all(name).iter().filter(move |_| kept)
-        };
+                .any(|d| d.eq_ignore_ascii_case(name.as_str().as_bytes()));
+            fields.values(name).filter(move |_| kept)
+        }
         let peer = ds.peer.ip();
         let trusted = cfg.trusted_proxies.iter().any(|n| n.contains(&peer));
         let proto = if ds.tls { "https" } else { "http" };
@@ -303,8 +299,8 @@ impl Forwarding {
         };
 
         let prior: Option<String> = if trusted {
-            let parts: Vec<&str> = values(X_FORWARDED_FOR)
-                .filter_map(|v| v.to_str().ok())
+            let parts: Vec<&str> = values(fields, dropped, &X_FORWARDED_FOR)
+                .filter_map(visible)
                 .collect();
             (!parts.is_empty()).then(|| parts.join(", "))
         } else {
@@ -317,14 +313,14 @@ impl Forwarding {
         set(X_FORWARDED_FOR, Some(xff));
         if cfg.x_forwarded_proto {
             // From a trusted proxy (e.g. a TLS-terminating LB in front) its view wins.
-            let keep = |h: HeaderName| trusted && values(h).next().is_some();
-            if !keep(X_FORWARDED_PROTO) {
+            let keep = |h: &HeaderName| trusted && values(fields, dropped, h).next().is_some();
+            if !keep(&X_FORWARDED_PROTO) {
                 set(X_FORWARDED_PROTO, Some(HeaderValue::from_static(proto)));
             }
-            if !keep(X_FORWARDED_PORT) {
+            if !keep(&X_FORWARDED_PORT) {
                 set(X_FORWARDED_PORT, Some(ds.port_value.clone()));
             }
-            if !keep(X_FORWARDED_HOST) {
+            if !keep(&X_FORWARDED_HOST) {
                 set(X_FORWARDED_HOST, host.cloned());
             }
         }
@@ -346,14 +342,14 @@ impl Forwarding {
                 }
                 element.push('"');
             }
-            let value = match values(FORWARDED).next().and_then(|v| v.to_str().ok()) {
+            let value = match values(fields, dropped, &FORWARDED).next().and_then(visible) {
                 Some(prev) if trusted => format!("{prev}, {element}"),
                 _ => element,
             };
             set(FORWARDED, Some(header_value(&value)));
         }
         if cfg.x_real_ip {
-            let ip = client_ip_from(peer, values(X_FORWARDED_FOR), cfg);
+            let ip = client_ip_from(peer, values(fields, dropped, &X_FORWARDED_FOR), cfg);
             set(X_REAL_IP, Some(header_value(&ip.to_string())));
         }
         // The authority of an HTTP/2 or absolute-form target becomes the backend's `Host`.
@@ -367,11 +363,12 @@ impl Forwarding {
         Forwarding { edits }
     }
 
-    /// Which edit, if any, is for `name`.
-    fn position(&self, name: &HeaderName) -> Option<usize> {
-        self.edits
-            .iter()
-            .position(|e| e.as_ref().is_some_and(|(n, _)| n == name))
+    /// Which edit, if any, is for `name` (in any case).
+    fn position(&self, name: &[u8]) -> Option<usize> {
+        self.edits.iter().position(|e| {
+            e.as_ref()
+                .is_some_and(|(n, _)| name.eq_ignore_ascii_case(n.as_str().as_bytes()))
+        })
     }
 }
 
@@ -441,10 +438,9 @@ mod tests {
             "127.0.0.1:8080".parse().unwrap(),
             false,
         );
-        let mut req = http::Request::new(());
-        *req.headers_mut() = h.clone();
-        let (parts, ()) = req.into_parts();
-        let written = upstream_head(&parts, &ds, &ForwardedConfig::default(), None);
+        let uri = Uri::from_static("/");
+        let fields = RequestFields::map(&h);
+        let written = upstream_head(&Method::GET, &uri, fields, &ds, &Default::default(), None);
         let written = String::from_utf8_lossy(written.as_bytes()).to_ascii_lowercase();
         assert!(!written.contains("upgrade") && !written.contains("http2-settings"));
         assert!(written.contains("\r\nx-kept: 1\r\n"), "{written}");

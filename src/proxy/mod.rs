@@ -1,12 +1,14 @@
 //! Owns the per-request phases, each a step in its own file: [`route`] → [`forwarded`]
 //! (request filter) → pick and connect ([`retry`]) → send → retry → [`response`] (response
-//! filter) → [`log`]; [`tunnel`] for `Upgrade`. After routing, one [`context`] travels
+//! filter) → [`log`]; [`tunnel`] for `Upgrade`. Every phase reads the request's fields
+//! through [`fields`] (hyper's map, or the head the own HTTP/1.1 loop parsed, in place). After routing, one [`context`] travels
 //! through the phases (group, client IP, version, start, access record) and gives kaproxy's
 //! own answers. The only module that sees both downstream and upstream; [`Proxy::handle`]
 //! reads as the sequence of phases.
 
 mod answer;
 mod context;
+mod fields;
 mod forwarded;
 mod log;
 mod response;
@@ -22,7 +24,7 @@ pub use switched::Switched;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{header, HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
 use tokio::runtime::Handle;
 use tokio::time::Instant;
@@ -33,9 +35,11 @@ use crate::body::{
     UpstreamBody,
 };
 use crate::config::{Config, ForwardedConfig};
+use crate::http1::head::Fields;
 use crate::metrics::Metrics;
 use crate::upstream::group::{GroupError, UpstreamGroup};
 use context::RequestContext;
+pub use fields::RequestFields;
 use forwarded::{client_ip, join_cookie_crumbs};
 use log::AccessRecord;
 use retry::{Failed, Failover, Resend};
@@ -141,34 +145,43 @@ impl Proxy {
     }
 
     /// Handles one downstream request end to end, phase by phase. Never fails: errors become
-    /// 4xx/5xx answers.
+    /// 4xx/5xx answers. `parsed`: the fields of the head kaproxy's own HTTP/1.1 loop parsed,
+    /// which the phases read in place of the request's map (left empty by the loop).
     pub async fn handle(
         &self,
         req: Request<ClientBody>,
+        parsed: Option<&Fields>,
         ds: &DownstreamInfo,
     ) -> Response<ProxyBody> {
         let start = Instant::now();
+        let (mut parts, body) = req.into_parts();
+        if parts.version == Version::HTTP_2 {
+            join_cookie_crumbs(&mut parts.headers);
+        }
+        let mut fields = match parsed {
+            Some(parsed) => RequestFields::parsed(parsed),
+            None => RequestFields::map(&parts.headers),
+        };
         // Phase 1: route (route.rs), after what is refused before any backend (CONNECT, a
         // target in the wrong form, the Host rules of RFC 9112 §3.2, an ambiguous path); the
         // path is normalized in the request, so the backend gets the path the route matched.
-        let mut req = req;
-        if let Err(refused) = admit(&mut req) {
-            info!(client = %ds.peer.ip(), method = %req.method(), target = %req.uri(),
+        if let Err(refused) = admit(&parts.method, parts.version, &mut parts.uri, fields) {
+            info!(client = %ds.peer.ip(), method = %parts.method, target = %parts.uri,
                 problem = refused.reason.trim_end(), "request refused; {}", refused.status.as_u16());
-            return refused.response(req.version());
+            return refused.response(parts.version);
         }
-        let host = request_host(&req);
+        let host = request_host(&parts.uri, fields);
         let host_str = host.as_ref().and_then(|h| h.to_str().ok());
-        let Some(upstream) = self.route(host_str, req.uri().path()) else {
-            warn!(client = %ds.peer.ip(), host = ?host, path = %req.uri().path(), "no route matches; 404");
+        let Some(upstream) = self.route(host_str, parts.uri.path()) else {
+            warn!(client = %ds.peer.ip(), host = ?host, path = %parts.uri.path(), "no route matches; 404");
             return local_response(StatusCode::NOT_FOUND, "no route for this host and path\n");
         };
-        let client_ip = client_ip(ds.peer.ip(), req.headers(), &self.forwarded);
+        let client_ip = client_ip(ds.peer.ip(), fields, &self.forwarded);
         let log = self.access_log.then(|| {
             Box::new(AccessRecord {
                 client: client_ip,
-                method: req.method().clone(),
-                path: req.uri().path().to_string(),
+                method: parts.method.clone(),
+                path: parts.uri.path().to_string(),
                 upstream: upstream.name.clone(),
                 start,
                 ..AccessRecord::default()
@@ -177,12 +190,19 @@ impl Proxy {
         let ctx = RequestContext {
             group: upstream,
             client_ip,
-            version: req.version(),
+            version: parts.version,
             start,
             log,
         };
-        if let Some(offered) = tunnelled_upgrade(&req, &upstream.config.upgrade_protocols) {
-            // Rare: boxed so its state does not enlarge every request's future.
+        if let Some(offered) =
+            tunnelled_upgrade(parts.version, fields, &upstream.config.upgrade_protocols)
+        {
+            // Rare: boxed so its state does not enlarge every request's future. The handshake
+            // goes through hyper's client, which takes a map.
+            if parsed.is_some() {
+                parts.headers = fields.to_map();
+            }
+            let req = Request::from_parts(parts, body);
             let tunnel = self.tunnel(ctx, req, ds, host, offered);
             return Box::pin(tunnel).await;
         }
@@ -190,7 +210,6 @@ impl Proxy {
         // Phase 2: the body is read whole first (body.rs), so a slow client never holds an
         // upstream connection and the body can be sent again; then the request filter
         // (forwarded.rs) writes the head that goes upstream.
-        let (mut parts, body) = req.into_parts();
         let buffers = &upstream.config.buffers;
         let body = if body.is_end_stream() {
             UpstreamBody::Empty
@@ -202,25 +221,29 @@ impl Proxy {
                     return ctx.client_failed(&BodyError::TooLarge(max));
                 }
             }
-            let body = self.request_body(body, &mut parts, upstream);
+            let body = self.request_body(body, &mut parts.extensions, upstream);
             let limit = buffers.request_buffer_bytes;
             let read = if buffers.request_buffering {
                 Box::pin(read_whole(body, limit, &self.buffering)).await
             } else {
                 Box::pin(buffer_request(body, limit, &self.buffering)).await
             };
-            // hyper answered `Expect: 100-continue` when the body was first read; the backend
-            // gets the body without being asked (as behind nginx).
-            parts.headers.remove(header::EXPECT);
+            // hyper, or the own loop, answered `Expect: 100-continue` when the body was first
+            // read; the backend gets the body without being asked (as behind nginx).
+            fields = fields.without_expect();
             match read {
                 Ok(body) => body,
                 Err(err) => return ctx.client_failed(&err),
             }
         };
-        if parts.version == Version::HTTP_2 {
-            join_cookie_crumbs(&mut parts.headers);
-        }
-        let head = upstream_head(&parts, ds, &self.forwarded, host.as_ref());
+        let head = upstream_head(
+            &parts.method,
+            &parts.uri,
+            fields,
+            ds,
+            &self.forwarded,
+            host.as_ref(),
+        );
         drop(parts);
         let resend = Resend::new(&upstream.config.retry, head.method(), &body);
 
@@ -244,10 +267,10 @@ impl Proxy {
     fn request_body(
         &self,
         body: ClientBody,
-        parts: &mut http::request::Parts,
+        extensions: &mut http::Extensions,
         group: &UpstreamGroup,
     ) -> RequestBody {
-        let done = parts.extensions.remove::<BodyDone>();
+        let done = extensions.remove::<BodyDone>();
         RequestBody::new(
             body,
             done,

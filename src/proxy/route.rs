@@ -10,11 +10,12 @@ use std::net::Ipv6Addr;
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::uri::PathAndQuery;
-use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http::{Method, Response, StatusCode, Uri, Version};
 
 use crate::config::HostMatch;
 
 use super::answer::{closing, local_response, ProxyBody};
+use super::fields::RequestFields;
 use super::{Proxy, UpstreamGroup};
 
 pub(super) struct Route {
@@ -99,8 +100,13 @@ impl Refused {
 /// ([`host_problem`]) get 400; then the path is normalized in the request itself
 /// ([`normalize_path`]; an ambiguous one gets 400), so that what the routes match is exactly
 /// what the backend gets. Allocates only for a path that changes.
-pub(super) fn admit<B>(req: &mut Request<B>) -> Result<(), Refused> {
-    if req.method() == Method::CONNECT {
+pub(super) fn admit(
+    method: &Method,
+    version: Version,
+    uri: &mut Uri,
+    fields: RequestFields<'_>,
+) -> Result<(), Refused> {
+    if method == Method::CONNECT {
         return Err(Refused {
             status: StatusCode::METHOD_NOT_ALLOWED,
             reason: "CONNECT is not supported: kaproxy is a reverse proxy, not a forward proxy\n",
@@ -108,48 +114,52 @@ pub(super) fn admit<B>(req: &mut Request<B>) -> Result<(), Refused> {
     }
     // TRACE makes Apache (`TraceEnable On`, its default) echo the request back, cookies and
     // credentials included (cross-site tracing); nginx answers it 405 as well.
-    if req.method() == Method::TRACE {
+    if method == Method::TRACE {
         return Err(Refused {
             status: StatusCode::METHOD_NOT_ALLOWED,
             reason: "TRACE is not passed on: the backend would echo the request's credentials\n",
         });
     }
-    let uri = req.uri();
     if uri.scheme().is_none() && uri.authority().is_some() {
         return Err(Refused::bad_request(
             "an authority-form request target is for CONNECT only\n",
         ));
     }
-    if uri.path() == "*" && req.method() != Method::OPTIONS {
+    if uri.path() == "*" && method != Method::OPTIONS {
         return Err(Refused::bad_request(
             "an asterisk-form request target is for OPTIONS only\n",
         ));
     }
-    if let Some(problem) = host_problem(req) {
+    if let Some(problem) = host_problem(version, uri, fields) {
         return Err(Refused::bad_request(problem));
     }
-    normalize_target(req.uri_mut()).map_err(Refused::bad_request)
+    normalize_target(uri).map_err(Refused::bad_request)
 }
 
 /// RFC 9112 §3.2: an HTTP/1.1 request without `Host`, or an HTTP/1 request with more than
 /// one, gets 400 (nginx and HAProxy do the same); so does, in any version, a `Host` or a
 /// target authority (HTTP/2 `:authority`, an absolute-form target) that is not a valid
 /// `host[:port]` ([`valid_host_port`]: no userinfo, RFC 9110 §4.2.4, RFC 9113 §8.3.1).
-pub(super) fn host_problem<B>(req: &Request<B>) -> Option<&'static str> {
-    let mut hosts = req.headers().get_all(header::HOST).iter();
+pub(super) fn host_problem(
+    version: Version,
+    uri: &Uri,
+    fields: RequestFields<'_>,
+) -> Option<&'static str> {
+    let host = header::HOST;
+    let mut hosts = fields.values(&host);
     let first = hosts.next();
     if matches!(
-        req.version(),
+        version,
         Version::HTTP_09 | Version::HTTP_10 | Version::HTTP_11
     ) {
-        if first.is_none() && req.version() == Version::HTTP_11 {
+        if first.is_none() && version == Version::HTTP_11 {
             return Some("HTTP/1.1 request without Host\n");
         }
         if hosts.next().is_some() {
             return Some("more than one Host header\n");
         }
     }
-    if let Some(authority) = req.uri().authority() {
+    if let Some(authority) = uri.authority() {
         if !valid_host_port(authority.as_str().as_bytes()) {
             return Some(
                 "invalid Host in the request target or :authority (host[:port], no userinfo)\n",
@@ -158,11 +168,11 @@ pub(super) fn host_problem<B>(req: &Request<B>) -> Option<&'static str> {
     }
     // An empty `Host` is what RFC 9112 §3.2 has a client send for a target without an
     // authority; it matches no host route.
-    first
+    let invalid = first
         .into_iter()
         .chain(hosts)
-        .any(|h| !h.is_empty() && !valid_host_port(h.as_bytes()))
-        .then_some("invalid Host header (host[:port], no userinfo)\n")
+        .any(|h| !h.is_empty() && !valid_host_port(h));
+    invalid.then_some("invalid Host header (host[:port], no userinfo)\n")
 }
 
 /// `uri-host [ ":" port ]` (RFC 9110 §4.2.4, §7.2; RFC 3986 §3.2.2, §3.2.3), strictly: an IPv6
@@ -246,10 +256,10 @@ pub(super) fn origin_form(uri: &Uri) -> Uri {
 
 /// The request's host: the URI authority when the target has one (HTTP/2, or an absolute-form
 /// target, where RFC 9112 §3.2.2 says `Host` is ignored), else the `Host` header.
-pub(super) fn request_host<B>(req: &Request<B>) -> Option<HeaderValue> {
-    match req.uri().authority() {
+pub(super) fn request_host(uri: &Uri, fields: RequestFields<'_>) -> Option<HeaderValue> {
+    match uri.authority() {
         Some(a) => HeaderValue::from_str(a.as_str()).ok(),
-        None => req.headers().get(header::HOST).cloned(),
+        None => fields.first(&header::HOST),
     }
 }
 
@@ -420,6 +430,7 @@ pub(super) fn strip_port(host: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::Request;
 
     #[test]
     fn origin_form_drops_scheme_and_authority() {
@@ -596,7 +607,7 @@ mod tests {
                 r.headers_mut()
                     .append(header::HOST, HeaderValue::from_static(h));
             }
-            host_problem(&r)
+            host_problem(r.version(), r.uri(), RequestFields::map(r.headers()))
         };
         assert_eq!(req(Version::HTTP_11, &["a.example"]), None);
         assert_eq!(req(Version::HTTP_11, &["a.example:8080"]), None);
@@ -622,7 +633,7 @@ mod tests {
             let mut r = Request::new(());
             *r.version_mut() = Version::HTTP_2;
             *r.uri_mut() = uri.parse().unwrap();
-            host_problem(&r)
+            host_problem(r.version(), r.uri(), RequestFields::map(r.headers()))
         };
         assert_eq!(authority("https://a.example/x"), None);
         assert_eq!(authority("https://[::1]:8443/x"), None);
@@ -688,8 +699,10 @@ mod tests {
             *r.uri_mut() = uri.parse().unwrap();
             r.headers_mut()
                 .insert(header::HOST, HeaderValue::from_static("route.test"));
-            admit(&mut r)
-                .map(|()| r.uri().to_string())
+            let (mut p, ()) = r.into_parts();
+            let fields = RequestFields::map(&p.headers);
+            admit(&p.method, p.version, &mut p.uri, fields)
+                .map(|()| p.uri.to_string())
                 .map_err(|e| e.status)
         };
         assert_eq!(req(Method::GET, "/%61/b"), Ok("/a/b".into()));

@@ -11,10 +11,11 @@ use http_body::Body;
 
 use crate::body::{ClientBody, Streamed, UpstreamBody};
 use crate::error::RequestError;
-use crate::headers::connection_has;
+use crate::headers::field_tokens;
 
 use super::answer::{Inner, ProxyBody};
 use super::context::{RequestContext, ResponseDeadline};
+use super::fields::RequestFields;
 use super::forwarded::{filter_head, strip_hop_by_hop, DownstreamInfo};
 use super::retry::Failover;
 use super::switched::Switched;
@@ -35,11 +36,23 @@ fn protocol_name(token: &str) -> &str {
 /// when there are none (or the request is no HTTP/1.1 upgrade): it is then served as a plain
 /// request, and `Upgrade` goes with the other hop-by-hop headers — an `h2c` upgrade would
 /// carry the client's own HTTP/2 streams past the routes and the forwarding headers.
-pub(super) fn tunnelled_upgrade<B>(req: &Request<B>, allowed: &[String]) -> Option<HeaderValue> {
-    if req.version() != Version::HTTP_11 || !connection_has(req.headers(), "upgrade") {
+pub(super) fn tunnelled_upgrade(
+    version: Version,
+    fields: RequestFields<'_>,
+    allowed: &[String],
+) -> Option<HeaderValue> {
+    if version != Version::HTTP_11
+        || !fields
+            .values(&header::CONNECTION)
+            .flat_map(field_tokens)
+            .any(|t| t.eq_ignore_ascii_case("upgrade"))
+    {
         return None;
     }
-    let offered: Vec<&str> = upgrade_tokens(req.headers())
+    let upgrade = header::UPGRADE;
+    let offered: Vec<&str> = fields
+        .values(&upgrade)
+        .flat_map(field_tokens)
         .filter(|t| {
             let name = protocol_name(t);
             allowed.iter().any(|a| a.eq_ignore_ascii_case(name))
@@ -86,7 +99,7 @@ impl Proxy {
         let body = if body.is_end_stream() {
             UpstreamBody::Empty
         } else {
-            let body = self.request_body(body, &mut parts, upstream);
+            let body = self.request_body(body, &mut parts.extensions, upstream);
             UpstreamBody::Stream(Box::new(Streamed::new(None, body)))
         };
         let req = build_request(parts.method, parts.uri, parts.headers, body);
@@ -167,6 +180,10 @@ impl Proxy {
 mod tests {
     use super::*;
 
+    fn upgrade_of(req: Request<()>, allowed: &[String]) -> Option<HeaderValue> {
+        tunnelled_upgrade(req.version(), RequestFields::map(req.headers()), allowed)
+    }
+
     fn request(upgrade: &str, connection: &str) -> Request<()> {
         Request::builder()
             .header(header::UPGRADE, upgrade)
@@ -178,18 +195,18 @@ mod tests {
     #[test]
     fn only_the_allowed_upgrades_are_tunnelled_and_never_h2c() {
         let allowed = vec!["websocket".to_string()];
-        let ws = tunnelled_upgrade(&request("WebSocket", "Upgrade"), &allowed);
+        let ws = upgrade_of(request("WebSocket", "Upgrade"), &allowed);
         assert_eq!(ws.unwrap(), "WebSocket");
-        let h2c = tunnelled_upgrade(&request("h2c", "Upgrade, HTTP2-Settings"), &allowed);
+        let h2c = upgrade_of(request("h2c", "Upgrade, HTTP2-Settings"), &allowed);
         assert!(h2c.is_none(), "h2c is served as plain HTTP/1.1");
-        let both = tunnelled_upgrade(&request("h2c, websocket", "upgrade"), &allowed);
+        let both = upgrade_of(request("h2c, websocket", "upgrade"), &allowed);
         assert_eq!(both.unwrap(), "websocket", "only what is allowed goes on");
         assert!(
-            tunnelled_upgrade(&request("websocket", "keep-alive"), &allowed).is_none(),
+            upgrade_of(request("websocket", "keep-alive"), &allowed).is_none(),
             "no upgrade without Connection: upgrade"
         );
         let versioned = vec!["websocket".to_string(), "foo".to_string()];
-        let foo = tunnelled_upgrade(&request("foo/2", "upgrade"), &versioned);
+        let foo = upgrade_of(request("foo/2", "upgrade"), &versioned);
         assert_eq!(foo.unwrap(), "foo/2");
     }
 

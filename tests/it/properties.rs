@@ -11,7 +11,8 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use ipnet::IpNet;
 use kaproxy::config::ForwardedConfig;
 use kaproxy::downstream::proxy_protocol::read_proxy_header;
-use kaproxy::proxy::{upstream_head, upstream_request_headers, DownstreamInfo};
+use kaproxy::http1::head::{parse_request, RequestHead};
+use kaproxy::proxy::{upstream_head, upstream_request_headers, DownstreamInfo, RequestFields};
 use kaproxy::upstream::keep_alive::KeepAliveHint;
 use proptest::prelude::*;
 use proptest::test_runner::Config as ProptestConfig;
@@ -492,14 +493,35 @@ fn field_set<'a>(fields: impl Iterator<Item = (&'a [u8], &'a [u8])>) -> Vec<(Str
 fn written(c: &Case) -> (String, Vec<(String, Vec<u8>)>) {
     let local = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), c.local_port);
     let ds = DownstreamInfo::new(c.peer, local, c.tls);
-    let mut req = http::Request::new(());
-    *req.uri_mut() = "http://authority.test/p?q=1".parse().unwrap();
-    *req.headers_mut() = c.headers.clone();
-    let (parts, ()) = req.into_parts();
-    let head = upstream_head(&parts, &ds, &c.cfg, c.host.as_ref());
+    let uri: http::Uri = "http://authority.test/p?q=1".parse().unwrap();
+    let fields = RequestFields::map(&c.headers);
+    let head = upstream_head(
+        &http::Method::GET,
+        &uri,
+        fields,
+        &ds,
+        &c.cfg,
+        c.host.as_ref(),
+    );
     let parsed = head.parse().expect("kaproxy writes a valid head");
     let target = String::from_utf8_lossy(parsed.target()).into_owned();
     (target, field_set(parsed.fields.iter()))
+}
+
+/// `c`'s fields as a client writes them (in its map's order), parsed as the own HTTP/1.1
+/// loop parses a head.
+fn parsed_head(c: &Case) -> Option<RequestHead> {
+    let mut raw = b"GET /p?q=1 HTTP/1.1\r\n".to_vec();
+    for (name, value) in c.headers.iter() {
+        raw.extend_from_slice(name.as_str().as_bytes());
+        raw.extend_from_slice(b": ");
+        raw.extend_from_slice(value.as_bytes());
+        raw.extend_from_slice(b"\r\n");
+    }
+    raw.extend_from_slice(b"\r\n");
+    parse_request(&mut bytes::BytesMut::from(&raw[..]), usize::MAX)
+        .ok()
+        .flatten()
 }
 
 /// The only value of `name`, as text.
@@ -584,6 +606,27 @@ proptest! {
         prop_assert_eq!(target, "/p?q=1", "origin form");
         let want = field_set(mapped.iter().map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes())));
         prop_assert_eq!(fields, want);
+    }
+
+    #[test]
+    fn the_head_written_from_a_parsed_head_is_the_one_written_from_its_map(
+        c in prop_oneof![case(false), case(true)],
+    ) {
+        let head = parsed_head(&c);
+        prop_assert!(head.is_some(), "a map's fields written out parse");
+        let head = head.unwrap();
+        let parsed = RequestFields::parsed(&head.fields);
+        let map = parsed.to_map();
+        let local = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), c.local_port);
+        let ds = DownstreamInfo::new(c.peer, local, c.tls);
+        let uri: http::Uri = "/p?q=1".parse().unwrap();
+        let write = |fields| upstream_head(&http::Method::GET, &uri, fields, &ds, &c.cfg, c.host.as_ref());
+        let in_place = write(parsed);
+        let from_map = write(RequestFields::map(&map));
+        prop_assert_eq!(
+            String::from_utf8_lossy(in_place.as_bytes()),
+            String::from_utf8_lossy(from_map.as_bytes())
+        );
     }
 
     #[test]
