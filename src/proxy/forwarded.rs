@@ -99,6 +99,20 @@ pub(super) fn connection_named<'a>(
         .filter(|t| !t.is_empty() && !t.eq_ignore_ascii_case(b"close") && !is_hop_by_hop(t))
 }
 
+/// [`connection_named`] as a list, from the `Connection` values `values` gives: the common
+/// `keep-alive` and `close`, which name no field, are seen at a glance, with nothing split.
+pub(super) fn connection_named_list<'a, I>(values: impl Fn() -> I) -> Vec<&'a [u8]>
+where
+    I: Iterator<Item = &'a [u8]>,
+{
+    let plain =
+        |v: &[u8]| v.eq_ignore_ascii_case(b"keep-alive") || v.eq_ignore_ascii_case(b"close");
+    if values().all(plain) {
+        return Vec::new();
+    }
+    connection_named(values()).collect()
+}
+
 /// [`strip_hop_by_hop`], saying whether an `Upgrade` was among them.
 pub(super) fn strip_hop_by_hop_found(headers: &mut HeaderMap) -> Stripped {
     // The common `Connection: keep-alive` names no other field: nothing is allocated.
@@ -225,7 +239,8 @@ pub fn upstream_head(
     cfg: &ForwardedConfig,
     host: Option<&HeaderValue>,
 ) -> OutgoingHead {
-    let named: Vec<&[u8]> = connection_named(fields.values(&header::CONNECTION)).collect();
+    let connection = header::CONNECTION;
+    let named = connection_named_list(|| fields.values(&connection));
     let upgrade = fields.contains(&header::UPGRADE);
     let forwarding = Forwarding::of(fields, &named, ds, cfg, host);
     let target = uri.path_and_query().map_or("/", |p| p.as_str());

@@ -23,7 +23,7 @@ use crate::upstream::wire::Received;
 
 use super::answer::{ForwardedHead, Inner, ProxyBody};
 use super::context::{RequestContext, ResponseDeadline};
-use super::forwarded::connection_named;
+use super::forwarded::connection_named_list;
 use super::Proxy;
 
 impl Proxy {
@@ -131,7 +131,7 @@ impl Filtered {
         let chunked = fields.named(Name::TransferEncoding).next().is_some();
         // The common `Connection: keep-alive` and `close` name no other field: nothing is
         // allocated for none.
-        let named: Vec<&[u8]> = connection_named(fields.named(Name::Connection)).collect();
+        let named = connection_named_list(|| fields.named(Name::Connection));
         let mut filtered = Filtered {
             dropped: 0,
             length_overridden: false,
