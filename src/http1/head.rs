@@ -239,18 +239,6 @@ impl Fields {
             .map(|f| (f.name.get(&self.bytes), f.value.get(&self.bytes)))
     }
 
-    /// The values of every field named `name` (case-insensitive), in order.
-    pub fn get_all<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
-        self.iter()
-            .filter(move |(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
-            .map(|(_, v)| v)
-    }
-
-    /// The value of the first field named `name`.
-    pub fn get<'a>(&'a self, name: &'a str) -> Option<&'a [u8]> {
-        self.get_all(name).next()
-    }
-
     pub fn len(&self) -> usize {
         self.fields.len()
     }
@@ -395,6 +383,19 @@ pub fn parse_response(buf: &mut BytesMut, limit: usize) -> Result<Option<Respons
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    impl Fields {
+        /// The values of every field named `name` (case-insensitive), in order.
+        fn get_all<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
+            self.iter()
+                .filter(move |(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
+                .map(|(_, v)| v)
+        }
+
+        fn get<'a>(&'a self, name: &'a str) -> Option<&'a [u8]> {
+            self.get_all(name).next()
+        }
+    }
 
     #[test]
     fn a_request_head_keeps_its_bytes_and_leaves_the_body() {
