@@ -69,8 +69,15 @@ pub(super) struct Requests {
     cfg: Arc<DownstreamConfig>,
     state: Arc<ConnState>,
     http2: bool,
-    /// `Keep-Alive: timeout=N` (`advertise_keep_alive`), made once per connection.
+    /// `Keep-Alive: timeout=N` (`advertise_keep_alive`), shared by the worker's connections.
     keep_alive: HeaderValue,
+}
+
+/// `timeout=N` for `Keep-Alive`, made once per worker for each `idle_timeout` (of `secs`).
+fn advertised(secs: u64) -> HeaderValue {
+    crate::headers::per_connection(crate::headers::PerConnection::KeepAlive, secs, || {
+        HeaderValue::from_str(&format!("timeout={secs}")).expect("digits are a valid header value")
+    })
 }
 
 impl Requests {
@@ -87,8 +94,7 @@ impl Requests {
             cfg: cfg.clone(),
             state,
             http2,
-            keep_alive: HeaderValue::from_str(&format!("timeout={}", cfg.idle_timeout.as_secs()))
-                .expect("digits are a valid header value"),
+            keep_alive: advertised(cfg.idle_timeout.as_secs()),
         }
     }
 

@@ -10,7 +10,7 @@ use http::header::{self, HeaderName, HeaderValue};
 use http::{HeaderMap, Method, Uri};
 
 use crate::config::ForwardedConfig;
-use crate::headers::{field_tokens, visible, KEEP_ALIVE};
+use crate::headers::{field_tokens, per_connection, visible, PerConnection, KEEP_ALIVE};
 use crate::http1::head::Name;
 use crate::upstream::wire::{HeadWriter, OutgoingHead};
 
@@ -44,8 +44,10 @@ impl DownstreamInfo {
             peer,
             local,
             tls,
-            peer_value: header_value(&peer.ip().to_string()),
-            port_value: HeaderValue::from(local.port()),
+            peer_value: ip_value(peer.ip()),
+            port_value: per_connection(PerConnection::Port, u64::from(local.port()), || {
+                HeaderValue::from(local.port())
+            }),
         }
     }
 }
@@ -385,6 +387,16 @@ impl Forwarding {
                 .is_some_and(|(n, _)| name.eq_ignore_ascii_case(n.as_str().as_bytes()))
         })
     }
+}
+
+/// `ip` as a header value, in one allocation (the text is made on the stack).
+fn ip_value(ip: IpAddr) -> HeaderValue {
+    use std::io::Write;
+    let mut text = [0u8; 64];
+    let mut at = &mut text[..];
+    let _ = write!(at, "{ip}");
+    let n = 64 - at.len();
+    HeaderValue::from_bytes(&text[..n]).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
 }
 
 pub(super) fn header_value(s: &str) -> HeaderValue {
