@@ -1,9 +1,9 @@
 //! Owns the per-request phases, each a step in its own file: [`route`] → [`forwarded`]
 //! (request filter) → pick and connect ([`retry`]) → send → retry → [`response`] (response
 //! filter) → [`log`]; [`tunnel`] for `Upgrade`. Every phase reads the request's fields
-//! through [`fields`] (hyper's map, or the head the own HTTP/1.1 loop parsed, in place). After routing, one [`context`] travels
-//! through the phases (group, client IP, version, start, access record) and gives kaproxy's
-//! own answers. The only module that sees both downstream and upstream; [`Proxy::handle`]
+//! through [`fields`] (hyper's map, or the head the own HTTP/1.1 loop parsed, in place).
+//! After routing, one [`context`] travels through the phases (group, client IP, version,
+//! start, access record) and gives kaproxy's own answers. The only module that sees both downstream and upstream; [`Proxy::handle`]
 //! reads as the sequence of phases.
 
 mod answer;
