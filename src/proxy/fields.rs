@@ -49,22 +49,26 @@ impl<'a> RequestFields<'a> {
 
     /// Every field as (name, value), in order (a map's in its order).
     pub fn iter(self) -> impl Iterator<Item = (&'a [u8], &'a [u8])> + 'a {
+        self.entries().map(|(_, n, v)| (n, v))
+    }
+
+    /// Every field as (which name, name, value), in order: a parsed head's names were told
+    /// apart when it was parsed, a map's are told apart here.
+    pub fn entries(self) -> impl Iterator<Item = (Name, &'a [u8], &'a [u8])> + 'a {
         let no_expect = self.no_expect;
         let all = match self.source {
-            Source::Map(map) => Either::Left(
-                map.iter()
-                    .map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes())),
-            ),
+            Source::Map(map) => Either::Left(map.iter().map(|(n, v)| {
+                let n = n.as_str().as_bytes();
+                (Name::of(n), n, v.as_bytes())
+            })),
             Source::Parsed(fields) => {
                 let mut length_seen = false;
-                Either::Right(fields.entries().filter_map(move |(known, n, v)| {
-                    let again =
-                        known == Name::ContentLength && std::mem::replace(&mut length_seen, true);
-                    (!again).then_some((n, v))
+                Either::Right(fields.entries().filter(move |(known, _, _)| {
+                    !(*known == Name::ContentLength && std::mem::replace(&mut length_seen, true))
                 }))
             }
         };
-        all.filter(move |(n, _)| !(no_expect && n.eq_ignore_ascii_case(b"expect")))
+        all.filter(move |(_, n, _)| !(no_expect && n.eq_ignore_ascii_case(b"expect")))
     }
 
     /// The values of every field named `name` (a `HeaderName`: lower-case), in order.

@@ -248,8 +248,8 @@ pub fn upstream_head(
     let target = uri.path_and_query().map_or("/", |p| p.as_str());
     let mut head = HeadWriter::new(method, target, fields.len() + EDITS);
     let mut written = [false; EDITS];
-    for (n, value) in fields.iter() {
-        if is_hop_by_hop(n)
+    for (known, n, value) in fields.entries() {
+        if known.is_hop_by_hop()
             || named.iter().any(|d| d.eq_ignore_ascii_case(n))
             || (upgrade && n.eq_ignore_ascii_case(HTTP2_SETTINGS.as_str().as_bytes()))
         {
