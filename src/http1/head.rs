@@ -224,7 +224,8 @@ impl Fields {
     }
 
     /// The `Transfer-Encoding` and `Content-Length` fields as (name, value), in order: what
-    /// [`crate::http1::framing`] reads of a head.
+    /// [`crate::http1::framing`] reads of a head. Filtered by name before a slice is made (not
+    /// through [`Fields::entries`]): it runs on every head.
     pub fn framing(&self) -> impl Iterator<Item = (&[u8], &[u8])> + Clone + '_ {
         self.fields
             .iter()

@@ -97,10 +97,7 @@ impl<'a> RequestFields<'a> {
         match self.source {
             Source::Map(map) => map.get(name).cloned(),
             Source::Parsed(fields) => {
-                let value = fields
-                    .iter()
-                    .find(|(n, _)| n.eq_ignore_ascii_case(name.as_str().as_bytes()))?
-                    .1;
+                let value = self.values(name).next()?;
                 HeaderValue::from_maybe_shared(fields.shared(value)).ok()
             }
         }

@@ -755,14 +755,20 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn an_idle_connection_is_checked_by_one_load_and_a_stray_byte_wakes_its_task() {
+    /// A connection that has read one empty response, and its backend's end.
+    async fn answered_once() -> (Wire, TcpStream) {
         let (mut wire, mut backend) = pair().await;
         backend
             .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
             .await
             .unwrap();
         response(&mut wire, false).await.unwrap();
+        (wire, backend)
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_is_checked_by_one_load_and_a_stray_byte_wakes_its_task() {
+        let (mut wire, mut backend) = answered_once().await;
         assert!(
             wire.wake.woken.load(Ordering::Acquire),
             "reading left the socket unarmed"
@@ -794,12 +800,7 @@ mod tests {
 
     #[tokio::test(flavor = "current_thread")]
     async fn a_connection_dropped_gives_its_read_buffer_back_to_the_workers_pool() {
-        let (mut wire, mut backend) = pair().await;
-        backend
-            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
-            .await
-            .unwrap();
-        response(&mut wire, false).await.unwrap();
+        let (wire, _backend) = answered_once().await;
         assert!(wire.read.capacity() > 0, "reading took a buffer");
         let kept = buffers::kept(Class::Data);
         drop(wire);

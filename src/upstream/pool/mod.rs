@@ -488,10 +488,10 @@ impl<C: Connector> Pool<C> {
 
     /// Closes dead and expired idle connections; returns the next deadline to wake at. With
     /// no connection left to wake for, and `wait_empty` (the timer woke the sweep, not a
-    /// release), none; else, while requests come and go, a pool found empty wakes at the deadline a
-    /// connection released now would have (what [`Pool::release`] compares a release's
-    /// deadline with), so that releases into a pool emptied and refilled by a steady load do
-    /// not wake the sweep each time.
+    /// release), none; else, while requests come and go, a pool found empty wakes at the
+    /// deadline a connection released now would have (what [`Pool::release`] compares a
+    /// release's deadline with), so that releases into a pool emptied and refilled by a steady
+    /// load do not wake the sweep each time.
     fn sweep_idle(&self, now: Instant, wait_empty: bool) -> Option<Instant> {
         #[cfg(test)]
         self.sweeps.fetch_add(1, Ordering::Relaxed);
