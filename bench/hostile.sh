@@ -444,7 +444,7 @@ mkdir -p "$(dirname "$OUT")"
 
 Written by \`bench/hostile.sh${ARGS_SHOWN:+ $ARGS_SHOWN}\` on $(date -u '+%Y-%m-%d %H:%M UTC').
 Each case of the issue is sent again as an attacker would, by \`kaproxy-bench probe\`
-(\`bench/src/probe.rs\`), to each proxy in turn, every proxy in front of the same two recording
+(\`bench/src/probe/\`), to each proxy in turn, every proxy in front of the same two recording
 backends that the probe itself runs: \`adm\` gets \`Host: route.test\` with a path under
 \`/admin\`, \`web\` everything else. Raw HTTP/1.1 bytes go to the plain listener, raw HTTP/2 frames
 (ALPN h2, the certificate not verified) and the TLS handshakes of case 15 to the TLS listener;
